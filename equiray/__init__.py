@@ -1,0 +1,16 @@
+"""equiray: make pretrained image models robust to rotations, reflections and distribution shift.
+
+The library is plain PyTorch (groups, data, models, training steps, metrics); Ray and MLflow orchestration
+lives in the sibling package ``pipelines``.
+"""
+import logging
+
+from equiray.errors import ConfigError, DataError, EquirayError
+from equiray.groups import Group, OutputKind, cyclic, dihedral, get_group, trivial
+from equiray.models import create_model, list_models
+
+__version__ = "0.1.0"
+__all__ = ["ConfigError", "DataError", "EquirayError", "Group", "OutputKind", "create_model", "cyclic",
+           "dihedral", "get_group", "list_models", "trivial", "__version__"]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,11 @@
+"""Data: sources -> Parquet shards -> tensors, plus deterministic evaluation views."""
+from equiray.data.parquet import (META_FILE, decode_batch, decode_images, iter_batches, prepare, read_meta,
+                                  read_split, split_files, write_parquet)
+from equiray.data.sources import SPLITS, ImageDataset, SourceOptions, list_sources, load_source
+from equiray.data.views import CORRUPTIONS, apply_view, corruption_views, group_views, parse_view
+
+__all__ = [
+    "META_FILE", "SPLITS", "CORRUPTIONS", "ImageDataset", "SourceOptions", "apply_view", "corruption_views",
+    "decode_batch", "decode_images", "group_views", "iter_batches", "list_sources", "load_source", "parse_view",
+    "prepare", "read_meta", "read_split", "split_files", "write_parquet",
+]

@@ -1,0 +1,192 @@
+"""Parquet shards of image datasets, readable with pyarrow alone.
+
+Layout of a prepared dataset directory::
+
+    DIR/dataset.json             source, classes, image shape (H, W, C), rows per split, schema version
+    DIR/train/part-00000.parquet columns: image (binary, raw uint8 H*W*C bytes, row-major HWC), label (int64),
+    DIR/val/part-00000.parquet            split (string), index (int64, the row's index in the source's split),
+    DIR/test/part-00000.parquet           height, width, channels (int16)
+
+A directory is written to a temporary sibling and renamed into place at the end, so a failure never leaves a
+half-written dataset behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+
+from equiray.data.sources import SPLITS, ImageDataset, SourceOptions, load_source
+from equiray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+META_FILE = "dataset.json"
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("image", pa.binary()),
+        ("label", pa.int64()),
+        ("split", pa.string()),
+        ("index", pa.int64()),
+        ("height", pa.int16()),
+        ("width", pa.int16()),
+        ("channels", pa.int16()),
+    ], metadata={b"equiray.schema_version": str(SCHEMA_VERSION).encode(),
+                 b"equiray.image_encoding": b"raw uint8, row-major (height, width, channels)"})
+
+
+def write_parquet(ds: ImageDataset, out_dir: str | os.PathLike, *, rows_per_shard: int = 10_000,
+                  overwrite: bool = False, extra_meta: Mapping | None = None) -> dict:
+    """Write ``ds`` as Parquet shards under ``out_dir`` atomically; returns the metadata written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        h, w, c = ds.shape
+        schema = _schema()
+        for split in SPLITS:
+            x, y, idx = ds.images[split], ds.labels[split], ds.indices[split]
+            (tmp / split).mkdir()
+            for shard, start in enumerate(range(0, max(len(y), 1), rows_per_shard)):
+                stop = min(start + rows_per_shard, len(y))
+                n = stop - start
+                flat = x[start:stop].reshape(n, -1)  # (n, H*W*C)
+                table = pa.table({
+                    "image": pa.array([row.tobytes() for row in flat], type=pa.binary()),
+                    "label": pa.array(y[start:stop], type=pa.int64()),
+                    "split": pa.array([split] * n, type=pa.string()),
+                    "index": pa.array(idx[start:stop], type=pa.int64()),
+                    "height": pa.array(np.full(n, h), type=pa.int16()),
+                    "width": pa.array(np.full(n, w), type=pa.int16()),
+                    "channels": pa.array(np.full(n, c), type=pa.int16()),
+                }, schema=schema)
+                pq.write_table(table, tmp / split / f"part-{shard:05d}.parquet")
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "source": ds.source,
+            "classes": list(ds.classes),
+            "num_classes": len(ds.classes),
+            "shape": [h, w, c],
+            "rows": ds.counts(),
+            **(dict(extra_meta) if extra_meta else {}),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s rows to %s", sum(meta["rows"].values()), out)
+    return meta
+
+
+def prepare(source: str, out_dir: str | os.PathLike, *, options: SourceOptions = SourceOptions(),
+            overwrite: bool = False, rows_per_shard: int = 10_000) -> dict:
+    """Load ``source`` and write it under ``out_dir``. If ``out_dir`` already holds the same source prepared
+    with the same options, nothing is done (returns its metadata)."""
+    out = Path(out_dir)
+    options_meta = {"val_fraction": options.val_fraction, "test_fraction": options.test_fraction,
+                    "seed": options.seed, "size": options.size, "channels": options.channels,
+                    "max_per_split": options.max_per_split}
+    if out.exists() and not overwrite:
+        try:
+            meta = read_meta(out)
+        except DataError:
+            meta = None
+        if meta and meta.get("source") == source and meta.get("options") == options_meta:
+            log.info("%s already prepared in %s; skipping", source, out)
+            return meta
+        raise DataError(f"{out} already exists and holds something else; pass --overwrite to replace it")
+    ds = load_source(source, options)
+    return write_parquet(ds, out, rows_per_shard=rows_per_shard, overwrite=overwrite,
+                         extra_meta={"options": options_meta})
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise DataError(f"{data_dir} is not a prepared dataset (no {META_FILE}); run "
+                        f"`equiray data prepare SOURCE --out {data_dir}` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is corrupt ({exc}); prepare the dataset again with --overwrite") from None
+
+
+def split_files(data_dir: str | os.PathLike, split: str) -> list[str]:
+    """The Parquet files of one split (sorted), for ``ray.data.read_parquet`` or pyarrow."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    read_meta(data_dir)
+    files = sorted(str(p) for p in (Path(data_dir) / split).glob("*.parquet"))
+    if not files:
+        raise DataError(f"{data_dir}/{split} holds no Parquet files; prepare the dataset again with --overwrite")
+    return files
+
+
+def decode_images(images, height: int, width: int, channels: int) -> torch.Tensor:
+    """Raw image bytes (a sequence of ``bytes`` or a numpy object array) -> float ``(B, C, H, W)`` in [0, 1]."""
+    buf = np.frombuffer(b"".join(images), dtype=np.uint8)
+    expected = len(images) * height * width * channels
+    if buf.size != expected:
+        raise DataError(f"image bytes do not match the shape ({height}, {width}, {channels}): got {buf.size} "
+                        f"bytes for {len(images)} images")
+    x = torch.from_numpy(buf.reshape(len(images), height, width, channels).copy())  # (B, H, W, C) uint8
+    return x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W)
+
+
+def decode_batch(batch: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A numpy batch as Ray Data's ``iter_batches`` yields it -> ``(images (B, C, H, W) float, labels (B,))``."""
+    if len(batch["label"]) == 0:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    h, w, c = int(batch["height"][0]), int(batch["width"][0]), int(batch["channels"][0])
+    x = decode_images(list(batch["image"]), h, w, c)
+    return x, torch.tensor(np.asarray(batch["label"]), dtype=torch.long)
+
+
+def read_split(data_dir: str | os.PathLike, split: str, *, limit: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split in memory via pyarrow: ``(images (N, C, H, W) float in [0, 1], labels (N,))``."""
+    import pyarrow.parquet as pq
+
+    xs, ys = [], []
+    n = 0
+    for f in split_files(data_dir, split):
+        table = pq.read_table(f)
+        batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        x, y = decode_batch(batch)
+        xs.append(x)
+        ys.append(y)
+        n += len(y)
+        if limit is not None and n >= limit:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:limit], y[:limit]) if limit is not None else (x, y)
+
+
+def iter_batches(data_dir: str | os.PathLike, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Stream a split in order with pyarrow (no Ray), for evaluation loops."""
+    import pyarrow.parquet as pq
+
+    for f in split_files(data_dir, split):
+        pf = pq.ParquetFile(f)
+        for rb in pf.iter_batches(batch_size=batch_size):
+            yield decode_batch({name: rb.column(name).to_numpy(zero_copy_only=False) for name in rb.schema.names})

@@ -1,0 +1,86 @@
+"""equiray's own small models: the augmentation-ensemble member (Nordenfors & Flinth 2024) and a ResNet sized
+for 28x28 inputs (the default pretrained backbone)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from equiray.errors import EquirayError
+from equiray.models._registry import register_model
+
+Support = Literal["full", "symmetric", "asymmetric"]
+
+# 3x3 filter supports. "symmetric" (plus shape) and "full" are closed under rot90 and flips, so the set of
+# layers the net can express is closed under C4/D4 (condition (a) of the paper's theorem); "asymmetric" is not.
+SUPPORTS: dict[str, torch.Tensor] = {
+    "full": torch.ones(3, 3),
+    "symmetric": torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]),
+    "asymmetric": torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),
+}
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A conv whose kernel is zero outside a fixed support mask (the mask is a buffer, not a parameter)."""
+
+    def __init__(self, in_channels: int, out_channels: int, support: Support = "full", **kwargs):
+        if support not in SUPPORTS:
+            raise EquirayError(f"unknown filter support {support!r}: choose one of {sorted(SUPPORTS)}")
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=False, **kwargs)
+        self.support = support
+        self.register_buffer("mask", SUPPORTS[support].clone(), persistent=False)
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.mask, None, self.stride, self.padding)
+
+
+class SmallCNN(nn.Module):
+    """Three bias-free 3x3 conv layers with ``width`` channels, each followed by a normalisation over the whole
+    feature map (LayerNorm as GroupNorm(1, C): per-channel affine, so it commutes with rotations) and tanh;
+    then a global average pool and a linear head. No BatchNorm running statistics, so members train under
+    ``torch.func.vmap``.
+    """
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 16, depth: int = 3,
+                 support: Support = "full"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_chans
+        for _ in range(depth):
+            layers += [MaskedConv2d(c, width, support), nn.GroupNorm(1, width), nn.Tanh()]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(-2, -1)))  # (B, C, H, W) -> (B, C) -> (B, classes)
+
+
+def _no_hub_weights(name: str, pretrained: bool) -> None:
+    if pretrained:
+        raise EquirayError(f"{name} has no hub weights; its pretrained weights come from an equiray pipeline "
+                           "(e.g. `equiray pretrain`, then models:/equiray-backbone@pretrained)")
+
+
+@register_model
+def small_cnn(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool = False, width: int = 16,
+              depth: int = 3, support: Support = "full") -> nn.Module:
+    """The ensemble member of Nordenfors & Flinth (3 x 16-channel 3x3 convs, tanh, LayerNorm, avg pool)."""
+    _no_hub_weights("small_cnn", pretrained)
+    return SmallCNN(in_chans, num_classes, width=width, depth=depth, support=support)
+
+
+@register_model
+def resnet8(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool = False,
+            channels: tuple[int, ...] = (32, 64, 128, 256), stem_width: int = 32, **kwargs) -> nn.Module:
+    """A timm ResNet with one BasicBlock per stage and narrow stages: 1.2M parameters, ~0.3 s per 1k 28x28
+    images on 2 CPU cores for a training step. Same class as timm's resnet18, so timm tooling applies."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    _no_hub_weights("resnet8", pretrained)
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, in_chans=in_chans,
+                  channels=tuple(channels), stem_width=stem_width, **kwargs)

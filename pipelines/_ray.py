@@ -1,0 +1,58 @@
+"""Starting or joining Ray: ``RAY_ADDRESS`` (or an explicit address) joins a cluster; otherwise a local instance
+is started by the pipeline itself."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from equiray.errors import EquirayError
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS`` or start a local Ray; a no-op when Ray is already up."""
+    import ray
+
+    if ray.is_initialized():
+        quiet_data_progress()
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {}
+    if address is None:
+        # The dashboard also serves the State API that Ray Train's controller polls: keep it on.
+        kwargs = {"num_cpus": num_cpus, "num_gpus": num_gpus, "dashboard_host": "127.0.0.1"}
+        log.info("starting a local Ray instance (set RAY_ADDRESS to use a cluster)")
+    else:
+        log.info("connecting to the Ray cluster at %s", address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True, **kwargs)
+    except ConnectionError as exc:
+        raise EquirayError(f"no Ray cluster answers at {address!r} ({exc}); start one (`ray start --head`) or "
+                           "unset RAY_ADDRESS to run locally") from None
+    quiet_data_progress()
+
+
+def quiet_data_progress() -> None:
+    """Ray Data's per-operator progress bars flood non-interactive logs; the pipelines print their own."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+
+
+def cluster_summary() -> str:
+    import ray
+
+    res = ray.cluster_resources()
+    return f"{int(res.get('CPU', 0))} CPUs, {res.get('GPU', 0):g} GPUs on {len(ray.nodes())} node(s)"
+
+
+def say(message: str) -> None:
+    """One progress line from inside a Ray worker. Ray Train V2 re-routes ``print`` through its logger, which
+    shows every line twice on the driver; writing to the stream directly shows it once."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()

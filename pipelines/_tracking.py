@@ -1,0 +1,133 @@
+"""MLflow: the tracking URI, experiments, logging equiray models and handing them over through the registry.
+
+Default store: MLflow 3's own default, a SQLite file ``mlflow.db`` in the working directory, resolved to an
+absolute URI in the driver (Ray workers change directory) with artifacts beside it in ``mlartifacts/``.
+``MLFLOW_TRACKING_URI`` points everything at a server instead.
+
+Models are logged twice over, on purpose: an ``mlflow.pytorch`` model (pickle format, so
+``mlflow.pytorch.load_model`` returns an ``nn.Module`` with ``.eval()``), and ``equiray/spec.json`` +
+``equiray/weights.safetensors``, which :func:`load_model` rebuilds with ``equiray.create_model`` without
+unpickling anything (the path serving uses).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from equiray.config import flatten
+from equiray.errors import EquirayError
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` (relative SQLite paths made absolute) or ``sqlite:///<cwd>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        return f"sqlite:///{Path('mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def _default_artifact_location(uri: str, experiment: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    return None  # a server decides
+
+
+def setup(experiment: str, uri: str | None = None) -> str:
+    """Point MLflow at ``uri`` and get or create ``experiment`` (in the driver, before workers start)."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = mlflow.create_experiment(experiment, artifact_location=_default_artifact_location(uri, experiment))
+        else:
+            exp_id = exp.experiment_id
+    except Exception as exc:  # noqa: BLE001 - any store failure gets the same actionable message
+        if "Connection" in type(exc).__name__ or "connect" in str(exc).lower():
+            raise EquirayError(f"the MLflow tracking server at {uri} does not answer ({exc}); start it or unset "
+                               "MLFLOW_TRACKING_URI to use the local SQLite store") from None
+        raise
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def log_config(config: Any) -> None:
+    """Log a (nested) config as flat params plus the resolved YAML as an artifact."""
+    import mlflow
+    import yaml
+
+    from equiray.config import to_dict
+
+    params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(to_dict(config)).items()}
+    mlflow.log_params(params)
+    mlflow.log_text(yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
+
+
+def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "model") -> str:
+    """Log ``model`` (built by ``equiray.create_model(**spec)``) to the active run; returns its model URI."""
+    import mlflow
+    import mlflow.pytorch
+    from safetensors.torch import save_file
+
+    model = model.cpu().eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(dict(spec), indent=2))
+        weights = Path(tmp) / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        info = mlflow.pytorch.log_model(
+            model, name=name, serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "equiray"],
+            extra_files=[str(spec_path), str(weights)],
+        )
+    return info.model_uri
+
+
+def register(model_uri: str, name: str, alias: str, *, tags: Mapping[str, Any] | None = None) -> str:
+    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it; returns the version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    log.info("registered %s version %s as %s@%s", model_uri, mv.version, name, alias)
+    return str(mv.version)
+
+
+def load_model(uri: str, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild an equiray model from a registry URI (``models:/equiray-backbone@pretrained``) without unpickling:
+    ``equiray.create_model(**spec)`` + safetensors weights. Returns ``(model in eval mode, spec)``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from safetensors.torch import load_file
+
+    from equiray.models import create_model
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as exc:
+        raise EquirayError(f"cannot load {uri}: {exc.message}. Is it registered in {mlflow.get_tracking_uri()}?") from None
+    spec_file = next(iter(local.rglob("spec.json")), None)
+    weights = next(iter(local.rglob("weights.safetensors")), None)
+    if spec_file is None or weights is None:
+        raise EquirayError(f"{uri} is not an equiray model (no spec.json / weights.safetensors)")
+    spec = json.loads(spec_file.read_text())
+    model = create_model(spec["name"], in_chans=spec["in_chans"], num_classes=spec["num_classes"],
+                         **spec.get("kwargs", {}))
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(device).eval(), spec

@@ -1,0 +1,198 @@
+"""The ``equiray`` command line: one front for the library's data tools and every Ray pipeline.
+
+User mistakes (a bad config key, a missing file, a corrupt image, no cluster at RAY_ADDRESS) print one
+``error: ...`` line and exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from equiray.errors import EquirayError
+
+EPILOG = """\
+examples:
+  equiray demo                                   # the whole chain at demo scale, with a report
+  equiray data prepare fashion-mnist --out data/fashion-mnist
+  equiray data info data/fashion-mnist
+  equiray pretrain --config configs/pretrain.yaml --set train.epochs=2
+  equiray models list
+
+Ray: a local instance is started unless RAY_ADDRESS names a cluster.
+MLflow: sqlite:///./mlflow.db unless MLFLOW_TRACKING_URI is set; browse with
+  mlflow ui --backend-store-uri sqlite:///mlflow.db
+"""
+
+# pipeline name -> (module, config class name); each module has run(cfg, report_dir=...)
+PIPELINES = {
+    "pretrain": ("pipelines.pretrain", "PretrainConfig"),
+    "demo": ("pipelines.demo", "DemoConfig"),
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--config", "-c", default=default, metavar="FILE",
+                   help="YAML config; unknown keys are rejected" + (f" (default: {default})" if default else
+                                                                    " (default: built-in defaults)"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument("--report-dir", default="reports", help="where plots and the report go (default: reports)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="equiray", description="Make pretrained image models robust to rotations, reflections and "
+        "distribution shift, at cluster scale (Ray + MLflow).", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"equiray {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run every stage at demo scale and write a report",
+                          description="Prepare Fashion-MNIST, pretrain a backbone with Ray Train, register it in "
+                          "MLflow, evaluate it on rotated and corrupted views, and write a Markdown report.")
+    _add_config_args(demo)
+
+    pre = sub.add_parser("pretrain", help="pretrain a backbone on upright data (Ray Train) and register it",
+                         description="Train a backbone (equiray or timm model) on upright data with Ray Train, "
+                         "log to MLflow and register it as equiray-backbone@pretrained.")
+    _add_config_args(pre)
+
+    data = sub.add_parser("data", help="prepare and inspect datasets (Parquet shards)")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    prep = dsub.add_parser("prepare", help="write a source as Parquet shards",
+                           description="Load SOURCE (fashion-mnist, digits, mnist, cifar10, folder:PATH) and write "
+                           "train/val/test Parquet shards under --out, atomically. A second run with the same "
+                           "options does nothing.")
+    prep.add_argument("source", help="fashion-mnist | digits | mnist | cifar10 | folder:PATH")
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--download", action="store_true", help="allow downloading the source (torchvision)")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    prep.add_argument("--cache-dir", default=".cache/equiray", help="raw files (default: .cache/equiray)")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for validation")
+    prep.add_argument("--test-fraction", type=float, default=0.15, help="test share for sources without a test split")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the split permutation")
+    prep.add_argument("--size", type=int, help="folder sources: resize images to SIZE x SIZE")
+    prep.add_argument("--channels", type=int, choices=(1, 3), help="folder sources: 1 = grayscale, 3 = RGB")
+    prep.add_argument("--max-per-split", type=int, help="keep only the first N rows of each split")
+    prep.add_argument("--rows-per-shard", type=int, default=10_000, help="rows per Parquet file")
+    info = dsub.add_parser("info", help="print a prepared dataset's metadata and schema")
+    info.add_argument("dir")
+
+    models = sub.add_parser("models", help="list model names")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION")
+    ml = msub.add_parser("list", help="equiray's own models (and timm's with --timm PATTERN)")
+    ml.add_argument("--timm", metavar="PATTERN", help="also list timm models matching PATTERN, e.g. 'resnet*'")
+    return parser
+
+
+def _version() -> str:
+    from equiray import __version__
+
+    return __version__
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice: chosen on purpose
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "ray", "timm", "matplotlib", "PIL"):
+        if noisy != "mlflow" or logging.getLogger(noisy).level == logging.NOTSET:
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load_pipeline(name: str, config: str | None, overrides: list[str]):
+    import importlib
+
+    from equiray.config import load_config
+
+    module_name, cls_name = PIPELINES[name]
+    module = importlib.import_module(module_name)
+    cfg = load_config(getattr(module, cls_name), config, overrides=overrides)
+    return module, cfg
+
+
+def _cmd_pipeline(name: str, args) -> int:
+    module, cfg = _load_pipeline(name, args.config, args.overrides)
+    result = module.run(cfg, report_dir=args.report_dir)
+    if name != "demo":
+        print(json.dumps({k: v for k, v in result.items() if k not in ("epochs",)}, indent=2, default=str))
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from equiray.data import SourceOptions, prepare, read_meta, split_files
+
+    if args.data_command == "prepare":
+        opts = SourceOptions(cache_dir=Path(args.cache_dir), download=args.download, val_fraction=args.val_fraction,
+                             test_fraction=args.test_fraction, seed=args.seed, size=args.size,
+                             channels=args.channels, max_per_split=args.max_per_split)
+        meta = prepare(args.source, args.out, options=opts, overwrite=args.overwrite,
+                       rows_per_shard=args.rows_per_shard)
+        print(f"{args.source} -> {args.out}: " + ", ".join(f"{s} {n}" for s, n in meta["rows"].items()) +
+              f" rows of shape {tuple(meta['shape'])} (H, W, C), {meta['num_classes']} classes")
+        return 0
+    if args.data_command == "info":
+        import pyarrow.parquet as pq
+
+        meta = read_meta(args.dir)
+        print(json.dumps(meta, indent=2))
+        print(pq.read_schema(split_files(args.dir, "train")[0]).to_string(show_schema_metadata=False))
+        return 0
+    raise EquirayError("choose an action: equiray data prepare | info (see equiray data --help)")
+
+
+def _cmd_models(args) -> int:
+    from equiray.models import list_models
+
+    names = list_models()
+    if args.timm:
+        import timm
+
+        names += timm.list_models(args.timm)
+    print("\n".join(names))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        if args.command in PIPELINES:
+            return _cmd_pipeline(args.command, args)
+        if args.command == "data":
+            return _cmd_data(args)
+        if args.command == "models":
+            if not args.models_command:
+                raise EquirayError("choose an action: equiray models list")
+            return _cmd_models(args)
+    except EquirayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def run_pipeline_main(name: str, argv: list[str] | None = None) -> int:
+    """``python -m pipelines.NAME --config F [--set k=v]``: the entry ``ray job submit`` runs."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}",
+                                     description=f"Run the {name} pipeline (same as `equiray {name}`).")
+    _add_config_args(parser)
+    args = parser.parse_args(argv)
+    return main([name, *(["--config", args.config] if args.config else []),
+                 *sum((["--set", o] for o in args.overrides), []), "--report-dir", args.report_dir])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The CLI as a user runs it: a real subprocess, real exit codes, no tracebacks for user mistakes."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EQUIRAY = [sys.executable, "-m", "pipelines.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*EQUIRAY, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_help_lists_every_command():
+    res = run("--help")
+    assert res.returncode == 0
+    for cmd in ("demo", "pretrain", "data", "models"):
+        assert cmd in res.stdout
+    for sub in (["pretrain", "--help"], ["data", "prepare", "--help"], ["demo", "--help"]):
+        res = run(*sub)
+        assert res.returncode == 0 and "--" in res.stdout, sub
+    assert "--set KEY=VALUE" in run("pretrain", "--help").stdout
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "equiray"
+    assert script.exists(), "pip install -e . should have installed the `equiray` console script"
+    assert subprocess.run([str(script), "--version"], capture_output=True, text=True).stdout.startswith("equiray ")
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  epochz: 3\n")
+    res = run("pretrain", "--config", str(cfg), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "error: unknown config key 'train.epochz'" in res.stderr and "did you mean 'epochs'" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started, nothing written
+    res = run("pretrain", "--config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert res.returncode == 2 and "not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_data_prepare_and_info(tmp_path):
+    res = run("data", "prepare", "digits", "--out", str(tmp_path / "d"))
+    assert res.returncode == 0, res.stderr
+    assert "train 1347" in res.stdout
+    res = run("data", "info", str(tmp_path / "d"))
+    assert res.returncode == 0 and '"num_classes": 10' in res.stdout and "image: binary" in res.stdout
+
+
+def test_data_prepare_bad_source_leaves_nothing(tmp_path):
+    res = run("data", "prepare", f"folder:{tmp_path / 'missing'}", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+    res = run("data", "prepare", "imagenet", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "unknown data source" in res.stderr
+
+
+def test_models_list():
+    res = run("models", "list")
+    assert res.returncode == 0 and "small_cnn" in res.stdout.split() and "resnet8" in res.stdout.split()

@@ -1,0 +1,84 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from equiray.config import apply_overrides, flatten, from_dict, load_config, to_dict
+from equiray.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Inner:
+    epochs: int = 3
+    lr: float = 0.1
+    kind: Literal["a", "b"] = "a"
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str = "x"
+    inner: Inner = Inner()
+    limit: int | None = None
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def test_defaults_and_nested_values():
+    cfg = from_dict(Outer, {"inner": {"epochs": 5, "lr": 1, "tags": ["p", "q"]}, "limit": 10})
+    assert cfg.inner == Inner(epochs=5, lr=1.0, tags=("p", "q")) and cfg.limit == 10 and cfg.name == "x"
+    assert isinstance(cfg.inner.lr, float)
+
+
+def test_unknown_key_is_named_with_its_path_and_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner\.epoch'.*did you mean 'epochs'"):
+        from_dict(Outer, {"inner": {"epoch": 5}})
+    with pytest.raises(ConfigError, match="unknown config key 'nmae'"):
+        from_dict(Outer, {"nmae": "y"})
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"inner": {"epochs": "five"}}, "inner.epochs: expected an integer"),
+    ({"inner": {"epochs": True}}, "inner.epochs: expected an integer"),
+    ({"inner": {"kind": "c"}}, "inner.kind: 'c' is not one of"),
+    ({"inner": 3}, "inner: expected a mapping"),
+    ({"extra": {"a": "b"}}, "extra.a: expected an integer"),
+    ({"inner": {"tags": "p"}}, "inner.tags: expected a list"),
+])
+def test_wrong_types_are_rejected(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Outer, data)
+
+
+def test_yaml_files_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: run\ninner:\n  epochs: 2\n")
+    cfg = load_config(Outer, path, overrides=["inner.lr=0.5", "limit=7", "inner.tags=[a, b]"])
+    assert cfg == Outer(name="run", inner=Inner(epochs=2, lr=0.5, tags=("a", "b")), limit=7)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "missing.yaml")
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(Outer, path)
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, path)
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["inner.lr"])
+
+
+def test_flatten_and_round_trip():
+    cfg = Outer(inner=Inner(tags=("t",)), extra={"k": 1})
+    assert flatten(cfg)["inner.epochs"] == 3 and flatten(cfg)["extra.k"] == 1
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+def test_pipeline_configs_load_and_validate():
+    from pipelines.demo import DemoConfig
+    from pipelines.pretrain import PretrainConfig
+
+    for path, cls in (("configs/pretrain.yaml", PretrainConfig), ("configs/demo.yaml", DemoConfig)):
+        assert isinstance(load_config(cls, path), cls)
+    with pytest.raises(ConfigError, match="model.name: unknown model 'resnet-9000'"):
+        load_config(PretrainConfig, {"model": {"name": "resnet-9000"}})
+    with pytest.raises(ConfigError, match="unknown group"):
+        load_config(PretrainConfig, {"train": {"augment": "Q4"}})

@@ -98,6 +98,29 @@ def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "m
     return info.model_uri
 
 
+def config_hash(config: Any) -> str:
+    """A short stable hash of a resolved config (minus the run name), to recognise work already done."""
+    import hashlib
+
+    from equiray.config import to_dict
+
+    data = to_dict(config)
+    data.get("tracking", {}).pop("run_name", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def find_version(name: str, alias: str, *, config_hash_value: str):
+    """The model version behind ``name@alias`` if it was produced by a config with this hash, else None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return mv if mv.tags.get("equiray.config_hash") == config_hash_value else None
+
+
 def register(model_uri: str, name: str, alias: str, *, tags: Mapping[str, Any] | None = None) -> str:
     """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it; returns the version."""
     import mlflow

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Prepare Fashion-MNIST, pretrain a backbone with Ray Train, register it in "
                           "MLflow, evaluate it on rotated and corrupted views, and write a Markdown report.")
     _add_config_args(demo)
+    demo.add_argument("--fresh", action="store_true",
+                      help="redo every stage even where the registry already holds its result for this config")
 
     pre = sub.add_parser("pretrain", help="pretrain a backbone on upright data (Ray Train) and register it",
                          description="Train a backbone (equiray or timm model) on upright data with Ray Train, "
@@ -99,10 +101,9 @@ def _version() -> str:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice: chosen on purpose
     for noisy in ("alembic", "mlflow", "urllib3", "filelock", "ray", "timm", "matplotlib", "PIL"):
-        if noisy != "mlflow" or logging.getLogger(noisy).level == logging.NOTSET:
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice: chosen on purpose
 
 
 def _load_pipeline(name: str, config: str | None, overrides: list[str]):
@@ -117,7 +118,8 @@ def _load_pipeline(name: str, config: str | None, overrides: list[str]):
 
 
 def _cmd_pipeline(name: str, args) -> int:
-    module, cfg = _load_pipeline(name, args.config, args.overrides)
+    overrides = list(args.overrides) + (["reuse=false"] if getattr(args, "fresh", False) else [])
+    module, cfg = _load_pipeline(name, args.config, overrides)
     result = module.run(cfg, report_dir=args.report_dir)
     if name != "demo":
         print(json.dumps({k: v for k, v in result.items() if k not in ("epochs",)}, indent=2, default=str))

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DemoConfig:
     pretrain: PretrainConfig = PretrainConfig(train=TrainConfig(epochs=3), data=DataConfig())
+    reuse: bool = True  # take a stage's registered result when the same config produced it (--fresh: redo all)
 
 
 def _banner(step: int, total: int, text: str) -> None:
@@ -46,7 +47,9 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> dict:
                       f"{cfg.pretrain.train.epochs} epochs")
     from pipelines import pretrain
 
-    pre = pretrain.run(cfg.pretrain, report_dir=report_dir)
+    pre = pretrain.run(cfg.pretrain, report_dir=report_dir, reuse=cfg.reuse)
+    if pre["reused"]:
+        print(f"    reused {pre['registered']} version {pre['version']} (same config; --fresh retrains)")
     elapsed = time.perf_counter() - t0
     report = write_report(report_dir / "demo.md", cfg, meta, pre, elapsed)
     print("\n" + _results_table(pre, cfg.pretrain.eval.group))

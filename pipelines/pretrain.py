@@ -41,7 +41,10 @@ class DataConfig:
     cache_dir: str = ".cache/equiray"
     max_train: int | None = None  # use only the first N training rows (demo / smoke runs)
     max_eval: int | None = None  # evaluate on only the first N test rows
-    materialize: bool = True  # read the shards once into Ray's object store (off for data larger than it)
+    # true: each worker streams its shard through Ray Data once, keeps it in memory and reshuffles it with torch
+    # every epoch (fast for data that fits a worker's memory); false: stream every epoch through Ray Data with
+    # a local shuffle buffer (data larger than memory)
+    in_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,20 @@ def _batches(shard, batch_size: int, shuffle_buffer: int | None):
         yield decode_batch(batch)
 
 
+def _epoch_batches(cache, shard, t: dict, gen: torch.Generator):
+    """This epoch's training batches: from the in-memory copy of the shard (reshuffled), or streamed."""
+    if cache is None:
+        return _batches(shard, t["batch_size"], t["shuffle_buffer"])
+    x, y = cache
+    perm = torch.randperm(len(y), generator=gen)
+    return ((x[idx], y[idx]) for idx in perm.split(t["batch_size"]))
+
+
+def _load_shard(shard) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*_batches(shard, 4096, None))
+    return torch.cat(xs), torch.cat(ys)
+
+
 def _evaluate_shard(model, shard, batch_size: int, device) -> tuple[float, float]:
     """(correct, count) over this worker's shard, summed over workers when distributed."""
     import torch.distributed as dist
@@ -185,9 +202,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     client = MlflowClient(cfg["tracking_uri"]) if rank == 0 else None
     augment = get_group(t["augment"]) if t["augment"] else None
     gen = torch.Generator().manual_seed(t["seed"] * 7919 + rank)
+    cache = _load_shard(ray.train.get_dataset_shard("train")) if cfg["data"]["in_memory"] else None
     for epoch in range(start_epoch, t["epochs"]):
-        shard = ray.train.get_dataset_shard("train")
-        batches = _batches(shard, t["batch_size"], t["shuffle_buffer"])
+        batches = _epoch_batches(cache, ray.train.get_dataset_shard("train"), t, gen)
         if rank == 0:
             batches = _progress(batches, total=-(-cfg["train_rows"] // (t["batch_size"] * world)),
                                 desc=f"epoch {epoch + 1}/{t['epochs']}")
@@ -231,8 +248,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------------------- driver side
-def run(cfg: PretrainConfig, *, report_dir: str | os.PathLike | None = None) -> dict:
-    """Prepare data, train with Ray Train, evaluate, log everything to MLflow and register the model."""
+def run(cfg: PretrainConfig, *, report_dir: str | os.PathLike | None = None, reuse: bool = False) -> dict:
+    """Prepare data, train with Ray Train, evaluate, log everything to MLflow and register the model.
+
+    With ``reuse``, a model already registered under the alias by the very same config is taken as it is
+    (its run's metrics and plots are returned) instead of training again."""
     import mlflow
     import ray
     import ray.data
@@ -249,6 +269,13 @@ def run(cfg: PretrainConfig, *, report_dir: str | os.PathLike | None = None) -> 
     h, w, c = meta["shape"]
     uri = _tracking.tracking_uri()
     _tracking.setup(cfg.tracking.experiment, uri)
+    cfg_hash = _tracking.config_hash(cfg)
+    if reuse:
+        mv = _tracking.find_version(cfg.tracking.registered_model, cfg.tracking.alias, config_hash_value=cfg_hash)
+        if mv is not None:
+            log.info("reusing %s@%s (version %s): trained by this same config", cfg.tracking.registered_model,
+                     cfg.tracking.alias, mv.version)
+            return _result_from_registry(cfg, mv, uri, str(Path(cfg.data.dir).resolve()), report_dir)
     init_ray()
     log.info("Ray: %s", cluster_summary())
 
@@ -256,8 +283,6 @@ def run(cfg: PretrainConfig, *, report_dir: str | os.PathLike | None = None) -> 
     if cfg.data.max_train:
         train_ds = train_ds.limit(cfg.data.max_train)
     val_ds = ray.data.read_parquet(split_files(data_dir, "val"))
-    if cfg.data.materialize:  # epochs 2.. then stream from memory instead of re-reading and re-planning
-        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
 
     run_name = cfg.tracking.run_name or f"pretrain-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with mlflow.start_run(run_name=run_name) as active:
@@ -297,7 +322,8 @@ def run(cfg: PretrainConfig, *, report_dir: str | os.PathLike | None = None) -> 
             "train_seconds": train_seconds,
         }
         mlflow.log_metrics(summary)
-        curves = result.metrics_dataframe
+        # Ray Train's metrics_dataframe keeps only the reports whose checkpoints are kept: read MLflow's history
+        curves = _epoch_history(run_id)
         figures = _plots(curves, acc, Path(report_dir) if report_dir else None, cfg.eval.group)
         for fig_path in figures:
             mlflow.log_artifact(str(fig_path), "plots")
@@ -306,16 +332,54 @@ def run(cfg: PretrainConfig, *, report_dir: str | os.PathLike | None = None) -> 
                 "data": cfg.data.source}
         model_uri = _tracking.log_model(model, spec)
         version = _tracking.register(model_uri, cfg.tracking.registered_model, cfg.tracking.alias,
-                                     tags={"test_accuracy": f"{acc['upright']:.4f}", "run_id": run_id})
+                                     tags={"test_accuracy": f"{acc['upright']:.4f}", "run_id": run_id,
+                                           "equiray.config_hash": cfg_hash})
     return {
         "run_id": run_id, "run_name": run_name, "model_uri": model_uri, "tracking_uri": uri,
         "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}", "version": version,
         "accuracy": acc, "summary": summary, "plots": [str(p) for p in figures], "data_dir": data_dir,
-        "epochs": curves.to_dict("records") if curves is not None else [],
+        "epochs": curves, "reused": False,
     }
 
 
-def _plots(curves, acc: dict[str, float], out_dir: Path | None, group: str) -> list[Path]:
+def _epoch_history(run_id: str) -> list[dict]:
+    """Per-epoch metrics of a run, one dict per epoch, from MLflow."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    keys = ("train_loss", "train_accuracy", "val_accuracy", "epoch_seconds")
+    history = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in keys}
+    return [{"epoch": step, **{k: history[k].get(step, float("nan")) for k in keys}}
+            for step in sorted(history["train_loss"])]
+
+
+def _result_from_registry(cfg: PretrainConfig, mv, uri: str, data_dir: str, report_dir) -> dict:
+    """The same result dict as a fresh run, read back from the run behind a registered model version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run_ = client.get_run(mv.run_id)
+    metrics = run_.data.metrics
+    acc = {v: metrics[f"test_accuracy/{v.replace(':', '_')}"] for v in cfg.eval.views()}
+    epochs = _epoch_history(mv.run_id)
+    plots = []
+    if report_dir is not None:
+        import shutil
+
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="plots", dst_path=tmp))
+            plots = sorted(str(shutil.copy(p, Path(report_dir) / p.name)) for p in local.glob("*.png"))
+    return {
+        "run_id": mv.run_id, "run_name": run_.info.run_name, "model_uri": mv.source, "tracking_uri": uri,
+        "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}", "version": str(mv.version),
+        "accuracy": acc, "summary": {k: v for k, v in metrics.items() if k.startswith("test_") or k == "train_seconds"},
+        "plots": plots, "data_dir": data_dir, "epochs": epochs, "reused": True,
+    }
+
+
+def _plots(curves: list[dict], acc: dict[str, float], out_dir: Path | None, group: str) -> list[Path]:
     """Training curves and accuracy per test view, as PNGs (in ``out_dir`` or a temporary folder)."""
     import matplotlib
 
@@ -325,13 +389,13 @@ def _plots(curves, acc: dict[str, float], out_dir: Path | None, group: str) -> l
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix="equiray-plots-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    if curves is not None and len(curves):
+    if curves:
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-        ep = curves["epoch"] + 1
-        ax[0].plot(ep, curves["train_loss"], marker="o")
+        ep = [c["epoch"] + 1 for c in curves]
+        ax[0].plot(ep, [c["train_loss"] for c in curves], marker="o")
         ax[0].set(xlabel="epoch", ylabel="train loss", title="loss")
-        ax[1].plot(ep, curves["train_accuracy"], marker="o", label="train")
-        ax[1].plot(ep, curves["val_accuracy"], marker="o", label="val")
+        ax[1].plot(ep, [c["train_accuracy"] for c in curves], marker="o", label="train")
+        ax[1].plot(ep, [c["val_accuracy"] for c in curves], marker="o", label="val")
         ax[1].set(xlabel="epoch", ylabel="accuracy", title="accuracy")
         ax[1].legend()
         fig.tight_layout()

@@ -1,4 +1,6 @@
 """The pretraining pipeline end to end: real Ray Train on a real local Ray, real MLflow SQLite store."""
+import dataclasses
+
 import mlflow
 import pytest
 import torch
@@ -53,6 +55,7 @@ def test_run_logs_config_curves_and_registry_alias(pretrained):
     assert run_.data.params["train.epochs"] == "3" and run_.data.params["model.name"] == "small_cnn"
     history = client.get_metric_history(result["run_id"], "val_accuracy")
     assert [m.step for m in history] == [0, 1, 2]
+    assert [e["epoch"] for e in result["epochs"]] == [0, 1, 2]
     assert "test_C4_avg_accuracy" in run_.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
     assert "config.yaml" in artifacts and "plots" in artifacts
@@ -68,3 +71,36 @@ def test_gpu_resources_come_from_config():
     assert sc.use_gpu and sc.num_workers == 4 and sc.resources_per_worker == {"CPU": 2, "GPU": 0.25}
     cpu = ScalingConfig().ray_scaling()
     assert not cpu.use_gpu and "GPU" not in cpu.resources_per_worker
+
+
+def test_same_config_reuses_the_registered_model(pretrained, tmp_path):
+    result, cfg, uri = pretrained
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        again = run(cfg, report_dir=tmp_path, reuse=True)
+        assert again["reused"] and again["version"] == result["version"] and again["run_id"] == result["run_id"]
+        assert again["accuracy"] == pytest.approx(result["accuracy"])
+        assert [round(e["val_accuracy"], 6) for e in again["epochs"]] == \
+            [round(e["val_accuracy"], 6) for e in result["epochs"]]
+        assert {p.rsplit("/", 1)[-1] for p in again["plots"]} == {"pretrain_curves.png", "pretrain_views.png"}
+        # any change to the config is new work: nothing registered matches its hash
+        changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=4))
+        assert _tracking.find_version("equiray-backbone", "pretrained",
+                                      config_hash_value=_tracking.config_hash(changed)) is None
+
+
+def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):
+    """The demo over the same (already registered) pretraining config: it reuses the model and reports."""
+    from pipelines.demo import DemoConfig
+    from pipelines.demo import run as run_demo
+
+    result, cfg, uri = pretrained
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        out = run_demo(DemoConfig(pretrain=cfg, reuse=True), report_dir=tmp_path / "reports")
+    report = (tmp_path / "reports" / "demo.md").read_text()
+    printed = capsys.readouterr().out
+    assert out["pretrain"]["reused"]
+    assert "models:/equiray-backbone@pretrained" in report and "| upright test" in report
+    assert "![pretrain_views](pretrain_views.png)" in report and (tmp_path / "reports" / "pretrain_views.png").is_file()
+    assert f"{result['accuracy']['upright'] * 100:7.2f}%" in printed and "report:" in printed

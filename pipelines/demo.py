@@ -37,10 +37,7 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> dict:
     t0 = time.perf_counter()
     total = 2
     _banner(1, total, f"data: {cfg.pretrain.data.source} -> {cfg.pretrain.data.dir} (Parquet shards)")
-    from equiray.data import SourceOptions, prepare
-
-    d = cfg.pretrain.data
-    meta = prepare(d.source, d.dir, options=SourceOptions(cache_dir=Path(d.cache_dir), download=d.download))
+    meta = cfg.pretrain.data.prepare()
     print("    " + ", ".join(f"{s}: {n}" for s, n in meta["rows"].items()) + f" images {tuple(meta['shape'])}")
 
     _banner(2, total, f"pretrain: {cfg.pretrain.model.name} on upright data with Ray Train, "

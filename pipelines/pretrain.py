@@ -19,32 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines._ray import say
-
 import torch
 
 from equiray.config import to_dict
-from equiray.data import SourceOptions, prepare, read_meta, read_split, split_files
+from equiray.data import read_split, split_files
 from equiray.data.views import corruption_views, group_views
 from equiray.errors import ConfigError
 from equiray.groups import get_group
 from equiray.models import create_model, is_model
 
+from pipelines._common import DataConfig, ScalingConfig, batches_from_shard, load_shard, progress
+from pipelines._ray import say
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = "fashion-mnist"
-    dir: str = "data/fashion-mnist"  # prepared Parquet dataset; prepared from `source` if missing
-    download: bool = False  # allow torchvision to download the source where it is not on disk
-    cache_dir: str = ".cache/equiray"
-    max_train: int | None = None  # use only the first N training rows (demo / smoke runs)
-    max_eval: int | None = None  # evaluate on only the first N test rows
-    # true: each worker streams its shard through Ray Data once, keeps it in memory and reshuffles it with torch
-    # every epoch (fast for data that fits a worker's memory); false: stream every epoch through Ray Data with
-    # a local shuffle buffer (data larger than memory)
-    in_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -73,28 +60,6 @@ class TrainConfig:
             raise ConfigError("train: epochs and batch_size must be >= 1 and lr > 0")
         if self.augment is not None:
             get_group(self.augment)
-
-
-@dataclass(frozen=True)
-class ScalingConfig:
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0  # leave CPUs free for Ray Data's read tasks
-    gpus_per_worker: float = 1.0  # fractional values pack several workers onto one GPU (when use_gpu)
-    torch_threads: int = 0  # 0: the node's cores divided among the workers
-
-    def __post_init__(self):
-        if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker <= 0:
-            raise ConfigError("scaling: num_workers >= 1, cpus_per_worker > 0 and gpus_per_worker > 0")
-
-    def ray_scaling(self):
-        import ray.train
-
-        resources = {"CPU": self.cpus_per_worker}
-        if self.use_gpu:
-            resources["GPU"] = self.gpus_per_worker
-        return ray.train.ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                                       resources_per_worker=resources)
 
 
 @dataclass(frozen=True)
@@ -133,26 +98,13 @@ def build_model(cfg: dict, in_chans: int, num_classes: int) -> torch.nn.Module:
                         **m["kwargs"])
 
 
-def _batches(shard, batch_size: int, shuffle_buffer: int | None):
-    from equiray.data import decode_batch
-
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                    local_shuffle_buffer_size=shuffle_buffer or None):
-        yield decode_batch(batch)
-
-
 def _epoch_batches(cache, shard, t: dict, gen: torch.Generator):
     """This epoch's training batches: from the in-memory copy of the shard (reshuffled), or streamed."""
     if cache is None:
-        return _batches(shard, t["batch_size"], t["shuffle_buffer"])
+        return batches_from_shard(shard, t["batch_size"], t["shuffle_buffer"])
     x, y = cache
     perm = torch.randperm(len(y), generator=gen)
     return ((x[idx], y[idx]) for idx in perm.split(t["batch_size"]))
-
-
-def _load_shard(shard) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*_batches(shard, 4096, None))
-    return torch.cat(xs), torch.cat(ys)
 
 
 def _evaluate_shard(model, shard, batch_size: int, device) -> tuple[float, float]:
@@ -162,7 +114,7 @@ def _evaluate_shard(model, shard, batch_size: int, device) -> tuple[float, float
     model.eval()
     correct = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for x, y in _batches(shard, batch_size, None):
+        for x, y in batches_from_shard(shard, batch_size, None):
             pred = model(x.to(device)).argmax(-1)
             correct[0] += (pred == y.to(device)).sum()
             correct[1] += len(y)
@@ -202,11 +154,11 @@ def train_loop_per_worker(cfg: dict) -> None:
     client = MlflowClient(cfg["tracking_uri"]) if rank == 0 else None
     augment = get_group(t["augment"]) if t["augment"] else None
     gen = torch.Generator().manual_seed(t["seed"] * 7919 + rank)
-    cache = _load_shard(ray.train.get_dataset_shard("train")) if cfg["data"]["in_memory"] else None
+    cache = load_shard(ray.train.get_dataset_shard("train")) if cfg["data"]["in_memory"] else None
     for epoch in range(start_epoch, t["epochs"]):
         batches = _epoch_batches(cache, ray.train.get_dataset_shard("train"), t, gen)
         if rank == 0:
-            batches = _progress(batches, total=-(-cfg["train_rows"] // (t["batch_size"] * world)),
+            batches = progress(batches, prefix="pretrain", total=-(-cfg["train_rows"] // (t["batch_size"] * world)),
                                 desc=f"epoch {epoch + 1}/{t['epochs']}")
         stats = train_epoch(model, batches, opt, device=device, augment=augment, generator=gen)
         correct, count = _evaluate_shard(model, ray.train.get_dataset_shard("val"), 512, device)
@@ -229,20 +181,6 @@ def train_loop_per_worker(cfg: dict) -> None:
             ray.train.report(metrics)
 
 
-def _progress(iterable, *, total: int, desc: str, every_s: float = 15.0):
-    """Yield from ``iterable``, printing a progress line every ``every_s`` seconds (Ray forwards worker output
-    to the driver line by line, so plain lines read better there than redrawn bars)."""
-    start = last = time.perf_counter()
-    for i, item in enumerate(iterable, 1):
-        yield item
-        now = time.perf_counter()
-        if now - last >= every_s and i < total:
-            last = now
-            eta = (now - start) / i * (total - i)
-            say(f"[pretrain] {desc}: {i}/{total} batches ({100 * i / total:.0f}%), "
-                f"{now - start:.0f} s elapsed, ~{eta:.0f} s left")
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -263,8 +201,7 @@ def run(cfg: PretrainConfig, *, report_dir: str | os.PathLike | None = None, reu
     from pipelines._ray import cluster_summary, init_ray
 
     t0 = time.perf_counter()
-    meta = prepare(cfg.data.source, cfg.data.dir, options=SourceOptions(cache_dir=Path(cfg.data.cache_dir),
-                                                                         download=cfg.data.download))
+    meta = cfg.data.prepare()
     data_dir = str(Path(cfg.data.dir).resolve())
     h, w, c = meta["shape"]
     uri = _tracking.tracking_uri()

@@ -1,0 +1,268 @@
+"""Augmentation ensembles (Nordenfors & Flinth 2024): many members of one architecture, trained at once.
+
+The theorem behind them: if (a) the architecture's set of layers is closed under the group G (e.g. a filter
+support that rotations map to itself), (b) the loss is invariant, (c) the initial weights are drawn from a
+G-invariant distribution, and (d) each sample gets a uniformly random group element in SGD, then the
+*distribution* of trained weights stays G-invariant, so the infinite ensemble mean is exactly equivariant at
+every training time, on and off the data manifold. Members are not; finite ensembles approach it as N grows.
+
+:class:`StackedEnsemble` holds the members' parameters stacked along a leading member axis and evaluates all
+of them in one vectorized call (``torch.func.functional_call`` under ``torch.vmap``). Training with a
+per-member loss summed over members gives every member exactly the gradient it would get alone, so one
+optimizer over the stacked tensors is N independent optimizers (SGD, Adam: all elementwise).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state
+
+from equiray.errors import EquirayError
+from equiray.groups import Group, get_group
+from equiray.models import create_model, register_model
+from equiray.models.small import SUPPORTS, MaskedConv2d
+
+log = logging.getLogger(__name__)
+
+Init = Literal["default", "invariant"]
+
+__all__ = ["StackedEnsemble", "MemberSpec", "build_members", "train_members_epoch", "member_batches",
+           "save_group", "load_group", "symmetric_core"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberSpec:
+    """What every member of an ensemble is: an equiray/timm model name and its keyword arguments."""
+
+    name: str = "small_cnn"
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    in_chans: int = 1
+    num_classes: int = 10
+
+    def build(self) -> nn.Module:
+        return create_model(self.name, in_chans=self.in_chans, num_classes=self.num_classes, **self.kwargs)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class StackedEnsemble(nn.Module):
+    """``N`` members of one architecture with stacked parameters; ``forward`` is the ensemble mean of logits.
+
+    ``member_logits(x)`` gives every member's output: ``x`` of shape ``(B, C, H, W)`` is shared by all members,
+    ``(N, B, C, H, W)`` gives each member its own batch. Output ``(N, B, K)``.
+    """
+
+    def __init__(self, spec: MemberSpec, num_members: int, *, members: Sequence[nn.Module] | None = None):
+        super().__init__()
+        if num_members < 1:
+            raise EquirayError(f"an ensemble needs at least one member, got {num_members}")
+        self.spec = spec
+        self.num_members = num_members
+        members = list(members) if members is not None else [spec.build() for _ in range(num_members)]
+        if len(members) != num_members:
+            raise EquirayError(f"got {len(members)} member modules for num_members={num_members}")
+        for m in members:
+            if any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in m.modules()):
+                raise EquirayError(f"{spec.name} uses BatchNorm, whose running statistics cannot be stacked; "
+                                   "use a member with GroupNorm/LayerNorm (e.g. small_cnn)")
+        params, buffers = stack_module_state(members)
+        self._param_names = list(params)
+        self._buffer_names = list(buffers)
+        for name, value in params.items():
+            self.register_parameter(_key(name), nn.Parameter(value.detach().clone()))
+        for name, value in buffers.items():
+            self.register_buffer(_key(name), value.detach().clone())
+        base = copy.deepcopy(members[0]).to("meta")
+        object.__setattr__(self, "_base", base)  # not a submodule: its (meta) parameters are never used
+
+    def _stacked(self):
+        params = {n: getattr(self, _key(n)) for n in self._param_names}
+        buffers = {n: getattr(self, _key(n)) for n in self._buffer_names}
+        return params, buffers
+
+    def member_logits(self, x: torch.Tensor, *, vectorize: Literal["auto", "vmap"] = "auto") -> torch.Tensor:
+        per_member = x.dim() == 5
+        if per_member and x.shape[0] != self.num_members:
+            raise EquirayError(f"per-member input needs {self.num_members} batches, got {x.shape[0]}")
+        params, buffers = self._stacked()
+        if vectorize == "auto" and self.spec.name == "small_cnn":
+            return _small_cnn_grouped(params, buffers, x, self.num_members)
+
+        def one(p, b, inp):
+            return functional_call(self._base, (p, b), (inp,))
+
+        return torch.vmap(one, in_dims=(0, 0, 0 if per_member else None), randomness="different")(
+            params, buffers, x)  # (N, B, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.member_logits(x).mean(0)  # (B, K)
+
+    def subset(self, index: Sequence[int] | torch.Tensor) -> "StackedEnsemble":
+        """A new ensemble of the chosen members (copies of their parameters)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        out = StackedEnsemble.__new__(StackedEnsemble)
+        nn.Module.__init__(out)
+        out.spec, out.num_members = self.spec, len(index)
+        out._param_names, out._buffer_names = list(self._param_names), list(self._buffer_names)
+        for n in self._param_names:
+            out.register_parameter(_key(n), nn.Parameter(getattr(self, _key(n)).detach()[index].clone()))
+        for n in self._buffer_names:
+            out.register_buffer(_key(n), getattr(self, _key(n))[index].clone())
+        object.__setattr__(out, "_base", self._base)
+        return out
+
+    @staticmethod
+    def concat(parts: Sequence["StackedEnsemble"]) -> "StackedEnsemble":
+        """Join member groups (same spec) into one ensemble, in the given order."""
+        if not parts:
+            raise EquirayError("no member groups to join")
+        first = parts[0]
+        out = first.subset(range(first.num_members))
+        out.num_members = sum(p.num_members for p in parts)
+        for n in first._param_names:
+            out.register_parameter(_key(n), nn.Parameter(torch.cat([getattr(p, _key(n)).detach() for p in parts])))
+        for n in first._buffer_names:
+            out.register_buffer(_key(n), torch.cat([getattr(p, _key(n)) for p in parts]))
+        return out
+
+
+def _small_cnn_grouped(params: dict, buffers: dict, x: torch.Tensor, n: int) -> torch.Tensor:
+    """All members of a :class:`~equiray.models.small.SmallCNN` ensemble as grouped convolutions in
+    channels-last layout: the same function as ``vmap(functional_call)``, about 3.5x faster on CPU (vmap's
+    grouped convolution runs in NCHW there)."""
+    if x.dim() == 4:
+        x = x.unsqueeze(0).expand(n, *x.shape)  # (N, B, C, H, W)
+    b = x.shape[1]
+    h = x.transpose(0, 1).reshape(b, -1, *x.shape[-2:])  # (B, N*C, H, W), member-major channels
+    h = h.contiguous(memory_format=torch.channels_last)
+    layer = 0
+    while f"features.{layer}.weight" in params:
+        w = params[f"features.{layer}.weight"] * buffers[f"features.{layer}.mask"][:, None, None]  # (N, O, C, 3, 3)
+        h = F.conv2d(h, w.flatten(0, 1), padding=1, groups=n)  # (B, N*O, H, W)
+        h = F.group_norm(h, n, params[f"features.{layer + 1}.weight"].flatten(),
+                         params[f"features.{layer + 1}.bias"].flatten(), eps=1e-5)  # LayerNorm per member
+        h = torch.tanh(h)
+        layer += 3
+    feats = h.mean(dim=(-2, -1)).view(b, n, -1).transpose(0, 1)  # (N, B, O)
+    head_w, head_b = params["head.weight"], params["head.bias"]  # (N, K, O), (N, K)
+    return torch.baddbmm(head_b[:, None, :], feats, head_w.transpose(1, 2))  # (N, B, K)
+
+
+@register_model
+def ensemble(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool = False, member: str = "small_cnn",
+             member_kwargs: dict | None = None, num_members: int = 1) -> nn.Module:
+    """An augmentation ensemble as one model (its weights come from ``equiray ensemble train``)."""
+    if pretrained:
+        raise EquirayError("an ensemble has no hub weights; load it from the registry (models:/equiray-ensemble@champion)")
+    return StackedEnsemble(MemberSpec(member, dict(member_kwargs or {}), in_chans, num_classes), num_members)
+
+
+# ------------------------------------------------------------------------------------------- initialization
+def symmetric_core(mask: torch.Tensor, group: Group) -> torch.Tensor:
+    """Positions of a filter support whose whole orbit under ``group`` stays inside the support."""
+    k = mask[None, None]  # (1, 1, kh, kw)
+    core = mask.clone()
+    for g in group.elements():
+        core = core * group.act(k, g, padding="zeros")[0, 0].round()
+    return core
+
+
+def build_members(spec: MemberSpec, seeds: Sequence[int], *, init: Init = "default",
+                  group: Group | str | None = None) -> StackedEnsemble:
+    """Members initialised each from its own seed. ``init="invariant"`` makes the initial distribution
+    G-invariant (condition (c)) where the support is not: weights outside the support's symmetric core (the
+    positions whose whole orbit is in the support) start at zero; for symmetric supports this changes nothing.
+    """
+    members = []
+    for seed in seeds:
+        torch.manual_seed(int(seed))
+        m = spec.build()
+        if init == "invariant":
+            if group is None:
+                raise EquirayError("init='invariant' needs the group")
+            g = get_group(group)
+            with torch.no_grad():
+                for conv in (c for c in m.modules() if isinstance(c, MaskedConv2d)):
+                    conv.weight.mul_(symmetric_core(conv.mask, g))
+        elif init != "default":
+            raise EquirayError(f"unknown init {init!r}: choose 'default' or 'invariant'")
+        members.append(m)
+    return StackedEnsemble(spec, len(members), members=members)
+
+
+# ------------------------------------------------------------------------------------------- training
+def member_batches(x: torch.Tensor, y: torch.Tensor, num_members: int, batch_size: int,
+                   generators: Sequence[torch.Generator]):
+    """Per-member SGD batches: every member its own shuffled order of the data. Yields ``(idx (N, B))``."""
+    n = len(y)
+    perms = torch.stack([torch.randperm(n, generator=g) for g in generators])  # (N, n)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield perms[:, start:start + batch_size]  # (N, B)
+
+
+def train_members_epoch(ens: StackedEnsemble, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, *,
+                        batch_size: int, group: Group | None, generators: Sequence[torch.Generator],
+                        device: torch.device | str = "cpu") -> dict:
+    """One epoch for every member at once: each member its own data order and, with ``group``, its own
+    uniformly random group element per sample (condition (d)); the loss is the sum of the members' mean
+    cross-entropies, so each member gets exactly its own gradient. Returns mean loss and accuracy."""
+    ens.train()
+    n_members = ens.num_members
+    total, correct, count = 0.0, 0, 0
+    for idx in member_batches(x, y, n_members, batch_size, generators):
+        xb = x[idx].to(device)  # (N, B, C, H, W)
+        yb = y[idx].to(device)  # (N, B)
+        if group is not None:
+            flat = xb.flatten(0, 1)  # (N*B, C, H, W)
+            el = torch.cat([group.sample(batch_size, generator=g) for g in generators]).to(device)
+            xb = group.act(flat, el).view_as(xb)
+        logits = ens.member_logits(xb)  # (N, B, K)
+        loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum") / batch_size
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        correct += int((logits.argmax(-1) == yb).sum())
+        count += yb.numel()
+    if count == 0:
+        raise EquirayError(f"no full batch of {batch_size} in {len(y)} training samples")
+    return {"loss": total / (count / batch_size), "accuracy": correct / count, "member_samples": count}
+
+
+# ------------------------------------------------------------------------------------------- storage
+def save_group(ens: StackedEnsemble, path: str | Path, *, meta: dict) -> Path:
+    """One member group as ``path`` (safetensors, stacked weights) + ``path.json`` (spec and provenance);
+    loadable on its own with :func:`load_group`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in ens.state_dict().items()}, str(path))
+    info = {"spec": dataclasses.asdict(ens.spec), "num_members": ens.num_members, **meta}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    return path
+
+
+def load_group(path: str | Path) -> tuple[StackedEnsemble, dict]:
+    """A member group saved by :func:`save_group` -> ``(ensemble, its metadata)``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise EquirayError(f"{path} (and {meta_path.name}) not found: not a saved member group")
+    meta = json.loads(meta_path.read_text())
+    spec = MemberSpec(**meta["spec"])
+    ens = StackedEnsemble(spec, meta["num_members"])
+    ens.load_state_dict(load_file(str(path)))
+    return ens, meta

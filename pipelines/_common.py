@@ -1,0 +1,94 @@
+"""Pieces every pipeline shares: data and scaling config sections, reading Ray Data shards into workers."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from equiray.errors import ConfigError
+from pipelines._ray import say
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "fashion-mnist"
+    dir: str = "data/fashion-mnist"  # prepared Parquet dataset; prepared from `source` if missing
+    download: bool = False  # allow torchvision to download the source where it is not on disk
+    cache_dir: str = ".cache/equiray"
+    max_train: int | None = None  # use only the first N training rows (demo / smoke runs)
+    max_eval: int | None = None  # evaluate on only the first N test rows
+    # true: each worker streams its shard through Ray Data once, keeps it in memory and reshuffles it with torch
+    # every epoch (fast for data that fits a worker's memory); false: stream every epoch through Ray Data with
+    # a local shuffle buffer (data larger than memory)
+    in_memory: bool = True
+    resize: int | None = None  # resample images to resize x resize (area) after reading: cheaper demo runs
+
+    def prepare(self) -> dict:
+        """Prepare the Parquet dataset if missing (a no-op when already prepared); returns its metadata."""
+        from pathlib import Path
+
+        from equiray.data import SourceOptions, prepare
+
+        return prepare(self.source, self.dir, options=SourceOptions(cache_dir=Path(self.cache_dir),
+                                                                     download=self.download))
+
+
+def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, C, size, size)`` by area averaging (a no-op for ``None`` or the same size)."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="area" if size < x.shape[-1] else "bilinear")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # leave CPUs free for Ray Data's read tasks
+    gpus_per_worker: float = 1.0  # fractional values pack several workers onto one GPU (when use_gpu)
+    torch_threads: int = 0  # 0: the node's cores divided among the workers
+
+    def __post_init__(self):
+        if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker <= 0:
+            raise ConfigError("scaling: num_workers >= 1, cpus_per_worker > 0 and gpus_per_worker > 0")
+
+    def ray_scaling(self):
+        import ray.train
+
+        resources = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = self.gpus_per_worker
+        return ray.train.ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                                       resources_per_worker=resources)
+
+
+def batches_from_shard(shard, batch_size: int, shuffle_buffer: int | None):
+    from equiray.data import decode_batch
+
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                    local_shuffle_buffer_size=shuffle_buffer or None):
+        yield decode_batch(batch)
+
+
+def load_shard(shard, *, size: int | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A worker's whole shard (or the whole dataset, when it is not split) as in-memory tensors."""
+    xs, ys = zip(*batches_from_shard(shard, 4096, None))
+    x, y = torch.cat(xs), torch.cat(ys)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return resize(x, size), y
+
+
+def progress(iterable, *, total: int, desc: str, prefix: str, every_s: float = 15.0):
+    """Yield from ``iterable``, printing a progress line every ``every_s`` seconds (Ray forwards worker output
+    to the driver line by line, so plain lines read better there than redrawn bars)."""
+    start = last = time.perf_counter()
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= every_s and i < total:
+            last = now
+            eta = (now - start) / i * (total - i)
+            say(f"[{prefix}] {desc}: {i}/{total} batches ({100 * i / total:.0f}%), "
+                f"{now - start:.0f} s elapsed, ~{eta:.0f} s left")

@@ -20,6 +20,8 @@ examples:
   equiray data prepare fashion-mnist --out data/fashion-mnist
   equiray data info data/fashion-mnist
   equiray pretrain --config configs/pretrain.yaml --set train.epochs=2
+  equiray ensemble train --config configs/ensemble.yaml
+  equiray ensemble eval --config configs/ensemble.yaml
   equiray models list
 
 Ray: a local instance is started unless RAY_ADDRESS names a cluster.
@@ -27,10 +29,12 @@ MLflow: sqlite:///./mlflow.db unless MLFLOW_TRACKING_URI is set; browse with
   mlflow ui --backend-store-uri sqlite:///mlflow.db
 """
 
-# pipeline name -> (module, config class name); each module has run(cfg, report_dir=...)
+# command -> (module, config class name, function); each function takes (cfg, *, report_dir=..., ...)
 PIPELINES = {
-    "pretrain": ("pipelines.pretrain", "PretrainConfig"),
-    "demo": ("pipelines.demo", "DemoConfig"),
+    "pretrain": ("pipelines.pretrain", "PretrainConfig", "run"),
+    "demo": ("pipelines.demo", "DemoConfig", "run"),
+    "ensemble train": ("pipelines.ensemble", "EnsembleConfig", "run_train"),
+    "ensemble eval": ("pipelines.ensemble", "EnsembleConfig", "run_eval"),
 }
 
 
@@ -63,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train a backbone (equiray or timm model) on upright data with Ray Train, "
                          "log to MLflow and register it as equiray-backbone@pretrained.")
     _add_config_args(pre)
+
+    ens = sub.add_parser("ensemble", help="augmentation ensembles: train members on Ray Train, measure invariance")
+    esub = ens.add_subparsers(dest="ensemble_command", metavar="ACTION")
+    etrain = esub.add_parser("train", help="train every setting's members, fanned out over Ray Train workers",
+                             description="Train augmentation-ensemble members (Nordenfors & Flinth) in vectorized "
+                             "member groups on Ray Train workers, checkpointed every round; log member groups to "
+                             "MLflow and register the champion setting's ensemble mean as equiray-ensemble@champion.")
+    _add_config_args(etrain)
+    eeval = esub.add_parser("eval", help="OSP and symmetric KL vs ensemble size, in and off distribution",
+                            description="Measure the members of an `ensemble train` run: OSP, symmetric KL and "
+                            "accuracy of the ensemble mean for bootstrapped ensemble sizes, on the test set and on "
+                            "another dataset; writes a plot and a table and logs both to the run.")
+    _add_config_args(eeval)
+    eeval.add_argument("--run-id", help="the `ensemble train` run (default: the latest finished one)")
 
     data = sub.add_parser("data", help="prepare and inspect datasets (Parquet shards)")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -111,18 +129,25 @@ def _load_pipeline(name: str, config: str | None, overrides: list[str]):
 
     from equiray.config import load_config
 
-    module_name, cls_name = PIPELINES[name]
+    module_name, cls_name, fn_name = PIPELINES[name]
     module = importlib.import_module(module_name)
     cfg = load_config(getattr(module, cls_name), config, overrides=overrides)
-    return module, cfg
+    return getattr(module, fn_name), cfg
 
 
 def _cmd_pipeline(name: str, args) -> int:
     overrides = list(args.overrides) + (["reuse=false"] if getattr(args, "fresh", False) else [])
-    module, cfg = _load_pipeline(name, args.config, overrides)
-    result = module.run(cfg, report_dir=args.report_dir)
-    if name != "demo":
-        print(json.dumps({k: v for k, v in result.items() if k not in ("epochs",)}, indent=2, default=str))
+    fn, cfg = _load_pipeline(name, args.config, overrides)
+    kwargs = {"run_id": args.run_id} if getattr(args, "run_id", None) else {}
+    result = fn(cfg, report_dir=args.report_dir, **kwargs)
+    if name == "demo":
+        return 0
+    if "table" in result:
+        print(result["table"])
+        print("\n".join(result.get("verdict", [])))
+        print(f"plot: {result['plot']}")
+    shown = {k: v for k, v in result.items() if k not in ("epochs", "ensembles", "rows", "table", "verdict")}
+    print(json.dumps(shown, indent=2, default=str))
     return 0
 
 
@@ -170,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in PIPELINES:
             return _cmd_pipeline(args.command, args)
+        if args.command == "ensemble":
+            if not args.ensemble_command:
+                raise EquirayError("choose an action: equiray ensemble train | eval (see equiray ensemble --help)")
+            return _cmd_pipeline(f"ensemble {args.ensemble_command}", args)
         if args.command == "data":
             return _cmd_data(args)
         if args.command == "models":
@@ -187,13 +216,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_pipeline_main(name: str, argv: list[str] | None = None) -> int:
-    """``python -m pipelines.NAME --config F [--set k=v]``: the entry ``ray job submit`` runs."""
-    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}",
-                                     description=f"Run the {name} pipeline (same as `equiray {name}`).")
-    _add_config_args(parser)
-    args = parser.parse_args(argv)
-    return main([name, *(["--config", args.config] if args.config else []),
-                 *sum((["--set", o] for o in args.overrides), []), "--report-dir", args.report_dir])
+    """``python -m pipelines.NAME [ACTION] --config F [--set k=v]``: the entry ``ray job submit`` runs; the same
+    as ``equiray NAME [ACTION] ...``."""
+    return main([*name.split(), *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

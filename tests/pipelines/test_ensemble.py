@@ -1,0 +1,140 @@
+"""Ensemble pipeline end to end on the shared local Ray: member groups on Train workers, MLflow, registry,
+evaluation, and recovery from a killed worker."""
+import dataclasses
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from equiray.config import load_config
+from equiray.ensembles import load_group
+from pipelines import _tracking
+from pipelines.ensemble import EnsembleConfig, run_eval, run_train
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def small_config(root: Path, **over) -> EnsembleConfig:
+    base = {
+        "data": {"source": "digits", "dir": str(root / "digits"), "max_train": None, "resize": None},
+        "member": {"kwargs": {"width": 6}},
+        "settings": [{"name": "sym+aug"}, {"name": "sym, no aug", "augment": False},
+                     {"name": "asym+aug, inv init", "support": "asymmetric", "init": "invariant"}],
+        "members": 4, "members_per_group": 2, "train": {"epochs": 2},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "tracking": {"experiment": "test-ensemble"},
+        "eval": {"max_eval": 100, "max_off_manifold": 50, "repeats": 3},
+        "storage_path": str(root / "runs"),
+    }
+    for k, v in over.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return load_config(EnsembleConfig, base)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble")
+    mp = pytest.MonkeyPatch()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = small_config(root)
+    result = run_train(cfg)
+    yield cfg, result, uri, root
+    mp.undo()
+
+
+def test_every_member_trained_and_logged_per_group(trained):
+    cfg, result, uri, root = trained
+    assert result["members"] == 12 and result["groups"] == 6 and result["restarts"] == 0
+    client = mlflow.MlflowClient(uri)
+    files = {a.path for a in client.list_artifacts(result["run_id"], "members")}
+    assert {f"members/group-{g:05d}.safetensors" for g in range(6)} <= files
+    local = mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="members/group-00003.safetensors",
+                                                tracking_uri=uri, dst_path=str(root / "dl"))
+    mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="members/group-00003.json",
+                                        tracking_uri=uri, dst_path=str(root / "dl"))
+    group, meta = load_group(local)  # a member group loads on its own
+    assert group.num_members == 2 and meta["setting"] == "sym, no aug" and meta["members"] == [6, 7]
+
+
+def test_registered_ensemble_is_the_mean_of_its_members(trained):
+    cfg, result, uri, root = trained
+    mlflow.set_tracking_uri(uri)
+    model, spec = _tracking.load_model("models:/equiray-ensemble@champion")
+    assert spec["setting"] == "sym+aug" and spec["kwargs"]["num_members"] == 4
+    x = torch.rand(5, 1, 8, 8)
+    members = result["ensembles"]["sym+aug"]
+    torch.testing.assert_close(model(x), members.member_logits(x).mean(0))
+    pickled = mlflow.pytorch.load_model("models:/equiray-ensemble@champion")
+    torch.testing.assert_close(pickled(x), model(x))
+
+
+def test_eval_curves_plot_and_table(trained, tmp_path):
+    cfg, result, uri, root = trained
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        out = run_eval(cfg, report_dir=tmp_path)  # finds the latest finished train run by itself
+    assert out["run_id"] == result["run_id"]
+    sizes = sorted({r["size"] for r in out["rows"]})
+    assert sizes == [1, 2, 4]
+    assert {(r["setting"], r["data"]) for r in out["rows"]} == {
+        (s, d) for s in ("sym+aug", "sym, no aug", "asym+aug, inv init") for d in ("in-distribution", "off-manifold")}
+    for r in out["rows"]:
+        assert 1 <= r["osp"] <= 4 and r["kl"] >= 0
+    assert Path(out["plot"]).is_file() and "| sym+aug | in-distribution | 1 |" in out["table"]
+    artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(result["run_id"], "eval")}
+    assert "eval/ensemble_invariance.png" in artifacts
+
+
+def _kill_a_train_worker_when(checkpoint_root: Path, stop: threading.Event, killed: list):
+    from ray.util.state import list_actors
+
+    import json
+
+    def registered_rounds() -> int:
+        """Rounds whose checkpoint Ray Train's controller has registered (its snapshot on storage)."""
+        for snap in checkpoint_root.glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+            except (OSError, ValueError):
+                continue
+            return int((latest.get("metrics") or {}).get("round", 0))
+        return 0
+
+    while not stop.is_set():
+        if registered_rounds() >= 2:
+            for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+                os.kill(actor.pid, signal.SIGKILL)
+                killed.append(actor.pid)
+                return
+        time.sleep(0.1)
+
+
+def test_a_killed_worker_resumes_from_the_checkpoint(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = small_config(tmp_path, members=8, members_per_group=4, train={"epochs": 6},
+                       scaling={"num_workers": 1, "cpus_per_worker": 1.0},
+                       settings=[{"name": "sym+aug"}], tracking={"experiment": "test-ensemble-kill"})
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_train_worker_when, args=(tmp_path / "runs", stop, killed), daemon=True)
+    killer.start()
+    try:
+        result = run_train(cfg)
+    finally:
+        stop.set()
+        killer.join(5)
+    assert killed, "the run finished before a worker could be killed"
+    assert result["restarts"] >= 1
+    assert result["members"] == 8 and result["ensembles"]["sym+aug"].num_members == 8  # each member once
+    # members resumed mid-run end where uninterrupted training would: same seeds, generators and optimizer state
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow2.db'}")
+        clean = run_train(dataclasses.replace(cfg, storage_path=str(tmp_path / "runs2")))
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(result["ensembles"]["sym+aug"].member_logits(x),
+                               clean["ensembles"]["sym+aug"].member_logits(x))

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from equiray.ensembles import (MemberSpec, StackedEnsemble, build_members, load_group, save_group,
+                               symmetric_core, train_members_epoch)
+from equiray.groups import cyclic, dihedral
+from equiray.models import SUPPORTS, create_model
+
+SPEC = MemberSpec("small_cnn", {"width": 6})
+
+
+def test_grouped_fast_path_equals_vmap(gen):
+    ens = build_members(MemberSpec("small_cnn", {"width": 5, "support": "asymmetric"}), range(4)).double()
+    x = torch.rand(3, 1, 10, 10, generator=gen, dtype=torch.float64)
+    xm = torch.rand(4, 3, 1, 10, 10, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(ens.member_logits(x), ens.member_logits(x, vectorize="vmap"))
+    torch.testing.assert_close(ens.member_logits(xm), ens.member_logits(xm, vectorize="vmap"))
+    assert ens(x).shape == (3, 10)
+
+
+def test_members_are_the_models_they_were_built_from(gen):
+    members = [create_model("small_cnn", width=4) for _ in range(3)]
+    ens = StackedEnsemble(MemberSpec("small_cnn", {"width": 4}), 3, members=members)
+    x = torch.rand(2, 1, 8, 8, generator=gen)
+    torch.testing.assert_close(ens.member_logits(x), torch.stack([m(x) for m in members]))
+
+
+def test_vectorized_training_is_independent_training():
+    """One optimizer over stacked members == each member trained alone on its own batches."""
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(10, (64,))
+    ens = build_members(SPEC, [11, 12, 13])
+    singles = [ens.subset([i]) for i in range(3)]
+    opt = torch.optim.SGD(ens.parameters(), lr=0.1)
+    train_members_epoch(ens, x, y, opt, batch_size=16, group=cyclic(4),
+                        generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    for i, single in enumerate(singles):
+        opt1 = torch.optim.SGD(single.parameters(), lr=0.1)
+        train_members_epoch(single, x, y, opt1, batch_size=16, group=cyclic(4),
+                            generators=[torch.Generator().manual_seed(i + 1)])
+        torch.testing.assert_close(ens.subset([i]).state_dict(), single.state_dict())
+    # sensitivity: members really differ from each other after training
+    assert not torch.allclose(ens.subset([0]).member_logits(x), ens.subset([1]).member_logits(x))
+
+
+def test_symmetric_core():
+    assert torch.equal(symmetric_core(SUPPORTS["symmetric"], cyclic(4)), SUPPORTS["symmetric"])
+    assert torch.equal(symmetric_core(SUPPORTS["full"], dihedral(4)), SUPPORTS["full"])
+    core = symmetric_core(SUPPORTS["asymmetric"], cyclic(4))
+    assert core.sum() == 1 and core[1, 1] == 1
+
+
+def _energy_invariance_error(support, init, n, x):
+    """Relative change, under rot90, of the members' mean feature energy E_w ||pool(features_w(x))||^2.
+    (An even statistic: the mean *logits* of a zero-mean init are 0 for any support, so they prove nothing.)"""
+    ens = build_members(MemberSpec("small_cnn", {"width": 4, "support": support}), range(n), init=init, group="C4")
+    members = [ens.subset([i]) for i in range(n)]
+    stats = []
+    for k in range(4):
+        xr = torch.rot90(x, k, dims=(-2, -1))
+        with torch.no_grad():
+            energy = 0
+            for m in members:
+                single = m.spec.build()
+                single.load_state_dict({name.replace("__", "."): v[0] for name, v in m.state_dict().items()
+                                        if not name.endswith("mask")}, strict=False)
+                energy = energy + single.features(xr).mean((-2, -1)).pow(2).sum(-1) / n
+        stats.append(energy)
+    return max(float((stats[k] - stats[0]).abs().mean() / stats[0].mean()) for k in (1, 2, 3))
+
+
+def test_invariant_initial_distribution_is_invariant():
+    """Condition (c) at t = 0: over many members, the feature statistics of a symmetric support (or of an
+    asymmetric support with invariant init) are invariant; an asymmetric support's default init is not."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 10, 10)
+    n = 400
+    sym = _energy_invariance_error("symmetric", "default", n, x)
+    inv = _energy_invariance_error("asymmetric", "invariant", n, x)
+    asym = _energy_invariance_error("asymmetric", "default", n, x)
+    few = _energy_invariance_error("symmetric", "default", 4, x)
+    assert sym < asym / 3 and inv < asym / 3
+    assert sym < few / 3  # finite ensembles approach invariance as they grow
+
+
+def test_save_and_load_a_member_group(tmp_path, gen):
+    ens = build_members(SPEC, [1, 2])
+    path = save_group(ens, tmp_path / "g.safetensors", meta={"gid": 7})
+    back, meta = load_group(path)
+    x = torch.rand(2, 1, 8, 8, generator=gen)
+    torch.testing.assert_close(back.member_logits(x), ens.member_logits(x))
+    assert meta["gid"] == 7 and meta["num_members"] == 2
+    # the registry model `ensemble` has the same state dict layout
+    model = create_model("ensemble", member="small_cnn", member_kwargs={"width": 6}, num_members=2)
+    model.load_state_dict(ens.state_dict())
+    torch.testing.assert_close(model(x), ens(x))
+    joined = StackedEnsemble.concat([ens, back])
+    assert joined.num_members == 4 and torch.allclose(joined.member_logits(x)[2:], ens.member_logits(x))
+
+
+def test_batchnorm_members_are_refused():
+    from equiray.errors import EquirayError
+
+    with pytest.raises(EquirayError, match="BatchNorm"):
+        StackedEnsemble(MemberSpec("resnet8"), 2)

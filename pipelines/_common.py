@@ -92,3 +92,38 @@ def progress(iterable, *, total: int, desc: str, prefix: str, every_s: float = 1
             eta = (now - start) / i * (total - i)
             say(f"[{prefix}] {desc}: {i}/{total} batches ({100 * i / total:.0f}%), "
                 f"{now - start:.0f} s elapsed, ~{eta:.0f} s left")
+
+
+def worker_threads(cfg_scaling: dict) -> None:
+    """Torch threads in a Ray Train worker: the configured number, or the node's cores shared by its workers
+    (Ray sets OMP_NUM_THREADS=1 in workers otherwise)."""
+    import os
+
+    import ray.train
+
+    local = max(1, ray.train.get_context().get_local_world_size())
+    torch.set_num_threads(cfg_scaling["torch_threads"] or max(1, (os.cpu_count() or 1) // local))
+
+
+def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, storage_path: str, datasets: dict,
+        max_failures: int = 2, split_data: bool = True, num_to_keep: int = 2):
+    """Run ``train_loop`` on a ``TorchTrainer`` (Train V2) and return its result, which must hold a checkpoint.
+    ``split_data=False`` gives every worker the whole of each dataset instead of a shard."""
+    from pathlib import Path
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_cfg, scaling_config=scaling.ray_scaling(),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(Path(storage_path).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+        datasets=datasets,
+        dataset_config=None if split_data else ray.train.DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{run_name} ended without a checkpoint: {result.error}")
+    return result

@@ -22,6 +22,7 @@ examples:
   equiray pretrain --config configs/pretrain.yaml --set train.epochs=2
   equiray ensemble train --config configs/ensemble.yaml
   equiray ensemble eval --config configs/ensemble.yaml
+  equiray distill --config configs/distill.yaml
   equiray models list
 
 Ray: a local instance is started unless RAY_ADDRESS names a cluster.
@@ -35,6 +36,7 @@ PIPELINES = {
     "demo": ("pipelines.demo", "DemoConfig", "run"),
     "ensemble train": ("pipelines.ensemble", "EnsembleConfig", "run_train"),
     "ensemble eval": ("pipelines.ensemble", "EnsembleConfig", "run_eval"),
+    "distill": ("pipelines.distill", "DistillConfig", "run"),
 }
 
 
@@ -81,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "another dataset; writes a plot and a table and logs both to the run.")
     _add_config_args(eeval)
     eeval.add_argument("--run-id", help="the `ensemble train` run (default: the latest finished one)")
+
+    dist = sub.add_parser("distill", help="distil the registered ensemble into one student and register it",
+                          description="Train a student (a member architecture or a timm model) to match the "
+                          "ensemble mean on group-transformed inputs; report its accuracy, OSP, KL and ms/image next "
+                          "to the ensemble's; register it as equiray-student@champion.")
+    _add_config_args(dist)
 
     data = sub.add_parser("data", help="prepare and inspect datasets (Parquet shards)")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -145,8 +153,10 @@ def _cmd_pipeline(name: str, args) -> int:
     if "table" in result:
         print(result["table"])
         print("\n".join(result.get("verdict", [])))
-        print(f"plot: {result['plot']}")
-    shown = {k: v for k, v in result.items() if k not in ("epochs", "ensembles", "rows", "table", "verdict")}
+        if result.get("plot"):
+            print(f"plot: {result['plot']}")
+    shown = {k: v for k, v in result.items()
+             if k not in ("epochs", "ensembles", "rows", "table", "verdict")}
     print(json.dumps(shown, indent=2, default=str))
     return 0
 

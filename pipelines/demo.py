@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.distill import DistillConfig
+from pipelines.ensemble import EnsembleConfig
 from pipelines.pretrain import DataConfig, PretrainConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DemoConfig:
     pretrain: PretrainConfig = PretrainConfig(train=TrainConfig(epochs=3), data=DataConfig())
+    ensemble: EnsembleConfig = EnsembleConfig()
+    distill: DistillConfig = DistillConfig()
+    stages: tuple[str, ...] = ("pretrain", "ensemble", "distill")
     reuse: bool = True  # take a stage's registered result when the same config produced it (--fresh: redo all)
+
+    def __post_init__(self):
+        unknown = set(self.stages) - {"pretrain", "ensemble", "distill"}
+        if unknown:
+            raise ValueError(f"stages: unknown {sorted(unknown)}; choose from pretrain, ensemble, distill")
 
 
 def _banner(step: int, total: int, text: str) -> None:
@@ -35,26 +45,51 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> dict:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    total = 2
+    stages = ["data", *cfg.stages]
+    total = len(stages)
     _banner(1, total, f"data: {cfg.pretrain.data.source} -> {cfg.pretrain.data.dir} (Parquet shards)")
     meta = cfg.pretrain.data.prepare()
     print("    " + ", ".join(f"{s}: {n}" for s, n in meta["rows"].items()) + f" images {tuple(meta['shape'])}")
 
-    _banner(2, total, f"pretrain: {cfg.pretrain.model.name} on upright data with Ray Train, "
-                      f"{cfg.pretrain.train.epochs} epochs")
-    from pipelines import pretrain
+    out: dict = {}
+    if "pretrain" in cfg.stages:
+        _banner(stages.index("pretrain") + 1, total, f"pretrain: {cfg.pretrain.model.name} on upright data with "
+                f"Ray Train, {cfg.pretrain.train.epochs} epochs")
+        from pipelines import pretrain
 
-    pre = pretrain.run(cfg.pretrain, report_dir=report_dir, reuse=cfg.reuse)
-    if pre["reused"]:
-        print(f"    reused {pre['registered']} version {pre['version']} (same config; --fresh retrains)")
+        out["pretrain"] = pre = pretrain.run(cfg.pretrain, report_dir=report_dir, reuse=cfg.reuse)
+        if pre["reused"]:
+            print(f"    reused {pre['registered']} version {pre['version']} (same config; --fresh retrains)")
+        print("\n" + _results_table(pre, cfg.pretrain.eval.group))
+    if "ensemble" in cfg.stages:
+        e = cfg.ensemble
+        _banner(stages.index("ensemble") + 1, total, f"ensembles: {len(e.settings)} settings x {e.members} members "
+                f"on Ray Train, then OSP/KL vs ensemble size under {e.group}")
+        from pipelines import ensemble
+
+        out["ensemble"] = trained = ensemble.run_train(e, reuse=cfg.reuse)
+        if trained["reused"]:
+            print(f"    reused {trained['registered']} version {trained['version']} (same config)")
+        out["ensemble_eval"] = ev = ensemble.run_eval(e, run_id=trained["run_id"], report_dir=report_dir,
+                                                      ensembles=trained.get("ensembles"))
+        print("\n" + ev["table"] + "\n" + "\n".join(ev["verdict"]))
+    if "distill" in cfg.stages:
+        _banner(stages.index("distill") + 1, total, f"distill: {cfg.distill.teacher} -> one "
+                f"{cfg.distill.student.name} student")
+        from pipelines import distill
+
+        out["distill"] = dist = distill.run(cfg.distill, report_dir=report_dir, reuse=cfg.reuse)
+        print("\n" + dist["table"])
     elapsed = time.perf_counter() - t0
-    report = write_report(report_dir / "demo.md", cfg, meta, pre, elapsed)
-    print("\n" + _results_table(pre, cfg.pretrain.eval.group))
+    report = write_report(report_dir / "demo.md", cfg, meta, out, elapsed)
+    tracking = next(iter(out.values()))["tracking_uri"] if out else ""
     print(f"\nreport:   {report.resolve()}")
-    print(f"mlflow:   {pre['tracking_uri']}  (browse: .venv/bin/mlflow ui --backend-store-uri {pre['tracking_uri']})")
-    print(f"model:    {pre['registered']} (version {pre['version']})")
+    print(f"mlflow:   {tracking}  (browse: .venv/bin/mlflow ui --backend-store-uri {tracking})")
+    for key in ("pretrain", "ensemble", "distill"):
+        if key in out:
+            print(f"model:    {out[key]['registered']} (version {out[key]['version']})")
     print(f"finished in {elapsed / 60:.1f} min")
-    return {"pretrain": pre, "report": str(report), "seconds": elapsed}
+    return {**out, "report": str(report), "seconds": elapsed}
 
 
 def _results_table(pre: dict, group: str) -> str:
@@ -71,39 +106,62 @@ def _results_table(pre: dict, group: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, cfg: DemoConfig, meta: dict, pre: dict, seconds: float) -> Path:
+def write_report(path: Path, cfg: DemoConfig, meta: dict, out: dict, seconds: float) -> Path:
     """A Markdown report with the tables and the plots (written next to it)."""
-    group = cfg.pretrain.eval.group
-    epochs = "\n".join(
-        f"| {int(r['epoch']) + 1} | {r['train_loss']:.4f} | {r['train_accuracy'] * 100:.2f}% | "
-        f"{r['val_accuracy'] * 100:.2f}% | {r['epoch_seconds']:.0f} |" for r in pre["epochs"])
-    plots = "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in pre["plots"])
-    text = f"""# equiray demo report
+    tracking = next(iter(out.values()))["tracking_uri"] if out else ""
+    parts = [f"""# equiray demo report
 
-Generated {time.strftime('%Y-%m-%d %H:%M:%S')} in {seconds / 60:.1f} min.
-MLflow: `{pre['tracking_uri']}`, run `{pre['run_name']}` ({pre['run_id']}).
+Generated {time.strftime('%Y-%m-%d %H:%M:%S')} in {seconds / 60:.1f} min. MLflow: `{tracking}`.
 
 ## 1. Data
-`{meta['source']}` as Parquet shards in `{pre['data_dir']}`: {', '.join(f"{s} {n}" for s, n in meta['rows'].items())}
+`{meta['source']}` as Parquet shards in `{cfg.pretrain.data.dir}`: {', '.join(f"{s} {n}" for s, n in meta['rows'].items())}
 images of shape {tuple(meta['shape'])} (H, W, C), {meta['num_classes']} classes.
-
-## 2. Pretrained backbone (`{pre['registered']}`, version {pre['version']})
+"""]
+    if "pretrain" in out:
+        pre = out["pretrain"]
+        epochs = "\n".join(
+            f"| {int(r['epoch']) + 1} | {r['train_loss']:.4f} | {r['train_accuracy'] * 100:.2f}% | "
+            f"{r['val_accuracy'] * 100:.2f}% | {r['epoch_seconds']:.0f} |" for r in pre["epochs"])
+        plots = "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in pre["plots"])
+        parts.append(f"""## Pretrained backbone (`{pre['registered']}`, version {pre['version']})
 `{cfg.pretrain.model.name}` trained on upright images with Ray Train
-({cfg.pretrain.scaling.num_workers} worker(s), {cfg.pretrain.train.epochs} epochs).
+({cfg.pretrain.scaling.num_workers} worker(s), {cfg.pretrain.train.epochs} epochs), run `{pre['run_name']}`.
 
 | epoch | train loss | train acc | val acc | seconds |
 |---|---|---|---|---|
 {epochs}
 
-{_results_table(pre, group)}
+{_results_table(pre, cfg.pretrain.eval.group)}
 
 The backbone is accurate on upright images and loses much of it on rotated ones: that gap is what the
 rest of equiray closes.
 
 {plots}
-"""
+""")
+    if "ensemble" in out:
+        e, tr, ev = cfg.ensemble, out["ensemble"], out["ensemble_eval"]
+        parts.append(f"""## Augmentation ensembles (`{tr['registered']}`, version {tr['version']})
+{len(e.settings)} settings x {e.members} members of `{e.member.name}` ({e.member.kwargs}), {e.train.epochs} epochs on
+{e.data.max_train or 'all'} training images at {e.data.resize or meta['shape'][0]}px, group {e.group}; run
+`{tr['run_id']}`. Invariance of the ensemble mean vs ensemble size (bootstrap, {e.eval.repeats} subsets per size),
+in distribution (test set) and off-manifold ({e.eval.off_manifold}):
+
+![ensemble_invariance](ensemble_invariance.png)
+
+{ev['table']}
+
+{chr(10).join(ev['verdict'])}
+""")
+    if "distill" in out:
+        d = out["distill"]
+        parts.append(f"""## Distilled student (`{d['registered']}`, version {d['version']})
+One `{cfg.distill.student.name}` trained to match the ensemble mean on {cfg.distill.group or cfg.ensemble.group}-
+group-transformed inputs; the same measures, and the serving cost (the student is {d['speedup']:.1f}x cheaper):
+
+{d['table']}
+""")
     tmp = path.with_suffix(".md.partial")
-    tmp.write_text(text)
+    tmp.write_text("\n".join(parts))
     os.replace(tmp, path)
     return path
 

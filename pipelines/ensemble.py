@@ -33,7 +33,7 @@ import torch
 from equiray.config import to_dict
 from equiray.errors import ConfigError, EquirayError
 from equiray.groups import get_group
-from pipelines._common import DataConfig, ScalingConfig, load_shard, resize
+from pipelines._common import DataConfig, ScalingConfig, fit, load_shard, resize, worker_threads
 from pipelines._ray import say
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg["scaling"]["torch_threads"] or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    worker_threads(cfg["scaling"])
     device = torch.device("cuda", torch.cuda.current_device()) if cfg["scaling"]["use_gpu"] and torch.cuda.is_available() \
         else torch.device("cpu")
     x, y = load_shard(ray.train.get_dataset_shard("train"), size=cfg["data"]["resize"], limit=cfg["data"]["max_train"])
@@ -282,12 +282,11 @@ def _member_kwargs(cfg: EnsembleConfig, setting: SettingConfig) -> dict:
     return {**cfg.member.kwargs, "support": setting.support}
 
 
-def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = None) -> dict:
-    """Train every setting's members on Ray Train, log member groups to MLflow, register the champion."""
+def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = None, reuse: bool = False) -> dict:
+    """Train every setting's members on Ray Train, log member groups to MLflow, register the champion.
+    With ``reuse``, an ensemble registered by this very config is taken instead of training again."""
     import mlflow
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from equiray.data import read_split, split_files
     from equiray.ensembles import StackedEnsemble, save_group
@@ -307,6 +306,17 @@ def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = Non
     size = cfg.data.resize or meta["shape"][0]
     uri = _tracking.tracking_uri()
     _tracking.setup(cfg.tracking.experiment, uri)
+    n_total = cfg.members * len(cfg.settings)
+    registered = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+    if reuse:
+        mv = _tracking.find_version(cfg.tracking.registered_model, cfg.tracking.alias,
+                                    config_hash_value=_tracking.config_hash(cfg))
+        if mv is not None:
+            metrics = mlflow.MlflowClient().get_run(mv.run_id).data.metrics
+            return {"run_id": mv.run_id, "tracking_uri": uri, "members": n_total, "reused": True,
+                    "version": str(mv.version), "registered": registered, "champion": mv.tags.get("setting"),
+                    "train_seconds": metrics.get("train_seconds", float("nan")), "restarts": 0,
+                    "accuracy": {s.name: metrics.get(f"test_accuracy/{_slug(s.name)}") for s in cfg.settings}}
     init_ray()
     log.info("Ray: %s", cluster_summary())
     groups = cfg.member_groups()
@@ -316,7 +326,6 @@ def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = Non
     if cfg.data.max_train:
         train_ds = train_ds.limit(cfg.data.max_train)
     run_name = cfg.tracking.run_name or f"ensemble-{cfg.group}-{time.strftime('%Y%m%d-%H%M%S')}"
-    n_total = cfg.members * len(cfg.settings)
     say(f"[ensemble] {n_total} members ({len(cfg.settings)} settings x {cfg.members}) in {len(groups)} groups of "
         f"<= {cfg.members_per_group}, {world} worker(s), {rounds} rounds")
     with mlflow.start_run(run_name=run_name) as active:
@@ -325,18 +334,9 @@ def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = Non
         mlflow.set_tags({"equiray.pipeline": "ensemble-train", "equiray.group": cfg.group})
         loop_cfg = {**to_dict(cfg), "groups": groups, "rounds": rounds, "num_classes": meta["num_classes"],
                     "run_id": run_id, "tracking_uri": uri}
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=cfg.scaling.ray_scaling(),
-            run_config=ray.train.RunConfig(
-                name=run_name, storage_path=str(Path(cfg.storage_path).resolve()),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-            datasets={"train": train_ds},
-            dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # every worker sees all the data
-        )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"ensemble training ended without a checkpoint: {result.error}")
+        result = fit(train_loop_per_worker, loop_cfg, scaling=cfg.scaling, run_name=run_name,
+                     storage_path=cfg.storage_path, datasets={"train": train_ds}, max_failures=cfg.max_failures,
+                     split_data=False)  # every worker sees all the data
         train_seconds = time.perf_counter() - t0
         with result.checkpoint.as_directory() as d:
             parts = _collect(cfg, Path(d), c, meta["num_classes"])
@@ -368,7 +368,7 @@ def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = Non
         ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     return {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "members": n_total,
             "groups": len(groups), "restarts": restarts, "accuracy": acc, "train_seconds": train_seconds, "version": version,
-            "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}", "champion": champion,
+            "registered": registered, "champion": champion, "reused": False,
             "ensembles": ensembles, "data_dir": data_dir, "input_size": size, "model_uri": model_uri}
 
 

@@ -28,7 +28,8 @@ from equiray.errors import ConfigError
 from equiray.groups import get_group
 from equiray.models import create_model, is_model
 
-from pipelines._common import DataConfig, ScalingConfig, batches_from_shard, load_shard, progress
+from pipelines._common import (DataConfig, ScalingConfig, batches_from_shard, fit, load_shard, progress,
+                               worker_threads)
 from pipelines._ray import say
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = cfg["scaling"]["torch_threads"] or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
-    torch.set_num_threads(threads)
+    worker_threads(cfg["scaling"])
     t = cfg["train"]
     torch.manual_seed(t["seed"] + rank)
     model = build_model(cfg, cfg["in_chans"], cfg["num_classes"])
@@ -192,10 +192,7 @@ def run(cfg: PretrainConfig, *, report_dir: str | os.PathLike | None = None, reu
     With ``reuse``, a model already registered under the alias by the very same config is taken as it is
     (its run's metrics and plots are returned) instead of training again."""
     import mlflow
-    import ray
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from pipelines import _tracking
     from pipelines._ray import cluster_summary, init_ray
@@ -229,18 +226,8 @@ def run(cfg: PretrainConfig, *, report_dir: str | os.PathLike | None = None, reu
         loop_cfg = {**to_dict(cfg), "in_chans": c, "num_classes": meta["num_classes"], "run_id": run_id,
                     "train_rows": min(meta["rows"]["train"], cfg.data.max_train or meta["rows"]["train"]),
                     "tracking_uri": uri}
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=loop_cfg,
-            scaling_config=cfg.scaling.ray_scaling(),
-            run_config=ray.train.RunConfig(
-                name=run_name, storage_path=str(Path(cfg.storage_path).resolve()),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=2)),
-            datasets={"train": train_ds, "val": val_ds},
-        )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"training ended without a checkpoint: {result.error}")
+        result = fit(train_loop_per_worker, loop_cfg, scaling=cfg.scaling, run_name=run_name,
+                     storage_path=cfg.storage_path, datasets={"train": train_ds, "val": val_ds})
         model = build_model(loop_cfg, c, meta["num_classes"])
         with result.checkpoint.as_directory() as d:
             model.load_state_dict(torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)["model"])

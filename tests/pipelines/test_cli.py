@@ -15,9 +15,10 @@ def run(*args, cwd=None):
 def test_help_lists_every_command():
     res = run("--help")
     assert res.returncode == 0
-    for cmd in ("demo", "pretrain", "data", "models"):
+    for cmd in ("demo", "pretrain", "ensemble", "distill", "data", "models"):
         assert cmd in res.stdout
-    for sub in (["pretrain", "--help"], ["data", "prepare", "--help"], ["demo", "--help"]):
+    for sub in (["pretrain", "--help"], ["data", "prepare", "--help"], ["demo", "--help"],
+                ["ensemble", "train", "--help"], ["ensemble", "eval", "--help"], ["distill", "--help"]):
         res = run(*sub)
         assert res.returncode == 0 and "--" in res.stdout, sub
     assert "--set KEY=VALUE" in run("pretrain", "--help").stdout
@@ -60,3 +61,17 @@ def test_data_prepare_bad_source_leaves_nothing(tmp_path):
 def test_models_list():
     res = run("models", "list")
     assert res.returncode == 0 and "small_cnn" in res.stdout.split() and "resnet8" in res.stdout.split()
+
+
+def test_pipeline_modules_are_job_entrypoints():
+    res = subprocess.run([sys.executable, "-m", "pipelines.ensemble", "eval", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "--run-id" in res.stdout
+
+
+def test_bad_ensemble_config_is_one_clear_line(tmp_path):
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("settings:\n  - {name: a, support: diagonal}\n")
+    res = run("ensemble", "train", "--config", str(cfg), cwd=tmp_path)
+    assert res.returncode == 2 and "settings[0].support: 'diagonal' is not one of" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -138,3 +138,25 @@ def test_a_killed_worker_resumes_from_the_checkpoint(ray_session, tmp_path, monk
     x = torch.rand(4, 1, 8, 8)
     torch.testing.assert_close(result["ensembles"]["sym+aug"].member_logits(x),
                                clean["ensembles"]["sym+aug"].member_logits(x))
+
+
+def test_distilled_student_is_registered_and_measured(trained, tmp_path):
+    from pipelines.distill import DistillConfig, run as run_distill
+
+    cfg, result, uri, root = trained
+    dcfg = load_config(DistillConfig, {
+        "data": {"source": "digits", "dir": str(root / "digits"), "max_train": None},
+        "student": {"kwargs": {"width": 6}}, "train": {"epochs": 2},
+        "scaling": {"cpus_per_worker": 0.5}, "max_eval": 100, "storage_path": str(root / "runs")})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        out = run_distill(dcfg, report_dir=tmp_path)
+    rows = out["rows"]
+    assert set(rows) == {"ensemble (teacher)", "student"}
+    for m in rows.values():
+        assert 1 <= m["osp"] <= 4 and m["kl"] >= 0 and m["ms_per_image"] > 0 and 0 <= m["accuracy"] <= 1
+    assert "| student |" in out["table"] and (tmp_path / "distill_table.md").is_file()
+    mlflow.set_tracking_uri(uri)
+    student, spec = _tracking.load_model("models:/equiray-student@champion")
+    assert spec["teacher"] == "models:/equiray-ensemble@champion" and spec["kwargs"]["width"] == 6
+    assert student(torch.rand(3, 1, 8, 8)).shape == (3, 10)

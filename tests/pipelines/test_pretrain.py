@@ -97,7 +97,7 @@ def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):
     result, cfg, uri = pretrained
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        out = run_demo(DemoConfig(pretrain=cfg, reuse=True), report_dir=tmp_path / "reports")
+        out = run_demo(DemoConfig(pretrain=cfg, reuse=True, stages=("pretrain",)), report_dir=tmp_path / "reports")
     report = (tmp_path / "reports" / "demo.md").read_text()
     printed = capsys.readouterr().out
     assert out["pretrain"]["reused"]

@@ -34,6 +34,16 @@ class DataConfig:
                                                                      download=self.download))
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where a pipeline's runs go in MLflow and under which registry name and alias its model is registered."""
+
+    experiment: str = "equiray-pretrain"
+    run_name: str | None = None
+    registered_model: str = "equiray-backbone"
+    alias: str = "pretrained"
+
+
 def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     """``(N, C, H, W)`` -> ``(N, C, size, size)`` by area averaging (a no-op for ``None`` or the same size)."""
     if size is None or tuple(x.shape[-2:]) == (size, size):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from equiray.config import to_dict
 from equiray.errors import ConfigError
-from pipelines._common import DataConfig, ScalingConfig, fit, load_shard, resize, worker_threads
+from pipelines._common import DataConfig, ScalingConfig, TrackingConfig, fit, load_shard, resize, worker_threads
 from pipelines._ray import say
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,6 @@ class DistillTrain:
 
 
 @dataclass(frozen=True)
-class DistillTracking:
-    experiment: str = "equiray-distill"
-    run_name: str | None = None
-    registered_model: str = "equiray-student"
-    alias: str = "champion"
-
-
-@dataclass(frozen=True)
 class DistillConfig:
     teacher: str = "models:/equiray-ensemble@champion"
     data: DataConfig = DataConfig(max_train=4000)
@@ -64,7 +56,7 @@ class DistillConfig:
     group: str | None = None  # default: the group the teacher was trained with
     train: DistillTrain = DistillTrain()
     scaling: ScalingConfig = ScalingConfig()
-    tracking: DistillTracking = DistillTracking()
+    tracking: TrackingConfig = TrackingConfig("equiray-distill", None, "equiray-student", "champion")
     max_eval: int = 2000
     storage_path: str = "runs"
 

@@ -33,7 +33,8 @@ import torch
 from equiray.config import to_dict
 from equiray.errors import ConfigError, EquirayError
 from equiray.groups import get_group
-from pipelines._common import DataConfig, ScalingConfig, fit, load_shard, resize, worker_threads
+from pipelines._common import (DataConfig, ScalingConfig, TrackingConfig, fit, load_shard, resize,
+                               worker_threads)
 from pipelines._ray import say
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,8 @@ class EnsembleTrainSection:
 
 
 @dataclass(frozen=True)
-class EnsembleTracking:
+class EnsembleTracking(TrackingConfig):
     experiment: str = "equiray-ensemble"
-    run_name: str | None = None
     registered_model: str = "equiray-ensemble"
     alias: str = "champion"
     champion: str | None = None  # the setting registered as the ensemble; default: the first setting

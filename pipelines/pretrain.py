@@ -28,8 +28,8 @@ from equiray.errors import ConfigError
 from equiray.groups import get_group
 from equiray.models import create_model, is_model
 
-from pipelines._common import (DataConfig, ScalingConfig, batches_from_shard, fit, load_shard, progress,
-                               worker_threads)
+from pipelines._common import (DataConfig, ScalingConfig, TrackingConfig, batches_from_shard, fit, load_shard,
+                               progress, worker_threads)
 from pipelines._ray import say
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,6 @@ class TrainConfig:
             raise ConfigError("train: epochs and batch_size must be >= 1 and lr > 0")
         if self.augment is not None:
             get_group(self.augment)
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    experiment: str = "equiray-pretrain"
-    run_name: str | None = None
-    registered_model: str = "equiray-backbone"
-    alias: str = "pretrained"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from torch.func import functional_call, stack_module_state
 from equiray.errors import EquirayError
 from equiray.groups import Group, get_group
 from equiray.models import create_model, register_model
-from equiray.models.small import SUPPORTS, MaskedConv2d
+from equiray.models.small import MaskedConv2d
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ Ensembles are measured from *orbit logits*: every member's logits on every trans
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch

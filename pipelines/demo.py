@@ -9,7 +9,6 @@ sections to the same report.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time

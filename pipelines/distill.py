@@ -162,7 +162,7 @@ def run(cfg: DistillConfig, *, report_dir: str | os.PathLike | None = None, reus
     from pipelines import _tracking
     from pipelines._ray import init_ray
 
-    meta = cfg.data.prepare()
+    cfg.data.prepare()
     data_dir = str(Path(cfg.data.dir).resolve())
     uri = _tracking.tracking_uri()
     _tracking.setup(cfg.tracking.experiment, uri)

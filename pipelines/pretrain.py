@@ -10,7 +10,6 @@ model and registers it.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile

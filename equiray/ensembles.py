@@ -136,10 +136,28 @@ class StackedEnsemble(nn.Module):
         return out
 
 
-def _small_cnn_grouped(params: dict, buffers: dict, x: torch.Tensor, n: int) -> torch.Tensor:
+# Members per grouped call are chosen so that one layer's activations stay around this many elements (a few MB,
+# cache-sized): on CPU, 4 members at 28x28 or 16 at 14x14 (batch 32, width 16) run 1.5x faster than 16 at 28x28.
+CHUNK_ELEMENTS = 1_600_000
+
+
+def _small_cnn_grouped(params: dict, buffers: dict, x: torch.Tensor, n: int, *,
+                       chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """All members of a :class:`~equiray.models.small.SmallCNN` ensemble as grouped convolutions in
     channels-last layout: the same function as ``vmap(functional_call)``, about 3.5x faster on CPU (vmap's
-    grouped convolution runs in NCHW there)."""
+    grouped convolution runs in NCHW there). Large groups run in cache-sized chunks of members."""
+    width = params["features.0.weight"].shape[1]
+    per_member = x.shape[-4] * width * x.shape[-2] * x.shape[-1]  # one layer's activations for one member
+    chunk = max(1, chunk_elements // max(per_member, 1))
+    if chunk < n:
+        outs = []
+        for start in range(0, n, chunk):
+            sl = slice(start, min(start + chunk, n))
+            xs = x[sl] if x.dim() == 5 else x
+            outs.append(_small_cnn_grouped({k: v[sl] for k, v in params.items()},
+                                           {k: v[sl] for k, v in buffers.items()}, xs, sl.stop - sl.start,
+                                           chunk_elements=10**18))
+        return torch.cat(outs)  # (N, B, K)
     if x.dim() == 4:
         x = x.unsqueeze(0).expand(n, *x.shape)  # (N, B, C, H, W)
     b = x.shape[1]

@@ -102,3 +102,17 @@ def test_batchnorm_members_are_refused():
 
     with pytest.raises(EquirayError, match="BatchNorm"):
         StackedEnsemble(MemberSpec("resnet8"), 2)
+
+
+def test_chunked_grouped_path_equals_one_call(gen):
+    from equiray.ensembles import _small_cnn_grouped
+
+    ens = build_members(MemberSpec("small_cnn", {"width": 5}), range(5)).double()
+    params, buffers = ens._stacked()
+    x = torch.rand(3, 1, 8, 8, generator=gen, dtype=torch.float64)
+    xm = torch.rand(5, 3, 1, 8, 8, generator=gen, dtype=torch.float64)
+    per_member = 3 * 5 * 8 * 8
+    for inp in (x, xm):
+        whole = _small_cnn_grouped(params, buffers, inp, 5, chunk_elements=10**9)
+        chunked = _small_cnn_grouped(params, buffers, inp, 5, chunk_elements=2 * per_member)  # chunks of 2, 2, 1
+        torch.testing.assert_close(chunked, whole)

@@ -18,6 +18,7 @@ ensemble size (bootstrap), in distribution and off the data manifold, one line p
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -138,6 +139,7 @@ def _new_group_state(cfg: dict, group: dict, spec):
     from equiray.ensembles import build_members
 
     setting = cfg["settings"][group["setting"]]
+    spec = dataclasses.replace(spec, kwargs={**spec.kwargs, "support": setting["support"]})  # the setting's support
     seeds = [_member_seed(cfg["train"]["seed"], m) for m in group["members"]]
     ens = build_members(spec, seeds, init=setting["init"], group=cfg["group"])
     gens = [torch.Generator().manual_seed(s + 1) for s in seeds]
@@ -247,7 +249,7 @@ def _ensemble_spec(cfg: EnsembleConfig, setting: SettingConfig, in_chans: int, n
                    num_members: int, classes: list[str]) -> dict:
     """The registry spec of an ensemble-average model: ``equiray.create_model(**spec)`` rebuilds it."""
     return {"name": "ensemble", "in_chans": in_chans, "num_classes": num_classes,
-            "kwargs": {"member": cfg.member.name, "member_kwargs": {**cfg.member.kwargs, "support": setting.support},
+            "kwargs": {"member": cfg.member.name, "member_kwargs": _member_kwargs(cfg, setting),
                        "num_members": num_members},
             "input_shape": [in_chans, size, size], "classes": classes, "group": cfg.group, "setting": setting.name,
             "data": cfg.data.source}
@@ -268,7 +270,7 @@ def _collect(cfg: EnsembleConfig, checkpoint_dir: Path, in_chans: int, num_class
             raise RuntimeError(f"member group {g['gid']} is incomplete: {state['epochs_done']} of "
                                f"{cfg.train.epochs} epochs")
         setting = cfg.settings[g["setting"]]
-        spec = MemberSpec(cfg.member.name, {**cfg.member.kwargs, "support": setting.support}, in_chans, num_classes)
+        spec = MemberSpec(cfg.member.name, _member_kwargs(cfg, setting), in_chans, num_classes)
         ens = StackedEnsemble(spec, len(g["members"]))
         ens.load_state_dict(state["model"])
         found[g["gid"]] = ens
@@ -279,6 +281,7 @@ def _collect(cfg: EnsembleConfig, checkpoint_dir: Path, in_chans: int, num_class
 
 
 def _member_kwargs(cfg: EnsembleConfig, setting: SettingConfig) -> dict:
+    """The member model's keyword arguments for one setting (its filter support overrides the member's)."""
     return {**cfg.member.kwargs, "support": setting.support}
 
 

@@ -60,6 +60,17 @@ def test_every_member_trained_and_logged_per_group(trained):
                                         tracking_uri=uri, dst_path=str(root / "dl"))
     group, meta = load_group(local)  # a member group loads on its own
     assert group.num_members == 2 and meta["setting"] == "sym, no aug" and meta["members"] == [6, 7]
+    # every setting's members were trained with that setting's filter support (and init)
+    from equiray.ensembles import symmetric_core
+    from equiray.groups import cyclic
+    from equiray.models import SUPPORTS
+
+    for name, support in (("sym+aug", "symmetric"), ("asym+aug, inv init", "asymmetric")):
+        ens = result["ensembles"][name]
+        assert torch.equal(ens.features__0__mask[0], SUPPORTS[support]), name
+    core = symmetric_core(SUPPORTS["asymmetric"], cyclic(4))
+    w = result["ensembles"]["asym+aug, inv init"].features__0__weight.detach()  # (N, O, C, 3, 3)
+    assert (w * (1 - core)).abs().sum() > 0  # training moved weights off the invariant core (condition (a) fails)
 
 
 def test_registered_ensemble_is_the_mean_of_its_members(trained):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import emit, machine  # noqa: E402
 
 
 def equiray_throughput(x, y, members: int, *, augment: bool) -> float:
@@ -116,7 +118,6 @@ def main() -> int:
     per_member_epoch = 4000 * 3 * args.ray_members / bare  # member-samples/s at demo scale (14px, C4 aug)
     ten_min_demo = int(600 * per_member_epoch / (4000 * 3))
     ten_min_paper = int(600 * ours / (60000 * 10))
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU"
     rows = [
         f"| training throughput, {args.members} members, {args.images} images 28x28, batch 32, 1 epoch "
         f"| torchensemble VotingClassifier n_jobs=1 | {ours:,.0f} member-samples/s | {peer1:,.0f} | {ours / peer1:.2f} |",
@@ -128,7 +129,7 @@ def main() -> int:
         f"| {bare / pipeline:.2f} (pipeline takes {pipeline / bare:.2f}x) |",
     ]
     table = "\n".join([
-        f"Machine: {machine}. Command: `.venv/bin/python benchmarks/bench_ensemble.py --members {args.members} "
+        f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_ensemble.py --members {args.members} "
         f"--images {args.images} --ray-members {args.ray_members} --group-size {args.group_size}`", "",
         "| what | peer | equiray | peer | ratio (x, higher is better for equiray) |", "|---|---|---|---|---|",
         *rows, "",
@@ -136,9 +137,7 @@ def main() -> int:
         f"at 14x14, 3 epochs, C4 augmentation; {per_member_epoch:,.0f} member-samples/s); ~{ten_min_paper:,} "
         f"members at the paper's scale (60,000 images at 28x28, 10 epochs; {ours:,.0f} member-samples/s).",
     ])
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit(table, args.out)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import emit, machine  # noqa: E402
 
 
 def timeit(fn, repeat: int = 5) -> float:
@@ -122,16 +124,12 @@ def main() -> int:
     rows += bench_read(Path(args.data_dir), Path(args.cache_dir))
     with tempfile.TemporaryDirectory() as tmp:
         rows += bench_epoch(Path(args.data_dir).resolve(), Path(tmp), 10_000 if args.quick else 54_000)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU" \
-        if not torch.cuda.is_available() else f"{torch.cuda.get_device_name()}"
-    lines = [f"Machine: {machine}. Command: `.venv/bin/python benchmarks/bench_foundation.py"
+    lines = [f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_foundation.py"
              f"{' --quick' if args.quick else ''}`", "",
              "| what | peer | equiray | peer | speed-up (x, higher is better) |", "|---|---|---|---|---|"]
     lines += [f"| {w} | {p} | {o} | {q} | {r:.2f} |" for w, p, o, q, r in rows]
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit(table, args.out)
     return 0
 
 

@@ -9,6 +9,7 @@ from equiray.errors import ConfigError, DataError, EquirayError
 from equiray.groups import Group, OutputKind, cyclic, dihedral, get_group, trivial
 from equiray.models import create_model, list_models
 from equiray import ensembles as _ensembles  # noqa: F401  (registers the `ensemble` model)
+from equiray import canon as _canon  # noqa: F401  (registers the `canonicalized` model)
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "DataError", "EquirayError", "Group", "OutputKind", "create_model", "cyclic",

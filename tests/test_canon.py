@@ -1,0 +1,191 @@
+"""Canonicalizers: equivariance of the scores and layers, invariance of the wrapped model, and sensitivity twins."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from equiray.canon import (CanonicalizedModel, GroupConv, GroupLiftConv, contrastive_loss, create_canonicalizer,
+                           identity_rate, list_canonicalizers, prior_loss, straight_through)
+from equiray.errors import EquirayError
+from equiray.groups import get_group
+from equiray.models import create_model
+
+EXACT = ["C4", "D4", "C2", "D1"]
+
+
+def smooth_images(gen, b=4, size=21):
+    """Blurred noise inside a disk: interpolated rotations barely change such images."""
+    x = torch.rand(b, 1, size, size, generator=gen, dtype=torch.float64)
+    x = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, 1)
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    return x * ((r[:, None] ** 2 + r[None, :] ** 2) <= (size / 2 - 2) ** 2)
+
+
+def permuted(scores, group, g):
+    """scores(g.x) must equal scores(x) re-indexed: [h] -> [g^-1 h]."""
+    idx = group.compose(group.inverse(torch.tensor(g)), torch.arange(group.order))
+    return scores[:, idx]
+
+
+@pytest.mark.parametrize("gname", EXACT)
+def test_group_conv_layers_are_equivariant(gname, gen):
+    g = get_group(gname)
+    torch.manual_seed(0)
+    net = nn.Sequential(GroupLiftConv(1, 3, 5, g), nn.ReLU(), GroupConv(3, 2, 3, g)).double()
+    x = torch.rand(2, 1, 12, 12, generator=gen, dtype=torch.float64)
+    y = net(x)
+    assert y.shape == (2, 2, g.order, 12, 12)
+    for e in g.elements():
+        torch.testing.assert_close(net(g.act(x, e)), g.act_output(y, e, "regular"))
+
+
+def test_group_conv_is_not_equivariant_to_a_non_symmetry(gen):
+    """Sensitivity: a C4 group conv does not commute with a reflection (not in C4) under any channel shift."""
+    g = get_group("C4")
+    torch.manual_seed(0)
+    net = nn.Sequential(GroupLiftConv(1, 3, 5, g), nn.ReLU(), GroupConv(3, 2, 3, g)).double()
+    x = torch.rand(2, 1, 12, 12, generator=gen, dtype=torch.float64)
+    y, y_flip = net(x), net(x.flip(-1))
+    for e in g.elements():
+        assert (y_flip - g.act_output(y.flip(-1), e, "regular")).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", list_canonicalizers())
+@pytest.mark.parametrize("gname", EXACT)
+def test_scores_permute_exactly(kind, gname, gen):
+    g = get_group(gname)
+    torch.manual_seed(0)
+    canon = create_canonicalizer(kind, g, in_chans=1).double()
+    x = torch.rand(3, 1, 16, 16, generator=gen, dtype=torch.float64)
+    s = canon(x)
+    assert s.shape == (3, g.order)
+    for e in g.elements():
+        torch.testing.assert_close(canon(g.act(x, e)), permuted(s, g, e))
+
+
+@pytest.mark.parametrize("kind", list_canonicalizers())
+def test_scores_are_sensitive(kind, gen):
+    """The scores move with the input (a constant canonicalizer would pass the test above) and a reflection,
+    which C4 does not contain, breaks the permutation rule."""
+    g = get_group("C4")
+    torch.manual_seed(0)
+    canon = create_canonicalizer(kind, g, in_chans=1).double()
+    x = torch.rand(3, 1, 16, 16, generator=gen, dtype=torch.float64)
+    s = canon(x)
+    assert (canon(g.act(x, 1)) - s).abs().max() > 1e-4
+    s_flip = canon(x.flip(-1))
+    assert min(float((s_flip - permuted(s, g, e)).abs().max().detach()) for e in g.elements()) > 1e-4
+
+
+@pytest.mark.parametrize("kind", list_canonicalizers())
+@pytest.mark.parametrize("gname", ["C4", "D4"])
+def test_wrapped_model_is_invariant_and_reports_elements(kind, gname, gen):
+    g = get_group(gname)
+    torch.manual_seed(0)
+    model = create_model("canonicalized", backbone="small_cnn", backbone_kwargs={"width": 4}, canonicalizer=kind,
+                         group=gname).double().eval()
+    x = torch.rand(5, 1, 16, 16, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y, info = model.forward_with_info(x)
+        for e in g.elements():
+            y_e, info_e = model.forward_with_info(g.act(x, e))
+            torch.testing.assert_close(y_e, y)
+            assert torch.equal(info_e.element, g.compose(torch.tensor(e), info.element))  # c(g.x) = g c(x)
+            torch.testing.assert_close(info_e.inputs, info.inputs)  # the same canonical pose
+        # sensitivity: the bare backbone is not invariant, and the wrapped model is not invariant to a flip
+        # when its group has no reflections
+        assert (model.backbone(g.act(x, 1)) - model.backbone(x)).abs().max() > 1e-4
+        if not g.reflections:
+            assert (model(x.flip(-1)) - y).abs().max() > 1e-4
+
+
+def test_dense_outputs_are_equivariant(gen):
+    g = get_group("C4")
+    torch.manual_seed(0)
+    backbone = nn.Conv2d(1, 2, 3, padding=1).double()  # a dense "segmentation" head
+    model = CanonicalizedModel(backbone, create_canonicalizer("equivariant", g).double(), output="dense").eval()
+    x = torch.rand(2, 1, 12, 12, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x)
+        for e in g.elements():
+            torch.testing.assert_close(model(g.act(x, e)), g.act(y, e))
+        # sensitivity: with the output left unrotated ("invariant") the dense map is not equivariant
+        model.output = model.output.__class__("invariant")
+        assert (model(g.act(x, 1)) - g.act(model(x), 1)).abs().max() > 1e-4
+
+
+def test_interpolated_groups_are_approximately_equivariant(gen):
+    """C8: 45-degree turns interpolate, so the equivariant canonicalizer's scores permute only approximately: each
+    rotated input's centred scores correlate with the permuted ones far better than with any other permutation
+    (sensitivity). (The optimized canonicalizer's network is not equivariant at all; for C8 it is only as good as
+    what it learns.)"""
+    g = get_group("C8")
+    torch.manual_seed(0)
+    canon = create_canonicalizer("equivariant", g).double()
+    x = smooth_images(gen, b=6)
+
+    def corr(a, b):
+        a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+        return float(((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean())
+
+    with torch.no_grad():
+        s = canon(x)
+        for e in g.elements():
+            s_e = canon(g.act(x, e))
+            right = corr(s_e, permuted(s, g, e))
+            wrong = max(corr(s_e, permuted(s, g, o)) for o in g.elements() if o != e)
+            assert right > 0.8 and right > wrong + 0.2, (e, right, wrong)
+
+
+def test_straight_through_is_hard_forward_soft_backward():
+    scores = torch.tensor([[0.1, 2.0, -1.0]], requires_grad=True)
+    w = straight_through(scores, beta=2.0)
+    assert torch.equal(w.detach(), torch.tensor([[0.0, 1.0, 0.0]]))
+    (w * torch.tensor([[1.0, 0.0, 0.0]])).sum().backward()
+    soft = torch.softmax(2.0 * scores.detach(), -1)
+    expected = 2.0 * soft[0, 0] * (torch.tensor([1.0, 0.0, 0.0]) - soft[0])  # d softmax_0 / d scores
+    torch.testing.assert_close(scores.grad[0], expected)
+
+
+@pytest.mark.parametrize("kind", list_canonicalizers())
+def test_training_reaches_the_canonicalizer_and_the_prior_works(kind, gen):
+    """Gradients flow through the straight-through choice; a few steps of the prior make upright inputs map to
+    the identity (the identity rate rises)."""
+    g = get_group("C4")
+    torch.manual_seed(0)
+    model = create_model("canonicalized", backbone="small_cnn", backbone_kwargs={"width": 4}, canonicalizer=kind,
+                         group="C4", beta=1.0)
+    x = torch.rand(32, 1, 12, 12, generator=gen)
+    y = torch.randint(10, (32,), generator=gen)
+    opt = torch.optim.Adam(model.canonicalizer.parameters(), lr=0.05)
+    logits, info = model.forward_with_info(x)
+    F.cross_entropy(logits, y).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.canonicalizer.parameters())
+    before = identity_rate(info.element, g)
+    for _ in range(40):
+        opt.zero_grad()
+        info = model.canonicalize(x)
+        loss = prior_loss(info.scores, g, beta=10.0)
+        if info.embeddings is not None:
+            loss = loss + contrastive_loss(info.embeddings)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = identity_rate(model.canonicalize(x).element, g)
+    assert after > max(before, 0.8)
+
+
+def test_contrastive_loss_is_zero_for_orthogonal_copies():
+    assert float(contrastive_loss(torch.eye(4)[None])) == 0.0
+    assert float(contrastive_loss(torch.ones(1, 4, 3) / 3 ** 0.5)) == pytest.approx(1.0)
+
+
+def test_bad_options_get_clear_errors():
+    with pytest.raises(EquirayError, match="unknown canonicalizer"):
+        create_canonicalizer("magic", "C4")
+    with pytest.raises(EquirayError, match="does not take"):
+        create_canonicalizer("equivariant", "C4", widht=3)
+    with pytest.raises(EquirayError, match="odd kernel"):
+        create_canonicalizer("equivariant", "C4", kernel_size=4)
+    with pytest.raises(EquirayError, match="crop"):
+        create_canonicalizer("equivariant", "C4", crop=1.5)

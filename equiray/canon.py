@@ -93,7 +93,20 @@ def _steerable_basis(kernel_size: int, group: Group, *, sigma: float = 0.6, max_
     return (basis / basis[0].flatten(1).norm(dim=1)[None, :, None, None]).float()
 
 
-class GroupLiftConv(nn.Module):
+class _ExpandedWeightCache:
+    """Inference reuses the expanded (|G|-fold) filter bank until the weights change (training rebuilds it every
+    step, since the expansion is part of the graph)."""
+
+    def cached(self, build):
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return build()
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, self.weight.dtype)
+        if getattr(self, "_cache_key", None) != key:
+            self._cache_key, self._cache = key, build().detach()
+        return self._cache
+
+
+class GroupLiftConv(_ExpandedWeightCache, nn.Module):
     """Lifting convolution Z^2 -> G: output channel (o, h) correlates the input with ``h . W_o``.
 
     Output (B, O, |G|, H, W); rotating the input by ``g`` rotates the maps by ``g`` and moves channel ``h`` to
@@ -118,11 +131,12 @@ class GroupLiftConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.group.order
-        y = F.conv2d(x, self.expanded_weight(), self.bias.repeat_interleave(n), padding=self.kernel_size // 2)
+        y = F.conv2d(x, self.cached(self.expanded_weight), self.bias.repeat_interleave(n),
+                     padding=self.kernel_size // 2)
         return y.view(x.shape[0], -1, n, *y.shape[-2:])  # (B, O, |G|, H, W)
 
 
-class GroupConv(nn.Module):
+class GroupConv(_ExpandedWeightCache, nn.Module):
     """Group convolution G -> G: ``out(h) = sum_u conv(in(u), h . W[h^-1 u])``; equivariant in the same sense."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, group: Group):
@@ -149,7 +163,7 @@ class GroupConv(nn.Module):
         b, c, n, hh, ww = x.shape
         if n != self.group.order or c != self.weight.shape[1]:
             raise ValueError(f"expected (B, {self.weight.shape[1]}, {self.group.order}, H, W), got {tuple(x.shape)}")
-        y = F.conv2d(x.reshape(b, c * n, hh, ww), self.expanded_weight(), self.bias.repeat_interleave(n),
+        y = F.conv2d(x.reshape(b, c * n, hh, ww), self.cached(self.expanded_weight), self.bias.repeat_interleave(n),
                      padding=self.kernel_size // 2)
         return y.view(b, -1, n, hh, ww)  # (B, O, |G|, H, W)
 
@@ -198,18 +212,22 @@ class Canonicalizer(nn.Module):
 
 class EquivariantCanonicalizer(Canonicalizer):
     """Mondal et al.'s canonicalizer: lifting conv, ``layers - 1`` group convs, ReLUs; scores are the feature maps
-    averaged over channels and the inscribed disk (so rotations by other than 90 degrees lose no corners)."""
+    averaged over channels and the inscribed disk (so rotations by other than 90 degrees lose no corners).
+
+    The defaults keep it cheap next to a backbone: the hidden group convs are 1x1 (a |G| x |G| channel mixing per
+    pixel; ``hidden_kernel_size=3`` costs ~|G| times more), and ``input_size`` lets it read a downsampled copy."""
 
     kind = "equivariant"
 
     def __init__(self, group: Group | str, *, in_chans: int = 1, channels: int = 8, layers: int = 2,
-                 kernel_size: int = 5, input_size: int | None = None, crop: float = 1.0):
+                 kernel_size: int = 5, hidden_kernel_size: int = 1, input_size: int | None = None,
+                 crop: float = 1.0):
         super().__init__(group, input_size=input_size, crop=crop)
         if layers < 1 or channels < 1:
             raise EquirayError(f"need at least one layer and one channel, got layers={layers}, channels={channels}")
         blocks: list[nn.Module] = [GroupLiftConv(in_chans, channels, kernel_size, self.group)]
         for _ in range(layers - 1):
-            blocks += [nn.ReLU(), GroupConv(channels, channels, 3, self.group)]
+            blocks += [nn.ReLU(), GroupConv(channels, channels, hidden_kernel_size, self.group)]
         self.net = nn.Sequential(*blocks)
 
     def score(self, x):

@@ -81,6 +81,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
         raise ConfigError(f"unknown config key {_join(path, key)!r}{hint}; "
                           f"known keys{' of ' + path if path else ''}: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
+    data = {name: _with_section_default(fields[name], value) for name, value in data.items()}
     kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -88,6 +89,28 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path or cls.__name__}: {exc}") from None
+
+
+def _with_section_default(f: dataclasses.Field, value: Any) -> Any:
+    """A partial section fills its gaps from the parent's default for that section, not from the section class's
+    own defaults: ``DistillConfig.tracking`` defaults to ``registered_model="equiray-student"``, so
+    ``tracking: {experiment: x}`` must keep that name rather than fall back to ``TrackingConfig``'s."""
+    default = f.default
+    return _merge(default, value) if isinstance(value, Mapping) and _is_instance(default) else value
+
+
+def _is_instance(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _merge(default: Any, over: Mapping) -> dict:
+    """``default`` (a dataclass instance) as a dict, with ``over`` on top; sections merge, plain values (and
+    plain dicts such as model kwargs) are replaced."""
+    out = {f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}
+    for k, v in over.items():
+        sub = out.get(k)
+        out[k] = _merge(sub, v) if isinstance(v, Mapping) and _is_instance(sub) else v
+    return {k: to_dict(v) for k, v in out.items()}
 
 
 def to_dict(obj: Any) -> Any:

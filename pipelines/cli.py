@@ -23,6 +23,7 @@ examples:
   equiray ensemble train --config configs/ensemble.yaml
   equiray ensemble eval --config configs/ensemble.yaml
   equiray distill --config configs/distill.yaml
+  equiray canon sweep --config configs/canon.yaml
   equiray models list
 
 Ray: a local instance is started unless RAY_ADDRESS names a cluster.
@@ -37,6 +38,7 @@ PIPELINES = {
     "ensemble train": ("pipelines.ensemble", "EnsembleConfig", "run_train"),
     "ensemble eval": ("pipelines.ensemble", "EnsembleConfig", "run_eval"),
     "distill": ("pipelines.distill", "DistillConfig", "run"),
+    "canon sweep": ("pipelines.canon", "CanonConfig", "run_sweep"),
 }
 
 
@@ -89,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "ensemble mean on group-transformed inputs; report its accuracy, OSP, KL and ms/image next "
                           "to the ensemble's; register it as equiray-student@champion.")
     _add_config_args(dist)
+
+    can = sub.add_parser("canon", help="canonicalization adapters: a grid of variants as Ray Tune trials")
+    csub = can.add_subparsers(dest="canon_command", metavar="ACTION")
+    sweep = csub.add_parser("sweep", help="train every canonicalizer variant and baseline, register the best",
+                            description="Start from the registered backbone and train a grid of canonicalization "
+                            "variants (kind x group x prior weight x frozen/fine-tuned backbone) plus the baselines "
+                            "(plain fine-tuning, fine-tuning with group augmentation), one Ray Tune trial and one "
+                            "MLflow run each; time every model, write a table and a plot, register the best as "
+                            "equiray-canon@champion.")
+    _add_config_args(sweep)
 
     data = sub.add_parser("data", help="prepare and inspect datasets (Parquet shards)")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -209,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.ensemble_command:
                 raise EquirayError("choose an action: equiray ensemble train | eval (see equiray ensemble --help)")
             return _cmd_pipeline(f"ensemble {args.ensemble_command}", args)
+        if args.command == "canon":
+            if not args.canon_command:
+                raise EquirayError("choose an action: equiray canon sweep (see equiray canon --help)")
+            return _cmd_pipeline(f"canon {args.canon_command}", args)
         if args.command == "data":
             return _cmd_data(args)
         if args.command == "models":

@@ -162,7 +162,7 @@ def test_training_reaches_the_canonicalizer_and_the_prior_works(kind, gen):
     F.cross_entropy(logits, y).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.canonicalizer.parameters())
     before = identity_rate(info.element, g)
-    for _ in range(40):
+    for _ in range(100):
         opt.zero_grad()
         info = model.canonicalize(x)
         loss = prior_loss(info.scores, g, beta=10.0)
@@ -172,7 +172,7 @@ def test_training_reaches_the_canonicalizer_and_the_prior_works(kind, gen):
         opt.step()
     with torch.no_grad():
         after = identity_rate(model.canonicalize(x).element, g)
-    assert after > max(before, 0.8)
+    assert after > max(before, 0.9)
 
 
 def test_contrastive_loss_is_zero_for_orthogonal_copies():
@@ -189,3 +189,16 @@ def test_bad_options_get_clear_errors():
         create_canonicalizer("equivariant", "C4", kernel_size=4)
     with pytest.raises(EquirayError, match="crop"):
         create_canonicalizer("equivariant", "C4", crop=1.5)
+
+
+def test_inference_reuses_expanded_filters_until_the_weights_change(gen):
+    canon = create_canonicalizer("equivariant", "C8", channels=3).eval()
+    x = torch.rand(2, 1, 12, 12, generator=gen)
+    with torch.no_grad():
+        first = canon(x)
+        torch.testing.assert_close(canon(x), first)
+        for p in canon.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))  # an optimizer step, in place
+        updated = canon(x)
+    assert (updated - first).abs().max() > 1e-4
+    torch.testing.assert_close(updated, canon(x).detach())  # the grad-enabled path builds the filters afresh

@@ -82,3 +82,17 @@ def test_pipeline_configs_load_and_validate():
         load_config(PretrainConfig, {"model": {"name": "resnet-9000"}})
     with pytest.raises(ConfigError, match="unknown group"):
         load_config(PretrainConfig, {"train": {"augment": "Q4"}})
+
+
+def test_partial_sections_keep_the_parents_defaults():
+    """A section given in part fills its gaps from the parent config's default for that section (the distill
+    stage's registry name must not fall back to the backbone's), at any depth; plain dicts are replaced."""
+    from pipelines.demo import DemoConfig
+    from pipelines.distill import DistillConfig
+
+    cfg = load_config(DistillConfig, {"tracking": {"experiment": "mine"}, "student": {"kwargs": {"width": 8}}})
+    assert cfg.tracking.experiment == "mine" and cfg.tracking.registered_model == "equiray-student"
+    assert cfg.data.max_train == 4000  # DistillConfig's own default data section
+    assert cfg.student.kwargs == {"width": 8}  # replaced, not merged with the default kwargs
+    demo = load_config(DemoConfig, {"pretrain": {"train": {"lr": 0.01}}})
+    assert demo.pretrain.train.epochs == 3 and demo.pretrain.train.lr == 0.01

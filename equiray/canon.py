@@ -260,7 +260,7 @@ class OptimizedCanonicalizer(Canonicalizer):
         g = self.group
         b = x.shape[0]
         inv = g.inverse(torch.arange(g.order, device=x.device)).repeat(b)
-        copies = g.act(x.repeat_interleave(g.order, dim=0), inv)  # (B*|G|, C, H, W): h^-1.x, copies adjacent
+        copies = g.act(x.repeat_interleave(g.order, dim=0), inv, padding="zeros")  # (B*|G|, C, H, W): h^-1.x
         emb = F.normalize(self.net(copies).view(b, g.order, -1), dim=-1)  # (B, |G|, D)
         scores = emb @ F.normalize(self.reference, dim=0)  # (B, |G|)
         return scores, emb
@@ -324,12 +324,14 @@ class CanonicalizedModel(nn.Module):
     (``"dense"`` maps, ``"regular"`` channels) by construction.
 
     ``forward`` returns the backbone's output mapped back by ``c(x)``; :meth:`canonicalize` and
-    :meth:`forward_with_info` also return the chosen element per input.
+    :meth:`forward_with_info` also return the chosen element per input. ``padding`` fills the corners that a
+    rotation by other than 90 degrees brings in: ``zeros`` suits objects on a blank background (replicating the
+    border smears any edge that touches it into streaks), ``border`` suits natural images.
     """
 
     def __init__(self, backbone: nn.Module, canonicalizer: Canonicalizer, *,
                  output: OutputKind | str = OutputKind.INVARIANT, beta: float = 1.0,
-                 padding: Literal["border", "zeros"] = "border"):
+                 padding: Literal["border", "zeros"] = "zeros"):
         super().__init__()
         self.backbone, self.canonicalizer = backbone, canonicalizer
         self.output, self.beta, self.padding = OutputKind(output), float(beta), padding
@@ -368,9 +370,10 @@ class CanonicalizedModel(nn.Module):
 def canonicalized(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool = False,
                   backbone: str = "resnet8", backbone_kwargs: dict | None = None,
                   canonicalizer: str = "equivariant", canonicalizer_kwargs: dict | None = None,
-                  group: str = "C8", beta: float = 1.0, output: str = "invariant") -> nn.Module:
+                  group: str = "C8", beta: float = 1.0, output: str = "invariant",
+                  padding: str = "zeros") -> nn.Module:
     """A backbone (equiray or timm name) behind a canonicalizer, as one model (weights: ``equiray canon sweep``)."""
     net = create_model(backbone, in_chans=in_chans, num_classes=num_classes, pretrained=pretrained,
                        **dict(backbone_kwargs or {}))
     canon = create_canonicalizer(canonicalizer, group, in_chans=in_chans, **dict(canonicalizer_kwargs or {}))
-    return CanonicalizedModel(net, canon, output=output, beta=beta)
+    return CanonicalizedModel(net, canon, output=output, beta=beta, padding=padding)

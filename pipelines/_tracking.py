@@ -109,6 +109,16 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def registry_version(uri: str) -> str:
+    """The concrete registry version behind a ``models:/name@alias`` URI (so a new upstream model is new work)."""
+    from mlflow import MlflowClient
+
+    if uri.startswith("models:/") and "@" in uri:
+        name, alias = uri[len("models:/"):].split("@", 1)
+        return f"{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+    return uri
+
+
 def find_version(name: str, alias: str, *, config_hash_value: str):
     """The model version behind ``name@alias`` if it was produced by a config with this hash, else None."""
     from mlflow import MlflowClient

@@ -17,7 +17,6 @@ fraction each, from ``resources``).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -73,7 +72,7 @@ class CanonTrain:
     canon_lr: float = 3e-2  # canonicalizer
     weight_decay: float = 1e-4
     beta: float = 1.0  # softmax temperature of the straight-through choice
-    prior_beta: float = 10.0  # scale of the scores inside the prior's cross-entropy
+    prior_beta: float = 1.0  # scale of the scores inside the prior's cross-entropy (1: the papers' plain CE)
     contrastive_weight: float = 1.0  # optimized canonicalizer only
     seed: int = 0
 
@@ -103,7 +102,7 @@ class CanonConfig:
     baselines: tuple[str, ...] = BASELINES
     # keyword arguments of each canonicalizer kind (see equiray.canon)
     canonicalizers: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "equivariant": {"channels": 4, "layers": 2, "kernel_size": 5, "input_size": 7},
+        "equivariant": {"channels": 8, "layers": 2, "kernel_size": 5, "input_size": 7},
         "optimized": {"network": "small_cnn", "network_kwargs": {"width": 4}, "embed_dim": 16, "input_size": 7},
     })
     train: CanonTrain = CanonTrain()
@@ -330,14 +329,14 @@ def run_sweep(cfg: CanonConfig, *, report_dir: str | os.PathLike | None = None, 
     t0 = time.perf_counter()
     uri = _tracking.tracking_uri()
     experiment_id = _tracking.setup(cfg.tracking.experiment, uri)
-    cfg_hash = _tracking.config_hash(cfg)
+    backbone, spec = _tracking.load_model(cfg.backbone)  # a clear error if it is not registered
+    cfg_hash = _tracking.config_hash({"config": to_dict(cfg), "backbone": _tracking.registry_version(cfg.backbone)})
     if reuse:
         mv = _tracking.find_version(cfg.tracking.registered_model, cfg.tracking.alias, config_hash_value=cfg_hash)
         if mv is not None:
             log.info("reusing %s@%s (version %s): made by this same config", cfg.tracking.registered_model,
                      cfg.tracking.alias, mv.version)
             return _result_from_registry(cfg, mv, uri, report_dir)
-    backbone, spec = _tracking.load_model(cfg.backbone)
     data = _load_data(cfg)
     if data[0].shape[1] != spec["in_chans"]:
         raise ConfigError(f"data has {data[0].shape[1]} channels but {cfg.backbone} takes {spec['in_chans']}")
@@ -385,8 +384,8 @@ def run_sweep(cfg: CanonConfig, *, report_dir: str | os.PathLike | None = None, 
                                            cfg.select: f"{best[cfg.select]:.4f}", "equiray.config_hash": cfg_hash,
                                            "sweep_run_id": parent.info.run_id})
     return {"run_id": parent.info.run_id, "run_name": run_name, "tracking_uri": uri, "rows": rows, "table": table,
-            "champion": best["name"], "plot": str(plot), "version": version, "reused": False,
-            "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"}
+            "verdict": verdict(rows, cfg.eval_group), "champion": best["name"], "plot": str(plot),
+            "version": version, "reused": False, "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"}
 
 
 def _time_variants(rows: list[dict], cfg: CanonConfig, spec: dict, x_test: torch.Tensor, *, rounds: int = 15) -> None:
@@ -397,7 +396,9 @@ def _time_variants(rows: list[dict], cfg: CanonConfig, spec: dict, x_test: torch
     from pipelines import _tracking
 
     batch = x_test[:cfg.latency_batch]
-    models = [_tracking.load_model(cfg.backbone)[0]] + [_tracking.load_model(r["model_uri"])[0] for r in rows]
+    bare = _tracking.load_model(cfg.backbone)[0]
+    # the bare backbone runs first and last in every round, so no position in the order favours the variants
+    models = [bare] + [_tracking.load_model(r["model_uri"])[0] for r in rows] + [bare]
     best = [float("inf")] * len(models)
     with torch.no_grad():
         for m in models:
@@ -407,7 +408,8 @@ def _time_variants(rows: list[dict], cfg: CanonConfig, spec: dict, x_test: torch
                 start = time.perf_counter()
                 m(batch)
                 best[i] = min(best[i], time.perf_counter() - start)
-    bare_ms = 1000 * best[0] / len(batch)
+    bare_ms = 1000 * min(best[0], best[-1]) / len(batch)
+    best = best[:-1]
     client = mlflow.MlflowClient()
     for r, seconds in zip(rows, best[1:]):
         r["ms_per_image"] = 1000 * seconds / len(batch)
@@ -425,6 +427,49 @@ def results_table(rows: list[dict], group: str) -> str:
         lines.append(f"| {r['name']} | {r['upright_accuracy'] * 100:.2f}% | {r['cn_avg_accuracy'] * 100:.2f}% | "
                      f"{ident} | {r['ms_per_image']:.3f} | {r['overhead'] * 100:+.0f}% |")
     return "\n".join(lines)
+
+
+def verdict(rows: list[dict], group: str) -> list[str]:
+    """The papers' shape, checked on these numbers: vanilla collapses on rotated inputs, augmentation pays in
+    upright accuracy, canonicalization without the prior pays in upright accuracy, with the prior keeps both."""
+    by = {r["name"]: r for r in rows}
+    plain = next((r for r in rows if r["kind"] == "none" and not r["augment"]), None)
+    aug = next((r for r in rows if r["kind"] == "none" and r["augment"]), None)
+    out = []
+
+    def pct(v):
+        return f"{v * 100:.1f}%"
+
+    if plain:
+        ok = plain["cn_avg_accuracy"] < plain["upright_accuracy"] - 0.2
+        out.append(f"- Plain fine-tuning {'collapses' if ok else 'does not collapse'} on rotated inputs: "
+                   f"{pct(plain['upright_accuracy'])} upright, {pct(plain['cn_avg_accuracy'])} {group}-avg.")
+    if plain and aug:
+        ok = aug["upright_accuracy"] < plain["upright_accuracy"]
+        out.append(f"- Augmentation {'pays' if ok else 'does not pay'} in upright accuracy: "
+                   f"{pct(aug['upright_accuracy'])} vs {pct(plain['upright_accuracy'])}, for "
+                   f"{pct(aug['cn_avg_accuracy'])} {group}-avg.")
+    for r in rows:
+        if r["kind"] == "none" or not r["prior_weight"]:
+            continue
+        twin = by.get(r["name"].replace(f"prior {r['prior_weight']:g}", "no prior"))
+        if twin is None:
+            continue
+        pays = twin["upright_accuracy"] < r["upright_accuracy"]
+        line = (f"- {r['kind']} {r['group']} ({r['backbone']}): without the prior "
+                f"{pct(twin['upright_accuracy'])} upright / {pct(twin['cn_avg_accuracy'])} {group}-avg (identity rate "
+                f"{pct(twin.get('identity_rate') or 0)}); with it {pct(r['upright_accuracy'])} / "
+                f"{pct(r['cn_avg_accuracy'])} (identity rate {pct(r.get('identity_rate') or 0)}): the prior "
+                f"{'keeps' if pays else 'does not keep'} upright accuracy better")
+        if plain:
+            gap = plain["upright_accuracy"] - r["upright_accuracy"]
+            line += (f"; {gap * 100:.1f} points below plain fine-tuning upright" if gap > 0.005 else
+                     "; level with plain fine-tuning upright")
+        if aug:
+            better = r["cn_avg_accuracy"] > aug["cn_avg_accuracy"]
+            line += f", {'above' if better else 'below'} augmentation on {group}-avg"
+        out.append(line + ".")
+    return out
 
 
 def _plot(rows: list[dict], group: str, out_dir: Path | None) -> Path:
@@ -465,7 +510,8 @@ def _result_from_registry(cfg: CanonConfig, mv, uri: str, report_dir) -> dict:
         plot = Path(shutil.copy(plot, out_dir / plot.name))
     run_ = mlflow.MlflowClient().get_run(parent)
     return {"run_id": parent, "run_name": run_.info.run_name, "tracking_uri": uri, "rows": rows,
-            "table": results_table(rows, cfg.eval_group), "champion": mv.tags.get("variant"), "plot": str(plot),
+            "table": results_table(rows, cfg.eval_group), "verdict": verdict(rows, cfg.eval_group),
+            "champion": mv.tags.get("variant"), "plot": str(plot),
             "version": str(mv.version), "reused": True,
             "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"}
 

@@ -1,9 +1,10 @@
 """The main job: every stage at demo scale on one machine, ending in a report.
 
-Stages so far: (1) prepare Fashion-MNIST as Parquet shards, (2) pretrain a backbone with Ray Train, log it to
-MLflow and register it as ``equiray-backbone@pretrained``, then evaluate it on the upright test set, the
-C4-rotated views and corrupted views. Later stages (ensembles, canonicalization, FTP, NFN, serving) add
-sections to the same report.
+Stages: (1) prepare Fashion-MNIST as Parquet shards; (2) pretrain a backbone with Ray Train, register it as
+``equiray-backbone@pretrained`` and evaluate it on upright, C4-rotated and corrupted views; (3) augmentation
+ensembles on Ray Train, OSP/KL vs ensemble size; (4) distil the ensemble into one student; (5) canonicalization
+variants around the backbone as Ray Tune trials. Later stages (FTP, NFN, serving) add sections to the same
+report.
 
     equiray demo [--config configs/demo.yaml] [--set pretrain.train.epochs=1]
 """
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.canon import CanonConfig
 from pipelines.distill import DistillConfig
 from pipelines.ensemble import EnsembleConfig
 from pipelines.pretrain import DataConfig, PretrainConfig, TrainConfig
@@ -22,18 +24,22 @@ from pipelines.pretrain import DataConfig, PretrainConfig, TrainConfig
 log = logging.getLogger(__name__)
 
 
+STAGES = ("pretrain", "ensemble", "distill", "canon")
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     pretrain: PretrainConfig = PretrainConfig(train=TrainConfig(epochs=3), data=DataConfig())
     ensemble: EnsembleConfig = EnsembleConfig()
     distill: DistillConfig = DistillConfig()
-    stages: tuple[str, ...] = ("pretrain", "ensemble", "distill")
+    canon: CanonConfig = CanonConfig()
+    stages: tuple[str, ...] = STAGES
     reuse: bool = True  # take a stage's registered result when the same config produced it (--fresh: redo all)
 
     def __post_init__(self):
-        unknown = set(self.stages) - {"pretrain", "ensemble", "distill"}
+        unknown = set(self.stages) - set(STAGES)
         if unknown:
-            raise ValueError(f"stages: unknown {sorted(unknown)}; choose from pretrain, ensemble, distill")
+            raise ValueError(f"stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
 
 
 def _banner(step: int, total: int, text: str) -> None:
@@ -79,12 +85,22 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> dict:
 
         out["distill"] = dist = distill.run(cfg.distill, report_dir=report_dir, reuse=cfg.reuse)
         print("\n" + dist["table"])
+    if "canon" in cfg.stages:
+        c = cfg.canon
+        _banner(stages.index("canon") + 1, total, f"canonicalization: {len(c.variants())} variants around "
+                f"{c.backbone} as Ray Tune trials, judged on {c.eval_group}-rotated test sets")
+        from pipelines import canon
+
+        out["canon"] = can = canon.run_sweep(c, report_dir=report_dir, reuse=cfg.reuse)
+        if can["reused"]:
+            print(f"    reused {can['registered']} version {can['version']} (same config)")
+        print("\n" + can["table"] + "\n" + "\n".join(can["verdict"]))
     elapsed = time.perf_counter() - t0
     report = write_report(report_dir / "demo.md", cfg, meta, out, elapsed)
     tracking = next(iter(out.values()))["tracking_uri"] if out else ""
     print(f"\nreport:   {report.resolve()}")
     print(f"mlflow:   {tracking}  (browse: .venv/bin/mlflow ui --backend-store-uri {tracking})")
-    for key in ("pretrain", "ensemble", "distill"):
+    for key in STAGES:
         if key in out:
             print(f"model:    {out[key]['registered']} (version {out[key]['version']})")
     print(f"finished in {elapsed / 60:.1f} min")
@@ -158,6 +174,21 @@ One `{cfg.distill.student.name}` trained to match the ensemble mean on {cfg.dist
 group-transformed inputs; the same measures, and the serving cost (the student is {d['speedup']:.1f}x cheaper):
 
 {d['table']}
+""")
+    if "canon" in out:
+        c, can = cfg.canon, out["canon"]
+        parts.append(f"""## Canonicalization adapters (`{can['registered']}`, version {can['version']})
+{len(can['rows'])} variants around `{c.backbone}`, each a Ray Tune trial and an MLflow run (sweep run
+`{can['run_id']}`): fine-tuned {c.train.epochs} epochs on {c.data.max_train or 'all'} upright training images;
+accuracy on the upright test set and averaged over its {c.eval_group} rotations ({c.data.max_eval or 'all'} images);
+identity rate = share of upright test images the canonicalizer leaves as they are; ms per image on a batch of
+{c.latency_batch}, every model timed in the same process. Champion: **{can['champion']}**.
+
+![canon_variants](canon_variants.png)
+
+{can['table']}
+
+{chr(10).join(can['verdict'])}
 """)
     tmp = path.with_suffix(".md.partial")
     tmp.write_text("\n".join(parts))

@@ -169,7 +169,7 @@ def run(cfg: DistillConfig, *, report_dir: str | os.PathLike | None = None, reus
     teacher, spec = _tracking.load_model(cfg.teacher)  # fails early and clearly when nothing is registered
     group_name = cfg.group or spec.get("group") or "C4"
     group = get_group(group_name)
-    cfg_hash = _tracking.config_hash({"config": to_dict(cfg), "teacher": _teacher_version(cfg.teacher)})
+    cfg_hash = _tracking.config_hash({"config": to_dict(cfg), "teacher": _tracking.registry_version(cfg.teacher)})
     if reuse:
         mv = _tracking.find_version(cfg.tracking.registered_model, cfg.tracking.alias, config_hash_value=cfg_hash)
         if mv is not None:
@@ -225,16 +225,6 @@ def run(cfg: DistillConfig, *, report_dir: str | os.PathLike | None = None, reus
             "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}", "model_uri": model_uri,
             "train_seconds": train_seconds, "reused": False, "speedup": rows["ensemble (teacher)"]["ms_per_image"] /
             rows["student"]["ms_per_image"]}
-
-
-def _teacher_version(uri: str) -> str:
-    """The concrete registry version behind a ``models:/name@alias`` URI (so a new teacher is new work)."""
-    from mlflow import MlflowClient
-
-    if uri.startswith("models:/") and "@" in uri:
-        name, alias = uri[len("models:/"):].split("@", 1)
-        return f"{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
-    return uri
 
 
 def distill_table(rows: dict, group: str) -> str:

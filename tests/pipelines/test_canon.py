@@ -7,7 +7,7 @@ import torch
 from equiray.canon import CanonicalizedModel
 from equiray.config import load_config
 from equiray.data import read_split
-from equiray.errors import ConfigError, EquirayError
+from equiray.errors import ConfigError
 from equiray.groups import get_group
 from equiray.models import create_model
 from equiray.train import train_epoch

@@ -14,10 +14,11 @@ def run(*args, cwd=None):
 def test_help_lists_every_command():
     res = run("--help")
     assert res.returncode == 0
-    for cmd in ("demo", "pretrain", "ensemble", "distill", "data", "models"):
+    for cmd in ("demo", "pretrain", "ensemble", "distill", "canon", "data", "models"):
         assert cmd in res.stdout
     for sub in (["pretrain", "--help"], ["data", "prepare", "--help"], ["demo", "--help"],
-                ["ensemble", "train", "--help"], ["ensemble", "eval", "--help"], ["distill", "--help"]):
+                ["ensemble", "train", "--help"], ["ensemble", "eval", "--help"], ["distill", "--help"],
+                ["canon", "sweep", "--help"]):
         res = run(*sub)
         assert res.returncode == 0 and "--" in res.stdout, sub
     assert "--set KEY=VALUE" in run("pretrain", "--help").stdout
@@ -66,6 +67,14 @@ def test_pipeline_modules_are_job_entrypoints():
     res = subprocess.run([sys.executable, "-m", "pipelines.ensemble", "eval", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "--run-id" in res.stdout
+
+
+def test_canon_without_action_and_bad_grid_are_clear(tmp_path):
+    res = run("canon", cwd=tmp_path)
+    assert res.returncode == 2 and "choose an action: equiray canon sweep" in res.stderr
+    res = run("canon", "sweep", "--set", "grid.kind=[magic]", cwd=tmp_path)
+    assert res.returncode == 2 and "grid.kind: unknown canonicalizer 'magic'" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_bad_ensemble_config_is_one_clear_line(tmp_path):

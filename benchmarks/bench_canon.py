@@ -1,0 +1,203 @@
+"""Canonicalizers: equiray vs ``equiadapt`` (the papers' own library), in one run, same data, backbone and training.
+
+Every variant starts from the same pretrained backbone (``models:/equiray-backbone@pretrained`` when the MLflow
+store has it, otherwise a resnet8 pretrained here on upright images), is fine-tuned for the same epochs with the
+same optimizer, batch order and prior weight on upright Fashion-MNIST, and is measured the same way: upright
+and C8-avg test accuracy, identity rate, and inference ms per image on one batch (models take turns, best round
+kept). Rows:
+
+* equiadapt's ``GroupEquivariantImageCanonicalization`` with its e2cnn ``ESCNNEquivariantNetwork`` (its image
+  default), at two canonicalizer learning rates (the better is compared);
+* equiray's equivariant canonicalizer with the same widths and kernels as that network, reading the same 28x28
+  input (like for like), and with equiray's defaults (1x1 hidden group conv, 7x7 input);
+* equiray's optimized canonicalizer (Panigrahi & Mondal) with its defaults.
+
+    .venv/bin/python benchmarks/bench_canon.py [--train 6000 --epochs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import emit, machine  # noqa: E402
+
+
+def pretrained_backbone(x, y):
+    """The registered backbone, or a resnet8 trained here for 2 epochs on the upright images given."""
+    from pipelines import _tracking
+
+    try:
+        model, spec = _tracking.load_model("models:/equiray-backbone@pretrained")
+        return model, spec, "models:/equiray-backbone@pretrained"
+    except Exception:  # noqa: BLE001 - no store / not registered: pretrain here
+        from equiray.models import create_model
+        from equiray.train import train_epoch
+
+        torch.manual_seed(0)
+        model = create_model("resnet8")
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        for _ in range(2):
+            perm = torch.randperm(len(y))
+            train_epoch(model, ((x[i], y[i]) for i in perm.split(128)), opt)
+        return model.eval(), {"name": "resnet8", "in_chans": 1, "num_classes": 10, "kwargs": {}}, "resnet8 (here)"
+
+
+class EquiadaptModel(nn.Module):
+    """equiadapt's canonicalizer in front of a backbone: ``backbone(canonicalize(x))`` (invariant logits)."""
+
+    def __init__(self, backbone: nn.Module, canonicalizer: nn.Module):
+        super().__init__()
+        self.backbone, self.canonicalizer = backbone, canonicalizer
+
+    def forward(self, x):
+        return self.backbone(self.canonicalizer(x))
+
+
+def equiadapt_model(backbone, *, out_channels: int, kernel_size: int, num_layers: int, beta: float):
+    from equiadapt.images.canonicalization.discrete_group import GroupEquivariantImageCanonicalization
+    from equiadapt.images.canonicalization_networks import ESCNNEquivariantNetwork
+    from omegaconf import OmegaConf
+
+    net = ESCNNEquivariantNetwork((1, 28, 28), out_channels, kernel_size, group_type="rotation", num_rotations=8,
+                                  num_layers=num_layers)
+    hp = OmegaConf.create({"beta": beta, "input_crop_ratio": 1.0, "resize_shape": 28})
+    return EquiadaptModel(backbone, GroupEquivariantImageCanonicalization(net, hp, (1, 28, 28)))
+
+
+def train_equiadapt(model: EquiadaptModel, x, y, t: dict, prior_weight: float) -> None:
+    """The same loop as equiray's ``train_variant`` (AdamW groups, seed, batch order), with equiadapt's prior."""
+    gen = torch.Generator().manual_seed(t["seed"])
+    torch.manual_seed(t["seed"])
+    opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": t["lr"]},
+                             {"params": model.canonicalizer.parameters(), "lr": t["canon_lr"]}],
+                            weight_decay=t["weight_decay"])
+    for _ in range(t["epochs"]):
+        model.train()
+        for idx in torch.randperm(len(y), generator=gen).split(t["batch_size"]):
+            logits = model(x[idx])
+            loss = F.cross_entropy(logits, y[idx]) + prior_weight * model.canonicalizer.get_prior_regularization_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+@torch.no_grad()
+def evaluate(model, xt, yt) -> dict:
+    from pipelines.canon import evaluate_variant
+
+    out = evaluate_variant(model, xt, yt, "C8")
+    if isinstance(model, EquiadaptModel):
+        model.canonicalizer(xt[:1000])
+        out["identity_rate"] = float(model.canonicalizer.get_identity_metric())
+    return out
+
+
+def latencies(models: dict, batch: torch.Tensor, rounds: int = 20) -> dict:
+    best = {k: float("inf") for k in models}
+    with torch.no_grad():
+        for m in models.values():
+            m.eval()(batch)
+        for _ in range(rounds):
+            for k, m in models.items():
+                start = time.perf_counter()
+                m(batch)
+                best[k] = min(best[k], time.perf_counter() - start)
+    return {k: 1000 * v / len(batch) for k, v in best.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=6000, help="upright training images")
+    parser.add_argument("--test", type=int, default=2000, help="test images (each in its 8 rotations)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--prior-weight", type=float, default=100.0)
+    parser.add_argument("--data-dir", default="data/fashion-mnist")
+    parser.add_argument("--out", help="also write the Markdown table to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('mlflow.db').resolve()}")
+
+    from equiray.config import load_config, to_dict
+    from equiray.data import SourceOptions, prepare, read_split
+    from pipelines.canon import CanonConfig, build_variant, train_variant
+
+    prepare("fashion-mnist", args.data_dir, options=SourceOptions())
+    x, y = read_split(args.data_dir, "train", limit=args.train)
+    xt, yt = read_split(args.data_dir, "test", limit=args.test)
+    backbone, spec, source = pretrained_backbone(x, y)
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    cfg = load_config(CanonConfig, {"train": {"epochs": args.epochs}})
+    t = to_dict(cfg.train)
+
+    def fresh_backbone():
+        from equiray.models import create_model
+
+        m = create_model(spec["name"], in_chans=1, num_classes=10, **spec.get("kwargs", {}))
+        m.load_state_dict(state)
+        return m
+
+    width, kernel, layers = 4, 5, 2  # the like-for-like canonicalizer size
+    variant = {"kind": "equivariant", "group": "C8", "augment": False, "prior_weight": args.prior_weight,
+               "backbone": "finetune"}
+    rows, models = {}, {"bare backbone": fresh_backbone().eval()}
+
+    def ours(name, kind, kwargs):
+        start = time.perf_counter()
+        model, _ = build_variant({**variant, "kind": kind}, spec, state, {kind: kwargs}, cfg.train.beta)
+        train_variant(model, {**variant, "kind": kind}, x, y, t)
+        rows[name] = {**evaluate(model, xt, yt), "train_s": time.perf_counter() - start}
+        models[name] = model
+        print(name, rows[name], flush=True)
+
+    def theirs(name, canon_lr):
+        start = time.perf_counter()
+        torch.manual_seed(t["seed"])
+        model = equiadapt_model(fresh_backbone(), out_channels=width, kernel_size=kernel, num_layers=layers,
+                                beta=cfg.train.beta)
+        train_equiadapt(model, x, y, {**t, "canon_lr": canon_lr}, args.prior_weight)
+        rows[name] = {**evaluate(model, xt, yt), "train_s": time.perf_counter() - start}
+        models[name] = model
+        print(name, rows[name], flush=True)
+
+    theirs(f"equiadapt ESCNN ({width} fields, k{kernel}, {layers} layers, 28px), canon lr {t['canon_lr']:g}",
+           t["canon_lr"])
+    theirs(f"equiadapt ESCNN ({width} fields, k{kernel}, {layers} layers, 28px), canon lr 0.001", 1e-3)
+    ours(f"equiray equivariant, like for like ({width} ch, k{kernel}, hidden k{kernel}, 28px)", "equivariant",
+         {"channels": width, "layers": layers, "kernel_size": kernel, "hidden_kernel_size": kernel,
+          "input_size": None})
+    ours("equiray equivariant, defaults (8 ch, hidden 1x1, 7px)", "equivariant", cfg.canonicalizers["equivariant"])
+    ours("equiray optimized, defaults (small_cnn w4, 7px)", "optimized", cfg.canonicalizers["optimized"])
+    ms = latencies(models, xt[:256])
+
+    peers = [k for k in rows if k.startswith("equiadapt")]
+    peer = max(peers, key=lambda k: rows[k]["cn_avg_accuracy"])
+    bare = ms["bare backbone"]
+    lines = [
+        f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_canon.py --train {args.train} "
+        f"--epochs {args.epochs}`. Backbone: {source}; C8, prior weight {args.prior_weight:g}, fine-tuned backbone, "
+        f"{args.train} upright training images, {args.epochs} epochs, {args.test} test images x 8 rotations.", "",
+        "| canonicalizer | upright acc | C8-avg acc | identity rate | ms / image (batch 256) | overhead vs backbone "
+        "| speed vs equiadapt (x) | C8-avg vs equiadapt (points) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| bare backbone (no canonicalizer) | | | | {bare:.3f} | | | |",
+    ]
+    for k, r in rows.items():
+        mark = " (compared)" if k == peer else ""
+        lines.append(f"| {k}{mark} | {r['upright_accuracy'] * 100:.2f}% | {r['cn_avg_accuracy'] * 100:.2f}% | "
+                     f"{r['identity_rate'] * 100:.1f}% | {ms[k]:.3f} | {(ms[k] / bare - 1) * 100:+.0f}% | "
+                     f"{ms[peer] / ms[k]:.2f} | {(r['cn_avg_accuracy'] - rows[peer]['cn_avg_accuracy']) * 100:+.1f} |")
+    emit("\n".join(lines), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,14 @@ radii's own Adam moments, FTP's previous direction -- lives in ``optimizer.state
 ``load_state_dict()`` resume bit-identically, and ``param_groups`` hold only hyperparameters (floats, bools,
 strings, parameter names), never tensors.
 
+*Speed.* ``step()`` works on a whole parameter group at a time, with no host synchronisation: the base update
+runs PyTorch's fused AdamW/SGD kernels (``torch._fused_adamw_`` / ``torch._fused_sgd_``, what
+``torch.optim.AdamW(fused=True)`` runs; ``torch._foreach_*`` ops on devices without them), and FTP's extra work
+is four passes over each constrained tensor plus a few dozen small vector ops for all radii of a group. Per-tensor
+state stays per tensor: FTP's ``gamma`` / ``gamma_exp_avg`` / ``gamma_exp_avg_sq`` are 0-D tensors in
+``optimizer.state[param]`` that are views of one shared ``(3, T)`` tensor per group (rebuilt transparently after
+``load_state_dict`` or a hand-made change), and ``prev_n`` slices of one vector of row norms.
+
 A training loop can treat all methods alike::
 
     opt = make_optimizer("ftp", model, lr=1e-4, weight_decay=0.05)          # head auto-excluded
@@ -143,6 +151,99 @@ def _adam_scalar(state: dict, grad: torch.Tensor, *, lr: float, prefix: str = "g
 def _clip_radius(gamma: torch.Tensor, norms: torch.Tensor) -> None:
     """In place: ``gamma <- clip(gamma, 1e-8, max_i n_i)`` (FTP Algorithm 1 / TPGM; ``norms >= 1e-8``)."""
     gamma.copy_(torch.minimum(gamma.clamp(min=GAMMA_MIN), norms.max()))
+
+
+_FUSED_DEVICES = ("cpu", "cuda")     # devices whose tensors take torch's fused AdamW/SGD kernels
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SCRATCH_DEVICES = ("cpu",)           # FTP: tensor-by-tensor passes through a scratch buffer (else foreach ops)
+
+
+def _split_by_device_dtype(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[tuple[list[int], bool]]:
+    """Indices of ``params`` grouped by (device, dtype), each with whether PyTorch's fused optimizer kernels
+    take that group (CPU/CUDA, floating dtype, gradient of the same dtype). One group in the usual case."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype, grads[i].dtype == p.dtype), []).append(i)
+    return [(idx, dev.type in _FUSED_DEVICES and dtype in _FUSED_DTYPES and same)
+            for (dev, dtype, same), idx in groups.items()]
+
+
+def _fused_adamw(ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict], group: dict) -> None:
+    """AdamW through ``torch._fused_adamw_`` (one device and dtype). Its step counts are float32 tensors on the
+    device, made here from the Python ints of the state (one ``torch.full`` per distinct count, no sync)."""
+    beta1, beta2 = group["betas"]
+    device = ps[0].device
+    counts: dict[int, torch.Tensor] = {}
+    steps = []
+    for st in sts:
+        t = counts.get(st["step"])
+        if t is None:
+            t = counts[st["step"]] = torch.full((), float(st["step"]), dtype=torch.float32, device=device)
+        steps.append(t)
+    torch._fused_adamw_(ps, gs, [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], [], steps,
+                        lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                        eps=group["eps"], amsgrad=False, maximize=False)
+
+
+def _foreach_adamw(ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict], group: dict) -> None:
+    """AdamW with ``torch._foreach_*`` ops: the recipe of ``torch.optim.AdamW(foreach=True)``."""
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    beta1, beta2 = group["betas"]
+    exp_avgs = [st["exp_avg"] for st in sts]
+    exp_avg_sqs = [st["exp_avg_sq"] for st in sts]
+    if wd != 0:
+        torch._foreach_mul_(ps, 1 - lr * wd)
+    torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, 1 - beta2)
+    neg_step_size = [-lr / (1 - beta1 ** st["step"]) for st in sts]
+    bias_correction2_sqrt = [(1 - beta2 ** st["step"]) ** 0.5 for st in sts]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(ps, exp_avgs, denom, neg_step_size)
+
+
+def _fused_sgd(ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict], group: dict) -> None:
+    """SGD through ``torch._fused_sgd_`` (one device and dtype); tensors whose momentum buffer does not exist
+    yet go in a call of their own (``is_first_step``: the buffer starts as the gradient)."""
+    kw = {"weight_decay": group["weight_decay"], "momentum": group["momentum"], "lr": group["lr"],
+          "dampening": group["dampening"], "nesterov": group["nesterov"], "maximize": False}
+    if group["momentum"] == 0:
+        torch._fused_sgd_(ps, gs, [], is_first_step=False, **kw)
+        return
+    first = [i for i, st in enumerate(sts) if st.get("momentum_buffer") is None]
+    if first:
+        for i in first:
+            sts[i]["momentum_buffer"] = torch.empty_like(gs[i])
+        torch._fused_sgd_([ps[i] for i in first], [gs[i] for i in first],
+                          [sts[i]["momentum_buffer"] for i in first], is_first_step=True, **kw)
+    seen = set(first)
+    rest = [i for i in range(len(ps)) if i not in seen]
+    if rest:
+        torch._fused_sgd_([ps[i] for i in rest], [gs[i] for i in rest],
+                          [sts[i]["momentum_buffer"] for i in rest], is_first_step=False, **kw)
+
+
+def _foreach_sgd(ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict], group: dict) -> None:
+    """SGD with ``torch._foreach_*`` ops: the recipe of ``torch.optim.SGD(foreach=True)``, gradients untouched."""
+    lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+    d_p = torch._foreach_add(gs, ps, alpha=wd) if wd != 0 else gs
+    if momentum != 0:
+        bufs, old, d_old = [], [], []
+        for st, d in zip(sts, d_p):
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = torch.clone(d).detach()
+            else:
+                old.append(buf)
+                d_old.append(d)
+            bufs.append(buf)
+        if old:
+            torch._foreach_mul_(old, momentum)
+            torch._foreach_add_(old, d_old, alpha=1 - group["dampening"])
+        d_p = torch._foreach_add(d_p, bufs, alpha=momentum) if group["nesterov"] else bufs
+    torch._foreach_add_(ps, d_p, alpha=-lr)
 
 
 def _few(names: Sequence[str], k: int = 6) -> str:
@@ -288,39 +389,36 @@ class RobustOptimizer(torch.optim.Optimizer):
     # -- the base update -------------------------------------------------------------------------------
 
     @staticmethod
-    def _base_update(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
-        """In place: one AdamW step (Loshchilov & Hutter 2019, Algorithm 2; decoupled weight decay) or one SGD
-        step (coupled L2 weight decay, momentum with dampening, optional Nesterov) -- the recipes of
-        ``torch.optim.AdamW`` / ``torch.optim.SGD``. Leaves ``grad`` untouched. This is FTP's "UGD" step."""
-        if grad.is_sparse:
-            raise RuntimeError("sparse gradients are not supported; use dense embeddings")
-        lr, wd = group["lr"], group["weight_decay"]
-        state["step"] = state.get("step", 0) + 1
-        if group["base"] == "adamw":
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            beta1, beta2 = group["betas"]
-            step = state["step"]
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            if wd != 0:
-                p.mul_(1 - lr * wd)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step_size = lr / (1 - beta1 ** step)
-            denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(group["eps"])
-            p.addcdiv_(exp_avg, denom, value=-step_size)
-        else:
-            d_p = grad if wd == 0 else grad.add(p, alpha=wd)
-            momentum = group["momentum"]
-            if momentum != 0:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = torch.clone(d_p).detach()
-                else:
-                    buf.mul_(momentum).add_(d_p, alpha=1 - group["dampening"])
-                d_p = d_p.add(buf, alpha=momentum) if group["nesterov"] else buf
-            p.add_(d_p, alpha=-lr)
+    def _base_update(params: list[torch.Tensor], grads: list[torch.Tensor], group: dict, states: list[dict]
+                     ) -> None:
+        """In place, for all tensors of one group at once: one AdamW step (Loshchilov & Hutter 2019,
+        Algorithm 2; decoupled weight decay) or one SGD step (coupled L2 weight decay, momentum with dampening,
+        optional Nesterov) -- the recipes of ``torch.optim.AdamW`` / ``torch.optim.SGD``. Leaves the gradients
+        untouched. This is FTP's "UGD" step.
+
+        Tensors on CPU/CUDA in a floating dtype go through PyTorch's fused kernels (``torch._fused_adamw_`` /
+        ``torch._fused_sgd_``, what ``torch.optim.AdamW(fused=True)`` / ``SGD(fused=True)`` run: one pass over
+        each tensor); others through ``torch._foreach_*`` ops (the ``foreach=True`` recipe). Both agree with
+        the single-tensor recipe up to rounding; step counts stay Python ints in the state (no host sync)."""
+        for g in grads:
+            if g.is_sparse:
+                raise RuntimeError("sparse gradients are not supported; use dense embeddings")
+        for st in states:
+            st["step"] = st.get("step", 0) + 1
+        adamw = group["base"] == "adamw"
+        if adamw:
+            for p, st in zip(params, states):
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for idx, fused in _split_by_device_dtype(params, grads):
+            ps = [params[i] for i in idx]
+            gs = [grads[i] for i in idx]
+            sts = [states[i] for i in idx]
+            if adamw:
+                (_fused_adamw if fused else _foreach_adamw)(ps, gs, sts, group)
+            else:
+                (_fused_sgd if fused else _foreach_sgd)(ps, gs, sts, group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -330,17 +428,20 @@ class RobustOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                self._base_update(p, p.grad, group, state)
-                self._after_base_update(p, p.grad, group, state)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            self._base_update(params, grads, group, states)
+            self._after_base_update(params, grads, group, states)
         self._after_step()
         return loss
 
-    def _after_base_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
-        """Hook called right after the base update of ``p`` (``grad`` is the gradient at the old weights)."""
+    def _after_base_update(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict,
+                           states: list[dict]) -> None:
+        """Hook called right after the base update of one group's tensors that have a gradient (``grads`` are
+        the gradients at the old weights)."""
 
     def _after_step(self) -> None:
         """Hook called once per ``step()`` after all tensors were updated."""
@@ -410,7 +511,10 @@ class FTP(RobustOptimizer):
     3. Projection: ``W_{t+1,i} = W0_i + min(1, gamma / n_{t,i}) * c_{t,i}`` row by row.
 
     Tensors in excluded groups (``exclude=`` patterns, or ``"constrained": False``) get step 1 only. Memory: a
-    constrained tensor keeps two copies of itself (``anchor``, ``prev_c``) on top of the base optimizer's state.
+    constrained tensor keeps two copies of itself (``anchor``, ``prev_c``) on top of the base optimizer's state;
+    on CPU, ``prev_c`` is overwritten in place each step (``state_dict()`` returns live tensors, as PyTorch's
+    optimizers do: save or copy it before stepping on), and one scratch buffer the size of the largest
+    constrained tensor is shared by all of them.
 
     Args:
         params: ``model.named_parameters()`` (then ``exclude`` applies), parameter groups with a
@@ -465,21 +569,234 @@ class FTP(RobustOptimizer):
         state["gamma_exp_avg_sq"] = torch.zeros((), **z)
         state["gamma_step"] = 0
 
-    def _after_base_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
-        """FTP Algorithm 1, ProjUpdate and Projection, for one constrained tensor (``p`` holds ``W~`` = UGD's
-        proposal, ``grad`` = dL/dW at ``W_t``). No host synchronisation, no extra forward/backward pass."""
+    def _after_base_update(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict,
+                           states: list[dict]) -> None:
+        """FTP Algorithm 1, ProjUpdate and Projection, for all of a constrained group's tensors at once (``params``
+        hold ``W~`` = UGD's proposal, ``grads`` = dL/dW at ``W_t``). No host synchronisation, no extra
+        forward/backward pass. Tensors are handled in buckets of one device, dtype and radius step count (one
+        bucket in the usual case), see :meth:`_ftp_bucket`."""
         if not group["constrained"]:
             return
-        anchor, gamma = self._anchor(p, state), state["gamma"]
-        c = p - anchor                                               # c_t
-        n = row_l1_norms(c)                                          # n_t
-        if "prev_c" in state:                                        # ProjUpdate
-            g = ((_row_view(grad) * _row_view(state["prev_c"])).sum(dim=1) / state["prev_n"]).sum()
-            g = torch.where(g > 0, g * group["k"], g)
-            _adam_scalar(state, g.to(gamma.dtype), lr=group["mu"])
-            _clip_radius(gamma, n)
-        _project_rows(p, anchor, c, (gamma / n).clamp(max=1.0))      # Projection
-        state["prev_c"], state["prev_n"] = c, n
+        buckets: dict[tuple, list[int]] = {}
+        for i, (p, st) in enumerate(zip(params, states)):
+            self._anchor(p, st)
+            if "gamma" not in st:
+                self._init_constrained_state(p, st, group)
+            prev = "prev_c" in st
+            buckets.setdefault((p.device, p.dtype, prev, st["gamma_step"] if prev else None), []).append(i)
+        for (_, _, prev, _), idx in buckets.items():
+            if len(idx) == len(params):
+                self._ftp_bucket(group, params, grads, states, prev)
+            else:
+                self._ftp_bucket(group, [params[i] for i in idx], [grads[i] for i in idx],
+                                 [states[i] for i in idx], prev)
+
+    def _ftp_bucket(self, group: dict, ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict],
+                    prev: bool) -> None:
+        """ProjUpdate (if ``prev``: every tensor has ``c_{t-1}``) and Projection for tensors of one device and
+        dtype with the same radius step count, vectorised: elementwise work in ``torch._foreach_*`` ops (on CPU
+        per multi-row tensor into a scratch buffer, which moves less memory), per-row sums per multi-row tensor
+        and in one ``segment_reduce`` over the concatenated single-row tensors, the radii's Adam, clip and the
+        projection scales on one vector of all rows / all radii of the bucket. Same arithmetic as the
+        per-tensor formulas in the class docstring, up to summation order; a row whose scale is 1 is left
+        bit-for-bit as the base update put it (``lerp`` with weight 0)."""
+        lay = self._ftp_layout(ps)
+        if lay.order is not None:
+            order = lay.order
+            ps, gs, sts = [ps[i] for i in order], [gs[i] for i in order], [sts[i] for i in order]
+        nm = lay.nm
+        anchors = [st["anchor"] for st in sts]
+        radii = self._radius_block(ps, sts)                          # gamma, m, v of every tensor: one (3, T)
+        olds = [st["prev_c"] for st in sts] if prev else None
+        # multi-row tensors: per-row <g_t, c_{t-1}> (ProjUpdate), c_t = W~ - W0 and per-row sum |c_t|
+        if prev and lay.cpu:        # tensor by tensor (its memory still in cache), c_t into c_{t-1}'s memory
+            dots_m, l1_m = lay.cpu_pass(gs, olds, ps, anchors)
+            cs = olds[:nm] + list(torch._foreach_sub(ps[nm:], anchors[nm:]))   # (single-row c_{t-1} kept)
+        else:
+            dots_m = lay.multi_dots(gs, olds) if prev else None
+            cs = list(torch._foreach_sub(ps, anchors))
+            l1_m = lay.multi_l1(cs)
+        if prev:                                                     # ProjUpdate: dL/dgamma per tensor
+            rowdots = lay.row_sums(dots_m,
+                                   lay.cat_singles(gs).mul_(lay.cat_singles(olds)) if lay.ns else None)
+            dgamma = lay.per_tensor_sums(rowdots / radii.prev_n(sts))
+            dgamma = torch.where(dgamma > 0, dgamma * group["k"], dgamma)
+        n = lay.row_sums(l1_m,
+                         lay.cat_singles(cs).abs_() if lay.ns else None).add_(NORM_EPS)   # n_t, all rows
+        gam = radii.gamma
+        if prev:                                                     # Adam on the radii, then the clip
+            t = sts[0]["gamma_step"] + 1
+            for st in sts:
+                st["gamma_step"] = t
+            b1, b2 = RADIUS_BETAS
+            m, v = radii.exp_avg, radii.exp_avg_sq
+            m.mul_(b1).add_(dgamma, alpha=1 - b1)
+            v.mul_(b2).addcmul_(dgamma, dgamma, value=1 - b2)
+            m_hat = m / (1 - b1 ** t)
+            v_hat = v / (1 - b2 ** t)
+            gam.sub_(group["mu"] * m_hat / (v_hat.sqrt() + RADIUS_EPS))
+            torch.minimum(gam.clamp_(min=GAMMA_MIN), lay.per_tensor_max(n), out=gam)
+        # Projection: W <- W0 + min(1, gamma/n) * c row by row, as W.lerp_(W0, 1 - min(1, gamma/n))
+        weight = torch.rsub((lay.expand_rows(gam) / n).clamp_(max=1.0), 1.0)
+        torch._foreach_lerp_(ps, anchors, lay.split_rows(weight))
+        n_rows = n.split(lay.rows)
+        for st, c, n_i in zip(sts, cs, n_rows):
+            st["prev_c"], st["prev_n"] = c, n_i
+        radii.keep_prev_n(n, n_rows)
+
+    def _ftp_layout(self, ps: list[torch.Tensor]) -> _RowLayout:
+        """The (cached) :class:`_RowLayout` of tensors of these shapes, device and dtype."""
+        cache = self.__dict__.setdefault("_ftp_layouts", {})
+        device, dtype = ps[0].device, ps[0].dtype
+        key = (device, dtype, tuple(p.shape for p in ps))
+        lay = cache.get(key)
+        if lay is None:
+            if len(cache) >= 64:
+                cache.clear()
+            lay = cache[key] = _RowLayout([p.shape for p in ps], device, dtype)
+        if lay.cpu and lay.nm:      # one scratch buffer per device and dtype, as large as the largest tensor
+            scratch = self.__dict__.setdefault("_ftp_scratch", {})
+            buf = scratch.get((device, dtype))
+            if buf is None or buf.numel() < max(lay.numels):
+                buf = scratch[(device, dtype)] = torch.empty(max(lay.numels), dtype=dtype, device=device)
+            lay.use_scratch(buf)
+        return lay
+
+    def _radius_block(self, ps: list[torch.Tensor], sts: list[dict]) -> _RadiusBlock:
+        """The (cached) :class:`_RadiusBlock` of these tensors, its views checked against their state."""
+        cache = self.__dict__.setdefault("_ftp_blocks", {})
+        key = tuple(map(id, ps))
+        block = cache.get(key)
+        if block is None or not block.owns(sts):
+            if block is None and len(cache) >= 64:
+                cache.clear()
+            block = cache[key] = _RadiusBlock(sts)
+        return block
+
+
+class _RowLayout:
+    """Where the rows of a list of tensors go when all their rows are laid out in one vector: multi-row tensors
+    (``ndim >= 2``, ``shape[0]`` rows) first, then single-row ones (1-D and 0-D: one row each), in their order.
+    Holds the index tensors (on the device, made once per layout) that turn per-element / per-row results
+    into per-row / per-tensor ones without a Python loop over single-row tensors."""
+
+    def __init__(self, shapes: list[torch.Size], device: torch.device, dtype: torch.dtype):
+        multi = [i for i, s in enumerate(shapes) if len(s) >= 2]
+        single = [i for i, s in enumerate(shapes) if len(s) < 2]
+        order = multi + single
+        self.order = None if order == list(range(len(shapes))) else order
+        shapes = [shapes[i] for i in order]
+        self.nm, self.ns = len(multi), len(single)
+        self.dims = [tuple(range(1, len(s))) for s in shapes[:self.nm]]
+        self.wshapes = [(s[0],) + (1,) * (len(s) - 1) for s in shapes[:self.nm]]
+        self.rows = [s[0] if len(s) >= 2 else 1 for s in shapes]
+        self.zero = [len(s) == 0 for s in shapes[self.nm:]]
+        self.zero_d = any(self.zero)
+        as_index = {"dtype": torch.long, "device": device}
+        self.single_len = (torch.tensor([math.prod(s) for s in shapes[self.nm:]], **as_index) if self.ns else None)
+        self.cpu = device.type in _SCRATCH_DEVICES
+        self.numels = [math.prod(s) for s in shapes[:self.nm]]
+        self.shapes = shapes[:self.nm]
+        self.scratch: list[torch.Tensor] = []
+        self._scratch_buf: torch.Tensor | None = None
+        if self.nm:
+            self.rows_t = torch.tensor(self.rows, **as_index)
+            self.seg = torch.repeat_interleave(torch.arange(len(shapes), **as_index), self.rows_t,
+                                               output_size=sum(self.rows))
+
+    def use_scratch(self, buf: torch.Tensor) -> None:
+        """Point :attr:`scratch` (one view per multi-row tensor, shaped like it) at the start of ``buf``."""
+        if self._scratch_buf is not buf:
+            self._scratch_buf = buf
+            self.scratch = [buf[:k].view(s) for k, s in zip(self.numels, self.shapes)]
+
+    def cat_singles(self, ts: list[torch.Tensor]) -> torch.Tensor:
+        """The single-row tensors of ``ts`` (in layout order) flattened into one 1-D tensor."""
+        ts = ts[self.nm:]
+        return torch.cat([t.reshape(-1) for t in ts] if self.zero_d else ts)
+
+    def cpu_pass(self, gs: list[torch.Tensor], olds: list[torch.Tensor], ps: list[torch.Tensor],
+                 anchors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """CPU, multi-row tensors, one at a time: per-row ``<g, c_{t-1}>``, then ``c_t = W~ - W0`` written over
+        ``c_{t-1}``, then per-row ``sum |c_t|`` (products and ``|c_t|`` go through the scratch buffer)."""
+        dots, l1 = [], []
+        for g, c, p, a, s, d in zip(gs, olds, ps, anchors, self.scratch, self.dims):
+            dots.append(torch.mul(g, c, out=s).sum(d))
+            torch.sub(p, a, out=c)
+            l1.append(torch.abs(c, out=s).sum(d))
+        return dots, l1
+
+    def multi_dots(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-row ``<a_i, b_i>`` of each multi-row tensor."""
+        a, b = a[:self.nm], b[:self.nm]
+        return [t.sum(d) for t, d in zip(torch._foreach_mul(a, b) if a else [], self.dims)]
+
+    def multi_l1(self, a: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-row ``sum |a_i|`` of each multi-row tensor (CPU: through the scratch buffer)."""
+        a = a[:self.nm]
+        if self.cpu:
+            return [torch.abs(x, out=s).sum(d) for x, s, d in zip(a, self.scratch, self.dims)]
+        return [t.sum(d) for t, d in zip(torch._foreach_abs(a) if a else [], self.dims)]
+
+    def row_sums(self, multi: list[torch.Tensor], singles: torch.Tensor | None) -> torch.Tensor:
+        """Per-row sums, all rows in one vector: ``multi`` are the multi-row tensors' row sums
+        (:meth:`multi_dots`, :meth:`multi_l1`), ``singles`` the single-row tensors' elementwise values
+        concatenated (:meth:`cat_singles`), summed here per tensor."""
+        parts = list(multi)
+        if singles is not None:
+            parts.append(torch.segment_reduce(singles, "sum", lengths=self.single_len, unsafe=True))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def per_tensor_sums(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.segment_reduce(rows, "sum", lengths=self.rows_t, unsafe=True) if self.nm else rows
+
+    def per_tensor_max(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.segment_reduce(rows, "max", lengths=self.rows_t, unsafe=True) if self.nm else rows
+
+    def expand_rows(self, per_tensor: torch.Tensor) -> torch.Tensor:
+        return per_tensor.index_select(0, self.seg) if self.nm else per_tensor
+
+    def split_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """``rows`` split per tensor, shaped to broadcast against each tensor."""
+        parts = list(rows.split(self.rows))
+        for i, shape in enumerate(self.wshapes):
+            parts[i] = parts[i].view(shape)
+        if self.zero_d:
+            parts[self.nm:] = [x.view(()) if z else x for x, z in zip(parts[self.nm:], self.zero)]
+        return parts
+
+
+class _RadiusBlock:
+    """The radius state (``gamma``, ``gamma_exp_avg``, ``gamma_exp_avg_sq``) of a bucket of FTP tensors in one
+    ``(3, T)`` tensor whose 0-D row elements *are* the tensors in ``optimizer.state[param]`` (views), so the
+    radii's Adam runs as a few vector ops with nothing to gather or write back. Built from the state's current
+    values; :meth:`owns` tells whether every state entry is still this block's view (a ``load_state_dict`` or a
+    hand-edited state replaces them, and the block is then rebuilt). Also remembers the last ``n`` vector whose
+    per-tensor slices are the states' ``prev_n``, to skip concatenating them again."""
+
+    KEYS = ("gamma", "gamma_exp_avg", "gamma_exp_avg_sq")
+
+    def __init__(self, sts: list[dict]):
+        buf = torch.stack([st[k] for k in self.KEYS for st in sts]).view(3, len(sts))
+        self.gamma, self.exp_avg, self.exp_avg_sq = buf.unbind(0)
+        self.views = tuple(vec.unbind(0) for vec in (self.gamma, self.exp_avg, self.exp_avg_sq))
+        for key, views in zip(self.KEYS, self.views):
+            for st, view in zip(sts, views):
+                st[key] = view
+        self.n: torch.Tensor | None = None
+        self.n_views: tuple[torch.Tensor, ...] = ()
+
+    def owns(self, sts: list[dict]) -> bool:
+        return all(st[key] is view for key, views in zip(self.KEYS, self.views) for st, view in zip(sts, views))
+
+    def prev_n(self, sts: list[dict]) -> torch.Tensor:
+        """The states' ``prev_n`` concatenated (the remembered vector when they are still its slices)."""
+        if self.n is not None and all(st["prev_n"] is view for st, view in zip(sts, self.n_views)):
+            return self.n
+        return torch.cat([st["prev_n"] for st in sts])
+
+    def keep_prev_n(self, n: torch.Tensor, views: tuple[torch.Tensor, ...]) -> None:
+        self.n, self.n_views = n, views
 
 
 class L2SP(RobustOptimizer):

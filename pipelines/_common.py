@@ -73,6 +73,19 @@ class ScalingConfig:
                                        resources_per_worker=resources)
 
 
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Per-trial resources of a Ray Tune experiment; fractional GPUs pack several trials onto one GPU."""
+
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 0  # 0: as many as the resources allow
+
+    def __post_init__(self):
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.max_concurrent < 0:
+            raise ConfigError("resources: cpus_per_trial > 0, gpus_per_trial >= 0, max_concurrent >= 0")
+
+
 def batches_from_shard(shard, batch_size: int, shuffle_buffer: int | None):
     from equiray.data import decode_batch
 

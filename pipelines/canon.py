@@ -34,7 +34,7 @@ from equiray.canon import (CanonicalizedModel, contrastive_loss, create_canonica
 from equiray.config import to_dict
 from equiray.errors import ConfigError
 from equiray.groups import get_group
-from pipelines._common import DataConfig, TrackingConfig, resize
+from pipelines._common import DataConfig, ResourcesConfig, TrackingConfig, resize
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,6 @@ class CanonTrain:
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.canon_lr <= 0:
             raise ConfigError("train: epochs, batch_size >= 1; lr, canon_lr > 0")
-
-
-@dataclass(frozen=True)
-class ResourcesConfig:
-    """Per-trial resources; fractional GPUs pack several variants onto one GPU."""
-
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: int = 0  # 0: as many as the resources allow
-
-    def __post_init__(self):
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.max_concurrent < 0:
-            raise ConfigError("resources: cpus_per_trial > 0, gpus_per_trial >= 0, max_concurrent >= 0")
 
 
 @dataclass(frozen=True)
@@ -143,10 +130,12 @@ class CanonConfig:
 
 # ----------------------------------------------------------------------------------------- one variant
 def build_variant(variant: dict, backbone_spec: dict, backbone_state: dict | None, canon_kwargs: dict,
-                  beta: float) -> tuple[torch.nn.Module, dict]:
-    """The variant's model (backbone weights loaded) and the spec that rebuilds it with ``create_model``."""
+                  beta: float, *, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """The variant's model (backbone weights loaded, canonicalizer initialized from ``seed``) and the spec that
+    rebuilds it with ``create_model``."""
     from equiray.models import create_model
 
+    torch.manual_seed(seed)
     backbone = create_model(backbone_spec["name"], in_chans=backbone_spec["in_chans"],
                             num_classes=backbone_spec["num_classes"], **backbone_spec.get("kwargs", {}))
     if backbone_state is not None:
@@ -194,7 +183,7 @@ def train_variant(model: torch.nn.Module, variant: dict, x: torch.Tensor, y: tor
         for idx in torch.randperm(len(y), generator=gen).split(t["batch_size"]):
             xb, yb = x[idx].to(device), y[idx].to(device)
             if aug is not None:
-                xb = aug.act(xb, aug.sample(len(xb), generator=gen, device=xb.device))
+                xb = aug.act(xb, aug.sample(len(xb), generator=gen, device=xb.device), padding="zeros")
             if canon:
                 logits, info = model.forward_with_info(xb)
                 loss = F.cross_entropy(logits, yb)
@@ -240,7 +229,7 @@ def evaluate_variant(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, g
     for e in g.elements():
         correct = 0
         for i in range(0, len(y), batch_size):
-            xb = g.act(x[i:i + batch_size].to(device), e)
+            xb = g.act(x[i:i + batch_size].to(device), e, padding="zeros")  # the rot:Cn:e views (BRIEF 3.3)
             if isinstance(model, CanonicalizedModel):
                 logits, info = model.forward_with_info(xb)
                 if e == g.identity:
@@ -273,7 +262,8 @@ def _trial(config: dict, *, shared: dict) -> None:
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     x, y, xt, yt = (ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in shared["data"])
     spec, state = shared["backbone"]
-    model, model_spec = build_variant(variant, spec, state, c["canonicalizers"], c["train"]["beta"])
+    model, model_spec = build_variant(variant, spec, state, c["canonicalizers"], c["train"]["beta"],
+                                      seed=c["train"]["seed"])
     mlflow.set_tracking_uri(shared["tracking_uri"])
     client = mlflow.MlflowClient()
     run = client.create_run(shared["experiment_id"], run_name=variant["name"],
@@ -388,18 +378,22 @@ def run_sweep(cfg: CanonConfig, *, report_dir: str | os.PathLike | None = None, 
             "version": version, "reused": False, "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"}
 
 
-def _time_variants(rows: list[dict], cfg: CanonConfig, spec: dict, x_test: torch.Tensor, *, rounds: int = 15) -> None:
-    """ms per image of every variant and of the bare backbone on the same batch, in this one process; the models
-    take turns round by round and each keeps its best round, so drifts in machine load hit all of them alike."""
+def _time_variants(rows: list[dict], cfg: CanonConfig, spec: dict, x_test: torch.Tensor, *, rounds: int = 25) -> None:
+    """ms per image of every variant and of the bare backbone on the same batch, in this one process.
+
+    The models take turns round by round, the bare backbone first and last in every round; a variant's overhead
+    is the median over rounds of its time over the bare backbone's in that round, so a drift in machine load
+    (Ray winding the trials down, another process) hits both sides of every ratio alike."""
+    import statistics
+
     import mlflow
 
     from pipelines import _tracking
 
     batch = x_test[:cfg.latency_batch]
     bare = _tracking.load_model(cfg.backbone)[0]
-    # the bare backbone runs first and last in every round, so no position in the order favours the variants
     models = [bare] + [_tracking.load_model(r["model_uri"])[0] for r in rows] + [bare]
-    best = [float("inf")] * len(models)
+    times = [[] for _ in models]
     with torch.no_grad():
         for m in models:
             m(batch)  # warm-up
@@ -407,13 +401,13 @@ def _time_variants(rows: list[dict], cfg: CanonConfig, spec: dict, x_test: torch
             for i, m in enumerate(models):
                 start = time.perf_counter()
                 m(batch)
-                best[i] = min(best[i], time.perf_counter() - start)
-    bare_ms = 1000 * min(best[0], best[-1]) / len(batch)
-    best = best[:-1]
+                times[i].append(time.perf_counter() - start)
+    bare_round = [(a + b) / 2 for a, b in zip(times[0], times[-1])]
+    bare_ms = 1000 * statistics.median(bare_round) / len(batch)
     client = mlflow.MlflowClient()
-    for r, seconds in zip(rows, best[1:]):
-        r["ms_per_image"] = 1000 * seconds / len(batch)
-        r["overhead"] = r["ms_per_image"] / bare_ms - 1.0
+    for r, t in zip(rows, times[1:-1]):
+        r["ms_per_image"] = 1000 * statistics.median(t) / len(batch)
+        r["overhead"] = statistics.median(v / b for v, b in zip(t, bare_round)) - 1.0
         r["backbone_ms_per_image"] = bare_ms
         client.log_metric(r["run_id"], "ms_per_image", r["ms_per_image"])
         client.log_metric(r["run_id"], "overhead_vs_backbone", r["overhead"])

@@ -24,6 +24,7 @@ examples:
   equiray ensemble eval --config configs/ensemble.yaml
   equiray distill --config configs/distill.yaml
   equiray canon sweep --config configs/canon.yaml
+  equiray tune ftp --config configs/ftp.yaml [--resume]
   equiray models list
 
 Ray: a local instance is started unless RAY_ADDRESS names a cluster.
@@ -39,6 +40,7 @@ PIPELINES = {
     "ensemble eval": ("pipelines.ensemble", "EnsembleConfig", "run_eval"),
     "distill": ("pipelines.distill", "DistillConfig", "run"),
     "canon sweep": ("pipelines.canon", "CanonConfig", "run_sweep"),
+    "tune ftp": ("pipelines.ftp", "FTPConfig", "run_tune"),
 }
 
 
@@ -102,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "equiray-canon@champion.")
     _add_config_args(sweep)
 
+    tun = sub.add_parser("tune", help="Ray Tune searches: robust fine-tuning (FTP and its baselines)")
+    tsub = tun.add_subparsers(dest="tune_command", metavar="SEARCH")
+    ftp = tsub.add_parser("ftp", help="search FTP / TPGM / L2-SP / fine-tuning constraints with ASHA + Optuna",
+                          description="Fine-tune the registered backbone on a small shifted target set with FTP, "
+                          "TPGM, L2-SP or plain fine-tuning; Ray Tune searches the method and its constraints "
+                          "(Optuna TPE, or random search without optuna; ASHA early stopping), selecting on ID "
+                          "validation accuracy only and reporting OOD accuracy on shifted views. Every trial is "
+                          "an MLflow run; the best model is registered as equiray-ftp@champion.")
+    _add_config_args(ftp)
+    ftp.add_argument("--resume", action="store_true",
+                     help="continue the interrupted search of this config (finished trials are not re-run)")
+
     data = sub.add_parser("data", help="prepare and inspect datasets (Parquet shards)")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
     prep = dsub.add_parser("prepare", help="write a source as Parquet shards",
@@ -157,6 +171,7 @@ def _load_pipeline(name: str, config: str | None, overrides: list[str]):
 
 def _cmd_pipeline(name: str, args) -> int:
     overrides = list(args.overrides) + (["reuse=false"] if getattr(args, "fresh", False) else [])
+    overrides += ["resume=true"] if getattr(args, "resume", False) else []
     fn, cfg = _load_pipeline(name, args.config, overrides)
     kwargs = {"run_id": args.run_id} if getattr(args, "run_id", None) else {}
     result = fn(cfg, report_dir=args.report_dir, **kwargs)
@@ -221,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.ensemble_command:
                 raise EquirayError("choose an action: equiray ensemble train | eval (see equiray ensemble --help)")
             return _cmd_pipeline(f"ensemble {args.ensemble_command}", args)
+        if args.command == "tune":
+            if not args.tune_command:
+                raise EquirayError("choose a search: equiray tune ftp (see equiray tune --help)")
+            return _cmd_pipeline(f"tune {args.tune_command}", args)
         if args.command == "canon":
             if not args.canon_command:
                 raise EquirayError("choose an action: equiray canon sweep (see equiray canon --help)")

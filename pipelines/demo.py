@@ -18,13 +18,14 @@ from pathlib import Path
 
 from pipelines.canon import CanonConfig
 from pipelines.distill import DistillConfig
+from pipelines.ftp import FTPConfig, SearchConfig as FTPSearch, FTPTrain
 from pipelines.ensemble import EnsembleConfig
 from pipelines.pretrain import DataConfig, PretrainConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-STAGES = ("pretrain", "ensemble", "distill", "canon")
+STAGES = ("pretrain", "ensemble", "distill", "canon", "ftp")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class DemoConfig:
     ensemble: EnsembleConfig = EnsembleConfig()
     distill: DistillConfig = DistillConfig()
     canon: CanonConfig = CanonConfig()
+    ftp: FTPConfig = FTPConfig(search=FTPSearch(num_samples=10), train=FTPTrain(epochs=6))
     stages: tuple[str, ...] = STAGES
     reuse: bool = True  # take a stage's registered result when the same config produced it (--fresh: redo all)
 
@@ -95,6 +97,16 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> dict:
         if can["reused"]:
             print(f"    reused {can['registered']} version {can['version']} (same config)")
         print("\n" + can["table"] + "\n" + "\n".join(can["verdict"]))
+    if "ftp" in cfg.stages:
+        f = cfg.ftp
+        _banner(stages.index("ftp") + 1, total, f"robust fine-tuning: {f.search.num_samples} Ray Tune trials over "
+                f"{', '.join(f.space.methods)} ({f.search.searcher}, {f.search.scheduler}), target {f.task.target_view}")
+        from pipelines import ftp
+
+        out["ftp"] = ft = ftp.run_tune(f, report_dir=report_dir, reuse=cfg.reuse)
+        if ft["reused"]:
+            print(f"    reused {ft['registered']} version {ft['version']} (same config)")
+        print("\n" + ft["table"] + "\n" + "\n".join(ft["verdict"]))
     elapsed = time.perf_counter() - t0
     report = write_report(report_dir / "demo.md", cfg, meta, out, elapsed)
     tracking = next(iter(out.values()))["tracking_uri"] if out else ""
@@ -189,6 +201,21 @@ identity rate = share of upright test images the canonicalizer leaves as they ar
 {can['table']}
 
 {chr(10).join(can['verdict'])}
+""")
+    if "ftp" in out:
+        f, ft = cfg.ftp, out["ftp"]
+        parts.append(f"""## Robust fine-tuning (`{ft['registered']}`, version {ft['version']})
+`{f.backbone}` fine-tuned on {f.task.train_images} labelled `{f.task.target_view}` images (the ID target domain)
+with a new head; {len(ft['rows'])} Ray Tune trials over {', '.join(f.space.methods)}, up to {f.train.epochs} epochs,
+ASHA early stopping, selected on ID validation accuracy only (search run `{ft['run_id']}`). OOD: the test set
+under {', '.join(f.task.ood_views)}. Champion: **{ft['champion']['method']}** (ID val
+{ft['champion']['val_accuracy'] * 100:.1f}%).
+
+![ftp_trials](ftp_trials.png)
+
+{ft['table']}
+
+{chr(10).join(ft['verdict'])}
 """)
     tmp = path.with_suffix(".md.partial")
     tmp.write_text("\n".join(parts))

@@ -127,6 +127,81 @@ def test_ftp_with_small_radius_differs_from_the_base_and_stays_closer_to_the_anc
         assert (p - init[n]).abs().sum() < 0.5 * (q - init[n]).abs().sum()
 
 
+class Odd(nn.Module):
+    """Tensors FTP's vectorised step must handle: a channels_last conv, a 0-D scale, a layer (``side``) that gets
+    no gradient on some steps (so its radius step count falls behind the others')."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3).to(memory_format=torch.channels_last)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.fc1 = nn.Linear(4 * 4 * 4, 12)
+        self.side = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 3)
+        self.double()
+
+    def forward(self, x, side=True):
+        h = torch.tanh(self.fc1(torch.tanh(self.conv(x)).flatten(1))) * self.scale
+        return self.head(h + self.side(h) if side else h)
+
+
+def ftp_reference(model, data, *, k, mu, base_cls, **kw):
+    """FTP Algorithm 1 tensor by tensor on top of a torch optimizer (the formulas of the FTP docstring)."""
+    from equiray.optim import _adam_scalar, _clip_radius, _project_rows
+    base = base_cls(model.parameters(), **kw)
+    body = [p for n, p in model.named_parameters() if not n.startswith("head")]
+    z = dict(dtype=torch.float64)
+    state = {p: dict(anchor=p.detach().clone(), gamma=torch.tensor(1e-8, **z), gamma_exp_avg=torch.zeros((), **z),
+                     gamma_exp_avg_sq=torch.zeros((), **z), gamma_step=0) for p in body}
+    for i, (x, y) in enumerate(data):
+        base.zero_grad()
+        F.cross_entropy(model(x, side=i % 3 == 2), y).backward()
+        base.step()
+        with torch.no_grad():
+            for p in (p for p in body if p.grad is not None):
+                st = state[p]
+                c = p - st["anchor"]
+                n = row_l1_norms(c)
+                if "prev_c" in st:
+                    rows = c.shape[0] if c.dim() >= 2 else 1
+                    g = ((p.grad.reshape(rows, -1) * st["prev_c"].reshape(rows, -1)).sum(1) / st["prev_n"]).sum()
+                    _adam_scalar(st, torch.where(g > 0, g * k, g), lr=mu)
+                    _clip_radius(st["gamma"], n)
+                _project_rows(p, st["anchor"], c, (st["gamma"] / n).clamp(max=1.0))
+                st["prev_c"], st["prev_n"] = c, n
+    return state
+
+
+@pytest.mark.parametrize("path", ["fused+scratch", "foreach"])
+@pytest.mark.parametrize("base", ["adamw", "sgd"])
+def test_ftp_vectorised_step_matches_the_per_tensor_algorithm(base, path, monkeypatch):
+    from equiray import optim
+    if path == "foreach":   # the code paths of devices without fused kernels (e.g. MPS) and of CUDA for FTP
+        monkeypatch.setattr(optim, "_FUSED_DEVICES", ())
+        monkeypatch.setattr(optim, "_SCRATCH_DEVICES", ())
+    kw = dict(lr=1e-2, weight_decay=0.05) if base == "adamw" else dict(lr=0.1, weight_decay=0.01, momentum=0.9,
+                                                                       nesterov=True)
+    data = batches(9)
+    model, ref = Odd(), Odd()
+    opt = FTP(model.named_parameters(), base=base, k=0.5, mu=1e-2, exclude=("head.*",), **kw)
+    for i, (x, y) in enumerate(data):
+        opt.zero_grad()
+        F.cross_entropy(model(x, side=i % 3 == 2), y).backward()
+        opt.step()
+    state = ftp_reference(ref, data, k=0.5, mu=1e-2,
+                          base_cls=torch.optim.AdamW if base == "adamw" else torch.optim.SGD, **kw)
+    torch.testing.assert_close(dict(model.named_parameters()), dict(ref.named_parameters()))
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        if q in state:
+            for key in ("gamma", "gamma_exp_avg", "gamma_exp_avg_sq", "prev_c", "prev_n"):
+                torch.testing.assert_close(opt.state[p][key], state[q][key], msg=key)
+            assert opt.state[p]["gamma_step"] == state[q]["gamma_step"]
+    assert opt.state[model.side.weight]["gamma_step"] == 2 and opt.state[model.fc1.weight]["gamma_step"] == 8
+    assert_within_radius(model, opt)
+
+
 def test_excluded_parameters_get_exactly_the_base_update_and_no_ftp_state():
     model = Net()
     kw = dict(lr=1e-2, weight_decay=0.05, betas=(0.8, 0.99))
@@ -217,6 +292,12 @@ def test_state_dict_round_trip_resumes_bit_identically(method, knobs):
         assert a.keys() == b.keys()
         for key in a:
             assert (torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]), key
+    # rewinding the same optimizer works too (nothing it cached about the replaced state is reused)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    train(model, opt, data[3:], **kw)
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), n
 
 
 # --------------------------------------------------------------------------------------------- L2-SP

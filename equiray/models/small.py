@@ -56,6 +56,10 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, num_classes)
 
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (timm's convention, which robust fine-tuning uses to find the new head)."""
+        return self.head
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(-2, -1)))  # (B, C, H, W) -> (B, C) -> (B, classes)
 

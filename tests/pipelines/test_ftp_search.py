@@ -1,0 +1,165 @@
+"""The robust fine-tuning search end to end on the shared local Ray: real Ray Tune trials with ASHA and a searcher,
+nested MLflow runs, a champion in the registry, and an interrupted search resumed without re-running finished
+trials."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from equiray.config import load_config
+from equiray.errors import ConfigError, EquirayError
+from pipelines import _tracking
+from pipelines.ftp import FTPConfig, load_task, run_tune
+from test_canon_sweep import register_backbone
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def small_config(root: Path, **over) -> dict:
+    base = {
+        "backbone": "models:/test-backbone@pretrained",
+        "data": {"source": "digits", "dir": str(root / "digits")},
+        "task": {"target_view": "contrast:3", "train_images": 400, "val_images": 150, "test_images": 200,
+                 "ood_views": ["upright", "noise:3"], "tpgm_holdout": 64},
+        "search": {"num_samples": 4, "searcher": "optuna", "scheduler": "asha", "grace_period": 1},
+        "train": {"epochs": 3, "batch_size": 16},
+        "space": {"lr": [0.005, 0.02]},  # a new head on 400 images: a higher learning rate than the default range
+        "resources": {"cpus_per_trial": 0.5},
+        "tracking": {"experiment": "test-ftp"},
+        "storage_path": str(root / "runs"),
+    }
+    for k, v in over.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+@pytest.fixture(scope="module")
+def searched(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ftp")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    register_backbone(root / "digits", uri)
+    cfg = load_config(FTPConfig, small_config(root))
+    result = run_tune(cfg, report_dir=root / "report")
+    yield cfg, result, uri, root
+    mp.undo()
+
+
+def test_every_method_is_tried_and_every_trial_is_a_nested_run(searched):
+    cfg, result, uri, root = searched
+    rows = result["rows"]
+    assert len(rows) == 4 and {r["method"] for r in rows} == {"finetune", "l2sp", "ftp", "tpgm"}
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("test-ftp").experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert sorted(r.info.run_id for r in children) == sorted(r["run_id"] for r in rows)
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert 1 <= len(history) <= cfg.train.epochs
+        if len(history) == cfg.train.epochs:
+            assert run.info.status == "FINISHED"
+        else:  # stopped by ASHA
+            assert run.info.status == "KILLED" and "ASHA" in run.data.tags["equiray.stopped_early"]
+        assert {"method", "lr", "weight_decay"} <= set(run.data.params)
+        assert "ood_mean_accuracy" in run.data.metrics and "ood/noise_3" in run.data.metrics
+    assert (root / "report" / "ftp_trials.png").stat().st_size > 10_000
+    assert "| pretrained backbone, no fine-tuning |" in result["table"]
+
+
+def test_champion_is_the_best_by_id_validation_and_loads_back(searched):
+    cfg, result, uri, root = searched
+    best = max(result["rows"], key=lambda r: r["val_accuracy"])
+    assert result["champion"]["run_id"] == best["run_id"]
+    mlflow.set_tracking_uri(uri)
+    model, spec = _tracking.load_model("models:/equiray-ftp@champion")
+    task = load_task(cfg)
+    xt, yt = task["target"]["test"]
+    with torch.no_grad():
+        acc = float((model(xt).argmax(-1) == yt).float().mean())
+    assert acc == pytest.approx(best["id_test_accuracy"], abs=1e-6)
+
+
+def test_fine_tuning_learned_the_target_domain(searched):
+    """The best trial's new head learned the target domain (its ID validation accuracy rose well above chance over
+    the epochs): fails if trials did not actually train, or evaluated the wrong views."""
+    cfg, result, uri, root = searched
+    best = max(result["rows"], key=lambda r: r["val_accuracy"])
+    curve = [m.value for m in sorted(mlflow.MlflowClient(uri).get_metric_history(best["run_id"], "val_accuracy"),
+                                     key=lambda m: m.step)]
+    assert best["val_accuracy"] > 0.2 and curve[-1] > curve[0] + 0.05, curve
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_session, tmp_path, monkeypatch):
+    """Ctrl+C (SIGINT) a search running as its own driver on the shared Ray once a trial has finished;
+    `--resume` then completes it: every trial ends once, the finished one is not trained again."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    register_backbone(tmp_path / "digits", uri)
+    cfg_file = tmp_path / "ftp.yaml"
+    import yaml
+
+    raw = small_config(tmp_path, search={"num_samples": 3, "searcher": "random", "scheduler": "none"},
+                       resources={"cpus_per_trial": 0.5, "max_concurrent": 1}, train={"epochs": 6, "batch_size": 16})
+    raw["name"] = "interrupted"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.ftp", "--config", str(cfg_file)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = mlflow.MlflowClient(uri)
+    deadline = time.time() + 240
+    finished = []
+    while time.time() < deadline and proc.poll() is None:
+        exp = client.get_experiment_by_name("test-ftp")
+        if exp:
+            # the search's own run stays RUNNING until the end: a FINISHED one is a trial that completed
+            finished = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' "
+                                          "and tags.`equiray.pipeline` = 'ftp'")
+            if finished:
+                break
+        time.sleep(0.3)
+    assert finished, "no trial finished before the deadline: " + (proc.stdout.read() if proc.poll() else "")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out  # interrupted, not completed
+    first = finished[0]
+    epochs_before = len(client.get_metric_history(first.info.run_id, "val_accuracy"))
+    assert epochs_before == 6
+
+    cfg = load_config(FTPConfig, {**raw, "resume": True})
+    resumed_at = time.time() * 1000
+    result = run_tune(cfg)
+    assert len(result["rows"]) == 3
+    assert all(r["epochs"] == 6 for r in result["rows"])
+    for r in result["rows"]:  # one MLflow run per trial, each epoch logged exactly once
+        steps = [m.step for m in client.get_metric_history(r["run_id"], "val_accuracy")]
+        assert sorted(steps) == list(range(6)), (r["method"], steps)
+    # the trial that had finished was not trained again: all its epochs were logged before the resume
+    assert all(m.timestamp < resumed_at for m in client.get_metric_history(first.info.run_id, "val_accuracy"))
+    children = client.search_runs([client.get_experiment_by_name("test-ftp").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert len(children) == 3
+
+
+def test_config_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="space.methods"):
+        load_config(FTPConfig, {"space": {"methods": ["sam"]}})
+    with pytest.raises(ConfigError, match="task"):
+        load_config(FTPConfig, {"task": {"target_view": "sepia:2"}})
+    with pytest.raises(ConfigError, match="space.lr"):
+        load_config(FTPConfig, {"space": {"lr": [0.1, 0.01]}})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    register_backbone(tmp_path / "digits", uri)
+    cfg = load_config(FTPConfig, {**small_config(tmp_path), "resume": True, "name": "never-ran"})
+    with pytest.raises(EquirayError, match="nothing to resume"):
+        run_tune(cfg)

@@ -34,7 +34,7 @@ class DemoConfig:
     ensemble: EnsembleConfig = EnsembleConfig()
     distill: DistillConfig = DistillConfig()
     canon: CanonConfig = CanonConfig()
-    ftp: FTPConfig = FTPConfig(search=FTPSearch(num_samples=10), train=FTPTrain(epochs=6))
+    ftp: FTPConfig = FTPConfig(search=FTPSearch(num_samples=10, grace_period=2), train=FTPTrain(epochs=6))
     stages: tuple[str, ...] = STAGES
     reuse: bool = True  # take a stage's registered result when the same config produced it (--fresh: redo all)
 

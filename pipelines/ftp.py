@@ -115,7 +115,7 @@ class SearchConfig:
     num_samples: int = 12
     searcher: str = "optuna"  # optuna (TPE; random search if optuna is not installed) | random
     scheduler: str = "asha"  # asha | none
-    grace_period: int = 1  # epochs every trial gets before ASHA may stop it
+    grace_period: int = 2  # epochs every trial gets before ASHA may stop it (constrained methods start slower)
     reduction_factor: int = 2
     max_concurrent: int = 0  # 0: as many as the resources allow
     seed: int = 0

@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run every stage at demo scale and write a report",
-                          description="Prepare Fashion-MNIST, pretrain a backbone with Ray Train, register it in "
-                          "MLflow, evaluate it on rotated and corrupted views, and write a Markdown report.")
+                          description="Prepare Fashion-MNIST, then run every stage at demo scale: pretrain a "
+                          "backbone with Ray Train; augmentation ensembles and their invariance vs size; distil them "
+                          "into one student; canonicalization variants as Ray Tune trials; a robust fine-tuning search "
+                          "(FTP, TPGM, L2-SP). Every model lands in the MLflow registry; tables and plots go to a "
+                          "Markdown report. Choose stages with --set 'stages=[pretrain,canon]'.")
     _add_config_args(demo)
     demo.add_argument("--fresh", action="store_true",
                       help="redo every stage even where the registry already holds its result for this config")

@@ -25,6 +25,7 @@ examples:
   equiray distill --config configs/distill.yaml
   equiray canon sweep --config configs/canon.yaml
   equiray tune ftp --config configs/ftp.yaml [--resume]
+  equiray nfn zoo --config configs/nfn_zoo.yaml
   equiray models list
 
 Ray: a local instance is started unless RAY_ADDRESS names a cluster.
@@ -41,6 +42,7 @@ PIPELINES = {
     "distill": ("pipelines.distill", "DistillConfig", "run"),
     "canon sweep": ("pipelines.canon", "CanonConfig", "run_sweep"),
     "tune ftp": ("pipelines.ftp", "FTPConfig", "run_tune"),
+    "nfn zoo": ("pipelines.nfn", "ZooConfig", "run_zoo"),
 }
 
 
@@ -118,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ftp)
     ftp.add_argument("--resume", action="store_true",
                      help="continue the interrupted search of this config (finished trials are not re-run)")
+
+    nfn = sub.add_parser("nfn", help="metanetworks on weights: train a model zoo (Monomial-NFN)")
+    nsub = nfn.add_subparsers(dest="nfn_command", metavar="ACTION")
+    zoo = nsub.add_parser("zoo", help="train a zoo of small CNNs with varied hyperparameters on Ray tasks",
+                          description="Train many copies of the Small CNN Zoo network (4,970 parameters), each with "
+                          "its own optimizer, learning rate, L2, dropout, init scale and training fraction, as Ray "
+                          "tasks; write their weights, hyperparameters and test accuracy to Parquet under `out`.")
+    _add_config_args(zoo)
 
     data = sub.add_parser("data", help="prepare and inspect datasets (Parquet shards)")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -243,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.tune_command:
                 raise EquirayError("choose a search: equiray tune ftp (see equiray tune --help)")
             return _cmd_pipeline(f"tune {args.tune_command}", args)
+        if args.command == "nfn":
+            if not args.nfn_command:
+                raise EquirayError("choose an action: equiray nfn zoo (see equiray nfn --help)")
+            return _cmd_pipeline(f"nfn {args.nfn_command}", args)
         if args.command == "canon":
             if not args.canon_command:
                 raise EquirayError("choose an action: equiray canon sweep (see equiray canon --help)")

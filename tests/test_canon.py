@@ -155,7 +155,9 @@ def test_training_reaches_the_canonicalizer_and_the_prior_works(kind, gen):
     torch.manual_seed(0)
     model = create_model("canonicalized", backbone="small_cnn", backbone_kwargs={"width": 4}, canonicalizer=kind,
                          group="C4", beta=1.0)
-    x = torch.rand(32, 1, 12, 12, generator=gen)
+    # upright images with an orientation to learn (brighter at the top), plus noise
+    ramp = torch.linspace(1.0, 0.0, 12).view(1, 1, 12, 1).expand(32, 1, 12, 12)
+    x = 0.5 * ramp + 0.5 * torch.rand(32, 1, 12, 12, generator=gen)
     y = torch.randint(10, (32,), generator=gen)
     opt = torch.optim.Adam(model.canonicalizer.parameters(), lr=0.05)
     logits, info = model.forward_with_info(x)

@@ -14,11 +14,11 @@ def run(*args, cwd=None):
 def test_help_lists_every_command():
     res = run("--help")
     assert res.returncode == 0
-    for cmd in ("demo", "pretrain", "ensemble", "distill", "canon", "data", "models"):
+    for cmd in ("demo", "pretrain", "ensemble", "distill", "canon", "tune", "nfn", "data", "models"):
         assert cmd in res.stdout
     for sub in (["pretrain", "--help"], ["data", "prepare", "--help"], ["demo", "--help"],
                 ["ensemble", "train", "--help"], ["ensemble", "eval", "--help"], ["distill", "--help"],
-                ["canon", "sweep", "--help"]):
+                ["canon", "sweep", "--help"], ["tune", "ftp", "--help"], ["nfn", "zoo", "--help"]):
         res = run(*sub)
         assert res.returncode == 0 and "--" in res.stdout, sub
     assert "--set KEY=VALUE" in run("pretrain", "--help").stdout

@@ -119,6 +119,23 @@ def registry_version(uri: str) -> str:
     return uri
 
 
+def fetch_results(run_id: str, data_path: str, plot_path: str, report_dir) -> tuple[Any, Path]:
+    """A finished sweep's JSON results and its plot, read back from its MLflow run; the plot is copied into
+    ``report_dir`` (or a temporary folder). What a reused stage shows instead of running again."""
+    import shutil
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=data_path,
+                                                                   dst_path=tmp)).read_text())
+        plot = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=plot_path, dst_path=tmp))
+        out_dir = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="equiray-plots-"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot = Path(shutil.copy(plot, out_dir / plot.name))
+    return data, plot
+
+
 def find_version(name: str, alias: str, *, config_hash_value: str):
     """The model version behind ``name@alias`` if it was produced by a config with this hash, else None."""
     from mlflow import MlflowClient

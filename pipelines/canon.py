@@ -360,7 +360,7 @@ def run_sweep(cfg: CanonConfig, *, report_dir: str | os.PathLike | None = None, 
                                                    or k in ("identity_rate", "run_id", "model_uri")}})
         order = {v["name"]: i for i, v in enumerate(variants)}
         rows.sort(key=lambda r: order[r["name"]])
-        _time_variants(rows, cfg, spec, data[2])
+        _time_variants(rows, cfg, backbone, data[2])
         table = results_table(rows, cfg.eval_group)
         best = max(rows, key=lambda r: (r[cfg.select], r["upright_accuracy"]))
         plot = _plot(rows, cfg.eval_group, Path(report_dir) if report_dir else None)
@@ -378,7 +378,8 @@ def run_sweep(cfg: CanonConfig, *, report_dir: str | os.PathLike | None = None, 
             "version": version, "reused": False, "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"}
 
 
-def _time_variants(rows: list[dict], cfg: CanonConfig, spec: dict, x_test: torch.Tensor, *, rounds: int = 25) -> None:
+def _time_variants(rows: list[dict], cfg: CanonConfig, bare: torch.nn.Module, x_test: torch.Tensor, *,
+                   rounds: int = 25) -> None:
     """ms per image of every variant and of the bare backbone on the same batch, in this one process.
 
     The models take turns round by round, the bare backbone first and last in every round; a variant's overhead
@@ -391,7 +392,7 @@ def _time_variants(rows: list[dict], cfg: CanonConfig, spec: dict, x_test: torch
     from pipelines import _tracking
 
     batch = x_test[:cfg.latency_batch]
-    bare = _tracking.load_model(cfg.backbone)[0]
+    bare = bare.eval()
     models = [bare] + [_tracking.load_model(r["model_uri"])[0] for r in rows] + [bare]
     times = [[] for _ in models]
     with torch.no_grad():
@@ -489,19 +490,12 @@ def _plot(rows: list[dict], group: str, out_dir: Path | None) -> Path:
 
 
 def _result_from_registry(cfg: CanonConfig, mv, uri: str, report_dir) -> dict:
-    import shutil
-
     import mlflow
 
+    from pipelines import _tracking
+
     parent = mv.tags["sweep_run_id"]
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="variants.json",
-                                                                   dst_path=tmp)).read_text())
-        plot = Path(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="plots/canon_variants.png",
-                                                        dst_path=tmp))
-        out_dir = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="equiray-plots-"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plot = Path(shutil.copy(plot, out_dir / plot.name))
+    rows, plot = _tracking.fetch_results(parent, "variants.json", "plots/canon_variants.png", report_dir)
     run_ = mlflow.MlflowClient().get_run(parent)
     return {"run_id": parent, "run_name": run_.info.run_name, "tracking_uri": uri, "rows": rows,
             "table": results_table(rows, cfg.eval_group), "verdict": verdict(rows, cfg.eval_group),

@@ -192,14 +192,11 @@ def build_model(spec: dict, state: dict, *, new_head: bool, seed: int) -> torch.
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, views: dict[str, torch.Tensor], labels: torch.Tensor, *,
              batch_size: int = 512, device="cpu") -> dict[str, float]:
-    model.eval()
-    out = {}
-    for name, x in views.items():
-        correct = 0
-        for i in range(0, len(labels), batch_size):
-            correct += int((model(x[i:i + batch_size].to(device)).argmax(-1).cpu() == labels[i:i + batch_size]).sum())
-        out[name] = correct / len(labels)
-    return out
+    """Accuracy on each (already transformed) view of the same labelled images."""
+    from equiray.train import accuracy, predict
+
+    return {name: accuracy(predict(model, x, batch_size=batch_size, device=device), labels)
+            for name, x in views.items()}
 
 
 def train_epoch(model, opt, x, y, *, batch_size: int, gen: torch.Generator, device, holdout=None,
@@ -571,19 +568,12 @@ def _plot(rows: list[dict], pretrained: dict, out_dir: Path | None) -> Path:
 
 
 def _result_from_registry(cfg: FTPConfig, mv, uri: str, report_dir) -> dict:
-    import shutil
-
     import mlflow
 
+    from pipelines import _tracking
+
     parent = mv.tags["search_run_id"]
-    with tempfile.TemporaryDirectory() as tmp:
-        data = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="trials.json",
-                                                                   dst_path=tmp)).read_text())
-        plot = Path(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="plots/ftp_trials.png",
-                                                        dst_path=tmp))
-        out_dir = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="equiray-plots-"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plot = Path(shutil.copy(plot, out_dir / plot.name))
+    data, plot = _tracking.fetch_results(parent, "trials.json", "plots/ftp_trials.png", report_dir)
     rows, pretrained = data["rows"], data["pretrained"]
     best = next(r for r in rows if r["run_id"] == mv.tags["run_id"])
     return {"run_id": parent, "run_name": mlflow.MlflowClient().get_run(parent).info.run_name, "tracking_uri": uri,

@@ -177,7 +177,13 @@ def load_model(uri: str, *, device: str | torch.device = "cpu") -> tuple[torch.n
     if spec_file is None or weights is None:
         raise EquirayError(f"{uri} is not an equiray model (no spec.json / weights.safetensors)")
     spec = json.loads(spec_file.read_text())
-    model = create_model(spec["name"], in_chans=spec["in_chans"], num_classes=spec["num_classes"],
-                         **spec.get("kwargs", {}))
+    if spec.get("builder") == "metanetwork":  # equiray-nfn: a metanetwork over a zoo architecture
+        from equiray.nfn import LayerSpec, NetworkSpec, create_metanetwork
+
+        net = NetworkSpec(tuple(LayerSpec(o, i, tuple(k)) for o, i, k in spec["network_spec"]))
+        model = create_metanetwork(spec["name"], net, **spec.get("kwargs", {}))
+    else:
+        model = create_model(spec["name"], in_chans=spec["in_chans"], num_classes=spec["num_classes"],
+                             **spec.get("kwargs", {}))
     model.load_state_dict(load_file(str(weights)))
     return model.to(device).eval(), spec

@@ -26,6 +26,7 @@ examples:
   equiray canon sweep --config configs/canon.yaml
   equiray tune ftp --config configs/ftp.yaml [--resume]
   equiray nfn zoo --config configs/nfn_zoo.yaml
+  equiray nfn train --config configs/nfn_train.yaml
   equiray models list
 
 Ray: a local instance is started unless RAY_ADDRESS names a cluster.
@@ -43,6 +44,7 @@ PIPELINES = {
     "canon sweep": ("pipelines.canon", "CanonConfig", "run_sweep"),
     "tune ftp": ("pipelines.ftp", "FTPConfig", "run_tune"),
     "nfn zoo": ("pipelines.nfn", "ZooConfig", "run_zoo"),
+    "nfn train": ("pipelines.nfn", "NFNTrainConfig", "run_train"),
 }
 
 
@@ -121,13 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     ftp.add_argument("--resume", action="store_true",
                      help="continue the interrupted search of this config (finished trials are not re-run)")
 
-    nfn = sub.add_parser("nfn", help="metanetworks on weights: train a model zoo (Monomial-NFN)")
+    nfn = sub.add_parser("nfn", help="metanetworks on weights: a model zoo, then Monomial-NFN on it")
     nsub = nfn.add_subparsers(dest="nfn_command", metavar="ACTION")
     zoo = nsub.add_parser("zoo", help="train a zoo of small CNNs with varied hyperparameters on Ray tasks",
                           description="Train many copies of the Small CNN Zoo network (4,970 parameters), each with "
                           "its own optimizer, learning rate, L2, dropout, init scale and training fraction, as Ray "
                           "tasks; write their weights, hyperparameters and test accuracy to Parquet under `out`.")
     _add_config_args(zoo)
+    ntrain = nsub.add_parser("train", help="predict each zoo net's accuracy from its weights; Kendall tau",
+                             description="Fit metanetworks (Monomial-NFN, STATNN) that predict a zoo net's test "
+                             "accuracy from its weights, on the plain zoo and on the zoo with every net's hidden "
+                             "units randomly rescaled (same functions); one Ray task per (metanetwork, zoo). Reports "
+                             "Kendall tau on held-out nets, logs curves and a predicted-vs-true plot to MLflow and "
+                             "registers the champion as equiray-nfn@champion.")
+    _add_config_args(ntrain)
 
     data = sub.add_parser("data", help="prepare and inspect datasets (Parquet shards)")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -255,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_pipeline(f"tune {args.tune_command}", args)
         if args.command == "nfn":
             if not args.nfn_command:
-                raise EquirayError("choose an action: equiray nfn zoo (see equiray nfn --help)")
+                raise EquirayError("choose an action: equiray nfn zoo | train (see equiray nfn --help)")
             return _cmd_pipeline(f"nfn {args.nfn_command}", args)
         if args.command == "canon":
             if not args.canon_command:

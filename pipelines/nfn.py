@@ -1,13 +1,21 @@
-"""A model zoo for metanetworks: many small CNNs trained with varied hyperparameters, fanned out as Ray tasks.
+"""Metanetworks over a model zoo: train the zoo on Ray tasks, then learn to read accuracy off the weights.
 
 ``equiray nfn zoo --config configs/nfn_zoo.yaml`` trains ``nets`` copies of the Small CNN Zoo network
 (:func:`equiray.nfn.zoo_cnn`, 4,970 parameters) on Fashion-MNIST, each with its own optimizer, learning rate, L2,
 dropout, initialization scale and training fraction drawn from ``space`` (the Small CNN Zoo's recipe), in chunks of
-``nets_per_task`` per Ray task (one CPU or a GPU fraction each). Every net's weights (one float32 blob in the
+``nets_per_task`` per Ray task (one CPU or a GPU fraction each), trained together as one grouped computation
+(:class:`StackedZooNets`; nets of similar training fraction share a task). Every net's weights (one float32 blob in the
 state dict's order), its hyperparameters and its test accuracy are written to Parquet shards under ``out``,
 atomically (a temporary directory renamed into place): the input of ``equiray.nfn`` metanetworks.
 
+``equiray nfn train --config configs/nfn_train.yaml`` fits metanetworks (Monomial-NFN, STATNN, ...) that predict
+each net's test accuracy from its weights, on the plain zoo and on the same zoo with every net's hidden units
+randomly rescaled (a function-preserving change that permutation-only metanetworks do not see through), one Ray
+task per (metanetwork, zoo). Kendall tau on held-out nets, per-epoch curves and a predicted-vs-true plot go to
+MLflow; the champion is registered as ``equiray-nfn@champion``.
+
     python -m pipelines.nfn zoo --config configs/nfn_zoo.yaml
+    python -m pipelines.nfn train --config configs/nfn_train.yaml
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +35,7 @@ import torch.nn.functional as F
 
 from equiray.config import to_dict
 from equiray.errors import ConfigError, EquirayError
-from pipelines._common import DataConfig, resize
+from pipelines._common import DataConfig, TrackingConfig, resize
 
 log = logging.getLogger(__name__)
 
@@ -90,55 +98,177 @@ class ZooConfig:
             raise ConfigError("cpus_per_task > 0 and gpus_per_task >= 0")
 
 
-def train_net(hp: dict, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, *, epochs: int,
-              batch_size: int, seed: int, device="cpu") -> tuple[torch.nn.Module, dict]:
-    """One zoo net: initialise (normal, ``init_std``), train on ``train_fraction`` of the data, measure."""
+def _init_net(hp: dict, seed: int) -> torch.nn.Module:
+    """One zoo net as the Small CNN Zoo initialises it: weights normal(0, ``init_std``), biases zero."""
     from equiray.nfn import zoo_cnn
 
     torch.manual_seed(seed)
-    model = zoo_cnn(activation=hp["activation"], dropout=hp["dropout"]).to(device)
+    model = zoo_cnn(activation=hp["activation"], dropout=hp["dropout"])
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("weight"):
                 p.normal_(0.0, hp["init_std"])
             else:
                 p.zero_()
-    params, lr, wd = model.parameters(), hp["lr"], hp["weight_decay"]
-    opt = {"adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=wd),
-           "sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
-           "rmsprop": lambda: torch.optim.RMSprop(params, lr=lr, weight_decay=wd)}[hp["optimizer"]]()
+    return model
+
+
+def _batches(hp: dict, n_data: int, *, epochs: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """A net's minibatches, all epochs in order: its ``train_fraction`` subset, reshuffled every epoch."""
     gen = torch.Generator().manual_seed(seed)
-    n = max(batch_size, int(len(y) * hp["train_fraction"]))
-    subset = torch.randperm(len(y), generator=gen)[:n]
-    loss_value = float("nan")
-    for _ in range(epochs):
-        model.train()
-        for idx in subset[torch.randperm(n, generator=gen)].split(batch_size):
-            loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_value = float(loss.detach())
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(xt[i:i + 1024].to(device)).argmax(-1).cpu() for i in range(0, len(yt), 1024)])
-    acc = float((pred == yt).float().mean())
-    return model.cpu(), {"test_accuracy": acc if math.isfinite(loss_value) else 0.1, "train_loss": loss_value}
+    n = max(batch_size, int(n_data * hp["train_fraction"]))
+    subset = torch.randperm(n_data, generator=gen)[:n]
+    return [idx for _ in range(epochs) for idx in subset[torch.randperm(n, generator=gen)].split(batch_size)]
+
+
+class StackedZooNets:
+    """M zoo nets trained at once, as one grouped computation: the members' convolutions are one ``groups=M``
+    convolution, their heads one batched matmul, and their optimizers (Adam, SGD with momentum 0.9 or RMSprop,
+    each net its own learning rate and L2, as ``torch.optim`` defines them) one vectorized update. Each net keeps
+    its own data order, training fraction (nets with fewer steps sit out the last steps), dropout rate and
+    initialization, so the result equals training the nets one by one, up to float rounding."""
+
+    BETAS, EPS, MOMENTUM, ALPHA = (0.9, 0.999), 1e-8, 0.9, 0.99
+
+    def __init__(self, hps: list[dict], seeds: list[int], device="cpu"):
+        nets = [_init_net(hp, s) for hp, s in zip(hps, seeds)]
+        self.templates = nets
+        self.params = [torch.stack([p.detach() for p in ps]).to(device).requires_grad_()
+                       for ps in zip(*(list(n.parameters()) for n in nets))]  # conv1 w, b, conv2 w, b, ..., head w, b
+        col = lambda key: torch.tensor([float(hp[key]) for hp in hps], device=device)  # noqa: E731
+        self.lr, self.wd, self.dropout = col("lr"), col("weight_decay"), col("dropout")
+        self.kind = torch.tensor([OPTIMIZERS.index(hp["optimizer"]) for hp in hps], device=device)
+        self.act = {"relu": torch.relu, "tanh": torch.tanh}
+        self.acts = [hp["activation"] for hp in hps]
+        self.m = [torch.zeros_like(p) for p in self.params]  # Adam exp_avg | SGD momentum buffer
+        self.v = [torch.zeros_like(p) for p in self.params]  # Adam exp_avg_sq | RMSprop square_avg
+        self.steps = torch.zeros(len(hps), device=device)
+        self.size = len(hps)
+
+    def _view(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, *([1] * (like.dim() - 1)))
+
+    def forward(self, x: torch.Tensor, *, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x`` (M, B, C, H, W), one batch per net -> logits (M, B, classes)."""
+        M, B = x.shape[:2]
+        h = x.transpose(0, 1).reshape(B, -1, *x.shape[-2:])  # (B, M*C, H, W)
+        convs, (wh, bh) = self.params[:-2], self.params[-2:]
+        for w, b in zip(convs[0::2], convs[1::2]):
+            h = torch.nn.functional.conv2d(h, w.flatten(0, 1), b.flatten(), stride=2, groups=M)
+            h = h.view(B, M, w.shape[1], *h.shape[-2:])
+            h = torch.where(self._act_mask(h), torch.relu(h), torch.tanh(h)) if len(set(self.acts)) > 1 else \
+                self.act[self.acts[0]](h)
+            if train and bool((self.dropout > 0).any()):
+                keep = 1 - self.dropout.view(1, M, 1, 1, 1)
+                mask = torch.rand(h.shape, generator=generator, device=h.device) < keep
+                h = h * mask / keep
+            h = h.flatten(1, 2)
+        pooled = h.view(B, M, -1, *h.shape[-2:]).mean(dim=(-2, -1))  # (B, M, width)
+        return torch.einsum("bmc,moc->mbo", pooled, wh) + bh[:, None]
+
+    def _act_mask(self, h: torch.Tensor) -> torch.Tensor:
+        relu = torch.tensor([a == "relu" for a in self.acts], device=h.device)
+        return relu.view(1, -1, *([1] * (h.dim() - 2)))
+
+    @torch.no_grad()
+    def _update(self, active: torch.Tensor) -> None:
+        """One optimizer step for the ``active`` nets, each with its own optimizer kind and hyperparameters."""
+        self.steps += active.float()
+        t = self.steps.clamp_min(1)
+        b1, b2 = self.BETAS
+        for i, p in enumerate(self.params):
+            view = lambda v: self._view(v, p)  # noqa: E731
+            g = p.grad + view(self.wd) * p
+            on, kind = view(active), view(self.kind)
+            # Adam
+            m_adam = b1 * self.m[i] + (1 - b1) * g
+            v_adam = b2 * self.v[i] + (1 - b2) * g * g
+            denom = (v_adam.sqrt() / view(torch.sqrt(1 - b2 ** t))) + self.EPS
+            p_adam = p - view(self.lr / (1 - b1 ** t)) * m_adam / denom
+            # SGD, momentum 0.9 (the first step's buffer is the gradient itself)
+            m_sgd = torch.where(view(self.steps == 1), g, self.MOMENTUM * self.m[i] + g)
+            p_sgd = p - view(self.lr) * m_sgd
+            # RMSprop
+            v_rms = self.ALPHA * self.v[i] + (1 - self.ALPHA) * g * g
+            p_rms = p - view(self.lr) * g / (v_rms.sqrt() + self.EPS)
+            new_p = torch.where(kind == 0, p_adam, torch.where(kind == 1, p_sgd, p_rms))
+            new_m = torch.where(kind == 0, m_adam, m_sgd)
+            new_v = torch.where(kind == 0, v_adam, v_rms)
+            p.copy_(torch.where(on, new_p, p))
+            self.m[i].copy_(torch.where(on, new_m, self.m[i]))
+            self.v[i].copy_(torch.where(on, new_v, self.v[i]))
+            p.grad = None
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, batches: list[list[torch.Tensor]], *, batch_size: int,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+        """Train on each net's own list of index batches; returns every net's last training loss (M,)."""
+        device = self.params[0].device
+        steps = max(len(b) for b in batches)
+        last = torch.full((self.size,), float("nan"), device=device)
+        for step in range(steps):
+            idx = torch.zeros(self.size, batch_size, dtype=torch.long)
+            valid = torch.zeros(self.size, batch_size, dtype=torch.bool)
+            for m, bs in enumerate(batches):
+                if step < len(bs):
+                    idx[m, :len(bs[step])], valid[m, :len(bs[step])] = bs[step], True
+            idx, valid = idx.to(device), valid.to(device)
+            active = valid.any(1)
+            logits = self.forward(x[idx].to(device), train=True, generator=generator)
+            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[idx].to(device).flatten(),
+                                                   reduction="none").view(self.size, batch_size)
+            per_net = (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
+            per_net.sum().backward()
+            self._update(active)
+            last = torch.where(active, per_net.detach(), last)
+        return last
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 512) -> torch.Tensor:
+        device = self.params[0].device
+        correct = torch.zeros(self.size, device=device)
+        for i in range(0, len(y), chunk):
+            xb = x[i:i + chunk].to(device)
+            logits = self.forward(xb.expand(self.size, *xb.shape), train=False)
+            correct += (logits.argmax(-1) == y[i:i + chunk].to(device)).float().sum(1)
+        return correct / len(y)
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Every net's weights under its own ``zoo_cnn`` parameter names."""
+        out = []
+        for m, template in enumerate(self.templates):
+            names = [n for n, _ in template.named_parameters()]
+            out.append({n: p[m].detach().cpu().clone() for n, p in zip(names, self.params)})
+        return out
+
+
+def train_nets(hps: list[dict], seeds: list[int], x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor,
+               yt: torch.Tensor, *, epochs: int, batch_size: int, device="cpu") -> list[tuple[dict, dict]]:
+    """Train a chunk of zoo nets together (:class:`StackedZooNets`); (state dict, metrics) per net. A net whose
+    training diverged (non-finite loss) is scored at chance, as in the Small CNN Zoo."""
+    nets = StackedZooNets(hps, seeds, device=device)
+    batches = [_batches(hp, len(y), epochs=epochs, batch_size=batch_size, seed=s) for hp, s in zip(hps, seeds)]
+    last = nets.fit(x, y, batches, batch_size=batch_size, generator=torch.Generator(device=device).manual_seed(
+        seeds[0]))
+    acc = nets.accuracy(xt, yt)
+    finite = torch.stack([torch.isfinite(p.detach()).flatten(1).all(1) for p in nets.params]).all(0)
+    chance = 1.0 / (int(y.max()) + 1)
+    return [(sd, {"test_accuracy": float(a) if bool(ok) and torch.isfinite(torch.tensor(float(l))) else chance,
+                  "train_loss": float(l)})
+            for sd, a, l, ok in zip(nets.state_dicts(), acc.tolist(), last.tolist(), finite.tolist())]
 
 
 def _train_chunk(ids: list[int], hps: list[dict], data, cfg: dict) -> list[dict]:
-    """A Ray task: train a chunk of nets one after the other; return one Parquet row per net."""
+    """A Ray task: train a chunk of nets together (vectorized); return one Parquet row per net."""
     import ray
 
     torch.set_num_threads(max(1, int(cfg["cpus_per_task"])))
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     x, y, xt, yt = data
+    seeds = [cfg["seed"] * 100_003 + net_id for net_id in ids]
     rows = []
-    for net_id, hp in zip(ids, hps):
-        model, metrics = train_net(hp, x, y, xt, yt, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                                   seed=cfg["seed"] * 100_003 + net_id, device=device)
-        state = model.state_dict()
-        blob = torch.cat([v.detach().float().flatten() for v in state.values()]).numpy().tobytes()
+    for net_id, hp, (state, metrics) in zip(ids, hps, train_nets(hps, seeds, x, y, xt, yt, epochs=cfg["epochs"],
+                                                                  batch_size=cfg["batch_size"], device=device)):
+        blob = torch.cat([v.float().flatten() for v in state.values()]).numpy().tobytes()
         rows.append({"net_id": net_id, **hp, **metrics, "weights": blob,
                      "layout": json.dumps([[k, list(v.shape)] for k, v in state.items()])})
     return rows
@@ -169,7 +299,9 @@ def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> d
     task = ray.remote(_train_chunk).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None)
     data_ref = ray.put(data)
     raw = to_dict(cfg)
-    chunks = [list(range(i, min(i + cfg.nets_per_task, cfg.nets))) for i in range(0, cfg.nets, cfg.nets_per_task)]
+    # Nets with similar training fractions share a chunk: a vectorized chunk runs as many steps as its longest net.
+    order = sorted(range(cfg.nets), key=lambda i: hps[i]["train_fraction"])
+    chunks = [order[i:i + cfg.nets_per_task] for i in range(0, cfg.nets, cfg.nets_per_task)]
     t0 = time.perf_counter()
     pending = {task.remote(ids, [hps[i] for i in ids], data_ref, raw): ids for ids in chunks}
     rows, done = [], 0
@@ -216,6 +348,253 @@ def read_zoo(path: str | os.PathLike) -> tuple[list[dict], list[dict[str, torch.
             offset += size
         states.append(state)
     return rows, states
+
+
+# ----------------------------------------------------------------------------------------- nfn train
+ZOOS = ("plain", "scaled")
+
+
+def _default_metanetworks() -> dict:
+    return {"monomial-nfn": {"hidden_channels": 16, "num_layers": 2, "mlp_hidden": [32, 32]},
+            "statnn": {"mlp_hidden": [64, 64]}}
+
+
+@dataclass(frozen=True)
+class NFNTrainConfig:
+    zoo: str = "data/zoo"  # written by `equiray nfn zoo`
+    # metanetwork name (equiray.nfn.list_metanetworks()) -> its constructor options
+    metanetworks: dict = field(default_factory=_default_metanetworks)
+    zoos: tuple[str, ...] = ZOOS  # "plain", and "scaled": every net's hidden units rescaled at random
+    max_scale: float = 1e4  # scaled zoo: per hidden unit d log-uniform in [1/max_scale, max_scale]
+    test_fraction: float = 0.25  # held-out nets, scored with Kendall tau
+    val_fraction: float = 0.15  # picks the epoch kept (best validation tau)
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
+    tracking: TrackingConfig = TrackingConfig(experiment="equiray-nfn", registered_model="equiray-nfn",
+                                              alias="champion")
+
+    def __post_init__(self):
+        from equiray.nfn import list_metanetworks
+
+        unknown = set(self.metanetworks) - set(list_metanetworks())
+        if not self.metanetworks or unknown:
+            raise ConfigError(f"metanetworks: unknown {sorted(unknown)}; choose from {list_metanetworks()}")
+        if not self.zoos or set(self.zoos) - set(ZOOS):
+            raise ConfigError(f"zoos: choose from {list(ZOOS)}")
+        if not (0 < self.test_fraction < 1 and 0 < self.val_fraction < 1 and self.test_fraction + self.val_fraction < 1):
+            raise ConfigError("test_fraction and val_fraction in (0, 1), together < 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_scale < 1:
+            raise ConfigError("epochs >= 1, batch_size >= 1, lr > 0, max_scale >= 1")
+
+
+def zoo_features(states: list[dict], rows: list[dict]):
+    """A zoo's weights as metanetwork features, its spec and the symmetry group of its activation."""
+    from equiray.nfn import features_from_state_dicts
+
+    acts = {r.get("activation", "relu") for r in rows}
+    if len(acts) > 1:
+        raise EquirayError(f"the zoo mixes activations {sorted(acts)}; a metanetwork's symmetry group depends on it: "
+                           "train one zoo per activation (space.activation: [relu] or [tanh])")
+    feats, spec = features_from_state_dicts(states)
+    return feats, spec, {"relu": "positive", "tanh": "sign"}[acts.pop()]
+
+
+def scaled_zoo(feats, spec, *, group: str, max_scale: float, seed: int):
+    """Every net's hidden units permuted and rescaled at random (sign flips for tanh nets): same functions."""
+    from equiray.nfn import apply_symmetry, random_symmetry
+
+    transform = random_symmetry(spec, feats.batch_size, group=group, max_scale=max_scale,
+                                generator=torch.Generator().manual_seed(seed))
+    return apply_symmetry(feats.map(torch.Tensor.double), transform).map(torch.Tensor.float)
+
+
+def split_nets(n: int, *, test_fraction: float, val_fraction: float, seed: int):
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test, n_val = max(2, round(n * test_fraction)), max(2, round(n * val_fraction))
+    if n - n_test - n_val < 2:
+        raise EquirayError(f"a zoo of {n} nets is too small to split into train/val/test; train a larger one "
+                           "(equiray nfn zoo --set nets=...)")
+    return perm[n_test + n_val:], perm[n_test:n_test + n_val], perm[:n_test]
+
+
+def _fit_task(name: str, kwargs: dict, zoo: str, feats, spec, group: str, targets, splits, cfg: dict) -> dict:
+    """A Ray task: fit one metanetwork on one zoo; return its weights, curves and held-out predictions."""
+    import ray
+
+    from equiray.nfn import count_parameters, create_metanetwork, fit_metanetwork, kendall_tau, predict
+
+    torch.set_num_threads(max(1, int(cfg["cpus_per_task"])))
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    torch.manual_seed(cfg["seed"])
+    opts = dict(kwargs)
+    if name == "monomial-nfn":
+        opts.setdefault("group", group)
+    model = create_metanetwork(name, spec, **opts).to(device)
+    feats = feats.to(device)
+    train_idx, val_idx, test_idx = splits
+    fit = fit_metanetwork(model, feats, targets, train_idx=train_idx, val_idx=val_idx, epochs=cfg["epochs"],
+                          batch_size=cfg["batch_size"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                          seed=cfg["seed"])
+    pred = (predict(model, feats[test_idx.to(device)]) * fit.std + fit.mean).cpu()
+    return {"name": name, "zoo": zoo, "options": opts, "params": count_parameters(model),
+            "state": {k: v.cpu() for k, v in model.state_dict().items()}, "history": fit.history,
+            "best_epoch": fit.best_epoch, "val_tau": fit.history[fit.best_epoch - 1]["val_tau"],
+            "test_tau": kendall_tau(pred, targets[test_idx]), "seconds": fit.seconds, "mean": fit.mean,
+            "std": fit.std, "pred": pred.tolist(), "true": targets[test_idx].tolist()}
+
+
+def run_train(cfg: NFNTrainConfig, *, report_dir: str | os.PathLike | None = None, reuse: bool = False) -> dict:
+    """Fit every metanetwork on every zoo as Ray tasks; log, plot, register the champion."""
+    import mlflow
+    import ray
+
+    from pipelines import _tracking
+    from pipelines._ray import cluster_summary, init_ray, say
+
+    rows, states = read_zoo(cfg.zoo)
+    feats, spec, group = zoo_features(states, rows)
+    targets = torch.tensor([r["test_accuracy"] for r in rows], dtype=torch.float32)
+    splits = split_nets(len(rows), test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    uri = _tracking.tracking_uri()
+    _tracking.setup(cfg.tracking.experiment, uri)
+    zoo_meta = (Path(cfg.zoo) / "zoo.json").read_text() if (Path(cfg.zoo) / "zoo.json").exists() else str(len(rows))
+    cfg_hash = _tracking.config_hash({"config": to_dict(cfg), "zoo": zoo_meta})
+    if reuse:
+        mv = _tracking.find_version(cfg.tracking.registered_model, cfg.tracking.alias, config_hash_value=cfg_hash)
+        if mv is not None:
+            results, plot = _tracking.fetch_results(mv.run_id, "nfn_results.json", "nfn_scatter.png", report_dir)
+            return {**_summary(results, cfg), "run_id": mv.run_id, "version": str(mv.version), "plot": str(plot),
+                    "reused": True, "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"}
+    data = {"plain": feats}
+    if "scaled" in cfg.zoos:
+        data["scaled"] = scaled_zoo(feats, spec, group=group, max_scale=cfg.max_scale, seed=cfg.seed + 1)
+    init_ray()
+    log.info("Ray: %s", cluster_summary())
+    task = ray.remote(_fit_task).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None)
+    raw = to_dict(cfg)
+    refs = {task.remote(name, kwargs, zoo, data[zoo], spec, group, targets, splits, raw): (name, zoo)
+            for zoo in cfg.zoos for name, kwargs in cfg.metanetworks.items()}
+    run_name = cfg.tracking.run_name or f"nfn-train-{time.strftime('%Y%m%d-%H%M%S')}"
+    results, t0 = [], time.perf_counter()
+    with mlflow.start_run(run_name=run_name) as active:
+        run_id = active.info.run_id
+        _tracking.log_config(cfg)
+        mlflow.set_tags({"equiray.pipeline": "nfn-train", "equiray.zoo": str(Path(cfg.zoo).resolve())})
+        mlflow.log_params({"zoo_nets": len(rows), "train_nets": len(splits[0]), "test_nets": len(splits[2])})
+        pending = dict(refs)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            res = ray.get(ready[0])
+            pending.pop(ready[0])
+            say(f"[nfn train] {res['name']} on the {res['zoo']} zoo: test tau {res['test_tau']:.3f} "
+                f"({len(results) + 1}/{len(refs)}, {time.perf_counter() - t0:.0f} s)")
+            with mlflow.start_run(run_name=f"{res['name']}-{res['zoo']}", nested=True):
+                mlflow.log_params({"metanetwork": res["name"], "zoo": res["zoo"], "parameters": res["params"],
+                                   **{f"options.{k}": v for k, v in res["options"].items()}})
+                for rec in res["history"]:
+                    mlflow.log_metrics({"train_loss": rec["train_loss"], "val_tau": rec["val_tau"]}, step=rec["epoch"])
+                mlflow.log_metrics({"test_tau": res["test_tau"], "train_seconds": res["seconds"],
+                                    "best_epoch": res["best_epoch"]})
+            results.append(res)
+        results.sort(key=lambda r: (list(cfg.zoos).index(r["zoo"]), list(cfg.metanetworks).index(r["name"])))
+        champion = _champion(results)
+        summary = _summary(results, cfg)
+        for r in results:
+            mlflow.log_metric(f"test_tau/{r['name']}/{r['zoo']}", r["test_tau"])
+        plot = _scatter(results, report_dir)
+        mlflow.log_artifact(str(plot))
+        mlflow.log_text(summary["table"], "nfn_table.md")
+        mlflow.log_text(json.dumps([{k: v for k, v in r.items() if k != "state"} for r in results]),
+                        "nfn_results.json")
+        model = _rebuild(champion, spec)
+        model_spec = {"builder": "metanetwork", "name": champion["name"], "kwargs": champion["options"],
+                      "network_spec": [[l.out_features, l.in_features, list(l.kernel_size)] for l in spec.layers],
+                      "target": "test_accuracy", "target_mean": champion["mean"], "target_std": champion["std"],
+                      "trained_on": champion["zoo"], "group": group}
+        model_uri = _tracking.log_model(model, model_spec, name="metanetwork")
+        version = _tracking.register(model_uri, cfg.tracking.registered_model, cfg.tracking.alias,
+                                     tags={"run_id": run_id, "metanetwork": champion["name"],
+                                           "test_tau": f"{champion['test_tau']:.4f}", "equiray.config_hash": cfg_hash})
+    if report_dir:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        (Path(report_dir) / "nfn_table.md").write_text(summary["table"] + "\n")
+    return {**summary, "run_id": run_id, "version": version, "plot": str(plot), "reused": False,
+            "tracking_uri": uri, "registered": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}",
+            "model_uri": model_uri, "seconds": time.perf_counter() - t0}
+
+
+def _champion(results: list[dict]) -> dict:
+    """The metanetwork whose worst validation tau over the zoos is highest (a model that holds under rescaling),
+    as trained on the plain zoo (the nets as they were trained)."""
+    names = {r["name"] for r in results}
+    worst = {n: min(r["val_tau"] for r in results if r["name"] == n) for n in names}
+    best = max(sorted(names), key=lambda n: worst[n])
+    return next(r for r in sorted(results, key=lambda r: r["zoo"] != "plain") if r["name"] == best)
+
+
+def _rebuild(result: dict, spec):
+    from equiray.nfn import create_metanetwork
+
+    model = create_metanetwork(result["name"], spec, **result["options"])
+    model.load_state_dict(result["state"])
+    return model.eval()
+
+
+def _summary(results: list[dict], cfg: NFNTrainConfig) -> dict:
+    zoos = [z for z in ZOOS if any(r["zoo"] == z for r in results)]
+    names = list(dict.fromkeys(r["name"] for r in results))
+    get = {(r["name"], r["zoo"]): r for r in results}
+    lines = ["| metanetwork | parameters | " + " | ".join(f"Kendall tau, {z} zoo" for z in zoos) +
+             " | training s |", "|---|---|" + "---|" * len(zoos) + "---|"]
+    for n in names:
+        some = next(r for r in results if r["name"] == n)
+        taus = " | ".join(f"{get[(n, z)]['test_tau']:.3f}" if (n, z) in get else "-" for z in zoos)
+        secs = sum(r["seconds"] for r in results if r["name"] == n)
+        lines.append(f"| {n} | {some['params']:,} | {taus} | {secs:.0f} |")
+    taus = {f"{r['name']}/{r['zoo']}": r["test_tau"] for r in results}
+    verdict = []
+    if "monomial-nfn" in names and "plain" in zoos:
+        others = [n for n in names if n != "monomial-nfn"]
+        for z in zoos:
+            mine = get[("monomial-nfn", z)]["test_tau"]
+            for o in others:
+                theirs = get[(o, z)]["test_tau"]
+                verdict.append(f"{z} zoo: Monomial-NFN tau {mine:.3f} vs {o} {theirs:.3f} "
+                               f"({'matches or beats' if mine >= theirs - 0.01 else 'below'})")
+    return {"table": "\n".join(lines), "verdict": verdict, "tau": taus,
+            "champion": _champion(results)["name"]}
+
+
+def _scatter(results: list[dict], report_dir) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    zoos = list(dict.fromkeys(r["zoo"] for r in results))
+    names = list(dict.fromkeys(r["name"] for r in results))
+    fig, axes = plt.subplots(len(zoos), len(names), figsize=(3.6 * len(names), 3.4 * len(zoos)), squeeze=False)
+    for r in results:
+        ax = axes[zoos.index(r["zoo"])][names.index(r["name"])]
+        ax.scatter(r["true"], r["pred"], s=14, alpha=0.8)
+        lo, hi = min(r["true"] + r["pred"]), max(r["true"] + r["pred"])
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{r['name']}, {r['zoo']} zoo: tau {r['test_tau']:.3f}", fontsize=9)
+        ax.set_xlabel("true test accuracy")
+        ax.set_ylabel("predicted")
+    fig.suptitle("Held-out nets: accuracy predicted from weights", fontsize=10)
+    fig.tight_layout()
+    out_dir = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="equiray-plots-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "nfn_scatter.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

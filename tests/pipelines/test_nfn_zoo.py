@@ -1,15 +1,18 @@
-"""The model-zoo pipeline end to end on the shared local Ray: real Ray tasks, Parquet out, nets that load back."""
+"""The model-zoo pipelines end to end on the shared local Ray: real Ray tasks, Parquet out, nets that load back;
+vectorized zoo training equal to training the nets one by one; metanetworks fitted, logged and registered."""
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from equiray.config import load_config
 from equiray.data import read_split
 from equiray.errors import ConfigError, EquirayError
 from equiray.nfn import features_from_state_dicts, zoo_cnn
 from pipelines._common import resize
-from pipelines.nfn import ZooConfig, read_zoo, run_zoo
-
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+from pipelines.nfn import (NFNTrainConfig, ZooConfig, _batches, _init_net, read_zoo, run_train, run_zoo,
+                           scaled_zoo, train_nets, zoo_features)
 
 
 def small(root, **over) -> ZooConfig:
@@ -20,6 +23,52 @@ def small(root, **over) -> ZooConfig:
     return load_config(ZooConfig, base)
 
 
+def _one_by_one(hp, seed, x, y, *, epochs, batch_size):
+    """The reference: one net, torch.optim, its own batches."""
+    model = _init_net(hp, seed)
+    params, lr, wd = model.parameters(), hp["lr"], hp["weight_decay"]
+    opt = {"adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+           "sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+           "rmsprop": lambda: torch.optim.RMSprop(params, lr=lr, weight_decay=wd)}[hp["optimizer"]]()
+    for idx in _batches(hp, len(y), epochs=epochs, batch_size=batch_size, seed=seed):
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), float(loss)
+
+
+HPS = [dict(activation=a, optimizer=o, lr=lr, weight_decay=wd, dropout=0.0, init_std=s, train_fraction=f)
+       for a, o, lr, wd, s, f in [("relu", "adam", 3e-3, 1e-4, 0.1, 1.0), ("relu", "sgd", 1e-2, 1e-3, 0.2, 0.5),
+                                  ("relu", "rmsprop", 1e-3, 0.0, 0.05, 0.3), ("tanh", "adam", 1e-3, 1e-2, 0.3, 0.7)]]
+
+
+def test_vectorized_zoo_training_equals_training_each_net_alone(gen):
+    x, y = torch.randn(300, 1, 28, 28, generator=gen), torch.randint(0, 10, (300,), generator=gen)
+    xt, yt = torch.randn(200, 1, 28, 28, generator=gen), torch.randint(0, 10, (200,), generator=gen)
+    seeds = [11, 12, 13, 14]  # mixed optimizers, activations, learning rates, L2 and training fractions
+    out = train_nets(HPS, seeds, x, y, xt, yt, epochs=2, batch_size=64)
+    for hp, seed, (state, metrics) in zip(HPS, seeds, out):
+        ref, loss = _one_by_one(hp, seed, x, y, epochs=2, batch_size=64)
+        assert state.keys() == ref.state_dict().keys()
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(state[k], v, atol=2e-5, rtol=1e-4)
+        assert metrics["train_loss"] == pytest.approx(loss, rel=1e-4)
+        assert metrics["test_accuracy"] == pytest.approx(float((ref(xt).argmax(-1) == yt).float().mean()), abs=0.011)
+    # sensitivity: the same nets trained alone with another net's learning rate no longer match
+    other, _ = _one_by_one({**HPS[0], "lr": 1e-2}, seeds[0], x, y, epochs=2, batch_size=64)
+    assert not torch.allclose(out[0][0]["head.weight"], other.state_dict()["head.weight"], atol=1e-3)
+
+
+def test_vectorized_dropout_is_per_net(gen):
+    x, y = torch.randn(256, 1, 28, 28, generator=gen), torch.randint(0, 10, (256,), generator=gen)
+    hps = [{**HPS[0], "dropout": 0.0}, {**HPS[0], "dropout": 0.5}]
+    (plain, _), (dropped, _) = train_nets(hps, [5, 5], x, y, x[:64], y[:64], epochs=1, batch_size=64)
+    ref, _ = _one_by_one(HPS[0], 5, x, y, epochs=1, batch_size=64)
+    torch.testing.assert_close(plain["head.weight"], ref.state_dict()["head.weight"], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(dropped["head.weight"], plain["head.weight"], atol=1e-4)  # same init, other updates
+
+
 @pytest.fixture(scope="module")
 def zoo(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
@@ -27,6 +76,8 @@ def zoo(ray_session, tmp_path_factory):
     return cfg, run_zoo(cfg), root
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_every_net_is_stored_once_with_its_hyperparameters(zoo):
     cfg, result, root = zoo
     rows, states = read_zoo(result["out"])
@@ -40,6 +91,8 @@ def test_every_net_is_stored_once_with_its_hyperparameters(zoo):
     assert sum(s.numel() for s in states[0].values()) == 4970
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_stored_weights_reproduce_the_stored_accuracy(zoo):
     cfg, result, root = zoo
     rows, states = read_zoo(result["out"])
@@ -50,11 +103,14 @@ def test_stored_weights_reproduce_the_stored_accuracy(zoo):
         model.load_state_dict(state)
         with torch.no_grad():
             acc = float((model.eval()(xt).argmax(-1) == yt).float().mean())
-        assert acc == pytest.approx(r["test_accuracy"], abs=1e-6)
+        # stored accuracy comes from the grouped forward pass: float rounding may flip at most one borderline image
+        assert acc == pytest.approx(r["test_accuracy"], abs=1.01 / len(yt))
     # the nets differ: a zoo of copies would be useless to a metanetwork
     assert len({float(s["head.weight"].sum()) for s in states}) == 6
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_existing_zoo_and_bad_configs_are_clear_errors(zoo, tmp_path):
     cfg, result, root = zoo
     with pytest.raises(EquirayError, match="already holds a zoo"):
@@ -63,3 +119,62 @@ def test_existing_zoo_and_bad_configs_are_clear_errors(zoo, tmp_path):
         small(tmp_path, space={"optimizer": ["lbfgs"]})
     with pytest.raises(EquirayError, match="no zoo at"):
         read_zoo(tmp_path / "nothing")
+
+
+@pytest.fixture(scope="module")
+def relu_zoo(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("relu-zoo")
+    cfg = small(root, nets=16, nets_per_task=8, space={"activation": ["relu"]})
+    run_zoo(cfg)
+    return cfg
+
+
+def train_cfg(zoo_dir, **over) -> NFNTrainConfig:
+    return load_config(NFNTrainConfig, {"zoo": str(zoo_dir), "epochs": 4, "batch_size": 8, "cpus_per_task": 0.5,
+                                        "metanetworks": {"monomial-nfn": {"hidden_channels": 4, "mlp_hidden": [8]},
+                                                         "statnn": {"mlp_hidden": [8]}}, **over})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_nfn_train_scores_logs_and_registers_an_invariant_champion(relu_zoo, mlflow_store, tmp_path):
+    import mlflow
+
+    from pipelines._tracking import load_model
+
+    cfg = train_cfg(relu_zoo.out)
+    result = run_train(cfg, report_dir=tmp_path)
+    assert set(result["tau"]) == {f"{m}/{z}" for m in ("monomial-nfn", "statnn") for z in ("plain", "scaled")}
+    assert all(-1.0 <= t <= 1.0 for t in result["tau"].values())
+    assert "| monomial-nfn |" in result["table"] and (tmp_path / "nfn_scatter.png").stat().st_size > 0
+    client = mlflow.MlflowClient()
+    children = client.search_runs([client.get_run(result["run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert len(children) == 4
+    assert all(len(client.get_metric_history(c.info.run_id, "val_tau")) == cfg.epochs for c in children)
+    # the registered champion rebuilds from safetensors; a Monomial-NFN reads a rescaled zoo exactly as the plain one
+    model, spec = load_model(result["registered"])
+    assert spec["name"] == result["champion"] and spec["builder"] == "metanetwork"
+    rows, states = read_zoo(relu_zoo.out)
+    feats, net_spec, group = zoo_features(states, rows)
+    with torch.no_grad():
+        plain = model(feats)
+        scaled = model(scaled_zoo(feats, net_spec, group=group, max_scale=1e3, seed=3))
+    if spec["name"] == "monomial-nfn":
+        torch.testing.assert_close(plain, scaled, atol=1e-3, rtol=1e-3)
+    # a second run of the same config with reuse reports the registered result without training
+    again = run_train(cfg, report_dir=tmp_path / "again", reuse=True)
+    assert again["reused"] and again["run_id"] == result["run_id"] and again["tau"] == result["tau"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_nfn_train_refuses_unfit_zoos_and_configs(zoo, tmp_path):
+    with pytest.raises(EquirayError, match="mixes activations"):
+        run_train(train_cfg(zoo[0].out))  # the relu + tanh zoo
+    with pytest.raises(EquirayError, match="no zoo at"):
+        run_train(train_cfg(tmp_path / "none"))
+    with pytest.raises(ConfigError, match="unknown"):
+        train_cfg(tmp_path, metanetworks={"np": {}})
+    with pytest.raises(ConfigError, match="zoos"):
+        train_cfg(tmp_path, zoos=["rotated"])

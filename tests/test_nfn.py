@@ -9,8 +9,8 @@ import torch.nn as nn
 from equiray.errors import EquirayError
 from equiray.nfn import (FirstLayerMap, HiddenLayerMap, LastLayerMap, LayerSpec, MonomialLinear, MonomialNFN,
                          NetworkSpec, StatNN, WeightSpaceFeatures, WeightSymmetry, apply_symmetry,
-                         create_metanetwork, features_from_models, features_from_state_dicts, list_metanetworks,
-                         load_features_into, random_symmetry, zoo_cnn)
+                         create_metanetwork, features_from_models, features_from_state_dicts, fit_metanetwork,
+                         kendall_tau, list_metanetworks, load_features_into, predict, random_symmetry, zoo_cnn)
 
 torch.set_num_threads(1)
 
@@ -321,3 +321,32 @@ def test_transform_must_fit_the_features(gen):
     with pytest.raises(EquirayError, match="hidden layers"):
         apply_symmetry(random_features(SMALL_CNN, gen), g)
     assert isinstance(g, WeightSymmetry)
+
+
+# ----------------------------------------------------------------------------------------- fitting
+def test_kendall_tau_ranks_and_refuses_bad_input():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([4, 3, 2, 1], [10, 20, 30, 40]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 1, 1], [1, 2, 3]) == 0.0  # constant predictions rank nothing
+    with pytest.raises(EquirayError, match="equally long"):
+        kendall_tau([1, 2], [1, 2, 3])
+
+
+def test_fit_metanetwork_learns_a_weight_statistic_and_keeps_the_best_epoch():
+    gen = torch.Generator().manual_seed(0)
+    nets = [zoo_cnn() for _ in range(48)]
+    for i, m in enumerate(nets):  # a target the weights determine: the spread of the first layer
+        with torch.no_grad():
+            m.features[0].weight.mul_(0.2 + 0.05 * i)
+    feats, spec = features_from_models(nets)
+    target = torch.tensor([float(m.features[0].weight.std()) for m in nets])
+    perm = torch.randperm(48, generator=gen)
+    torch.manual_seed(0)
+    model = StatNN(spec, mlp_hidden=(16,))
+    fit = fit_metanetwork(model, feats, target, train_idx=perm[:32], val_idx=perm[32:], epochs=40, lr=3e-3)
+    taus = [h["val_tau"] for h in fit.history]
+    assert fit.history[fit.best_epoch - 1]["val_tau"] == max(taus) and len(taus) == 40
+    assert kendall_tau(predict(model, feats[perm[32:]]), target[perm[32:]]) == pytest.approx(max(taus))
+    assert max(taus) > 0.8
+    with pytest.raises(EquirayError, match=">= 2 training"):
+        fit_metanetwork(model, feats, target, train_idx=perm[:1], val_idx=perm[1:5])

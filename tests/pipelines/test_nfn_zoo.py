@@ -1,7 +1,5 @@
 """The model-zoo pipelines end to end on the shared local Ray: real Ray tasks, Parquet out, nets that load back;
 vectorized zoo training equal to training the nets one by one; metanetworks fitted, logged and registered."""
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,7 +33,7 @@ def _one_by_one(hp, seed, x, y, *, epochs, batch_size):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval(), float(loss)
+    return model.eval(), float(loss.detach())
 
 
 HPS = [dict(activation=a, optimizer=o, lr=lr, weight_decay=wd, dropout=0.0, init_std=s, train_fraction=f)

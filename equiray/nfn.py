@@ -57,7 +57,7 @@ __all__ = ["LayerSpec", "NetworkSpec", "WeightSpaceFeatures", "WeightSymmetry", 
            "features_from_models", "features_from_state_dicts", "load_features_into", "random_symmetry",
            "apply_symmetry", "FirstLayerMap", "HiddenLayerMap", "LastLayerMap", "SignCoupling", "MonomialLinear",
            "FeatureActivation", "MonomialInvariantPool", "MonomialNFN", "StatNN", "register_metanetwork",
-           "create_metanetwork", "list_metanetworks", "count_parameters", "kendall_tau", "MetaFit",
+           "create_metanetwork", "list_metanetworks", "count_parameters", "features_from_normalized_cnns", "kendall_tau", "MetaFit",
            "fit_metanetwork", "predict"]
 
 ScalingGroup = Literal["positive", "sign"]
@@ -300,6 +300,49 @@ def features_from_state_dicts(state_dicts: Sequence[dict[str, torch.Tensor]]) ->
     weights = tuple(torch.stack([p[i][0] for p in per_sd])[:, None].detach() for i in range(spec.num_layers))
     biases = tuple(torch.stack([p[i][1] for p in per_sd])[:, None].detach() for i in range(spec.num_layers))
     return WeightSpaceFeatures(weights, biases), spec
+
+
+def features_from_normalized_cnns(state_dicts: Sequence[dict[str, torch.Tensor]]) -> tuple[WeightSpaceFeatures,
+                                                                                              NetworkSpec]:
+    """Features of CNNs whose bias-free convs are each followed by a whole-layer normalisation with a per-channel
+    affine (``GroupNorm(1, C)``: gamma, beta) and an odd activation, then GAP and a linear head: equiray's
+    ``small_cnn`` ensemble member.
+
+    Such a net keeps its function under hidden-channel permutations and under per-channel sign flips ``s`` that
+    negate gamma_j and beta_j and the next layer's input channel j (tanh is odd); the conv rows themselves do not
+    flip (the normalisation sees the whole layer). Two channels carry exactly the (S1, S2) sign-flip action, so
+    the ``"sign"`` Monomial-NFN reads them: weights ``[sign(gamma) * W, gamma * W]`` and biases ``[beta, gamma]``
+    (the head's weight and bias twice). Returns features with 2 channels and the spec."""
+    if not state_dicts:
+        raise EquirayError("features_from_normalized_cnns needs at least one state dict")
+    per_sd, spec = [], None
+    for idx, sd in enumerate(state_dicts):
+        items = [(k, v) for k, v in sd.items() if torch.is_floating_point(v)]
+        layers, i = [], 0
+        while i < len(items):
+            key, w = items[i]
+            if w.dim() == 4 and i + 2 < len(items) and items[i + 1][1].shape == items[i + 2][1].shape == w.shape[:1]:
+                gamma, beta = items[i + 1][1], items[i + 2][1]
+                sign = torch.where(gamma < 0, -1.0, 1.0).to(w.dtype)
+                shape = (-1,) + (1,) * (w.dim() - 1)
+                layers.append((torch.stack([sign.view(shape) * w, gamma.view(shape) * w]),
+                               torch.stack([beta, gamma])))
+                i += 3
+            elif w.dim() == 2 and i + 1 < len(items) and items[i + 1][1].shape == w.shape[:1]:
+                b = items[i + 1][1]
+                layers.append((torch.stack([w, w]), torch.stack([b, b])))
+                i += 2
+            else:
+                raise EquirayError(f"state dict {idx}: {key!r} {tuple(w.shape)} is neither a bias-free conv followed "
+                                   "by a normalisation's (weight, bias) nor a linear layer with a bias")
+        this = NetworkSpec(tuple(LayerSpec(w.shape[1], w.shape[2], tuple(w.shape[3:])) for w, _ in layers))
+        if spec is not None and this != spec:
+            raise EquirayError(f"state dict {idx} has layers {this}, state dict 0 {spec}: use one architecture")
+        spec = this
+        per_sd.append(layers)
+    weights = tuple(torch.stack([p[i][0] for p in per_sd]).detach() for i in range(spec.num_layers))
+    biases = tuple(torch.stack([p[i][1] for p in per_sd]).detach() for i in range(spec.num_layers))
+    return WeightSpaceFeatures(weights, biases), spec  # weights[i]: (B, 2, n_i, n_{i-1}, *k); biases[i]: (B, 2, n_i)
 
 
 def load_features_into(model: nn.Module, features: WeightSpaceFeatures, index: int, *, channel: int = 0) -> nn.Module:

@@ -21,7 +21,7 @@ examples:
   equiray data info data/fashion-mnist
   equiray pretrain --config configs/pretrain.yaml --set train.epochs=2
   equiray ensemble train --config configs/ensemble.yaml
-  equiray ensemble eval --config configs/ensemble.yaml
+  equiray ensemble eval --config configs/ensemble.yaml [--select-by nfn]
   equiray distill --config configs/distill.yaml
   equiray canon sweep --config configs/canon.yaml
   equiray tune ftp --config configs/ftp.yaml [--resume]
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "another dataset; writes a plot and a table and logs both to the run.")
     _add_config_args(eeval)
     eeval.add_argument("--run-id", help="the `ensemble train` run (default: the latest finished one)")
+    eeval.add_argument("--select-by", choices=("none", "nfn"), help="nfn: leave out the members a registered "
+                       "metanetwork (eval.nfn_model, default models:/equiray-nfn-members@champion, trained on a zoo of members) predicts weakest "
+                       "(eval.drop_fraction) and compare with all members and with random subsets")
 
     dist = sub.add_parser("distill", help="distil the registered ensemble into one student and register it",
                           description="Train a student (a member architecture or a timm model) to match the "
@@ -194,6 +197,7 @@ def _load_pipeline(name: str, config: str | None, overrides: list[str]):
 def _cmd_pipeline(name: str, args) -> int:
     overrides = list(args.overrides) + (["reuse=false"] if getattr(args, "fresh", False) else [])
     overrides += ["resume=true"] if getattr(args, "resume", False) else []
+    overrides += [f"eval.select_by={args.select_by}"] if getattr(args, "select_by", None) else []
     fn, cfg = _load_pipeline(name, args.config, overrides)
     kwargs = {"run_id": args.run_id} if getattr(args, "run_id", None) else {}
     result = fn(cfg, report_dir=args.report_dir, **kwargs)

@@ -3,8 +3,9 @@
 Stages: (1) prepare Fashion-MNIST as Parquet shards; (2) pretrain a backbone with Ray Train, register it as
 ``equiray-backbone@pretrained`` and evaluate it on upright, C4-rotated and corrupted views; (3) augmentation
 ensembles on Ray Train, OSP/KL vs ensemble size; (4) distil the ensemble into one student; (5) canonicalization
-variants around the backbone as Ray Tune trials. Later stages (FTP, NFN, serving) add sections to the same
-report.
+variants around the backbone as Ray Tune trials; (6) a robust fine-tuning search (FTP, TPGM, L2-SP) on Ray Tune;
+(7) Monomial-NFN: a zoo of small CNNs trained on Ray tasks, metanetworks that read their accuracy off the weights,
+and the same for the ensemble's members, used to leave the weakest out of the average.
 
     equiray demo [--config configs/demo.yaml] [--set pretrain.train.epochs=1]
 """
@@ -16,16 +17,35 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines._common import TrackingConfig
 from pipelines.canon import CanonConfig
 from pipelines.distill import DistillConfig
 from pipelines.ftp import FTPConfig, SearchConfig as FTPSearch, FTPTrain
 from pipelines.ensemble import EnsembleConfig
+from pipelines.nfn import NFNTrainConfig, ZooConfig
 from pipelines.pretrain import DataConfig, PretrainConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-STAGES = ("pretrain", "ensemble", "distill", "canon", "ftp")
+STAGES = ("pretrain", "ensemble", "distill", "canon", "ftp", "nfn")
+
+
+@dataclass(frozen=True)
+class NFNDemo:
+    """The demo's Monomial-NFN stage: a small Small-CNN-Zoo-style zoo and its metanetworks, then a zoo of the
+    ensemble's members, a metanetwork over them, and ``--select-by nfn`` on the ensemble."""
+
+    zoo: ZooConfig = ZooConfig(data=DataConfig(max_train=3000, max_eval=1000), nets=48, nets_per_task=8, epochs=1,
+                               out="data/zoo-demo")
+    train: NFNTrainConfig = NFNTrainConfig(zoo="data/zoo-demo", epochs=60)
+    member_zoo: str = "data/member-zoo-demo"
+    members: NFNTrainConfig = NFNTrainConfig(zoo="data/member-zoo-demo", epochs=60, zoos=("plain",),
+                                             metanetworks={"monomial-nfn": {"hidden_channels": 16}},
+                                             tracking=TrackingConfig(experiment="equiray-nfn",
+                                                                     registered_model="equiray-nfn-members",
+                                                                     alias="champion"))
+    drop_fraction: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -35,6 +55,7 @@ class DemoConfig:
     distill: DistillConfig = DistillConfig()
     canon: CanonConfig = CanonConfig()
     ftp: FTPConfig = FTPConfig(search=FTPSearch(num_samples=10, grace_period=2), train=FTPTrain(epochs=6))
+    nfn: NFNDemo = NFNDemo()
     stages: tuple[str, ...] = STAGES
     reuse: bool = True  # take a stage's registered result when the same config produced it (--fresh: redo all)
 
@@ -107,6 +128,10 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> dict:
         if ft["reused"]:
             print(f"    reused {ft['registered']} version {ft['version']} (same config)")
         print("\n" + ft["table"] + "\n" + "\n".join(ft["verdict"]))
+    if "nfn" in cfg.stages:
+        _banner(stages.index("nfn") + 1, total, f"Monomial-NFN: a zoo of {cfg.nfn.zoo.nets} small CNNs on Ray tasks, "
+                "metanetworks predicting their accuracy from weights; then the ensemble's members")
+        out["nfn"] = _nfn_stage(cfg, out, report_dir)
     elapsed = time.perf_counter() - t0
     report = write_report(report_dir / "demo.md", cfg, meta, out, elapsed)
     tracking = next(iter(out.values()))["tracking_uri"] if out else ""
@@ -117,6 +142,45 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> dict:
             print(f"model:    {out[key]['registered']} (version {out[key]['version']})")
     print(f"finished in {elapsed / 60:.1f} min")
     return {**out, "report": str(report), "seconds": elapsed}
+
+
+def _nfn_stage(cfg: DemoConfig, out: dict, report_dir: Path) -> dict:
+    """Zoo (reused when the same zoo config wrote it), metanetworks, member zoo, selection."""
+    import dataclasses
+    import json
+
+    from equiray.config import to_dict
+    from pipelines import ensemble, nfn
+
+    n = cfg.nfn
+    zoo_json = Path(n.zoo.out) / "zoo.json"
+    same = zoo_json.exists() and json.loads(zoo_json.read_text()).get("config") == to_dict(n.zoo)
+    if same and cfg.reuse:
+        print(f"    reused the zoo in {n.zoo.out} (same config)")
+    else:
+        z = nfn.run_zoo(dataclasses.replace(n.zoo, overwrite=True))
+        print(f"    {z['nets']} nets in {z['seconds']:.0f} s -> {z['out']}; test accuracy "
+              f"{z['test_accuracy']['min'] * 100:.0f}-{z['test_accuracy']['max'] * 100:.0f}%")
+    res = nfn.run_train(n.train, report_dir=report_dir, reuse=cfg.reuse)
+    print("\n" + res["table"] + "\n" + "\n".join(res["verdict"]))
+    result = {**res, "zoo_nets": json.loads(zoo_json.read_text())["nets"]}
+    if "ensemble" not in out:
+        return result
+    run_id = out["ensemble"]["run_id"]
+    member_json = Path(n.member_zoo) / "zoo.json"
+    source = f"ensemble train run {run_id}"
+    if not (cfg.reuse and member_json.exists() and json.loads(member_json.read_text()).get("source") == source):
+        nfn.run_zoo(dataclasses.replace(n.zoo, from_ensemble=run_id, out=n.member_zoo, overwrite=True,
+                                        ensemble_experiment=cfg.ensemble.tracking.experiment))
+    members = nfn.run_train(dataclasses.replace(n.members, zoo=n.member_zoo), report_dir=report_dir / "members",
+                            reuse=cfg.reuse)
+    print("\n" + members["table"])
+    e = cfg.ensemble
+    sel = ensemble.run_select(dataclasses.replace(e, eval=dataclasses.replace(
+        e.eval, select_by="nfn", drop_fraction=n.drop_fraction, nfn_model=members["registered"])),
+        run_id=run_id, ensembles=out["ensemble"].get("ensembles"), report_dir=report_dir)
+    print("\n" + sel["table"] + "\n" + "\n".join(sel["verdict"]))
+    return {**result, "members": members, "selection": sel}
 
 
 def _results_table(pre: dict, group: str) -> str:
@@ -216,6 +280,33 @@ under {', '.join(f.task.ood_views)}. Champion: **{ft['champion']['method']}** (I
 {ft['table']}
 
 {chr(10).join(ft['verdict'])}
+""")
+    if "nfn" in out:
+        nf, n = out["nfn"], cfg.nfn
+        parts.append(f"""## Monomial-NFN (`{nf['registered']}`, version {nf['version']})
+A zoo of {nf['zoo_nets']} Small-CNN-Zoo nets (4,970 parameters; optimizer, learning rate, L2, dropout, init scale and
+training fraction drawn per net), trained {n.zoo.epochs} epoch(s) on {n.zoo.data.max_train} images as vectorized Ray
+tasks. Metanetworks predict each net's test accuracy from its weights; Kendall tau on the
+{round(nf['zoo_nets'] * n.train.test_fraction)} held-out nets, on the plain zoo and on the same zoo with every hidden
+unit rescaled by a random factor in [1e-4, 1e4] (the same functions):
+
+![nfn_scatter](nfn_scatter.png)
+
+{nf['table']}
+
+{chr(10).join(nf['verdict'])}
+""")
+        if "members" in nf:
+            parts.append(f"""### Reading the ensemble's members
+The ensemble's members as a zoo (accuracy on the validation split), a sign-flip Monomial-NFN over them
+(`{nf['members']['registered']}`), and `ensemble eval --select-by nfn`: the {int(n.drop_fraction * 100)}% of members
+predicted weakest are left out of the average (test set; random subsets of the same size as the control):
+
+{nf['members']['table']}
+
+{nf['selection']['table']}
+
+{chr(10).join(nf['selection']['verdict'])}
 """)
     tmp = path.with_suffix(".md.partial")
     tmp.write_text("\n".join(parts))

@@ -93,6 +93,15 @@ class EnsembleEvalSection:
     max_off_manifold: int = 1000
     repeats: int = 20  # bootstrap subsets per ensemble size
     sizes: tuple[int, ...] = ()  # default: 1, 2, 5, 10, 20, ... up to all members
+    # "nfn": a registered metanetwork predicts every member's accuracy from its weights and the weakest
+    # drop_fraction are left out of the average; compared with the whole ensemble and random subsets of that size
+    select_by: Literal["none", "nfn"] = "none"
+    nfn_model: str = "models:/equiray-nfn-members@champion"  # trained on a zoo of members (nfn_train_members.yaml)
+    drop_fraction: float = 0.25
+
+    def __post_init__(self):
+        if not 0 < self.drop_fraction < 1:
+            raise ConfigError(f"eval.drop_fraction must be in (0, 1), got {self.drop_fraction}")
 
 
 @dataclass(frozen=True)
@@ -498,15 +507,10 @@ def run_eval(cfg: EnsembleConfig, *, run_id: str | None = None, report_dir: str 
     from pipelines import _tracking
 
     uri = _tracking.tracking_uri()
-    exp_id = _tracking.setup(cfg.tracking.experiment, uri)
-    if run_id is None:
-        runs = mlflow.search_runs([exp_id], filter_string="tags.`equiray.pipeline` = 'ensemble-train' and "
-                                  "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                                  max_results=1, output_format="list")
-        if not runs:
-            raise EquirayError(f"no finished `equiray ensemble train` run in experiment {cfg.tracking.experiment!r}; "
-                               "train one first or pass --run-id")
-        run_id = runs[0].info.run_id
+    _tracking.setup(cfg.tracking.experiment, uri)
+    run_id = find_train_run(cfg.tracking.experiment, run_id)
+    if cfg.eval.select_by == "nfn":
+        _tracking.load_model(cfg.eval.nfn_model)  # fails early and clearly when none is registered
     if ensembles is None:
         ensembles, _ = load_members(run_id)
     meta = cfg.data.prepare()
@@ -528,7 +532,127 @@ def run_eval(cfg: EnsembleConfig, *, run_id: str | None = None, report_dir: str 
             key = f"{_slug(r['setting'])}/{'id' if r['data'] == 'in-distribution' else 'off'}"
             mlflow.log_metric(f"osp/{key}", r["osp"], step=r["size"])
             mlflow.log_metric(f"kl/{key}", r["kl"], step=r["size"])
-    return {"run_id": run_id, "rows": rows, "table": table, "plot": str(plot), "verdict": verdict(rows)}
+    result = {"run_id": run_id, "rows": rows, "table": table, "plot": str(plot), "verdict": verdict(rows)}
+    if cfg.eval.select_by == "nfn":
+        sel = run_select(cfg, run_id=run_id, ensembles=ensembles, report_dir=out_dir, data=(x, y))
+        result["selection"] = sel["selection"]
+        result["table"] = table + "\n\n" + sel["table"]
+    return result
+
+
+def run_select(cfg: EnsembleConfig, *, run_id: str | None = None, ensembles: dict | None = None,
+               report_dir: str | os.PathLike | None = None, data: tuple | None = None) -> dict:
+    """``--select-by nfn`` on its own: leave out the members ``cfg.eval.nfn_model`` predicts weakest, compare the
+    mean of the rest with all members and with random subsets; table to ``report_dir`` and to the run."""
+    import mlflow
+
+    from equiray.data import read_split
+    from pipelines import _tracking
+
+    _tracking.setup(cfg.tracking.experiment)
+    run_id = find_train_run(cfg.tracking.experiment, run_id)
+    metanet, meta_spec = _tracking.load_model(cfg.eval.nfn_model)
+    if ensembles is None:
+        ensembles, _ = load_members(run_id)
+    if data is None:
+        meta = cfg.data.prepare()
+        x, y = read_split(str(Path(cfg.data.dir).resolve()), "test", limit=cfg.eval.max_eval)
+        data = (resize(x, cfg.data.resize or meta["shape"][0]), y)
+    selection = select_by_nfn(ensembles, metanet, meta_spec, *data, cfg.group, drop_fraction=cfg.eval.drop_fraction)
+    table = selection_table(selection, cfg.eval.nfn_model)
+    out_dir = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="equiray-ensemble-eval-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ensemble_selection.md").write_text(table + "\n")
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(str(out_dir / "ensemble_selection.md"), "eval")
+        for r in selection:
+            for k in ("accuracy", "orbit_accuracy", "osp", "kl"):
+                mlflow.log_metric(f"select/{_slug(r['setting'])}/{_slug(r['members'].split()[0])}/{k}", r[k])
+    return {"run_id": run_id, "selection": selection, "table": table, "verdict": selection_verdict(selection)}
+
+
+def selection_verdict(rows: list[dict]) -> list[str]:
+    lines = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        full, nfn, rand = [r for r in rows if r["setting"] == setting]
+        lines.append(f"- {setting}: {nfn['members']} by predicted accuracy {nfn['accuracy'] * 100:.1f}% vs "
+                     f"{full['members']} {full['accuracy'] * 100:.1f}% vs {rand['members']} "
+                     f"{rand['accuracy'] * 100:.1f}%; KL {nfn['kl']:.4f} vs {full['kl']:.4f} vs {rand['kl']:.4f}")
+    return lines
+
+
+def find_train_run(experiment: str, run_id: str | None = None) -> str:
+    """``run_id``, or the latest finished ``ensemble train`` run in ``experiment``."""
+    import mlflow
+
+    if run_id is not None:
+        return run_id
+    exp = mlflow.get_experiment_by_name(experiment)
+    runs = [] if exp is None else mlflow.search_runs(
+        [exp.experiment_id], filter_string="tags.`equiray.pipeline` = 'ensemble-train' and attributes.status = "
+        "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    if not runs:
+        raise EquirayError(f"no finished `equiray ensemble train` run in experiment {experiment!r}; train one first "
+                           "or pass --run-id")
+    return runs[0].info.run_id
+
+
+def member_state_dicts(ens) -> list[dict[str, torch.Tensor]]:
+    """Every member's own state dict, out of the stacked ensemble."""
+    params, _ = ens._stacked()
+    return [{n: p[m].detach().cpu() for n, p in params.items()} for m in range(ens.num_members)]
+
+
+def select_by_nfn(ensembles: dict, metanet, meta_spec: dict, x: torch.Tensor, y: torch.Tensor, group: str, *,
+                  drop_fraction: float, random_repeats: int = 10, seed: int = 0) -> list[dict]:
+    """Per setting: the whole ensemble, the members a metanetwork predicts strongest (the weakest ``drop_fraction``
+    left out), and random subsets of the same size (the control); accuracy and invariance of each mean."""
+    from equiray.metrics import invariance, orbit_logits
+    from equiray.nfn import features_from_normalized_cnns, predict
+
+    g = get_group(group)
+    rows = []
+    for name, ens in ensembles.items():
+        try:
+            feats, spec = features_from_normalized_cnns(member_state_dicts(ens))
+        except EquirayError as exc:
+            raise EquirayError(f"--select-by nfn reads small_cnn members; {name!r}: {exc}") from None
+        expected = [list(map(int, [o, i])) + [list(k)] for o, i, k in
+                    ((layer.out_features, layer.in_features, layer.kernel_size) for layer in spec.layers)]
+        if meta_spec.get("network_spec") != expected or meta_spec.get("kwargs", {}).get("in_channels", 1) != 2:
+            raise EquirayError(f"{meta_spec.get('name')} ({meta_spec.get('network_spec')}) was not trained on members "
+                               f"like these ({expected}); train one on this run's members: equiray nfn zoo --set "
+                               "from_ensemble=latest --set out=data/member-zoo, then equiray nfn train --set "
+                               "zoo=data/member-zoo")
+        with torch.no_grad():
+            score = predict(metanet, feats)
+            logits = orbit_logits(ens.member_logits, x, g, batch_size=256)  # (N, |G|, B, K)
+        keep = max(1, round(ens.num_members * (1 - drop_fraction)))
+        chosen = torch.argsort(score, descending=True)[:keep]
+        rows.append({"setting": name, "members": f"all {ens.num_members}", **invariance(_mean_of(logits, None), y)})
+        rows.append({"setting": name, "members": f"nfn top {keep}", **invariance(_mean_of(logits, chosen), y)})
+        gen = torch.Generator().manual_seed(seed)
+        rand = [invariance(_mean_of(logits, torch.randperm(ens.num_members, generator=gen)[:keep]), y)
+                for _ in range(random_repeats)]
+        rows.append({"setting": name, "members": f"random {keep}",
+                     **{k: float(sum(r[k] for r in rand) / len(rand)) for k in rand[0]},
+                     "orbit_size": rand[0]["orbit_size"]})
+    return rows
+
+
+def _mean_of(member_orbit_logits: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """The ensemble mean's orbit logits (|G|, B, K) over the members ``idx`` (all when None)."""
+    return (member_orbit_logits if idx is None else member_orbit_logits[idx]).mean(0)
+
+
+def selection_table(rows: list[dict], model: str) -> str:
+    out = [f"Members chosen by {model} (predicted accuracy from weights) vs all and vs random subsets of the "
+           "same size:", "", "| setting | members | accuracy | orbit accuracy | OSP | sym. KL |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['setting']} | {r['members']} | {r['accuracy'] * 100:.1f}% | {r['orbit_accuracy'] * 100:.1f}% "
+                   f"| {r['osp']:.3f} / {r['orbit_size']} | {r['kl']:.4f} |")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:

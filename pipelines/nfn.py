@@ -90,6 +90,10 @@ class ZooConfig:
     overwrite: bool = False
     cpus_per_task: float = 1.0
     gpus_per_task: float = 0.0
+    # "latest" or an `ensemble train` run id: the zoo is that run's members instead (small_cnn nets; their
+    # accuracy measured on the validation split, so the test split stays unseen by `ensemble eval --select-by nfn`)
+    from_ensemble: str | None = None
+    ensemble_experiment: str = "equiray-ensemble"
 
     def __post_init__(self):
         if self.nets < 1 or self.nets_per_task < 1 or self.epochs < 1 or self.batch_size < 1:
@@ -275,9 +279,7 @@ def _train_chunk(ids: list[int], hps: list[dict], data, cfg: dict) -> list[dict]
 
 
 def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> dict:
-    """Train the zoo on Ray tasks and write it as Parquet shards (atomically)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Train the zoo on Ray tasks (or read an ensemble's members) and write it as Parquet shards (atomically)."""
     import ray
 
     from equiray.data import read_split
@@ -286,6 +288,14 @@ def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> d
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise EquirayError(f"{out} already holds a zoo; --set overwrite=true to replace it, or --set out=OTHER")
+    if cfg.from_ensemble:
+        t0 = time.perf_counter()
+        rows, source = member_rows(cfg.from_ensemble, cfg.ensemble_experiment)
+        write_zoo(rows, out, {"config": to_dict(cfg), "nets": len(rows), "architecture": "small_cnn",
+                              "source": source})
+        accs = np.array([r["test_accuracy"] for r in rows])
+        return {"out": str(out), "nets": len(rows), "seconds": time.perf_counter() - t0, "source": source,
+                "val_accuracy": {"min": float(accs.min()), "median": float(np.median(accs)), "max": float(accs.max())}}
     cfg.data.prepare()
     x, y = read_split(cfg.data.dir, "train", limit=cfg.data.max_train)
     xt, yt = read_split(cfg.data.dir, "test", limit=cfg.data.max_eval)
@@ -311,12 +321,24 @@ def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> d
         done += len(pending.pop(ready[0]))
         say(f"[nfn zoo] {done}/{cfg.nets} nets trained ({time.perf_counter() - t0:.0f} s)")
     rows.sort(key=lambda r: r["net_id"])
+    write_zoo(rows, out, {"config": raw, "nets": len(rows), "architecture": "zoo_cnn"})
+    accs = np.array([r["test_accuracy"] for r in rows])
+    return {"out": str(out), "nets": len(rows), "seconds": time.perf_counter() - t0,
+            "test_accuracy": {"min": float(accs.min()), "median": float(np.median(accs)), "max": float(accs.max())}}
+
+
+def write_zoo(rows: list[dict], out: Path, meta: dict) -> None:
+    """Parquet shards + ``zoo.json``, written to a temporary directory and renamed into place (all or nothing)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=".zoo-", dir=out.parent if out.parent.exists() else None))
     try:
         table = pa.Table.from_pylist(rows)
         for i in range(0, len(rows), 256):
             pq.write_table(table.slice(i, 256), tmp / f"part-{i // 256:05d}.parquet")
-        (tmp / "zoo.json").write_text(json.dumps({"config": raw, "nets": len(rows)}, indent=2))
+        (tmp / "zoo.json").write_text(json.dumps(meta, indent=2, default=str))
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -324,9 +346,42 @@ def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> d
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    accs = np.array([r["test_accuracy"] for r in rows])
-    return {"out": str(out), "nets": len(rows), "seconds": time.perf_counter() - t0,
-            "test_accuracy": {"min": float(accs.min()), "median": float(np.median(accs)), "max": float(accs.max())}}
+
+
+def member_rows(run: str, experiment: str) -> tuple[list[dict], str]:
+    """The members of an ``ensemble train`` run as zoo rows: weights, setting, accuracy on the validation split."""
+    import mlflow
+    import yaml
+
+    from equiray.config import load_config
+    from equiray.data import read_split
+    from pipelines import _tracking
+    from pipelines.ensemble import EnsembleConfig, find_train_run, load_members, member_state_dicts
+
+    _tracking.setup(experiment)
+    run_id = find_train_run(experiment, None if run == "latest" else run)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml",
+                                                                      dst_path=tmp)).read_text())
+    ens_cfg = load_config(EnsembleConfig, raw)
+    ensembles, _ = load_members(run_id)
+    meta = ens_cfg.data.prepare()
+    x, y = read_split(str(Path(ens_cfg.data.dir).resolve()), "val", limit=min(1000, ens_cfg.eval.max_eval))
+    x = resize(x, ens_cfg.data.resize or meta["shape"][0])
+    settings = {s.name: s for s in ens_cfg.settings}
+    rows = []
+    for name, ens in ensembles.items():
+        with torch.no_grad():
+            logits = torch.cat([ens.eval().member_logits(x[i:i + 512]) for i in range(0, len(y), 512)], dim=1)
+        acc = (logits.argmax(-1) == y).float().mean(1)
+        s = settings[name]
+        for m, state in enumerate(member_state_dicts(ens)):
+            rows.append({"net_id": len(rows), "setting": name, "member": m, "support": s.support,
+                         "augment": s.augment, "init": s.init, "architecture": "small_cnn",
+                         "test_accuracy": float(acc[m]), "accuracy_split": "val",
+                         "weights": torch.cat([v.float().flatten() for v in state.values()]).numpy().tobytes(),
+                         "layout": json.dumps([[k, list(v.shape)] for k, v in state.items()])})
+    return rows, f"ensemble train run {run_id}"
 
 
 def read_zoo(path: str | os.PathLike) -> tuple[list[dict], list[dict[str, torch.Tensor]]]:
@@ -394,8 +449,11 @@ class NFNTrainConfig:
 
 def zoo_features(states: list[dict], rows: list[dict]):
     """A zoo's weights as metanetwork features, its spec and the symmetry group of its activation."""
-    from equiray.nfn import features_from_state_dicts
+    from equiray.nfn import features_from_normalized_cnns, features_from_state_dicts
 
+    if rows and rows[0].get("architecture") == "small_cnn":  # ensemble members: tanh, sign flips (2 channels)
+        feats, spec = features_from_normalized_cnns(states)
+        return feats, spec, "sign"
     acts = {r.get("activation", "relu") for r in rows}
     if len(acts) > 1:
         raise EquirayError(f"the zoo mixes activations {sorted(acts)}; a metanetwork's symmetry group depends on it: "
@@ -431,7 +489,7 @@ def _fit_task(name: str, kwargs: dict, zoo: str, feats, spec, group: str, target
     torch.set_num_threads(max(1, int(cfg["cpus_per_task"])))
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg["seed"])
-    opts = dict(kwargs)
+    opts = {**kwargs, "in_channels": feats.weights[0].shape[1]}
     if name == "monomial-nfn":
         opts.setdefault("group", group)
     model = create_metanetwork(name, spec, **opts).to(device)

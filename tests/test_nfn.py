@@ -9,7 +9,8 @@ import torch.nn as nn
 from equiray.errors import EquirayError
 from equiray.nfn import (FirstLayerMap, HiddenLayerMap, LastLayerMap, LayerSpec, MonomialLinear, MonomialNFN,
                          NetworkSpec, StatNN, WeightSpaceFeatures, WeightSymmetry, apply_symmetry,
-                         create_metanetwork, features_from_models, features_from_state_dicts, fit_metanetwork,
+                         create_metanetwork, features_from_models, features_from_normalized_cnns,
+                         features_from_state_dicts, fit_metanetwork,
                          kendall_tau, list_metanetworks, load_features_into, predict, random_symmetry, zoo_cnn)
 
 torch.set_num_threads(1)
@@ -350,3 +351,63 @@ def test_fit_metanetwork_learns_a_weight_statistic_and_keeps_the_best_epoch():
     assert max(taus) > 0.8
     with pytest.raises(EquirayError, match=">= 2 training"):
         fit_metanetwork(model, feats, target, train_idx=perm[:1], val_idx=perm[1:5])
+
+
+# ----------------------------------------------------------------------------------------- ensemble members
+def _member_symmetry(state: dict, perms: list[torch.Tensor], signs: list[torch.Tensor]) -> dict:
+    """The true weight symmetry of a small_cnn: permute hidden channels; flip the norm's affine and the next
+    layer's input channels."""
+    out = {k: v.clone() for k, v in state.items()}
+    convs = [k for k in state if k.startswith("features") and state[k].dim() == 4]
+    for i, conv in enumerate(convs):
+        norm = conv.rsplit(".", 2)[0] + f".{int(conv.split('.')[1]) + 1}"
+        p, s = perms[i], signs[i]  # noqa: E741
+        out[conv] = out[conv][p]
+        out[norm + ".weight"] = s * out[norm + ".weight"][p]
+        out[norm + ".bias"] = s * out[norm + ".bias"][p]
+        nxt = convs[i + 1] if i + 1 < len(convs) else "head.weight"
+        shape = (1, -1) + (1,) * (out[nxt].dim() - 2)
+        out[nxt] = out[nxt][:, p] * s.view(shape)
+    return out
+
+
+def test_member_features_carry_the_members_sign_flip_symmetry():
+    from equiray.models import create_model
+
+    torch.manual_seed(0)
+    nets = [create_model("small_cnn", support="asymmetric") for _ in range(3)]
+    for n in nets:  # trained-looking affines, some negative
+        with torch.no_grad():
+            for m in n.modules():
+                if isinstance(m, nn.GroupNorm):
+                    m.weight.normal_()
+                    m.bias.normal_()
+    states = [n.state_dict() for n in nets]
+    feats, spec = features_from_normalized_cnns(states)
+    assert [f.shape[1] for f in feats.weights] == [2] * 4 and spec.hidden_sizes == (16, 16, 16)
+    gen = torch.Generator().manual_seed(1)
+    perms = [torch.randperm(16, generator=gen) for _ in range(3)]
+    signs = [torch.where(torch.rand(16, generator=gen) < 0.5, -1.0, 1.0) for _ in range(3)]
+    moved = [_member_symmetry(s, perms, signs) for s in states]
+    x = torch.randn(4, 1, 14, 14, generator=gen)
+    with torch.no_grad():  # the transformation is a symmetry of the member itself ...
+        ref = nets[0](x)
+        nets[0].load_state_dict(moved[0])
+        torch.testing.assert_close(nets[0](x), ref, atol=1e-5, rtol=1e-5)
+    # ... and the features move by exactly the monomial sign-flip action
+    transform = WeightSymmetry(tuple(torch.stack([p] * 3) for p in perms), tuple(torch.stack([s] * 3).double()
+                                                                                 for s in signs))
+    expected = apply_symmetry(feats, transform)
+    for a, b in zip(features_from_normalized_cnns(moved)[0], expected):
+        torch.testing.assert_close(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1])
+    meta = MonomialNFN(spec, group="sign", in_channels=2)
+    torch.testing.assert_close(meta(features_from_normalized_cnns(moved)[0]), meta(feats), atol=1e-5, rtol=1e-5)
+    # sensitivity: tripling the first norm's gain (not a symmetry of this net) changes the function and the reading
+    bad = {k: (3 * v if k == "features.1.weight" else v) for k, v in states[0].items()}
+    nets[0].load_state_dict(bad)
+    with torch.no_grad():
+        assert not torch.allclose(nets[0](x), ref, atol=1e-3)
+    assert not torch.allclose(meta(features_from_normalized_cnns([bad])[0]), meta(feats)[:1], atol=1e-4)
+    with pytest.raises(EquirayError, match="neither a bias-free conv"):
+        features_from_normalized_cnns([zoo_cnn().state_dict()])

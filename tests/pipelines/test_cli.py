@@ -18,7 +18,8 @@ def test_help_lists_every_command():
         assert cmd in res.stdout
     for sub in (["pretrain", "--help"], ["data", "prepare", "--help"], ["demo", "--help"],
                 ["ensemble", "train", "--help"], ["ensemble", "eval", "--help"], ["distill", "--help"],
-                ["canon", "sweep", "--help"], ["tune", "ftp", "--help"], ["nfn", "zoo", "--help"]):
+                ["canon", "sweep", "--help"], ["tune", "ftp", "--help"], ["nfn", "zoo", "--help"],
+                ["nfn", "train", "--help"]):
         res = run(*sub)
         assert res.returncode == 0 and "--" in res.stdout, sub
     assert "--set KEY=VALUE" in run("pretrain", "--help").stdout
@@ -83,3 +84,12 @@ def test_bad_ensemble_config_is_one_clear_line(tmp_path):
     res = run("ensemble", "train", "--config", str(cfg), cwd=tmp_path)
     assert res.returncode == 2 and "settings[0].support: 'diagonal' is not one of" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_nfn_train_mistakes_are_one_clear_line(tmp_path):
+    res = run("nfn", "train", "--set", f"zoo={tmp_path / 'nothing'}", cwd=tmp_path)
+    assert res.returncode == 2 and "no zoo at" in res.stderr and "Traceback" not in res.stderr
+    res = run("nfn", "train", "--set", "metanetworks={np: {}}", cwd=tmp_path)
+    assert res.returncode == 2 and "metanetworks: unknown ['np']" in res.stderr
+    res = run("ensemble", "eval", "--select-by", "best", cwd=tmp_path)
+    assert res.returncode == 2 and "invalid choice" in res.stderr

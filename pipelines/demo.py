@@ -36,9 +36,9 @@ class NFNDemo:
     """The demo's Monomial-NFN stage: a small Small-CNN-Zoo-style zoo and its metanetworks, then a zoo of the
     ensemble's members, a metanetwork over them, and ``--select-by nfn`` on the ensemble."""
 
-    zoo: ZooConfig = ZooConfig(data=DataConfig(max_train=3000, max_eval=1000), nets=48, nets_per_task=8, epochs=1,
+    zoo: ZooConfig = ZooConfig(data=DataConfig(max_train=3000, max_eval=1000), nets=96, nets_per_task=8, epochs=1,
                                out="data/zoo-demo")
-    train: NFNTrainConfig = NFNTrainConfig(zoo="data/zoo-demo", epochs=60)
+    train: NFNTrainConfig = NFNTrainConfig(zoo="data/zoo-demo", epochs=100)
     member_zoo: str = "data/member-zoo-demo"
     members: NFNTrainConfig = NFNTrainConfig(zoo="data/member-zoo-demo", epochs=60, zoos=("plain",),
                                              metanetworks={"monomial-nfn": {"hidden_channels": 16}},

@@ -322,7 +322,7 @@ def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = Non
     registered = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
     if reuse:
         mv = _tracking.find_version(cfg.tracking.registered_model, cfg.tracking.alias,
-                                    config_hash_value=_tracking.config_hash(cfg))
+                                    config_hash_value=_train_hash(cfg))
         if mv is not None:
             metrics = mlflow.MlflowClient().get_run(mv.run_id).data.metrics
             return {"run_id": mv.run_id, "tracking_uri": uri, "members": n_total, "reused": True,
@@ -375,13 +375,20 @@ def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = Non
         model_uri = _tracking.log_model(ensembles[champion], spec, name="ensemble")
         version = _tracking.register(model_uri, cfg.tracking.registered_model, cfg.tracking.alias,
                                      tags={"setting": champion, "test_accuracy": f"{acc[champion]:.4f}",
-                                           "run_id": run_id, "equiray.config_hash": _tracking.config_hash(cfg)})
+                                           "run_id": run_id, "equiray.config_hash": _train_hash(cfg)})
     say(f"[ensemble] trained {n_total} members in {train_seconds:.0f} s; ensemble test accuracy: " +
         ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     return {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "members": n_total,
             "groups": len(groups), "restarts": restarts, "accuracy": acc, "train_seconds": train_seconds, "version": version,
             "registered": registered, "champion": champion, "reused": False,
             "ensembles": ensembles, "data_dir": data_dir, "input_size": size, "model_uri": model_uri}
+
+
+def _train_hash(cfg: EnsembleConfig) -> str:
+    """What identifies a trained ensemble: its config without the ``eval`` section (evaluation is redone anyway)."""
+    from pipelines import _tracking
+
+    return _tracking.config_hash({k: v for k, v in to_dict(cfg).items() if k != "eval"})
 
 
 def _slug(name: str) -> str:

@@ -76,8 +76,14 @@ def test_pipeline_configs_load_and_validate():
     from pipelines.demo import DemoConfig
     from pipelines.pretrain import PretrainConfig
 
-    for path, cls in (("configs/pretrain.yaml", PretrainConfig), ("configs/demo.yaml", DemoConfig)):
+    from pipelines.nfn import NFNTrainConfig, ZooConfig
+
+    for path, cls in (("configs/pretrain.yaml", PretrainConfig), ("configs/demo.yaml", DemoConfig),
+                      ("configs/nfn_zoo.yaml", ZooConfig), ("configs/nfn_train.yaml", NFNTrainConfig),
+                      ("configs/nfn_train_members.yaml", NFNTrainConfig)):
         assert isinstance(load_config(cls, path), cls)
+    # configs/demo.yaml spells out the built-in defaults
+    assert load_config(DemoConfig, "configs/demo.yaml").nfn == DemoConfig().nfn
     with pytest.raises(ConfigError, match="model.name: unknown model 'resnet-9000'"):
         load_config(PretrainConfig, {"model": {"name": "resnet-9000"}})
     with pytest.raises(ConfigError, match="unknown group"):

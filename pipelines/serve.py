@@ -373,18 +373,16 @@ class EquirayModel:
         try:
             images = await self._read_images(request)
             if self._config["batch"]["enabled"]:
-                rows = await self._predict_batched(images)
+                answer = await self._predict_batched(images)
             else:
-                rows = await self._run(self._loaded, [images])
-                rows = rows[0]
-            if isinstance(rows, Exception):
-                raise rows
+                answer = (await self._run(self._loaded, [images]))[0]
+            if isinstance(answer, Exception):
+                raise answer
         except HTTPProblem as problem:
             return problem.response()
         except BadInput as exc:
             return HTTPProblem(400, "bad_input", str(exc)).response()
-        info = self._loaded.info
-        return JSONResponse({"predictions": rows, "model": info["name"] or info["uri"], "version": info["version"]})
+        return JSONResponse(answer)
 
     # ------------------------------------------------------------------------------------------ inference
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
@@ -392,8 +390,8 @@ class EquirayModel:
         return await self._run(self._loaded, requests)
 
     async def _run(self, loaded: Loaded, requests: list[list[torch.Tensor]]) -> list:
-        """One forward pass for all images of all ``requests`` on the inference thread; per request its rows (or
-        the :class:`BadInput` that request alone caused)."""
+        """One forward pass for all images of all ``requests`` on the inference thread; per request its answer
+        (predictions and the version that made them) or the :class:`BadInput` that request alone caused."""
         ok = []
         results: list = [None] * len(requests)
         for i, images in enumerate(requests):
@@ -406,8 +404,10 @@ class EquirayModel:
         if flat:
             rows = await asyncio.get_running_loop().run_in_executor(self._forward, _predictions, loaded, flat)
             start = 0
+            model = loaded.info["name"] or loaded.info["uri"]
             for i in ok:
-                results[i] = rows[start:start + len(requests[i])]
+                results[i] = {"predictions": rows[start:start + len(requests[i])], "model": model,
+                              "version": loaded.info["version"]}
                 start += len(requests[i])
         return results
 
@@ -502,6 +502,7 @@ def deployment_options(path: str | os.PathLike, app_name: str) -> dict:
         raise ConfigError(f"serve_config: {str(path)!r} not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"serve_config: {str(path)!r} is not valid YAML: {exc}") from None
+    _check_keys(raw, path)
     try:
         schema = ServeDeploySchema.parse_obj(raw)
     except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError (v1 or v2, depending on Ray's shim)
@@ -520,6 +521,32 @@ def deployment_options(path: str | os.PathLike, app_name: str) -> dict:
         raise ConfigError(f"serve_config: {path}: {DEPLOYMENT}'s user_config is set by equiray (the model and "
                           "batching come from the app's args / configs/serve.yaml)")
     return opts
+
+
+def _check_keys(raw: Any, path) -> None:
+    """Serve's schema ignores unknown keys (a typo such as ``num_replicaz`` would silently do nothing): refuse them."""
+    import difflib
+
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    def fields(cls) -> list[str]:
+        return list(getattr(cls, "model_fields", None) or cls.__fields__)
+
+    def check(node: Any, cls, where: str) -> None:
+        if not isinstance(node, dict):
+            return
+        known = fields(cls)
+        for key in node:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"serve_config: {path}: unknown key {where + str(key)!r}{hint}")
+
+    check(raw, ServeDeploySchema, "")
+    for i, app in enumerate((raw or {}).get("applications") or []):
+        check(app, ServeApplicationSchema, f"applications[{i}].")
+        for j, dep in enumerate((app or {}).get("deployments") or []):
+            check(dep, DeploymentSchema, f"applications[{i}].deployments[{j}].")
 
 
 def build_application(cfg: ServeConfig, ref: ModelRef, options: dict | None = None):
@@ -584,8 +611,12 @@ def deploy(cfg: ServeConfig) -> dict:
     Deploying again after promoting another version to the alias swaps the model without dropping requests."""
     from pipelines._ray import init_ray
 
+    import ray
+
     ref = resolve_model(cfg.model)  # a clear error before anything starts
     options = deployment_options(cfg.serve_config, cfg.app_name) if cfg.serve_config else {}
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        _check_port(cfg.host, cfg.port)  # a fresh local Ray has no Serve yet: fail before starting it
     init_ray()
     host, port = _start_http(cfg)
     app = build_application(cfg, ref, options)
@@ -629,16 +660,24 @@ def run(cfg: ServeConfig, *, report_dir=None, detach: bool = False) -> dict:
     if detach:
         print(f"detached: stop it with `equiray serve stop --app {cfg.app_name}` (RAY_ADDRESS={os.environ['RAY_ADDRESS']})")
         return ep
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print("press Ctrl+C to stop", flush=True)
+    previous_hup = signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    print(f"press Ctrl+C to stop; `kill -HUP {os.getpid()}` re-reads the alias and swaps in its version", flush=True)
     try:
         while not stop.wait(1.0):
-            pass
+            if reload.is_set():
+                reload.clear()
+                try:
+                    ep = deploy(dataclasses.replace(cfg, port=ep["port"]))
+                    print(f"now serving {ep['model']} version {ep['version']}", flush=True)
+                except EquirayError as exc:
+                    print(f"error: {exc} (still serving the previous version)", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hup)
         print("shutting down", flush=True)
         serve.shutdown()
     return ep

@@ -20,7 +20,7 @@ from equiray.config import load_config
 from pipelines import _tracking
 from pipelines.serve import ServeConfig, deploy, deployment_options
 
-pytestmark = [pytest.mark.ray]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # Ray + Serve start: 20-50 s here
 
 CLASSES = [f"class-{i}" for i in range(10)]
 SIZE = 14  # the models' input size; clients send 28x28 images, the endpoint resizes them (area averaging)
@@ -325,3 +325,86 @@ def test_serve_config_file_is_validated_with_serves_own_schema(tmp_path):
                    "    deployments:\n      - name: EquirayModel\n        num_replicaz: 2\n")
     with pytest.raises(ConfigError, match="num_replicaz"):
         deployment_options(bad, "equiray")
+
+
+# ------------------------------------------------------------------------------------------------ fuzzing
+def test_generated_requests_from_the_openapi_schema_never_get_a_5xx(served):
+    """Schemathesis reads the app's own OpenAPI schema and generates requests that fit it and requests that
+    break it (negative mode: wrong types, missing keys, odd media types); none may get a 5xx or kill the replica."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    url = served["url"]
+    for media in ("image/png", "image/jpeg"):
+        schemathesis.serializer.alias(media, "application/octet-stream")
+    schema = schemathesis.openapi.from_dict(requests.get(url + "/openapi.json", timeout=30).json())
+    seen = {"statuses": [], "media": set()}
+    session = requests.Session()
+
+    runs = [("/v1/predict", "POST", GenerationMode.POSITIVE), ("/v1/predict", "POST", GenerationMode.NEGATIVE),
+            ("/v1/model", "GET", GenerationMode.POSITIVE), ("/healthz", "GET", GenerationMode.POSITIVE)]
+    for path, method, mode in runs:  # (the GETs take no input, so there is nothing to break there)
+        op = schema[path][method]
+
+        @settings(max_examples=40 if path == "/v1/predict" else 5, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode))
+        def drive(case):
+            kwargs = case.as_transport_kwargs(base_url=url)
+            res = session.request(**{**kwargs, "timeout": 60})
+            seen["statuses"].append(res.status_code)
+            seen["media"].add(case.media_type)
+            assert res.status_code < 500, (case.media_type, kwargs.get("json") or kwargs.get("data"), res.text)
+            if res.status_code >= 400:
+                assert "error" in res.json() or "detail" in res.json()
+
+        drive()
+    assert any(400 <= s < 500 for s in seen["statuses"])  # it did send bad requests
+    assert {"application/json", "multipart/form-data"} <= seen["media"]
+    res = post(url, data=png(images(1, 9)[0]), headers={"Content-Type": "image/png"})
+    assert res.status_code == 200  # and the replica still answers
+
+
+def test_mutated_and_malformed_payloads_never_get_a_5xx(served):
+    """Hypothesis mutates valid PNG/JPEG files (flipped bytes, cuts) and builds odd pixel arrays (NaN, inf,
+    huge, ragged, nested objects): every answer is a 200 or a 4xx with a JSON error."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    url = served["url"]
+    session = requests.Session()
+    good = png(images(1, 10)[0])
+    buf = io.BytesIO()
+    Image.fromarray(images(1, 11)[0]).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+
+    @st.composite
+    def mutated(draw):
+        data = bytearray(draw(st.sampled_from([good, jpeg])))
+        for _ in range(draw(st.integers(0, 6))):
+            i = draw(st.integers(0, len(data) - 1))
+            data[i] = draw(st.integers(0, 255))
+        cut = draw(st.integers(0, len(data)))
+        return bytes(data[:cut]) if draw(st.booleans()) else bytes(data)
+
+    numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**40, 10**40),
+                        st.floats(0, 1), st.booleans(), st.none(), st.text(max_size=3))
+    arrays = st.recursive(numbers, lambda inner: st.lists(inner, max_size=6), max_leaves=60)
+
+    @settings(max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(kind=st.sampled_from(["image/png", "image/jpeg", "multipart/form-data", "application/json"]),
+           blob=mutated(), instances=st.lists(arrays, max_size=4))
+    def drive(kind, blob, instances):
+        if kind == "multipart/form-data":
+            res = session.post(url + "/v1/predict", files=[("files", ("x.png", blob, "image/png"))], timeout=60)
+        elif kind == "application/json":
+            body = json.dumps({"instances": instances}, allow_nan=True).encode()
+            res = session.post(url + "/v1/predict", data=body, headers={"Content-Type": kind}, timeout=60)
+        else:
+            res = session.post(url + "/v1/predict", data=blob, headers={"Content-Type": kind}, timeout=60)
+        assert res.status_code == 200 or (400 <= res.status_code < 500 and res.json()["error"]["message"]), \
+            (kind, res.status_code, res.text[:300])
+
+    drive()
+    assert post(url, data=good, headers={"Content-Type": "image/png"}).status_code == 200

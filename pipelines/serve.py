@@ -98,6 +98,7 @@ class ServeConfig:
     batch: BatchConfig = BatchConfig()
     limits: LimitsConfig = LimitsConfig()
     torch_threads: int = 1  # per replica (0: torch's default, all cores)
+    access_log: bool = False  # one log line per request from each replica (costly at thousands of requests/s)
     device: str = "auto"  # auto: cuda when the replica was given a GPU (ray_actor_options.num_gpus), else cpu
 
     def __post_init__(self):
@@ -551,6 +552,7 @@ def _check_keys(raw: Any, path) -> None:
 
 def build_application(cfg: ServeConfig, ref: ModelRef, options: dict | None = None):
     options = dict(options or {})
+    options.setdefault("logging_config", {"enable_access_log": cfg.access_log})
     try:
         deployment = EquirayModel.options(user_config=user_config(cfg, ref), **options)
     except (TypeError, ValueError) as exc:

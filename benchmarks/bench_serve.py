@@ -11,7 +11,9 @@ soon as the previous one is answered, until ``--requests`` requests are answered
 Fashion-MNIST test image as a raw ``image/png`` body (cycling through 64 of them). Reported per cell:
 throughput (answered requests per second), p50 and p99 latency, errors (any non-200 answer or failed
 connection). Then the ratios the serving design is judged by: batching on vs off at each concurrency, student vs
-ensemble (batching on) at each concurrency.
+ensemble (batching on) at each concurrency; and, to read them, the replica's own work without HTTP (decode,
+resize, forward) at batch 1 and at the maximum batch size: batching can only save what a forward pass of one
+image costs beyond its share of a full batch, and no model is served faster than the HTTP path allows.
 
 The load generator, Serve's HTTP proxy and the replica share this machine's cores: on a 2-core machine the
 client takes a real share of the CPU, so absolute numbers are lower bounds for a replica on its own node.
@@ -98,6 +100,31 @@ async def load(url: str, bodies: list[bytes], *, requests: int, concurrency: int
             "error_kinds": sorted(set(errors))}
 
 
+def model_alone(uri: str, bodies: list[bytes], batch: int, *, seconds: float = 3.0) -> dict:
+    """The replica's own work without HTTP: images per second of decode + resize + forward at batch 1 and at
+    ``batch``, on one torch thread (a replica's default), in this process."""
+    import torch
+
+    from equiray.inference import decode_image, predict_detailed, to_model_input
+    from pipelines import _tracking
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, spec = _tracking.load_model(uri)
+    out = {}
+    for b in (1, batch):
+        imgs = [decode_image(bodies[i % len(bodies)], in_chans=spec["in_chans"]) for i in range(b)]
+        predict_detailed(model, to_model_input(imgs, spec["input_shape"]))
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            imgs = [decode_image(bodies[(n + i) % len(bodies)], in_chans=spec["in_chans"]) for i in range(b)]
+            predict_detailed(model, to_model_input(imgs, spec["input_shape"]))
+            n += b
+        out[b] = n / (time.perf_counter() - t)
+    torch.set_num_threads(threads)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ensemble", default="models:/equiray-ensemble@champion")
@@ -121,6 +148,8 @@ def main() -> int:
     bodies = test_pngs(args.data_dir)
     results = {}
     t0 = time.perf_counter()
+    alone = {label: model_alone(uri, bodies, args.max_batch_size)
+             for label, uri in (("ensemble", args.ensemble), ("student", args.student))}
     try:
         for label, uri in (("ensemble", args.ensemble), ("student", args.student)):
             for batching in (True, False):
@@ -137,11 +166,11 @@ def main() -> int:
                           f"errors {r['errors']} {r['error_kinds'] or ''}", flush=True)
     finally:
         serve.shutdown()
-    emit(table(results, levels, args, machine(), time.perf_counter() - t0), args.out)
+    emit(table(results, alone, levels, args, machine(), time.perf_counter() - t0), args.out)
     return 0
 
 
-def table(results: dict, levels: list[int], args, where: str, seconds: float) -> str:
+def table(results: dict, alone: dict, levels: list[int], args, where: str, seconds: float) -> str:
     lines = [f"Online serving on {where}: one replica, {args.requests} answered requests per cell (raw PNG "
              f"bodies, closed loop on loopback), max_batch_size {args.max_batch_size}, wait "
              f"{args.wait_timeout_s * 1000:g} ms; {seconds / 60:.1f} min in all.", "",
@@ -160,6 +189,13 @@ def table(results: dict, levels: list[int], args, where: str, seconds: float) ->
         lines.append(f"| student / ensemble, batching {'on' if batching else 'off'} | " + " | ".join(
             f"{results[('student', batching, c)]['throughput'] / results[('ensemble', batching, c)]['throughput']:.2f}x"
             for c in levels) + " |")
+    b = args.max_batch_size
+    lines += ["", f"The replica's own work without HTTP (decode + resize + forward, one torch thread), images/s:", "",
+              f"| model | batch 1 | batch {b} | batch {b} / batch 1 |", "|---|---|---|---|"]
+    for label, r in alone.items():
+        lines.append(f"| {label} | {r[1]:.0f} | {r[b]:.0f} | {r[b] / r[1]:.2f}x |")
+    lines.append(f"| student / ensemble | {alone['student'][1] / alone['ensemble'][1]:.1f}x | "
+                 f"{alone['student'][b] / alone['ensemble'][b]:.1f}x | |")
     top = max(levels)
     total = sum(r["requests"] for r in results.values())
     errors = sum(r["errors"] for r in results.values())

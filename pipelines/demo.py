@@ -147,7 +147,10 @@ def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> dict:
 
     x, y = read_split(data_dir, "test", limit=n)  # (n, C, H, W) in [0, 1]
     names = read_meta(data_dir)["classes"]
+    import ray
+
     t0 = time.perf_counter()
+    shared = ray.is_initialized() and serving._serve_running() is not None  # other apps on this Serve: keep them
     ep = serving.deploy(cfg)
     try:
         url = ep["url"] + "/v1/predict"
@@ -171,7 +174,7 @@ def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> dict:
         single.raise_for_status()
         info = requests.get(ep["url"] + "/v1/model", timeout=60).json()
     finally:
-        serve.shutdown()
+        serve.delete(cfg.app_name) if shared else serve.shutdown()
     seconds = time.perf_counter() - t0
     extra = "disagreement" if "disagreement" in answers[0][0] else "group_element" if "group_element" in answers[0][0] else None
     head = ["image", "true label", *[f"{deg} deg" for deg in answers]] + ([f"{extra} (0 / 90 / 180 / 270)"] if extra else [])

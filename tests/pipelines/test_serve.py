@@ -408,3 +408,21 @@ def test_mutated_and_malformed_payloads_never_get_a_5xx(served):
 
     drive()
     assert post(url, data=good, headers={"Content-Type": "image/png"}).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ demo stage
+def test_demo_serve_stage_sends_upright_and_rotated_images(served, tmp_path):
+    from ray import serve
+
+    from equiray.data import prepare
+    from pipelines.demo import serve_stage
+
+    prepare("digits", tmp_path / "digits")
+    cfg = load_config(ServeConfig, {"model": "models:/t-ensemble@champion", "app_name": "demo",
+                                    "route_prefix": "/demo", "port": 0})
+    out = serve_stage(cfg, str(tmp_path / "digits"), 3)
+    rows = [line for line in out["table"].splitlines() if line.startswith("| test ")]
+    assert len(rows) == 3 and "| 0 deg | 90 deg | 180 deg | 270 deg |" in out["table"]
+    assert out["info"]["name"] == "t-ensemble" and out["requests"] == 6
+    assert "demo" not in serve.status().applications  # its own app is gone ...
+    assert requests.get(served["url"] + "/healthz", timeout=30).status_code == 200  # ... the others still serve

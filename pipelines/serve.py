@@ -663,7 +663,9 @@ def run(cfg: ServeConfig, *, report_dir=None, detach: bool = False) -> dict:
         print(f"detached: stop it with `equiray serve stop --app {cfg.app_name}` (RAY_ADDRESS={os.environ['RAY_ADDRESS']})")
         return ep
     stop, reload = threading.Event(), threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl+C (SIGINT) and SIGTERM stop it; handlers of our own, so that a shell that started it in the background
+    # (where SIGINT is ignored) or a process manager can still stop it cleanly
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous_hup = signal.signal(signal.SIGHUP, lambda *_: reload.set())
     print(f"press Ctrl+C to stop; `kill -HUP {os.getpid()}` re-reads the alias and swaps in its version", flush=True)
     try:
@@ -678,7 +680,8 @@ def run(cfg: ServeConfig, *, report_dir=None, detach: bool = False) -> dict:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         signal.signal(signal.SIGHUP, previous_hup)
         print("shutting down", flush=True)
         serve.shutdown()

@@ -318,8 +318,16 @@ def test_canonicalized_model_reports_the_chosen_group_element(served):
 def test_serve_config_file_is_validated_with_serves_own_schema(tmp_path):
     from equiray.errors import ConfigError
 
+    from pipelines.serve import ModelRef, build_application
+
     opts = deployment_options("configs/serve_app.yaml", "equiray")
     assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_gpus" in opts["ray_actor_options"]
+    cfg = load_config(ServeConfig, {"serve_config": "configs/serve_app.yaml"})
+    app = build_application(cfg, ModelRef("models:/x@y", "models:/x/1", "x", "1", "y"), opts)
+    deployment = app._bound_deployment  # what `equiray serve run --serve-config` deploys
+    assert deployment.ray_actor_options["num_gpus"] == 0 and deployment.ray_actor_options["num_cpus"] == 1
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    assert deployment._deployment_config.user_config["model"]["load_uri"] == "models:/x/1"
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications:\n  - name: equiray\n    import_path: pipelines.serve:build_app\n"
                    "    deployments:\n      - name: EquirayModel\n        num_replicaz: 2\n")

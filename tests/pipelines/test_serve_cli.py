@@ -80,6 +80,7 @@ def test_unknown_model_is_one_error_line_and_exit_2(registry):
     (["run", "--set", "batch.max_batch_sise=4"], ["unknown config key 'batch.max_batch_sise'", "max_batch_size"]),
     (["run", "--model", "models:/t-student@champion", "--detach"], ["RAY_ADDRESS"]),
     ([], ["equiray serve run"]),
+    (["stop"], ["RAY_ADDRESS"]),
 ])
 def test_user_mistakes(registry, monkeypatch, capsys, args, words):
     assert_user_error(serve_main(*args, registry=registry, monkeypatch=monkeypatch, capsys=capsys), *words)

@@ -27,6 +27,7 @@ examples:
   equiray tune ftp --config configs/ftp.yaml [--resume]
   equiray nfn zoo --config configs/nfn_zoo.yaml
   equiray nfn train --config configs/nfn_train.yaml
+  equiray serve run --model models:/equiray-ensemble@champion   # HTTP endpoint (Ray Serve), Ctrl+C stops
   equiray models list
 
 Ray: a local instance is started unless RAY_ADDRESS names a cluster.
@@ -45,6 +46,7 @@ PIPELINES = {
     "tune ftp": ("pipelines.ftp", "FTPConfig", "run_tune"),
     "nfn zoo": ("pipelines.nfn", "ZooConfig", "run_zoo"),
     "nfn train": ("pipelines.nfn", "NFNTrainConfig", "run_train"),
+    "serve run": ("pipelines.serve", "ServeConfig", "run"),
 }
 
 
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Prepare Fashion-MNIST, then run every stage at demo scale: pretrain a "
                           "backbone with Ray Train; augmentation ensembles and their invariance vs size; distil them "
                           "into one student; canonicalization variants as Ray Tune trials; a robust fine-tuning search "
-                          "(FTP, TPGM, L2-SP). Every model lands in the MLflow registry; tables and plots go to a "
+                          "(FTP, TPGM, L2-SP); finally serve the ensemble with Ray Serve and send it upright and rotated "
+                          "images over HTTP. Every model lands in the MLflow registry; tables and plots go to a "
                           "Markdown report. Choose stages with --set 'stages=[pretrain,canon]'.")
     _add_config_args(demo)
     demo.add_argument("--fresh", action="store_true",
@@ -141,6 +144,40 @@ def build_parser() -> argparse.ArgumentParser:
                              "registers the champion as equiray-nfn@champion.")
     _add_config_args(ntrain)
 
+    srv = sub.add_parser("serve", help="online serving: a registered model behind an HTTP API (Ray Serve)")
+    ssub = srv.add_subparsers(dest="serve_command", metavar="ACTION")
+    srun = ssub.add_parser(
+        "run", help="serve a registered model over HTTP until Ctrl+C",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start Ray Serve with a registered equiray model (models:/NAME@ALIAS or models:/NAME/VERSION): "
+        "POST /v1/predict takes a PNG/JPEG body, multipart/form-data files or JSON {\"instances\": [...]} and "
+        "answers {\"predictions\": [...]} (label, probabilities; an ensemble's member disagreement; a "
+        "canonicalizer's group element); GET /v1/model, GET /healthz, /docs. Requests are batched dynamically "
+        "(batch.*). Replicas, autoscaling and GPU fractions come from a Serve config file (--serve-config, the "
+        "format `serve deploy` takes). Binds 127.0.0.1 unless --host says otherwise. Blocks until Ctrl+C; running "
+        "it again (on the cluster at RAY_ADDRESS) or `kill -HUP` on it after promoting another version to the alias "
+        "swaps the model in place, without dropping requests.",
+        epilog="examples:\n"
+        "  equiray serve run --model models:/equiray-ensemble@champion\n"
+        "  equiray serve run --model models:/equiray-student@champion --port 8001 --set batch.max_batch_size=64\n"
+        "  equiray serve run --config configs/serve.yaml --serve-config configs/serve_app.yaml\n"
+        "  curl -s -H 'Content-Type: image/png' --data-binary @image.png http://127.0.0.1:8000/v1/predict")
+    _add_config_args(srun)
+    srun.add_argument("--model", help="registry URI, e.g. models:/equiray-ensemble@champion (config key `model`)")
+    srun.add_argument("--host", help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    srun.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one)")
+    srun.add_argument("--serve-config", metavar="FILE",
+                      help="Serve config YAML (as for `serve deploy`): replicas, autoscaling, ray_actor_options of "
+                      "the EquirayModel deployment")
+    srun.add_argument("--no-batching", action="store_true", help="run every request on its own (batch.enabled=false)")
+    srun.add_argument("--detach", action="store_true",
+                      help="deploy and return, leaving the endpoint on the cluster at RAY_ADDRESS")
+    sstop = ssub.add_parser("stop", help="delete a detached endpoint on the cluster at RAY_ADDRESS",
+                            description="Delete the Serve application (default: equiray) from the Ray cluster at "
+                            "RAY_ADDRESS; with --all, shut Serve down there.")
+    sstop.add_argument("--app", default="equiray", help="application name (default: equiray)")
+    sstop.add_argument("--all", action="store_true", help="shut down Serve entirely")
+
     data = sub.add_parser("data", help="prepare and inspect datasets (Parquet shards)")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
     prep = dsub.add_parser("prepare", help="write a source as Parquet shards",
@@ -198,10 +235,15 @@ def _cmd_pipeline(name: str, args) -> int:
     overrides = list(args.overrides) + (["reuse=false"] if getattr(args, "fresh", False) else [])
     overrides += ["resume=true"] if getattr(args, "resume", False) else []
     overrides += [f"eval.select_by={args.select_by}"] if getattr(args, "select_by", None) else []
+    if name == "serve run":
+        overrides += [f"{key}={value}" for key, value in (("model", args.model), ("host", args.host),
+                      ("port", args.port), ("serve_config", args.serve_config)) if value is not None]
+        overrides += ["batch.enabled=false"] if args.no_batching else []
     fn, cfg = _load_pipeline(name, args.config, overrides)
     kwargs = {"run_id": args.run_id} if getattr(args, "run_id", None) else {}
+    kwargs.update({"detach": True} if getattr(args, "detach", False) else {})
     result = fn(cfg, report_dir=args.report_dir, **kwargs)
-    if name == "demo":
+    if name in ("demo", "serve run"):
         return 0
     if "table" in result:
         print(result["table"])
@@ -274,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
             if not args.canon_command:
                 raise EquirayError("choose an action: equiray canon sweep (see equiray canon --help)")
             return _cmd_pipeline(f"canon {args.canon_command}", args)
+        if args.command == "serve":
+            if args.serve_command == "stop":
+                from pipelines.serve import stop
+
+                stop(None if args.all else args.app)
+                return 0
+            if not args.serve_command:
+                raise EquirayError("choose an action: equiray serve run | stop (see equiray serve --help)")
+            return _cmd_pipeline(f"serve {args.serve_command}", args)
         if args.command == "data":
             return _cmd_data(args)
         if args.command == "models":

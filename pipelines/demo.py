@@ -5,7 +5,9 @@ Stages: (1) prepare Fashion-MNIST as Parquet shards; (2) pretrain a backbone wit
 ensembles on Ray Train, OSP/KL vs ensemble size; (4) distil the ensemble into one student; (5) canonicalization
 variants around the backbone as Ray Tune trials; (6) a robust fine-tuning search (FTP, TPGM, L2-SP) on Ray Tune;
 (7) Monomial-NFN: a zoo of small CNNs trained on Ray tasks, metanetworks that read their accuracy off the weights,
-and the same for the ensemble's members, used to leave the weakest out of the average.
+and the same for the ensemble's members, used to leave the weakest out of the average; (8) serve: the registered
+ensemble behind Ray Serve, a few real HTTP requests (upright and rotated test images), the answers printed, the
+endpoint shut down.
 
     equiray demo [--config configs/demo.yaml] [--set pretrain.train.epochs=1]
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+
+import torch
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +28,12 @@ from pipelines.ftp import FTPConfig, SearchConfig as FTPSearch, FTPTrain
 from pipelines.ensemble import EnsembleConfig
 from pipelines.nfn import NFNTrainConfig, ZooConfig
 from pipelines.pretrain import DataConfig, PretrainConfig, TrainConfig
+from pipelines.serve import ServeConfig
 
 log = logging.getLogger(__name__)
 
 
-STAGES = ("pretrain", "ensemble", "distill", "canon", "ftp", "nfn")
+STAGES = ("pretrain", "ensemble", "distill", "canon", "ftp", "nfn", "serve")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class DemoConfig:
     canon: CanonConfig = CanonConfig()
     ftp: FTPConfig = FTPConfig(search=FTPSearch(num_samples=10, grace_period=2), train=FTPTrain(epochs=6))
     nfn: NFNDemo = NFNDemo()
+    serve: ServeConfig = ServeConfig(port=0)  # any free port: the demo's endpoint lives only for its requests
+    serve_images: int = 4  # test images sent upright and rotated by 90, 180, 270 degrees
     stages: tuple[str, ...] = STAGES
     reuse: bool = True  # take a stage's registered result when the same config produced it (--fresh: redo all)
 
@@ -132,13 +139,20 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> dict:
         _banner(stages.index("nfn") + 1, total, f"Monomial-NFN: a zoo of {cfg.nfn.zoo.nets} small CNNs on Ray tasks, "
                 "metanetworks predicting their accuracy from weights; then the ensemble's members")
         out["nfn"] = _nfn_stage(cfg, out, report_dir)
+    if "serve" in cfg.stages:
+        _banner(stages.index("serve") + 1, total, f"serve: {cfg.serve.model} behind Ray Serve, {cfg.serve_images} "
+                "test images upright and rotated, sent over HTTP")
+        out["serve"] = srv = serve_stage(cfg.serve, cfg.pretrain.data.dir, cfg.serve_images)
+        print(f"    {srv['url']}: {srv['requests']} requests in {srv['seconds']:.1f} s, then shut down; "
+              f"version {srv['version']}, test 0 as a raw PNG body -> {srv['raw_png_label']}")
+        print("\n" + srv["table"])
     elapsed = time.perf_counter() - t0
     report = write_report(report_dir / "demo.md", cfg, meta, out, elapsed)
     tracking = next(iter(out.values()))["tracking_uri"] if out else ""
     print(f"\nreport:   {report.resolve()}")
     print(f"mlflow:   {tracking}  (browse: .venv/bin/mlflow ui --backend-store-uri {tracking})")
     for key in STAGES:
-        if key in out:
+        if key in out and key != "serve":
             print(f"model:    {out[key]['registered']} (version {out[key]['version']})")
     print(f"finished in {elapsed / 60:.1f} min")
     return {**out, "report": str(report), "seconds": elapsed}
@@ -181,6 +195,66 @@ def _nfn_stage(cfg: DemoConfig, out: dict, report_dir: Path) -> dict:
         run_id=run_id, ensembles=out["ensemble"].get("ensembles"), report_dir=report_dir)
     print("\n" + sel["table"] + "\n" + "\n".join(sel["verdict"]))
     return {**result, "members": members, "selection": sel}
+
+
+def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> dict:
+    """Start the endpoint, send real requests (upright images as one multipart request, each rotated view as
+    JSON pixel arrays, one raw PNG body), tabulate the answers, shut the endpoint down."""
+    import io
+
+    import numpy as np
+    import requests
+    from PIL import Image
+    from ray import serve
+
+    from equiray.data import read_meta, read_split
+    from pipelines import _tracking, serve as serving
+
+    x, y = read_split(data_dir, "test", limit=n)  # (n, C, H, W) in [0, 1]
+    names = read_meta(data_dir)["classes"]
+    import ray
+
+    t0 = time.perf_counter()
+    shared = ray.is_initialized() and serving._serve_running() is not None  # other apps on this Serve: keep them
+    ep = serving.deploy(cfg)
+    try:
+        url = ep["url"] + "/v1/predict"
+
+        def png(img):  # (C, H, W) in [0, 1] -> PNG bytes
+            buf = io.BytesIO()
+            Image.fromarray((img.squeeze(0) * 255).round().byte().numpy()).save(buf, "PNG")
+            return buf.getvalue()
+
+        answers = {}
+        res = requests.post(url, files=[("files", (f"test-{i}.png", png(img), "image/png")) for i, img in enumerate(x)],
+                            timeout=120)
+        res.raise_for_status()
+        answers[0] = res.json()["predictions"]
+        for k in (1, 2, 3):
+            rotated = torch.rot90(x, k, dims=(-2, -1))
+            res = requests.post(url, json={"instances": rotated.squeeze(1).tolist()}, timeout=120)
+            res.raise_for_status()
+            answers[90 * k] = res.json()["predictions"]
+        single = requests.post(url, data=png(x[0]), headers={"Content-Type": "image/png"}, timeout=120)
+        single.raise_for_status()
+        info = requests.get(ep["url"] + "/v1/model", timeout=60).json()
+    finally:
+        serve.delete(cfg.app_name) if shared else serve.shutdown()
+    seconds = time.perf_counter() - t0
+    extra = "disagreement" if "disagreement" in answers[0][0] else "group_element" if "group_element" in answers[0][0] else None
+    head = ["image", "true label", *[f"{deg} deg" for deg in answers]] + ([f"{extra} (0 / 90 / 180 / 270)"] if extra else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i in range(len(y)):
+        cells = [f"test {i}", names[int(y[i])]]
+        cells += [f"{a[i]['label']} ({a[i]['probabilities'][a[i]['label']] * 100:.0f}%)" for a in answers.values()]
+        if extra == "disagreement":
+            cells.append(" / ".join(f"{a[i]['disagreement']:.2f}" for a in answers.values()))
+        elif extra == "group_element":
+            cells.append(" / ".join(f"{a[i]['group_element']['rotation_deg']:g}" for a in answers.values()))
+        lines.append("| " + " | ".join(cells) + " |")
+    return {"url": ep["url"], "model": ep["model"], "version": ep["version"], "table": "\n".join(lines),
+            "requests": 6, "seconds": seconds, "info": info, "tracking_uri": _tracking.tracking_uri(),
+            "raw_png_label": single.json()["predictions"][0]["label"]}
 
 
 def _results_table(pre: dict, group: str) -> str:
@@ -307,6 +381,15 @@ predicted weakest are left out of the average (test set; random subsets of the s
 {nf['selection']['table']}
 
 {chr(10).join(nf['selection']['verdict'])}
+""")
+    if "serve" in out:
+        srv = out["serve"]
+        parts.append(f"""## Online serving (`{srv['model']}`, version {srv['version']})
+Ray Serve hosted the model at `{srv['url']}` for {srv['seconds']:.0f} s: {srv['requests']} HTTP requests (the
+upright test images as multipart PNG files, each rotation as JSON pixel arrays, one raw PNG body), then shut
+down. `equiray serve run --model {srv['model']}` keeps it running (README, "Serve a model").
+
+{srv['table']}
 """)
     tmp = path.with_suffix(".md.partial")
     tmp.write_text("\n".join(parts))

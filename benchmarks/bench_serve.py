@@ -1,0 +1,214 @@
+"""Online serving under load: the ensemble vs its distilled student, dynamic batching on vs off, on loopback.
+
+    .venv/bin/python benchmarks/bench_serve.py                      # the full run: 10,000 requests per cell
+    .venv/bin/python benchmarks/bench_serve.py --requests 500 --concurrency 1,32   # a quick check
+
+For each model (``models:/equiray-ensemble@champion``, ``models:/equiray-student@champion`` from the registry in
+``MLFLOW_TRACKING_URI`` / ``./mlflow.db``; ``equiray demo`` registers both) and batching on / off, the app is
+deployed with ``pipelines.serve.deploy`` (one replica, the settings of ``configs/serve.yaml``) and a closed-loop
+load generator (asyncio + aiohttp, in this process) keeps ``C`` clients busy, each sending its next request as
+soon as the previous one is answered, until ``--requests`` requests are answered. Every request is one real
+Fashion-MNIST test image as a raw ``image/png`` body (cycling through 64 of them). Reported per cell:
+throughput (answered requests per second), p50 and p99 latency, errors (any non-200 answer or failed
+connection). Then the ratios the serving design is judged by: batching on vs off at each concurrency, student vs
+ensemble (batching on) at each concurrency; and, to read them, the replica's own work without HTTP (decode,
+resize, forward) at batch 1 and at the maximum batch size: batching can only save what a forward pass of one
+image costs beyond its share of a full batch, and no model is served faster than the HTTP path allows.
+
+The load generator, Serve's HTTP proxy and the replica share this machine's cores: on a 2-core machine the
+client takes a real share of the CPU, so absolute numbers are lower bounds for a replica on its own node.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import emit, machine  # noqa: E402
+
+
+def test_pngs(data_dir: str, n: int = 64) -> list[bytes]:
+    """``n`` test images as PNG bytes (Fashion-MNIST from the prepared dataset, or seeded noise without it)."""
+    from PIL import Image
+
+    try:
+        from equiray.data import read_split
+
+        x, _ = read_split(data_dir, "test", limit=n)
+        arrays = [(img.squeeze(0).numpy() * 255).round().astype(np.uint8) for img in x]
+    except Exception:  # noqa: BLE001 - no prepared dataset: noise images of the same size
+        rng = np.random.default_rng(0)
+        arrays = [rng.integers(0, 256, size=(28, 28), dtype=np.uint8) for _ in range(n)]
+    out = []
+    for a in arrays:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+async def load(url: str, bodies: list[bytes], *, requests: int, concurrency: int, warmup: int) -> dict:
+    """A closed loop of ``concurrency`` clients until ``requests`` answers; latency per request in ms."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    issued = 0
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=120)
+    headers = {"Content-Type": "image/png"}
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def one(i: int, record: bool) -> None:
+            t = time.perf_counter()
+            try:
+                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as res:
+                    await res.read()
+                    if res.status != 200:
+                        errors.append(f"HTTP {res.status}")
+            except Exception as exc:  # noqa: BLE001 - any failure is an error of the endpoint under load
+                errors.append(type(exc).__name__)
+            if record:
+                latencies.append(1000 * (time.perf_counter() - t))
+
+        async def client(total: int, record: bool) -> None:
+            nonlocal issued
+            while issued < total:
+                i = issued
+                issued += 1
+                await one(i, record)
+
+        await asyncio.gather(*(client(warmup, False) for _ in range(concurrency)))
+        warm_errors = len(errors)
+        issued = 0
+        start = time.perf_counter()
+        await asyncio.gather(*(client(requests, True) for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    lat = np.array(latencies)
+    return {"requests": len(lat), "seconds": seconds, "throughput": len(lat) / seconds,
+            "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+            "errors": len(errors) - warm_errors, "warmup_errors": warm_errors,
+            "error_kinds": sorted(set(errors))}
+
+
+def model_alone(uri: str, bodies: list[bytes], batch: int, *, seconds: float = 3.0) -> dict:
+    """The replica's own work without HTTP: images per second of decode + resize + forward at batch 1 and at
+    ``batch``, on one torch thread (a replica's default), in this process."""
+    import torch
+
+    from equiray.inference import decode_image, predict_detailed, to_model_input
+    from pipelines import _tracking
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, spec = _tracking.load_model(uri)
+    out = {}
+    for b in (1, batch):
+        imgs = [decode_image(bodies[i % len(bodies)], in_chans=spec["in_chans"]) for i in range(b)]
+        predict_detailed(model, to_model_input(imgs, spec["input_shape"]))
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            imgs = [decode_image(bodies[(n + i) % len(bodies)], in_chans=spec["in_chans"]) for i in range(b)]
+            predict_detailed(model, to_model_input(imgs, spec["input_shape"]))
+            n += b
+        out[b] = n / (time.perf_counter() - t)
+    torch.set_num_threads(threads)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ensemble", default="models:/equiray-ensemble@champion")
+    parser.add_argument("--student", default="models:/equiray-student@champion")
+    parser.add_argument("--requests", type=int, default=10_000, help="answered requests per cell (default 10,000)")
+    parser.add_argument("--concurrency", default="1,8,32", help="concurrent clients, comma-separated")
+    parser.add_argument("--warmup", type=int, default=100, help="unrecorded requests before each cell")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--wait-timeout-s", type=float, default=0.005)
+    parser.add_argument("--data-dir", default="data/fashion-mnist")
+    parser.add_argument("--out", help="also write the Markdown table to this file")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray import serve
+
+    from equiray.config import load_config
+    from pipelines.serve import ServeConfig, deploy
+
+    bodies = test_pngs(args.data_dir)
+    results = {}
+    t0 = time.perf_counter()
+    alone = {label: model_alone(uri, bodies, args.max_batch_size)
+             for label, uri in (("ensemble", args.ensemble), ("student", args.student))}
+    try:
+        for label, uri in (("ensemble", args.ensemble), ("student", args.student)):
+            for batching in (True, False):
+                cfg = load_config(ServeConfig, {"model": uri, "port": 0, "app_name": "bench", "batch": {
+                    "enabled": batching, "max_batch_size": args.max_batch_size, "wait_timeout_s": args.wait_timeout_s}})
+                ep = deploy(cfg)
+                for c in levels:
+                    r = asyncio.run(load(ep["url"] + "/v1/predict", bodies, requests=args.requests, concurrency=c,
+                                         warmup=args.warmup))
+                    r["version"] = ep["version"]
+                    results[(label, batching, c)] = r
+                    print(f"{label:8s} batching {'on ' if batching else 'off'} {c:3d} clients: "
+                          f"{r['throughput']:7.1f} req/s  p50 {r['p50']:6.1f} ms  p99 {r['p99']:7.1f} ms  "
+                          f"errors {r['errors']} {r['error_kinds'] or ''}", flush=True)
+    finally:
+        serve.shutdown()
+    emit(table(results, alone, levels, args, machine(), time.perf_counter() - t0), args.out)
+    return 0
+
+
+def table(results: dict, alone: dict, levels: list[int], args, where: str, seconds: float) -> str:
+    lines = [f"Online serving on {where}: one replica, {args.requests} answered requests per cell (raw PNG "
+             f"bodies, closed loop on loopback), max_batch_size {args.max_batch_size}, wait "
+             f"{args.wait_timeout_s * 1000:g} ms; {seconds / 60:.1f} min in all.", "",
+             "| model | batching | clients | throughput (req/s) | p50 (ms) | p99 (ms) | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for (label, batching, c), r in results.items():
+        lines.append(f"| {label} (v{r['version']}) | {'on' if batching else 'off'} | {c} | {r['throughput']:.1f} | "
+                     f"{r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
+    lines += ["", "| ratio | " + " | ".join(f"{c} clients" for c in levels) + " |",
+              "|---|" + "---|" * len(levels)]
+    for label in ("ensemble", "student"):
+        lines.append(f"| {label}: batching on / off | " + " | ".join(
+            f"{results[(label, True, c)]['throughput'] / results[(label, False, c)]['throughput']:.2f}x"
+            for c in levels) + " |")
+    for batching in (True, False):
+        lines.append(f"| student / ensemble, batching {'on' if batching else 'off'} | " + " | ".join(
+            f"{results[('student', batching, c)]['throughput'] / results[('ensemble', batching, c)]['throughput']:.2f}x"
+            for c in levels) + " |")
+    b = args.max_batch_size
+    lines += ["", f"The replica's own work without HTTP (decode + resize + forward, one torch thread), images/s:", "",
+              f"| model | batch 1 | batch {b} | batch {b} / batch 1 |", "|---|---|---|---|"]
+    for label, r in alone.items():
+        lines.append(f"| {label} | {r[1]:.0f} | {r[b]:.0f} | {r[b] / r[1]:.2f}x |")
+    lines.append(f"| student / ensemble | {alone['student'][1] / alone['ensemble'][1]:.1f}x | "
+                 f"{alone['student'][b] / alone['ensemble'][b]:.1f}x | |")
+    top = max(levels)
+    total = sum(r["requests"] for r in results.values())
+    errors = sum(r["errors"] for r in results.values())
+    batch_gain = results[("ensemble", True, top)]["throughput"] / results[("ensemble", False, top)]["throughput"]
+    student_gain = results[("student", True, top)]["throughput"] / results[("ensemble", True, top)]["throughput"]
+    lines += ["", "Goals:",
+              f"- batching >= 3x unbatched throughput at {top} clients (ensemble): {batch_gain:.2f}x "
+              f"({'met' if batch_gain >= 3 else 'not met'})",
+              f"- zero errors: {errors} errors in {total} requests ({'met' if errors == 0 else 'not met'})",
+              f"- student >= 5x the ensemble's throughput (batching on, {top} clients): {student_gain:.2f}x "
+              f"({'met' if student_gain >= 5 else 'not met'})"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

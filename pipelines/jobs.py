@@ -107,12 +107,22 @@ def pipeline_commands(entrypoint: str) -> list[PipelineCommand]:
     """Every equiray pipeline (and Serve config) the entrypoint runs, in order."""
     from pipelines.cli import PIPELINES
 
+    lexer = shlex.shlex(entrypoint, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError as exc:
+        raise ConfigError(f"entrypoint: cannot parse {entrypoint!r}: {exc}") from None
+    commands, current = [], []
+    for tok in tokens:  # split into the shell's simple commands at ; && || | & (quotes respected)
+        if tok and set(tok) <= set(";&|()<>"):
+            commands.append(current)
+            current = []
+        else:
+            current.append(tok)
+    commands.append(current)
     out = []
-    for part in re.split(r"&&|\|\||;", entrypoint):
-        try:
-            argv = shlex.split(part)
-        except ValueError as exc:
-            raise ConfigError(f"entrypoint: cannot parse {part.strip()!r}: {exc}") from None
+    for argv in commands:
         words = []
         if argv[:2] in (["python", "-m"], ["python3", "-m"]) and len(argv) > 2 and argv[2].startswith("pipelines."):
             module = argv[2].split(".", 1)[1]
@@ -194,7 +204,7 @@ def runtime_env(spec: JobSpec, *, root: str | os.PathLike = ".", env: dict[str, 
                           if line.strip() and not line.lstrip().startswith("#")]
         else:
             out["pip"] = list(r.pip)
-    env_vars = {k: _expand(str(v), k, environ) for k, v in r.env_vars.items()}
+    env_vars = {k: _expand(str(v), k, environ) for k, v in r.env_vars.items() if k not in (env or {})}
     env_vars.update(env or {})
     if env_vars:
         out["env_vars"] = env_vars

@@ -22,6 +22,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        raise EquirayError(f"RAY_ADDRESS={address} is a dashboard (Job API) address, which `equiray submit` uses; "
+                           "to run this pipeline on that cluster submit its job spec (equiray submit jobs/...yaml), "
+                           "or unset RAY_ADDRESS to run it locally")
     kwargs = {}
     if address is None:
         # "local", never None: ray.init(address=None) would join any `ray start` cluster on this machine

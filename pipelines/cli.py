@@ -231,7 +231,7 @@ def _cmd_pipeline(name: str, args) -> int:
         if result.get("plot"):
             print(f"plot: {result['plot']}")
     shown = {k: v for k, v in result.items()
-             if k not in ("epochs", "ensembles", "rows", "table", "verdict")}
+             if k not in ("epochs", "ensembles", "rows", "table", "verdict", "group_members", "group_nodes")}
     print(json.dumps(shown, indent=2, default=str))
     return 0
 

@@ -138,3 +138,44 @@ def test_token_is_sent_from_where_ray_keeps_it(tmp_path, monkeypatch):
     assert jobs.auth_headers() == {"Authorization": "Bearer def"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert jobs.auth_headers() == {}
+
+
+def test_submit_and_jobs_have_help():
+    import subprocess
+    import sys
+
+    for args in (["submit", "--help"], ["jobs", "list", "--help"], ["jobs", "logs", "--help"]):
+        res = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0 and "--address" in res.stdout, args
+    assert "--follow" in res.stdout
+
+
+def test_a_dashboard_url_in_ray_address_is_not_joined_by_a_pipeline(monkeypatch):
+    import ray
+
+    from pipelines._ray import init_ray
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already up in this process")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(EquirayError, match="dashboard .*equiray submit"):
+        init_ray()
+
+
+def test_without_an_address_a_pipeline_starts_its_own_ray(monkeypatch):
+    """`ray.init(address=None)` would join any `ray start` cluster on the machine; init_ray asks for "local"."""
+    import ray
+
+    from pipelines import _ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(_ray, "quiet_data_progress", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _ray.init_ray(num_cpus=2)
+    assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] == 2
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # inside a Ray job: Ray sets it to the job's cluster
+    _ray.init_ray()
+    assert calls[-1]["address"] == "10.0.0.1:6379" and "num_cpus" not in calls[-1]

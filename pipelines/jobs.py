@@ -123,7 +123,6 @@ def pipeline_commands(entrypoint: str) -> list[PipelineCommand]:
     commands.append(current)
     out = []
     for argv in commands:
-        words = []
         if argv[:2] in (["python", "-m"], ["python3", "-m"]) and len(argv) > 2 and argv[2].startswith("pipelines."):
             module = argv[2].split(".", 1)[1]
             words, rest = MODULE_COMMANDS.get(module, module).split(), argv[3:]

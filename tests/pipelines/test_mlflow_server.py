@@ -51,6 +51,16 @@ def mlflow_server(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
+        deadline = time.monotonic() + 20
+        while True:  # the whole group (uvicorn workers too) is gone
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise AssertionError("processes of the mlflow server survived SIGTERM")
+            time.sleep(0.2)
 
 
 def test_a_pipeline_run_lands_in_the_server(ray_session, mlflow_server, tmp_path, monkeypatch):

@@ -11,17 +11,17 @@ A job spec is a small YAML file (``load_job_spec`` rejects unknown keys, naming 
       excludes: [data/, runs/, reports/]
       pip: jobs/requirements.txt        # installed over the nodes' Python (cluster.yaml installs the same)
       env_vars:
-        MLFLOW_TRACKING_URI: ${MLFLOW_TRACKING_URI}   # taken from the submitting shell
+        RAY_USAGE_STATS_ENABLED: "0"
 
 The configs a spec runs are read off its entrypoint (``python -m pipelines.X [ACTION] --config F``,
 ``equiray X [ACTION] --config F``, ``serve deploy F``), checked to exist before anything is submitted, and
 loaded by the tests with the pipeline's own config class, so a cluster-scale config cannot rot unnoticed.
 
 ``${VAR}`` / ``${VAR:-default}`` in ``env_vars`` expand from the submitting environment; a variable that is
-unset and has no default is an error (a job on a cluster that silently logged to a throw-away SQLite file in
-its working directory would lose its results).
+unset and has no default is an error, not an empty string. ``MLFLOW_TRACKING_URI`` needs no entry: cluster.yaml
+sets it for Ray on every node, and a job inherits it (``equiray submit --env`` overrides it).
 
-The client side (``submit``, ``list_jobs``, ``job_status``, ``job_logs``, ``follow_logs``, ``stop``) talks to
+The client side (``submit``, ``list_jobs``, ``job_info``, ``job_logs``, ``follow_logs``, ``wait``, ``stop``) talks to
 the cluster's dashboard (``--address``, else ``RAY_ADDRESS``, else ``http://127.0.0.1:8265``, the port
 ``ray dashboard cluster.yaml`` forwards) with the cluster's authentication token when one is available
 (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, as Ray itself looks for it).

@@ -9,12 +9,12 @@ A job spec is a small YAML file (``load_job_spec`` rejects unknown keys, naming 
     runtime_env:
       working_dir: .                    # uploaded with the job: the code the job runs
       excludes: [data/, runs/, reports/]
-      pip: jobs/requirements.txt        # installed over the nodes' Python (cluster.yaml installs the same)
+      pip: pyproject.toml               # equiray's dependencies, over the nodes' Python (cluster.yaml installs them)
       env_vars:
         RAY_USAGE_STATS_ENABLED: "0"
 
 The configs a spec runs are read off its entrypoint (``python -m pipelines.X [ACTION] --config F``,
-``equiray X [ACTION] --config F``, ``serve deploy F``), checked to exist before anything is submitted, and
+``equiray X [ACTION] --config F``, ``serve deploy F``, ``--serve-config F``), checked to exist before anything is submitted, and
 loaded by the tests with the pipeline's own config class, so a cluster-scale config cannot rot unnoticed.
 
 ``${VAR}`` / ``${VAR:-default}`` in ``env_vars`` expand from the submitting environment; a variable that is
@@ -41,10 +41,10 @@ from equiray.errors import ConfigError, EquirayError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-SERVE = "serve"  # the pipeline name of `serve deploy|run CONFIG` entrypoints (a Ray Serve config file)
-# pipelines job specs may name before their code lands on this branch (issue 6's metanetwork training); the
-# spec test loads their configs once `pipelines.cli.PIPELINES` knows them
-PENDING_PIPELINES = ("nfn train",)
+SERVE = "serve"  # a Ray Serve config file: `serve deploy|run FILE` (Ray's CLI), `--serve-config FILE`
+# pipelines job specs may name before their code lands on this branch (issue 6's metanetwork training, issue 7's
+# Serve endpoint); the spec test loads their configs once `pipelines.cli.PIPELINES` knows them
+PENDING_PIPELINES = ("nfn train", "serve run")
 # `python -m pipelines.MODULE ...` is `equiray COMMAND ...` (see each module's main); the rest are the same word
 MODULE_COMMANDS = {"ftp": "tune ftp"}
 
@@ -55,7 +55,7 @@ class RuntimeEnvSpec:
 
     working_dir: str = "."
     excludes: tuple[str, ...] = ()
-    pip: str | tuple[str, ...] | None = None  # a requirements file (path) or a list of requirement strings
+    pip: str | tuple[str, ...] | None = None  # requirement strings, a requirements file, or pyproject.toml
     env_vars: dict[str, str] = field(default_factory=dict)
     py_modules: tuple[str, ...] = ()
 
@@ -144,12 +144,13 @@ def pipeline_commands(entrypoint: str) -> list[PipelineCommand]:
                 config = arg.split("=", 1)[1]
             elif arg == "--set" and i + 1 < len(rest):
                 overrides.append(rest[i + 1])
-        if name == "serve run" or name.startswith("serve "):
-            out.append(PipelineCommand(SERVE, config))
-        elif name in PIPELINES or name in PENDING_PIPELINES:
+        if name in PIPELINES or name in PENDING_PIPELINES:
             out.append(PipelineCommand(name, config, tuple(overrides)))
         else:
             raise ConfigError(f"entrypoint: {name!r} is not an equiray pipeline; known: {', '.join(PIPELINES)}")
+        for i, arg in enumerate(rest):  # `serve run --serve-config F`: a Serve config file as well
+            if arg == "--serve-config" and i + 1 < len(rest):
+                out.append(PipelineCommand(SERVE, rest[i + 1]))
     return out
 
 
@@ -195,19 +196,31 @@ def runtime_env(spec: JobSpec, *, root: str | os.PathLike = ".", env: dict[str, 
     if r.py_modules:
         out["py_modules"] = [str((Path(root) / m).resolve()) for m in r.py_modules]
     if r.pip is not None:
-        if isinstance(r.pip, str):
-            req = Path(root) / r.pip if not Path(r.pip).is_absolute() else Path(r.pip)
-            if not req.is_file():
-                raise ConfigError(f"runtime_env.pip: requirements file {r.pip!r} not found")
-            out["pip"] = [line.strip() for line in req.read_text().splitlines()
-                          if line.strip() and not line.lstrip().startswith("#")]
-        else:
-            out["pip"] = list(r.pip)
+        out["pip"] = _requirements(r.pip, root)
     env_vars = {k: _expand(str(v), k, environ) for k, v in r.env_vars.items() if k not in (env or {})}
     env_vars.update(env or {})
     if env_vars:
         out["env_vars"] = env_vars
     return out
+
+
+def _requirements(pip: str | tuple[str, ...], root: str | os.PathLike) -> list[str]:
+    """``runtime_env.pip`` as a list: a list as is; a requirements file's lines; ``pyproject.toml``: its
+    ``[project.dependencies]`` (so a job needs exactly what ``pip install equiray`` installs, with no copy to
+    keep in step)."""
+    if not isinstance(pip, str):
+        return list(pip)
+    path = Path(pip) if Path(pip).is_absolute() else Path(root) / pip
+    if not path.is_file():
+        raise ConfigError(f"runtime_env.pip: {pip!r} not found")
+    if path.name == "pyproject.toml":
+        import tomllib
+
+        try:
+            return list(tomllib.loads(path.read_text())["project"]["dependencies"])
+        except (KeyError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"runtime_env.pip: {pip} has no [project] dependencies list ({exc})") from None
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 # ------------------------------------------------------------------------------------------- the client

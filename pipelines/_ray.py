@@ -1,5 +1,7 @@
 """Starting or joining Ray: ``RAY_ADDRESS`` (or an explicit address) joins a cluster; otherwise a local instance
-is started by the pipeline itself."""
+is started by the pipeline itself (``address="local"``: a pipeline never joins a stray ``ray start`` cluster on
+the same machine by accident). A Ray job's entrypoint has ``RAY_ADDRESS`` set by Ray to its cluster's address,
+so a pipeline submitted with ``equiray submit`` runs on the cluster it was submitted to."""
 from __future__ import annotations
 
 import logging
@@ -20,13 +22,19 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        raise EquirayError(f"RAY_ADDRESS={address} is a dashboard (Job API) address, which `equiray submit` uses; "
+                           "to run this pipeline on that cluster submit its job spec (equiray submit jobs/...yaml), "
+                           "or unset RAY_ADDRESS to run it locally")
     kwargs = {}
     if address is None:
+        # "local", never None: ray.init(address=None) would join any `ray start` cluster on this machine
+        address = "local"
         # The dashboard also serves the State API that Ray Train's controller polls: keep it on.
         kwargs = {"num_cpus": num_cpus, "num_gpus": num_gpus, "dashboard_host": "127.0.0.1"}
         log.info("starting a local Ray instance (set RAY_ADDRESS to use a cluster)")
     else:
-        log.info("connecting to the Ray cluster at %s", address)
+        log.info("connecting to the Ray cluster at %s", address)  # inside a Ray job: the job's own cluster
     try:
         ray.init(address=address, logging_level=logging.WARNING, configure_logging=True, **kwargs)
     except ConnectionError as exc:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from equiray.errors import EquirayError
@@ -29,6 +30,8 @@ examples:
   equiray nfn train --config configs/nfn_train.yaml
   equiray serve run --model models:/equiray-ensemble@champion   # HTTP endpoint (Ray Serve), Ctrl+C stops
   equiray models list
+  equiray submit jobs/pretrain.yaml --follow       # a job spec to the cluster at RAY_ADDRESS (or --address)
+  equiray jobs list | status ID | logs ID [--follow] | stop ID
 
 Ray: a local instance is started unless RAY_ADDRESS names a cluster.
 MLflow: sqlite:///./mlflow.db unless MLFLOW_TRACKING_URI is set; browse with
@@ -199,11 +202,43 @@ def build_parser() -> argparse.ArgumentParser:
     info = dsub.add_parser("info", help="print a prepared dataset's metadata and schema")
     info.add_argument("dir")
 
+    sub_ = sub.add_parser("submit", help="submit a job spec (jobs/*.yaml) to a Ray cluster",
+                          description="Submit a job spec to the Ray cluster at --address (default: RAY_ADDRESS, "
+                          "else http://127.0.0.1:8265, where `ray dashboard cluster.yaml` forwards the head's "
+                          "dashboard) through Ray's Job Submission API. The working directory is uploaded with "
+                          "the job; the spec's config files are checked before anything is sent. Prints the job "
+                          "id and how to follow it.")
+    sub_.add_argument("spec", help="a job spec, e.g. jobs/ensemble.yaml")
+    _add_address(sub_)
+    sub_.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                      help="set an environment variable of the job (repeatable; wins over the spec's env_vars)")
+    sub_.add_argument("--follow", "--wait", dest="follow", action="store_true",
+                      help="print the job's log until it ends; exit 1 if it did not succeed")
+
+    jobs = sub.add_parser("jobs", help="the jobs on a Ray cluster: list, status, logs, stop")
+    jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
+    jl = jsub.add_parser("list", help="every job the cluster knows, newest first")
+    _add_address(jl)
+    for action, text in (("status", "a job's status and message"), ("logs", "a job's log"),
+                         ("stop", "stop a running job")):
+        jp = jsub.add_parser(action, help=text)
+        jp.add_argument("job_id", metavar="ID")
+        _add_address(jp)
+        if action == "logs":
+            jp.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+        if action == "stop":
+            jp.add_argument("--wait", action="store_true", help="wait until the job has stopped")
+
     models = sub.add_parser("models", help="list model names")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION")
     ml = msub.add_parser("list", help="equiray's own models (and timm's with --timm PATTERN)")
     ml.add_argument("--timm", metavar="PATTERN", help="also list timm models matching PATTERN, e.g. 'resnet*'")
     return parser
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", metavar="URL",
+                   help="the cluster's dashboard (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
 
 
 def _version() -> str:
@@ -251,7 +286,7 @@ def _cmd_pipeline(name: str, args) -> int:
         if result.get("plot"):
             print(f"plot: {result['plot']}")
     shown = {k: v for k, v in result.items()
-             if k not in ("epochs", "ensembles", "rows", "table", "verdict")}
+             if k not in ("epochs", "ensembles", "rows", "table", "verdict", "group_members", "group_nodes")}
     print(json.dumps(shown, indent=2, default=str))
     return 0
 
@@ -288,6 +323,87 @@ def _cmd_models(args) -> int:
         names += timm.list_models(args.timm)
     print("\n".join(names))
     return 0
+
+
+def _follow(job_id: str, address: str | None) -> int:
+    """Print the job's log until it ends; 0 if it succeeded, 1 otherwise."""
+    from pipelines import jobs
+
+    try:
+        for chunk in jobs.follow_logs(job_id, address=address):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running (equiray jobs stop {job_id})", file=sys.stderr)
+        return 130
+    info = jobs.wait(job_id, address=address)
+    status = jobs.status_name(info)
+    print(f"job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""),
+          file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _cmd_submit(args) -> int:
+    from pipelines import jobs
+
+    env = {}
+    for item in args.env:
+        if "=" not in item:
+            raise EquirayError(f"--env {item!r} must look like KEY=VALUE")
+        key, value = item.split("=", 1)
+        env[key] = value
+    spec = jobs.load_job_spec(args.spec)
+    job_id = jobs.submit(spec, address=args.address, env=env)
+    where = f" --address {args.address}" if args.address else ""
+    print(f"submitted {spec.name} as job {job_id} to {jobs.resolve_address(args.address)}")
+    if not args.follow:
+        print(f"follow it:  equiray jobs logs {job_id} --follow{where}\n"
+              f"status:     equiray jobs status {job_id}{where}\n"
+              f"stop it:    equiray jobs stop {job_id}{where}")
+        return 0
+    return _follow(job_id, args.address)
+
+
+def _cmd_jobs(args) -> int:
+    from pipelines import jobs
+
+    if args.jobs_command == "list":
+        rows = jobs.list_jobs(address=args.address)
+        if not rows:
+            print(f"no jobs on {jobs.resolve_address(args.address)}")
+            return 0
+        print(f"{'ID':<46} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
+        for j in rows:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"
+            entry = " ".join(j.entrypoint.split())
+            print(f"{j.submission_id or j.job_id:<46} {jobs.status_name(j):<10} {started:<19} "
+                  f"{entry[:80] + ('...' if len(entry) > 80 else '')}")
+        return 0
+    if args.jobs_command == "status":
+        info = jobs.job_info(args.job_id, address=args.address)
+        print(f"{args.job_id}: {jobs.status_name(info)}")
+        if info.message:
+            print(f"message: {info.message}")
+        print(f"entrypoint: {' '.join(info.entrypoint.split())}")
+        if info.start_time:
+            end = info.end_time / 1000 if info.end_time else time.time()
+            print(f"running time: {end - info.start_time / 1000:.0f} s")
+        return 0
+    if args.jobs_command == "logs":
+        if args.follow:
+            return _follow(args.job_id, args.address)
+        sys.stdout.write(jobs.job_logs(args.job_id, address=args.address))
+        return 0
+    if args.jobs_command == "stop":
+        if not jobs.stop(args.job_id, address=args.address):
+            info = jobs.job_info(args.job_id, address=args.address)
+            print(f"job {args.job_id} had already ended: {jobs.status_name(info)}")
+            return 0
+        print(f"stop requested for job {args.job_id}")
+        if args.wait:
+            print(f"job {args.job_id}: {jobs.status_name(jobs.wait(args.job_id, address=args.address))}")
+        return 0
+    raise EquirayError("choose an action: equiray jobs list | status ID | logs ID | stop ID")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_pipeline(f"serve {args.serve_command}", args)
         if args.command == "data":
             return _cmd_data(args)
+        if args.command == "submit":
+            return _cmd_submit(args)
+        if args.command == "jobs":
+            return _cmd_jobs(args)
         if args.command == "models":
             if not args.models_command:
                 raise EquirayError("choose an action: equiray models list")

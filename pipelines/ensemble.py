@@ -162,18 +162,22 @@ def _optimizer(cfg: dict, ens):
     return torch.optim.SGD(ens.parameters(), lr=t["lr"])
 
 
-def _save_state(path: Path, ens, opt, gens, epochs_done: int, group: dict) -> None:
+def _save_state(path: Path, ens, opt, gens, epochs_done: int, group: dict, nodes: list[str]) -> None:
     torch.save({"model": ens.state_dict(), "optimizer": opt.state_dict(),
-                "generators": [g.get_state() for g in gens], "epochs_done": epochs_done, "group": group}, path)
+                "generators": [g.get_state() for g in gens], "epochs_done": epochs_done, "group": group,
+                "nodes": nodes}, path)
 
 
 def _train_one_epoch(cfg: dict, group: dict, state_file: Path, spec, x, y, group_obj, device) -> dict:
     """Load (or initialise) one member group, train it one epoch, save its state back to ``state_file``."""
     from equiray.ensembles import train_members_epoch
 
+    import ray
+
     ens, gens, epochs_done = _new_group_state(cfg, group, spec)
     ens = ens.to(device)
     opt = _optimizer(cfg, ens)
+    nodes: list[str] = []  # the Ray node of every epoch (a restarted worker group may land elsewhere)
     if state_file.is_file():
         state = torch.load(state_file, weights_only=True)
         ens.load_state_dict(state["model"])
@@ -181,10 +185,11 @@ def _train_one_epoch(cfg: dict, group: dict, state_file: Path, spec, x, y, group
         for gen, st in zip(gens, state["generators"]):
             gen.set_state(st)
         epochs_done = state["epochs_done"]
+        nodes = list(state.get("nodes", []))
     setting = cfg["settings"][group["setting"]]
     stats = train_members_epoch(ens, x, y, opt, batch_size=cfg["train"]["batch_size"],
                                 group=group_obj if setting["augment"] else None, generators=gens, device=device)
-    _save_state(state_file, ens, opt, gens, epochs_done + 1, group)
+    _save_state(state_file, ens, opt, gens, epochs_done + 1, group, nodes + [ray.get_runtime_context().get_node_id()])
     return {**stats, "epochs_done": epochs_done + 1}
 
 
@@ -264,12 +269,14 @@ def _ensemble_spec(cfg: EnsembleConfig, setting: SettingConfig, in_chans: int, n
             "data": cfg.data.source}
 
 
-def _collect(cfg: EnsembleConfig, checkpoint_dir: Path, in_chans: int, num_classes: int) -> dict[int, Any]:
-    """Every member group from the final checkpoint, checked complete: each member exactly once, all epochs."""
+def _collect(cfg: EnsembleConfig, checkpoint_dir: Path, in_chans: int,
+             num_classes: int) -> tuple[dict[int, Any], dict[int, list[str]]]:
+    """Every member group from the final checkpoint, checked complete: each member exactly once, all epochs.
+    Also returns, per group, the Ray node ids it was trained on (one per epoch)."""
     from equiray.ensembles import MemberSpec, StackedEnsemble
 
     groups = cfg.member_groups()
-    found = {}
+    found, nodes = {}, {}
     for g in groups:
         f = checkpoint_dir / f"group-{g['gid']:05d}.pt"
         if not f.is_file():
@@ -283,10 +290,11 @@ def _collect(cfg: EnsembleConfig, checkpoint_dir: Path, in_chans: int, num_class
         ens = StackedEnsemble(spec, len(g["members"]))
         ens.load_state_dict(state["model"])
         found[g["gid"]] = ens
+        nodes[g["gid"]] = list(state.get("nodes", []))
     ids = [m for g in groups for m in g["members"]]
     if len(ids) != len(set(ids)) or len(ids) != cfg.members * len(cfg.settings):
         raise RuntimeError("member ids are not unique and complete")
-    return found
+    return found, nodes
 
 
 def _member_kwargs(cfg: EnsembleConfig, setting: SettingConfig) -> dict:
@@ -351,7 +359,7 @@ def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = Non
                      split_data=False)  # every worker sees all the data
         train_seconds = time.perf_counter() - t0
         with result.checkpoint.as_directory() as d:
-            parts = _collect(cfg, Path(d), c, meta["num_classes"])
+            parts, group_nodes = _collect(cfg, Path(d), c, meta["num_classes"])
             restarts = json.loads((Path(d) / "round.json").read_text())["restarts"]
         with tempfile.TemporaryDirectory() as tmp:
             for gid, ens in parts.items():
@@ -359,7 +367,8 @@ def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = Non
                 save_group(ens, Path(tmp) / f"group-{gid:05d}.safetensors",
                            meta={"gid": gid, "members": g["members"], "setting": cfg.settings[g["setting"]].name,
                                  "seeds": [_member_seed(cfg.train.seed, m) for m in g["members"]],
-                                 "group": cfg.group, "input_size": size, "epochs": cfg.train.epochs})
+                                 "group": cfg.group, "input_size": size, "epochs": cfg.train.epochs,
+                                 "nodes": group_nodes[gid]})
             mlflow.log_artifacts(tmp, "members")
         ensembles = {s.name: StackedEnsemble.concat([parts[g["gid"]] for g in groups if g["setting"] == i])
                      for i, s in enumerate(cfg.settings)}
@@ -367,7 +376,9 @@ def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = Non
         x = resize(x, size)
         acc = {name: accuracy(predict(ens, x, batch_size=256), y) for name, ens in ensembles.items()}
         mlflow.log_metrics({f"test_accuracy/{_slug(n)}": a for n, a in acc.items()})
-        mlflow.log_metrics({"train_seconds": train_seconds, "members": n_total, "restarts": restarts,
+        mlflow.log_dict({str(gid): n for gid, n in group_nodes.items()}, "members/nodes.json")
+        mlflow.log_metrics({"nodes": len({n for ns in group_nodes.values() for n in ns}),
+                            "train_seconds": train_seconds, "members": n_total, "restarts": restarts,
                             "member_epochs_per_second": n_total * cfg.train.epochs / train_seconds})
         champion = cfg.tracking.champion or cfg.settings[0].name
         setting = next(s for s in cfg.settings if s.name == champion)
@@ -381,7 +392,8 @@ def run_train(cfg: EnsembleConfig, *, report_dir: str | os.PathLike | None = Non
     return {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "members": n_total,
             "groups": len(groups), "restarts": restarts, "accuracy": acc, "train_seconds": train_seconds, "version": version,
             "registered": registered, "champion": champion, "reused": False,
-            "ensembles": ensembles, "data_dir": data_dir, "input_size": size, "model_uri": model_uri}
+            "ensembles": ensembles, "data_dir": data_dir, "input_size": size, "model_uri": model_uri,
+            "group_nodes": group_nodes, "group_members": {g["gid"]: g["members"] for g in groups}}
 
 
 def _train_hash(cfg: EnsembleConfig) -> str:

@@ -42,9 +42,6 @@ from equiray.errors import ConfigError, EquirayError
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SERVE = "serve"  # a Ray Serve config file: `serve deploy|run FILE` (Ray's CLI), `--serve-config FILE`
-# pipelines job specs may name before their code lands on this branch (issue 6's metanetwork training, issue 7's
-# Serve endpoint); the spec test loads their configs once `pipelines.cli.PIPELINES` knows them
-PENDING_PIPELINES = ("nfn train", "serve run")
 # `python -m pipelines.MODULE ...` is `equiray COMMAND ...` (see each module's main); the rest are the same word
 MODULE_COMMANDS = {"ftp": "tune ftp"}
 
@@ -144,7 +141,7 @@ def pipeline_commands(entrypoint: str) -> list[PipelineCommand]:
                 config = arg.split("=", 1)[1]
             elif arg == "--set" and i + 1 < len(rest):
                 overrides.append(rest[i + 1])
-        if name in PIPELINES or name in PENDING_PIPELINES:
+        if name in PIPELINES:
             out.append(PipelineCommand(name, config, tuple(overrides)))
         else:
             raise ConfigError(f"entrypoint: {name!r} is not an equiray pipeline; known: {', '.join(PIPELINES)}")

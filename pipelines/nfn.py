@@ -419,6 +419,7 @@ class NFNTrainConfig:
     zoo: str = "data/zoo"  # written by `equiray nfn zoo`
     # metanetwork name (equiray.nfn.list_metanetworks()) -> its constructor options
     metanetworks: dict = field(default_factory=_default_metanetworks)
+    activation: str | None = None  # a mixed ReLU + tanh zoo: train on the nets with this activation only
     zoos: tuple[str, ...] = ZOOS  # "plain", and "scaled": every net's hidden units rescaled at random
     max_scale: float = 1e4  # scaled zoo: per hidden unit d log-uniform in [1/max_scale, max_scale]
     test_fraction: float = 0.25  # held-out nets, scored with Kendall tau
@@ -439,6 +440,8 @@ class NFNTrainConfig:
         unknown = set(self.metanetworks) - set(list_metanetworks())
         if not self.metanetworks or unknown:
             raise ConfigError(f"metanetworks: unknown {sorted(unknown)}; choose from {list_metanetworks()}")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation: choose from {list(ACTIVATIONS)} (or leave it out for a one-activation zoo)")
         if not self.zoos or set(self.zoos) - set(ZOOS):
             raise ConfigError(f"zoos: choose from {list(ZOOS)}")
         if not (0 < self.test_fraction < 1 and 0 < self.val_fraction < 1 and self.test_fraction + self.val_fraction < 1):
@@ -457,7 +460,7 @@ def zoo_features(states: list[dict], rows: list[dict]):
     acts = {r.get("activation", "relu") for r in rows}
     if len(acts) > 1:
         raise EquirayError(f"the zoo mixes activations {sorted(acts)}; a metanetwork's symmetry group depends on it: "
-                           "train one zoo per activation (space.activation: [relu] or [tanh])")
+                           "train on one of them (--set activation=relu) or build one zoo per activation")
     feats, spec = features_from_state_dicts(states)
     return feats, spec, {"relu": "positive", "tanh": "sign"}[acts.pop()]
 
@@ -515,6 +518,11 @@ def run_train(cfg: NFNTrainConfig, *, report_dir: str | os.PathLike | None = Non
     from pipelines._ray import cluster_summary, init_ray, say
 
     rows, states = read_zoo(cfg.zoo)
+    if cfg.activation is not None:
+        keep = [i for i, r in enumerate(rows) if r.get("activation") == cfg.activation]
+        if not keep:
+            raise EquirayError(f"no {cfg.activation} nets in the zoo at {cfg.zoo}")
+        rows, states = [rows[i] for i in keep], [states[i] for i in keep]
     feats, spec, group = zoo_features(states, rows)
     targets = torch.tensor([r["test_accuracy"] for r in rows], dtype=torch.float32)
     splits = split_nets(len(rows), test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed)

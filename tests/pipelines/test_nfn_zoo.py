@@ -170,6 +170,8 @@ def test_nfn_train_scores_logs_and_registers_an_invariant_champion(relu_zoo, mlf
 def test_nfn_train_refuses_unfit_zoos_and_configs(zoo, tmp_path):
     with pytest.raises(EquirayError, match="mixes activations"):
         run_train(train_cfg(zoo[0].out))  # the relu + tanh zoo
+    with pytest.raises(ConfigError, match="activation: choose from"):
+        train_cfg(zoo[0].out, activation="gelu")
     with pytest.raises(EquirayError, match="no zoo at"):
         run_train(train_cfg(tmp_path / "none"))
     with pytest.raises(ConfigError, match="unknown"):

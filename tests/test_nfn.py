@@ -340,7 +340,7 @@ def test_fit_metanetwork_learns_a_weight_statistic_and_keeps_the_best_epoch():
         with torch.no_grad():
             m.features[0].weight.mul_(0.2 + 0.05 * i)
     feats, spec = features_from_models(nets)
-    target = torch.tensor([float(m.features[0].weight.std()) for m in nets])
+    target = torch.tensor([float(m.features[0].weight.detach().std()) for m in nets])
     perm = torch.randperm(48, generator=gen)
     torch.manual_seed(0)
     model = StatNN(spec, mlp_hidden=(16,))

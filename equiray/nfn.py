@@ -278,7 +278,7 @@ def features_from_state_dicts(state_dicts: Sequence[dict[str, torch.Tensor]]) ->
     """Like :func:`features_from_models` for state dicts: every 2-D/4-D ``*weight`` with its ``*bias``, in order."""
     if not state_dicts:
         raise EquirayError("features_from_state_dicts needs at least one state dict")
-    per_sd, spec = [], None
+    per_sd = []
     for idx, sd in enumerate(state_dicts):
         pairs, used = [], set()
         for key, value in sd.items():
@@ -292,13 +292,20 @@ def features_from_state_dicts(state_dicts: Sequence[dict[str, torch.Tensor]]) ->
         if left:
             raise EquirayError(f"state dict {idx} has tensors outside Linear/Conv2d layers ({left[:5]}); the "
                                "weight-space symmetry only covers plain Linear/Conv2d stacks")
-        this = NetworkSpec(tuple(LayerSpec(w.shape[0], w.shape[1], tuple(w.shape[2:])) for w, _ in pairs))
+        per_sd.append([(w[None], b[None]) for w, b in pairs])
+    return _stack_nets(per_sd)  # weights[i]: (B, 1, n_i, n_{i-1}, *k); biases[i]: (B, 1, n_i)
+
+
+def _stack_nets(per_net: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> tuple[WeightSpaceFeatures, NetworkSpec]:
+    """Per net, per layer ``(W (C, n_i, n_{i-1}, *k), b (C, n_i))`` -> batched features and their common spec."""
+    spec = None
+    for idx, layers in enumerate(per_net):
+        this = NetworkSpec(tuple(LayerSpec(w.shape[1], w.shape[2], tuple(w.shape[3:])) for w, _ in layers))
         if spec is not None and this != spec:
             raise EquirayError(f"state dict {idx} has layers {this}, state dict 0 {spec}: use one architecture")
         spec = this
-        per_sd.append(pairs)
-    weights = tuple(torch.stack([p[i][0] for p in per_sd])[:, None].detach() for i in range(spec.num_layers))
-    biases = tuple(torch.stack([p[i][1] for p in per_sd])[:, None].detach() for i in range(spec.num_layers))
+    weights = tuple(torch.stack([p[i][0] for p in per_net]).detach() for i in range(spec.num_layers))
+    biases = tuple(torch.stack([p[i][1] for p in per_net]).detach() for i in range(spec.num_layers))
     return WeightSpaceFeatures(weights, biases), spec
 
 
@@ -315,7 +322,7 @@ def features_from_normalized_cnns(state_dicts: Sequence[dict[str, torch.Tensor]]
     (the head's weight and bias twice). Returns features with 2 channels and the spec."""
     if not state_dicts:
         raise EquirayError("features_from_normalized_cnns needs at least one state dict")
-    per_sd, spec = [], None
+    per_sd = []
     for idx, sd in enumerate(state_dicts):
         items = [(k, v) for k, v in sd.items() if torch.is_floating_point(v)]
         layers, i = [], 0
@@ -335,14 +342,8 @@ def features_from_normalized_cnns(state_dicts: Sequence[dict[str, torch.Tensor]]
             else:
                 raise EquirayError(f"state dict {idx}: {key!r} {tuple(w.shape)} is neither a bias-free conv followed "
                                    "by a normalisation's (weight, bias) nor a linear layer with a bias")
-        this = NetworkSpec(tuple(LayerSpec(w.shape[1], w.shape[2], tuple(w.shape[3:])) for w, _ in layers))
-        if spec is not None and this != spec:
-            raise EquirayError(f"state dict {idx} has layers {this}, state dict 0 {spec}: use one architecture")
-        spec = this
         per_sd.append(layers)
-    weights = tuple(torch.stack([p[i][0] for p in per_sd]).detach() for i in range(spec.num_layers))
-    biases = tuple(torch.stack([p[i][1] for p in per_sd]).detach() for i in range(spec.num_layers))
-    return WeightSpaceFeatures(weights, biases), spec  # weights[i]: (B, 2, n_i, n_{i-1}, *k); biases[i]: (B, 2, n_i)
+    return _stack_nets(per_sd)  # weights[i]: (B, 2, n_i, n_{i-1}, *k); biases[i]: (B, 2, n_i)
 
 
 def load_features_into(model: nn.Module, features: WeightSpaceFeatures, index: int, *, channel: int = 0) -> nn.Module:

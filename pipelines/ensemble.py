@@ -528,8 +528,9 @@ def run_eval(cfg: EnsembleConfig, *, run_id: str | None = None, report_dir: str 
     uri = _tracking.tracking_uri()
     _tracking.setup(cfg.tracking.experiment, uri)
     run_id = find_train_run(cfg.tracking.experiment, run_id)
+    metanet = None
     if cfg.eval.select_by == "nfn":
-        _tracking.load_model(cfg.eval.nfn_model)  # fails early and clearly when none is registered
+        metanet = _tracking.load_model(cfg.eval.nfn_model)  # fails early and clearly when none is registered
     if ensembles is None:
         ensembles, _ = load_members(run_id)
     meta = cfg.data.prepare()
@@ -553,14 +554,15 @@ def run_eval(cfg: EnsembleConfig, *, run_id: str | None = None, report_dir: str 
             mlflow.log_metric(f"kl/{key}", r["kl"], step=r["size"])
     result = {"run_id": run_id, "rows": rows, "table": table, "plot": str(plot), "verdict": verdict(rows)}
     if cfg.eval.select_by == "nfn":
-        sel = run_select(cfg, run_id=run_id, ensembles=ensembles, report_dir=out_dir, data=(x, y))
+        sel = run_select(cfg, run_id=run_id, ensembles=ensembles, report_dir=out_dir, data=(x, y), metanet=metanet)
         result["selection"] = sel["selection"]
         result["table"] = table + "\n\n" + sel["table"]
     return result
 
 
 def run_select(cfg: EnsembleConfig, *, run_id: str | None = None, ensembles: dict | None = None,
-               report_dir: str | os.PathLike | None = None, data: tuple | None = None) -> dict:
+               report_dir: str | os.PathLike | None = None, data: tuple | None = None,
+               metanet: tuple | None = None) -> dict:
     """``--select-by nfn`` on its own: leave out the members ``cfg.eval.nfn_model`` predicts weakest, compare the
     mean of the rest with all members and with random subsets; table to ``report_dir`` and to the run."""
     import mlflow
@@ -570,7 +572,7 @@ def run_select(cfg: EnsembleConfig, *, run_id: str | None = None, ensembles: dic
 
     _tracking.setup(cfg.tracking.experiment)
     run_id = find_train_run(cfg.tracking.experiment, run_id)
-    metanet, meta_spec = _tracking.load_model(cfg.eval.nfn_model)
+    metanet, meta_spec = metanet or _tracking.load_model(cfg.eval.nfn_model)  # (model, spec) already loaded?
     if ensembles is None:
         ensembles, _ = load_members(run_id)
     if data is None:

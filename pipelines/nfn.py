@@ -142,8 +142,10 @@ class StackedZooNets:
         col = lambda key: torch.tensor([float(hp[key]) for hp in hps], device=device)  # noqa: E731
         self.lr, self.wd, self.dropout = col("lr"), col("weight_decay"), col("dropout")
         self.kind = torch.tensor([OPTIMIZERS.index(hp["optimizer"]) for hp in hps], device=device)
-        self.act = {"relu": torch.relu, "tanh": torch.tanh}
-        self.acts = [hp["activation"] for hp in hps]
+        acts = [hp["activation"] for hp in hps]
+        # one activation for the chunk, or (mixed chunk) a (1, M, 1, 1, 1) mask of the nets that use ReLU
+        self.act = {"relu": torch.relu, "tanh": torch.tanh}[acts[0]] if len(set(acts)) == 1 else None
+        self.relu_mask = torch.tensor([a == "relu" for a in acts], device=device).view(1, -1, 1, 1, 1)
         self.m = [torch.zeros_like(p) for p in self.params]  # Adam exp_avg | SGD momentum buffer
         self.v = [torch.zeros_like(p) for p in self.params]  # Adam exp_avg_sq | RMSprop square_avg
         self.steps = torch.zeros(len(hps), device=device)
@@ -160,8 +162,7 @@ class StackedZooNets:
         for w, b in zip(convs[0::2], convs[1::2]):
             h = torch.nn.functional.conv2d(h, w.flatten(0, 1), b.flatten(), stride=2, groups=M)
             h = h.view(B, M, w.shape[1], *h.shape[-2:])
-            h = torch.where(self._act_mask(h), torch.relu(h), torch.tanh(h)) if len(set(self.acts)) > 1 else \
-                self.act[self.acts[0]](h)
+            h = self.act(h) if self.act is not None else torch.where(self.relu_mask, torch.relu(h), torch.tanh(h))
             if train and bool((self.dropout > 0).any()):
                 keep = 1 - self.dropout.view(1, M, 1, 1, 1)
                 mask = torch.rand(h.shape, generator=generator, device=h.device) < keep
@@ -169,10 +170,6 @@ class StackedZooNets:
             h = h.flatten(1, 2)
         pooled = h.view(B, M, -1, *h.shape[-2:]).mean(dim=(-2, -1))  # (B, M, width)
         return torch.einsum("bmc,moc->mbo", pooled, wh) + bh[:, None]
-
-    def _act_mask(self, h: torch.Tensor) -> torch.Tensor:
-        relu = torch.tensor([a == "relu" for a in self.acts], device=h.device)
-        return relu.view(1, -1, *([1] * (h.dim() - 2)))
 
     @torch.no_grad()
     def _update(self, active: torch.Tensor) -> None:

@@ -9,15 +9,17 @@ kept). Rows:
 * equiadapt's ``GroupEquivariantImageCanonicalization`` with its e2cnn ``ESCNNEquivariantNetwork`` (its image
   default), at two canonicalizer learning rates (the better is compared);
 * equiray's equivariant canonicalizer with the same widths and kernels as that network, reading the same 28x28
-  input (like for like), and with equiray's defaults (1x1 hidden group conv, 7x7 input);
+  input (like for like), and with equiray's defaults (1x1 hidden group conv, 7x7 input, batch norm and dropout
+  like equiadapt's network), and those defaults without batch norm and dropout;
 * equiray's optimized canonicalizer (Panigrahi & Mondal) with its defaults.
 
-    .venv/bin/python benchmarks/bench_canon.py [--train 6000 --epochs 3]
+    .venv/bin/python benchmarks/bench_canon.py [--train 6000 --epochs 3 --seeds 3]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -120,6 +122,7 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=2000, help="test images (each in its 8 rotations)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--prior-weight", type=float, default=100.0)
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per row (accuracy: mean +- std)")
     parser.add_argument("--data-dir", default="data/fashion-mnist")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
@@ -148,53 +151,73 @@ def main() -> int:
     width, kernel, layers = 4, 5, 2  # the like-for-like canonicalizer size
     variant = {"kind": "equivariant", "group": "C8", "augment": False, "prior_weight": args.prior_weight,
                "backbone": "finetune"}
-    rows, models = {}, {"bare backbone": fresh_backbone().eval()}
+    runs: dict[str, list[dict]] = {}
+    models = {"bare backbone": fresh_backbone().eval()}
 
-    def ours(name, kind, kwargs):
+    def record(name, model, start):
+        result = {**evaluate(model, xt, yt), "train_s": time.perf_counter() - start}
+        runs.setdefault(name, []).append(result)
+        models[name] = model  # the last seed's model is the one timed
+        print(name, {k: round(v, 4) for k, v in result.items() if not k.startswith("accuracy_rot")}, flush=True)
+
+    def ours(name, kind, kwargs, tr):
         start = time.perf_counter()
         model, _ = build_variant({**variant, "kind": kind}, spec, state, {kind: kwargs}, cfg.train.beta)
-        train_variant(model, {**variant, "kind": kind}, x, y, t)
-        rows[name] = {**evaluate(model, xt, yt), "train_s": time.perf_counter() - start}
-        models[name] = model
-        print(name, rows[name], flush=True)
+        train_variant(model, {**variant, "kind": kind}, x, y, tr)
+        record(name, model, start)
 
-    def theirs(name, canon_lr):
+    def theirs(name, canon_lr, tr):
         start = time.perf_counter()
-        torch.manual_seed(t["seed"])
+        torch.manual_seed(tr["seed"])
         model = equiadapt_model(fresh_backbone(), out_channels=width, kernel_size=kernel, num_layers=layers,
                                 beta=cfg.train.beta)
-        train_equiadapt(model, x, y, {**t, "canon_lr": canon_lr}, args.prior_weight)
-        rows[name] = {**evaluate(model, xt, yt), "train_s": time.perf_counter() - start}
-        models[name] = model
-        print(name, rows[name], flush=True)
+        train_equiadapt(model, x, y, {**tr, "canon_lr": canon_lr}, args.prior_weight)
+        record(name, model, start)
 
-    theirs(f"equiadapt ESCNN ({width} fields, k{kernel}, {layers} layers, 28px), canon lr {t['canon_lr']:g}",
-           t["canon_lr"])
-    theirs(f"equiadapt ESCNN ({width} fields, k{kernel}, {layers} layers, 28px), canon lr 0.001", 1e-3)
-    ours(f"equiray equivariant, like for like ({width} ch, k{kernel}, hidden k{kernel}, 28px)", "equivariant",
-         {"channels": width, "layers": layers, "kernel_size": kernel, "hidden_kernel_size": kernel,
-          "input_size": None})
-    ours("equiray equivariant, defaults (8 ch, hidden 1x1, 7px)", "equivariant", cfg.canonicalizers["equivariant"])
-    ours("equiray optimized, defaults (small_cnn w4, 7px)", "optimized", cfg.canonicalizers["optimized"])
+    equivariant = dict(cfg.canonicalizers["equivariant"])
+    plain = {k: v for k, v in equivariant.items() if k not in ("batch_norm", "dropout")}
+    for seed in range(args.seeds):
+        tr = {**t, "seed": seed}
+        theirs(f"equiadapt ESCNN ({width} fields, k{kernel}, {layers} layers, 28px), canon lr {t['canon_lr']:g}",
+               t["canon_lr"], tr)
+        theirs(f"equiadapt ESCNN ({width} fields, k{kernel}, {layers} layers, 28px), canon lr 0.001", 1e-3, tr)
+        ours(f"equiray equivariant, like for like ({width} ch, k{kernel}, hidden k{kernel}, 28px)", "equivariant",
+             {"channels": width, "layers": layers, "kernel_size": kernel, "hidden_kernel_size": kernel,
+              "input_size": None}, tr)
+        ours("equiray equivariant, no batch norm / dropout (8 ch, hidden 1x1, 7px)", "equivariant", plain, tr)
+        ours("equiray equivariant, defaults (8 ch, batch norm, dropout 0.5, hidden 1x1, 7px)", "equivariant",
+             equivariant, tr)
+        ours("equiray optimized, defaults (small_cnn w4, 7px)", "optimized", cfg.canonicalizers["optimized"], tr)
     ms = latencies(models, xt[:256])
 
-    peers = [k for k in rows if k.startswith("equiadapt")]
-    peer = max(peers, key=lambda k: rows[k]["cn_avg_accuracy"])
+    def mean(name, key):
+        return statistics.mean(r[key] for r in runs[name])
+
+    def cell(name, key):
+        vals = [100 * r[key] for r in runs[name]]
+        spread = f" +- {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+        return f"{statistics.mean(vals):.2f}%{spread}"
+
+    peers = [k for k in runs if k.startswith("equiadapt")]
+    peer = max(peers, key=lambda k: mean(k, "cn_avg_accuracy"))
     bare = ms["bare backbone"]
     lines = [
         f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_canon.py --train {args.train} "
-        f"--epochs {args.epochs}`. Backbone: {source}; C8, prior weight {args.prior_weight:g}, fine-tuned backbone, "
-        f"{args.train} upright training images, {args.epochs} epochs, {args.test} test images x 8 rotations.", "",
+        f"--epochs {args.epochs} --seeds {args.seeds}`. Backbone: {source}; C8, prior weight {args.prior_weight:g}, "
+        f"fine-tuned backbone, {args.train} upright training images, {args.epochs} epochs, {args.test} test images x "
+        f"8 rotations; accuracies are mean +- std over {args.seeds} training seeds (seed s: the same initialisation "
+        f"and batch order for every row).", "",
         "| canonicalizer | upright acc | C8-avg acc | identity rate | ms / image (batch 256) | overhead vs backbone "
         "| speed vs equiadapt (x) | C8-avg vs equiadapt (points) |",
         "|---|---|---|---|---|---|---|---|",
         f"| bare backbone (no canonicalizer) | | | | {bare:.3f} | | | |",
     ]
-    for k, r in rows.items():
+    for k in runs:
         mark = " (compared)" if k == peer else ""
-        lines.append(f"| {k}{mark} | {r['upright_accuracy'] * 100:.2f}% | {r['cn_avg_accuracy'] * 100:.2f}% | "
-                     f"{r['identity_rate'] * 100:.1f}% | {ms[k]:.3f} | {(ms[k] / bare - 1) * 100:+.0f}% | "
-                     f"{ms[peer] / ms[k]:.2f} | {(r['cn_avg_accuracy'] - rows[peer]['cn_avg_accuracy']) * 100:+.1f} |")
+        lines.append(f"| {k}{mark} | {cell(k, 'upright_accuracy')} | {cell(k, 'cn_avg_accuracy')} | "
+                     f"{100 * mean(k, 'identity_rate'):.1f}% | {ms[k]:.3f} | {(ms[k] / bare - 1) * 100:+.0f}% | "
+                     f"{ms[peer] / ms[k]:.2f} | "
+                     f"{(mean(k, 'cn_avg_accuracy') - mean(peer, 'cn_avg_accuracy')) * 100:+.1f} |")
     emit("\n".join(lines), args.out)
     return 0
 

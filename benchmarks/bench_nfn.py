@@ -11,7 +11,9 @@ Adam, the epoch with the best validation tau kept) and is scored by Kendall tau 
 ``--seeds`` different splits and initialisations (mean +- std). Architectures, as in the papers:
 
 - Monomial-NFN (equiray): 2 monomial-equivariant layers (16 channels), ReLU, the scale-removing invariant pool,
-  MLP head;
+  MLP head; and the same with ``path_norms=True`` (``equiray.nfn.path_norms``: log l1/l2 path norms per class
+  and per-layer statistics of the path flow through each hidden unit, exact invariants of the same group, into
+  the head);
 - NP and HNP (`nfn` package, Zhou et al. 2023): 2 NPLinear / HNPLinear layers (16 channels), ReLU, NPPool /
   HNPPool, the same MLP head;
 - STATNN (Unterthiner et al. 2020): 7 statistics per weight and bias tensor, MLP.
@@ -73,6 +75,9 @@ class NFNPeer(nn.Module):
 def build(name: str, spec):
     if name == "Monomial-NFN (equiray)":
         return MonomialNFN(spec, group="positive", hidden_channels=HIDDEN, num_layers=2, mlp_hidden=MLP)
+    if name == "Monomial-NFN + path norms (equiray)":
+        return MonomialNFN(spec, group="positive", hidden_channels=HIDDEN, num_layers=2, mlp_hidden=MLP,
+                           path_norms=True)
     if name == "NP (nfn)":
         return NFNPeer(spec, "np")
     if name == "HNP (nfn)":
@@ -80,7 +85,7 @@ def build(name: str, spec):
     return StatNN(spec, mlp_hidden=(64, 64))
 
 
-MODELS = ("Monomial-NFN (equiray)", "NP (nfn)", "HNP (nfn)", "STATNN")
+MODELS = ("Monomial-NFN (equiray)", "Monomial-NFN + path norms (equiray)", "NP (nfn)", "HNP (nfn)", "STATNN")
 
 
 def main(argv=None) -> int:

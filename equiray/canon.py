@@ -106,6 +106,25 @@ class _ExpandedWeightCache:
         return self._cache
 
 
+def _bn_affine(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An inference-mode batch norm as ``y * scale + shift`` per channel."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0.0)
+    return scale, shift
+
+
+def _scaled(weight: torch.Tensor, bias: torch.Tensor, n: int, scale: torch.Tensor | None,
+            shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expanded (O*|G|, ...) filters and their bias, with a per-output-channel affine folded in."""
+    bias = bias.repeat_interleave(n)
+    if scale is None:
+        return weight, bias
+    s = scale.repeat_interleave(n)
+    return weight * s.view(-1, *([1] * (weight.dim() - 1))), bias * s + shift.repeat_interleave(n)
+
+
 class GroupLiftConv(_ExpandedWeightCache, nn.Module):
     """Lifting convolution Z^2 -> G: output channel (o, h) correlates the input with ``h . W_o``.
 
@@ -130,9 +149,14 @@ class GroupLiftConv(_ExpandedWeightCache, nn.Module):
         return w.reshape(o * self.group.order, i, k, k)  # (O*|G|, I, k, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_scaled(x)
+
+    def forward_scaled(self, x: torch.Tensor, scale: torch.Tensor | None = None,
+                       shift: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(x) * scale[o] + shift[o]`` per output channel ``o`` (a folded batch norm) as one conv."""
         n = self.group.order
-        y = F.conv2d(x, self.cached(self.expanded_weight), self.bias.repeat_interleave(n),
-                     padding=self.kernel_size // 2)
+        weight, bias = _scaled(self.cached(self.expanded_weight), self.bias, n, scale, shift)
+        y = F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
         return y.view(x.shape[0], -1, n, *y.shape[-2:])  # (B, O, |G|, H, W)
 
 
@@ -160,11 +184,16 @@ class GroupConv(_ExpandedWeightCache, nn.Module):
         return w.reshape(o * n, i * n, k, k)  # (O*|G|, I*|G|, k, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_scaled(x)
+
+    def forward_scaled(self, x: torch.Tensor, scale: torch.Tensor | None = None,
+                       shift: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(x) * scale[o] + shift[o]`` per output channel ``o`` (a folded batch norm) as one conv."""
         b, c, n, hh, ww = x.shape
         if n != self.group.order or c != self.weight.shape[1]:
             raise ValueError(f"expected (B, {self.weight.shape[1]}, {self.group.order}, H, W), got {tuple(x.shape)}")
-        y = F.conv2d(x.reshape(b, c * n, hh, ww), self.cached(self.expanded_weight), self.bias.repeat_interleave(n),
-                     padding=self.kernel_size // 2)
+        weight, bias = _scaled(self.cached(self.expanded_weight), self.bias, n, scale, shift)
+        y = F.conv2d(x.reshape(b, c * n, hh, ww), weight, bias, padding=self.kernel_size // 2)
         return y.view(b, -1, n, hh, ww)  # (B, O, |G|, H, W)
 
 
@@ -221,22 +250,56 @@ class EquivariantCanonicalizer(Canonicalizer):
 
     def __init__(self, group: Group | str, *, in_chans: int = 1, channels: int = 8, layers: int = 2,
                  kernel_size: int = 5, hidden_kernel_size: int = 1, input_size: int | None = None,
-                 crop: float = 1.0):
+                 crop: float = 1.0, batch_norm: bool = False, dropout: float = 0.0):
         super().__init__(group, input_size=input_size, crop=crop)
         if layers < 1 or channels < 1:
             raise EquirayError(f"need at least one layer and one channel, got layers={layers}, channels={channels}")
+        if not 0.0 <= dropout < 1.0:
+            raise EquirayError(f"dropout is a probability in [0, 1), got {dropout}")
         blocks: list[nn.Module] = [GroupLiftConv(in_chans, channels, kernel_size, self.group)]
         for _ in range(layers - 1):
-            blocks += [nn.ReLU(), GroupConv(channels, channels, hidden_kernel_size, self.group)]
+            if batch_norm:  # statistics per channel, shared over group elements and pixels: equivariant
+                blocks.append(nn.BatchNorm3d(channels))
+            blocks.append(nn.ReLU())
+            if dropout:
+                blocks.append(nn.Dropout(dropout))
+            blocks.append(GroupConv(channels, channels, hidden_kernel_size, self.group))
         self.net = nn.Sequential(*blocks)
 
     def score(self, x):
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(f"the canonicalizer needs square inputs, got {tuple(x.shape[-2:])}")
-        feats = self.net(x)  # (B, O, |G|, H, W)
         disk = _disk(x.shape[-1], x.device)
+        last = self.net[-1]
+        if isinstance(last, GroupConv) and last.kernel_size == 1:
+            # A 1x1 group conv is linear per pixel, so averaging over the disk commutes with it: pool first, then
+            # apply it as one (O|G| x C|G|) matrix. Same scores, without the per-pixel channel mixing.
+            feats = self._features(x, self.net[:-1])  # (B, C, |G|, H, W)
+            pooled = (feats * disk).sum((-2, -1)) / disk.sum()  # (B, C, |G|)
+            weight = last.cached(last.expanded_weight).flatten(1)  # (O*|G|, C*|G|)
+            out = F.linear(pooled.flatten(1), weight, last.bias.repeat_interleave(self.group.order))
+            return out.view(x.shape[0], -1, self.group.order).mean(1), None  # (B, |G|)
+        feats = self._features(x, self.net)  # (B, O, |G|, H, W)
         scores = (feats * disk).sum((-2, -1)).mean(1) / disk.sum()  # (B, |G|)
         return scores, None
+
+    @staticmethod
+    def _features(x: torch.Tensor, blocks: nn.Sequential) -> torch.Tensor:
+        """Run ``blocks``; at inference a batch norm is folded into the group conv before it (one conv, no
+        separate normalisation pass)."""
+        mods = list(blocks)
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            if isinstance(m, (GroupLiftConv, GroupConv)) and isinstance(nxt, nn.BatchNorm3d) and not nxt.training \
+                    and nxt.track_running_stats and not torch.is_grad_enabled():
+                x = m.forward_scaled(x, *_bn_affine(nxt))
+                i += 2
+            else:
+                x = m(x)
+                i += 1
+        return x
 
 
 class OptimizedCanonicalizer(Canonicalizer):

@@ -58,7 +58,7 @@ __all__ = ["LayerSpec", "NetworkSpec", "WeightSpaceFeatures", "WeightSymmetry", 
            "apply_symmetry", "FirstLayerMap", "HiddenLayerMap", "LastLayerMap", "SignCoupling", "MonomialLinear",
            "FeatureActivation", "MonomialInvariantPool", "MonomialNFN", "StatNN", "register_metanetwork",
            "create_metanetwork", "list_metanetworks", "count_parameters", "features_from_normalized_cnns", "kendall_tau", "MetaFit",
-           "fit_metanetwork", "predict"]
+           "fit_metanetwork", "predict", "path_norms"]
 
 ScalingGroup = Literal["positive", "sign"]
 Symmetry = Literal["positive", "sign", "permutation"]
@@ -613,6 +613,47 @@ class MonomialInvariantPool(nn.Module):
         return torch.cat(pooled, dim=1)  # (B, out_dim)
 
 
+def path_norms(features: WeightSpaceFeatures, powers: Sequence[float] = (1.0, 2.0)) -> torch.Tensor:
+    """Invariant path statistics: exact invariants of hidden-unit permutations, positive scalings and sign flips.
+
+    With ``A_i = sum_kernel |W_i|^p``: forward ``v_0 = 1``, ``v_i = A_i v_{i-1} + |b_i|^p``; backward ``u_L = 1``,
+    ``u_{i-1} = A_i^T u_i``. Under (S1, S2) ``v_i[j]`` picks up ``|d_i[j]|^p`` and ``u_i[j]`` its inverse, both
+    permuted with layer i, so the l_p path norms ``v_L`` and the flow ``v_i * u_i`` through each hidden unit are
+    unchanged up to that permutation. Returned per power and feature channel: ``log v_L / p`` (n_L values) and,
+    per hidden layer, the mean, standard deviation, min and max over its units of ``log(v_i u_i) / p``:
+    ``(B, C * len(powers) * (n_L + 4 (L - 1)))``.
+
+    They keep what the entry-wise normalisation of :class:`MonomialInvariantPool` removes together with the
+    symmetric part: the overall scale of a net's function and how it spreads over units (a net that barely
+    trained has small path norms). Products along paths are also the coupling of consecutive layers that the
+    equivariant layers themselves do not have.
+    """
+    tiny = torch.finfo(features.dtype).tiny
+    out = []
+    for p in powers:
+        mats = []
+        for w in features.weights:
+            a = w.abs().pow(p)
+            mats.append(a.flatten(4).sum(-1) if a.dim() > 4 else a)  # (B, C, n_i, n_{i-1})
+        v = torch.ones(*mats[0].shape[:2], mats[0].shape[3], dtype=features.dtype, device=features.device)
+        forward = []
+        for a, b in zip(mats, features.biases):
+            v = torch.einsum("bcjk,bck->bcj", a, v) + b.abs().pow(p)  # (B, C, n_i)
+            forward.append(v)
+        u = torch.ones_like(forward[-1])
+        stats = [torch.log(forward[-1].clamp_min(tiny)) / p]  # (B, C, n_L)
+        for i in range(len(mats) - 1, 0, -1):
+            u = torch.einsum("bcjk,bcj->bck", mats[i], u)  # (B, C, n_{i-1}): paths from each unit to the outputs
+            flow = torch.log((forward[i - 1] * u).clamp_min(tiny)) / p
+            stats.append(torch.stack([flow.mean(-1), flow.std(-1), flow.amin(-1), flow.amax(-1)], -1))
+        out.append(torch.cat(stats, dim=-1).flatten(1))
+    return torch.cat(out, dim=1)
+
+
+def path_norm_dim(spec: NetworkSpec, channels: int, powers: int = 2) -> int:
+    return channels * powers * (spec.layers[-1].out_features + 4 * (spec.num_layers - 1))
+
+
 # ----------------------------------------------------------------------------------------- metanetworks
 def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -632,7 +673,7 @@ class MonomialNFN(nn.Module):
 
     def __init__(self, spec: NetworkSpec, *, group: ScalingGroup = "positive", in_channels: int = 1,
                  hidden_channels: int = 16, num_layers: int = 2, mlp_hidden: Sequence[int] = (32, 32),
-                 out_dim: int = 1):
+                 out_dim: int = 1, path_norms: bool = False):
         super().__init__()
         if group not in SCALING_GROUPS:
             raise EquirayError(f"unknown group {group!r}; choose 'positive' (ReLU nets) or 'sign' (tanh nets)")
@@ -648,10 +689,15 @@ class MonomialNFN(nn.Module):
             s, c = layer.out_spec, hidden_channels
         self.equivariant = nn.Sequential(*layers)
         self.pool = MonomialInvariantPool(s, hidden_channels, group=group)
-        self.head = _mlp(self.pool.out_dim, mlp_hidden, out_dim)
+        self.path_norms = bool(path_norms)
+        extra = path_norm_dim(spec, in_channels) if self.path_norms else 0
+        self.head = _mlp(self.pool.out_dim + extra, mlp_hidden, out_dim)
 
     def forward(self, features: WeightSpaceFeatures) -> torch.Tensor:
-        return self.head(self.pool(self.equivariant(features)))  # features -> (B, pool.out_dim) -> (B, out_dim)
+        pooled = self.pool(self.equivariant(features))  # (B, pool.out_dim)
+        if self.path_norms:
+            pooled = torch.cat([pooled, path_norms(features)], dim=1)
+        return self.head(pooled)  # (B, out_dim)
 
 
 class StatNN(nn.Module):

@@ -407,7 +407,7 @@ ZOOS = ("plain", "scaled")
 
 
 def _default_metanetworks() -> dict:
-    return {"monomial-nfn": {"hidden_channels": 16, "num_layers": 2, "mlp_hidden": [32, 32]},
+    return {"monomial-nfn": {"hidden_channels": 16, "num_layers": 2, "mlp_hidden": [32, 32], "path_norms": True},
             "statnn": {"mlp_hidden": [64, 64]}}
 
 

@@ -63,6 +63,33 @@ def test_scores_permute_exactly(kind, gname, gen):
         torch.testing.assert_close(canon(g.act(x, e)), permuted(s, g, e))
 
 
+@pytest.mark.parametrize("gname", EXACT)
+def test_batch_norm_and_dropout_keep_the_scores_equivariant(gname, gen):
+    """Batch norm shares its statistics over group elements and pixels, so it commutes with the action in both
+    modes; dropout is off at inference. Sensitivity: the scores change when the statistics do."""
+    g = get_group(gname)
+    torch.manual_seed(0)
+    canon = create_canonicalizer("equivariant", g, channels=3, layers=3, batch_norm=True, dropout=0.5).double()
+    x = torch.rand(6, 1, 16, 16, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        for m in canon.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    canon.eval()
+    s = canon(x)
+    for e in g.elements():
+        torch.testing.assert_close(canon(g.act(x, e)), permuted(s, g, e))
+    with torch.no_grad():  # inference folds each batch norm into the conv before it: the same scores
+        torch.testing.assert_close(canon(x), s.detach())
+    canon.net[1].train()  # batch statistics instead of the running ones: equivariant too, but different scores
+    s_batch = canon(x)
+    torch.testing.assert_close(canon(g.act(x, 1)), permuted(s_batch, g, 1))
+    assert (s_batch - s).abs().max() > 1e-4
+    with pytest.raises(EquirayError, match="dropout"):
+        create_canonicalizer("equivariant", g, dropout=1.5)
+
+
 @pytest.mark.parametrize("kind", list_canonicalizers())
 def test_scores_are_sensitive(kind, gen):
     """The scores move with the input (a constant canonicalizer would pass the test above) and a reflection,
@@ -204,3 +231,19 @@ def test_inference_reuses_expanded_filters_until_the_weights_change(gen):
         updated = canon(x)
     assert (updated - first).abs().max() > 1e-4
     torch.testing.assert_close(updated, canon(x).detach())  # the grad-enabled path builds the filters afresh
+
+
+@pytest.mark.parametrize("gname", ["C8", "D4"])
+def test_pooled_last_layer_gives_the_per_pixel_scores(gname, gen):
+    """The 1x1 last group conv runs after the disk pooling (they commute): the scores and their gradients are
+    those of the per-pixel computation."""
+    canon = create_canonicalizer("equivariant", gname, channels=3, layers=3, input_size=9)
+    x = canon.prepare(torch.rand(4, 1, 18, 18, generator=gen))
+    fast, _ = canon.score(x)
+    r = torch.arange(9.0) - 4
+    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= 4.5 ** 2).float()
+    slow = (canon.net(x) * disk).sum((-2, -1)).mean(1) / disk.sum()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    (g_fast,) = torch.autograd.grad(fast[:, 1].sum(), canon.net[0].weight)
+    (g_slow,) = torch.autograd.grad(slow[:, 1].sum(), canon.net[0].weight)
+    torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-4)

@@ -99,6 +99,25 @@ def test_c8_exact_elements_take_the_exact_path(gen):
     assert c8.is_exact().tolist() == [True, False] * 4
 
 
+@pytest.mark.parametrize("name", ["C8", "D8", "C6"])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_interpolated_elements_match_grid_sample(name, padding, gen):
+    """act's cached gather plan samples exactly where grid_sample does, and passes gradients to the image."""
+    g = get_group(name)
+    x = torch.randn(16, 2, 13, 13, generator=gen, requires_grad=True)
+    el = torch.randint(g.order, (16,), generator=gen)
+    el[:2] = torch.tensor([1, g.order - 1])  # at least one interpolated element of each kind
+    odd = ~g.is_exact(el)
+    flipped = torch.where((el >= g.n)[:, None, None, None], x.flip(-1), x)
+    reference = rotate(flipped, g.angles(el), padding=padding)
+    out = g.act(x, el, padding=padding)
+    torch.testing.assert_close(out[odd], reference[odd], atol=1e-4, rtol=0)
+    # sensitivity: a plan for the wrong angle is far off
+    assert (g._rotate_by_plan(x[odd], (g.rotation(el[odd]) + 1) % g.n, padding) - reference[odd]).abs().max() > 0.3
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad[odd].abs().sum() > 0
+
+
 def test_zero_padding_reads_zeros_outside():
     x = torch.ones(1, 1, 16, 16)
     c8 = cyclic(8)

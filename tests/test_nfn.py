@@ -11,7 +11,8 @@ from equiray.nfn import (FirstLayerMap, HiddenLayerMap, LastLayerMap, LayerSpec,
                          NetworkSpec, StatNN, WeightSpaceFeatures, WeightSymmetry, apply_symmetry,
                          create_metanetwork, features_from_models, features_from_normalized_cnns,
                          features_from_state_dicts, fit_metanetwork,
-                         kendall_tau, list_metanetworks, load_features_into, predict, random_symmetry, zoo_cnn)
+                         kendall_tau, list_metanetworks, load_features_into, path_norms, predict,
+                         random_symmetry, zoo_cnn)
 
 torch.set_num_threads(1)
 
@@ -236,12 +237,14 @@ def test_sign_layer_couples_the_last_two_layers(gen):
 
 
 # ----------------------------------------------------------------------------------------- invariant metanetwork
+@pytest.mark.parametrize("path_norms", [False, True])
 @pytest.mark.parametrize("spec_name", sorted(SPECS))
 @pytest.mark.parametrize("group", ["positive", "sign"])
-def test_metanetwork_is_invariant(group, spec_name, gen):
+def test_metanetwork_is_invariant(group, spec_name, path_norms, gen):
     spec = SPECS[spec_name]
     torch.manual_seed(0)
-    net = randomize(MonomialNFN(spec, group=group, in_channels=2, hidden_channels=4, mlp_hidden=(8,)), gen)
+    net = randomize(MonomialNFN(spec, group=group, in_channels=2, hidden_channels=4, mlp_hidden=(8,),
+                                path_norms=path_norms), gen)
     x = random_features(spec, gen)
     y = net(x).detach()
     assert y.shape == (3, 1)
@@ -278,6 +281,24 @@ def test_metanetwork_sees_uncoupled_first_layer_permutation_and_weight_changes(g
         weights = list(x.weights)
         weights[i] = weights[i] + torch.randn(weights[i].shape, generator=gen, dtype=torch.float64)
         assert (net(WeightSpaceFeatures(tuple(weights), x.biases)) - y).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("spec_name", sorted(SPECS))
+@pytest.mark.parametrize("group", ["positive", "sign"])
+def test_path_norms_are_invariant_and_see_what_is_not_a_symmetry(group, spec_name, gen):
+    spec = SPECS[spec_name]
+    x = random_features(spec, gen)
+    ref = path_norms(x)
+    for _ in range(2):
+        g = random_symmetry(spec, 3, group=group, max_scale=1e4, generator=gen)
+        torch.testing.assert_close(path_norms(apply_symmetry(x, g)), ref, rtol=1e-9, atol=1e-9)
+    # sensitivity: an uncoupled permutation of one layer's units, and one layer scaled up alone
+    perm = torch.roll(torch.arange(spec.layers[0].out_features), 1)
+    assert (path_norms(permute_rows_only(x, 0, perm)) - ref).abs().max() > 1e-3
+    for i in range(spec.num_layers):
+        weights = list(x.weights)
+        weights[i] = 3.0 * weights[i]
+        assert (path_norms(WeightSpaceFeatures(tuple(weights), x.biases)) - ref).abs().max() > 0.1
 
 
 def test_monomial_nfn_is_small_on_the_zoo():

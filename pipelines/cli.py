@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Prepare Fashion-MNIST, then run every stage at demo scale: pretrain a "
                           "backbone with Ray Train; augmentation ensembles and their invariance vs size; distil them "
                           "into one student; canonicalization variants as Ray Tune trials; a robust fine-tuning search "
-                          "(FTP, TPGM, L2-SP); finally serve the ensemble with Ray Serve and send it upright and rotated "
+                          "(FTP, TPGM, L2-SP); Monomial-NFN metanetworks over a zoo of small CNNs and over the ensemble's "
+                          "members; finally serve the ensemble with Ray Serve and send it upright and rotated "
                           "images over HTTP. Every model lands in the MLflow registry; tables and plots go to a "
                           "Markdown report. Choose stages with --set 'stages=[pretrain,canon]'.")
     _add_config_args(demo)

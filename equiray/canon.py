@@ -244,7 +244,10 @@ class EquivariantCanonicalizer(Canonicalizer):
     averaged over channels and the inscribed disk (so rotations by other than 90 degrees lose no corners).
 
     The defaults keep it cheap next to a backbone: the hidden group convs are 1x1 (a |G| x |G| channel mixing per
-    pixel; ``hidden_kernel_size=3`` costs ~|G| times more), and ``input_size`` lets it read a downsampled copy."""
+    pixel; ``hidden_kernel_size=3`` costs ~|G| times more), and ``input_size`` lets it read a downsampled copy.
+    ``batch_norm`` (statistics shared over group elements and pixels) and ``dropout`` after each hidden group
+    conv regularise its choice as in equiadapt's network; ``equiray canon sweep`` turns both on. At inference
+    the batch norm is folded into the conv before it, and a 1x1 last group conv runs after the pooling."""
 
     kind = "equivariant"
 

@@ -8,8 +8,8 @@ share. Elements are integers ``0 .. order-1``; for the dihedral group ``D_n`` el
 
 The action on images is a left action: ``act(act(x, h), g) == act(x, g * h)``, exactly for every element
 whose angle is a multiple of 90 degrees (``torch.rot90``/``flip``), and up to interpolation error otherwise
-(sampling the rotated image with ``grid_sample``; ``padding="border"`` repeats the edge pixels, the same as
-pad-with-edge, rotate, centre-crop; ``padding="zeros"`` is pad-with-zeros).
+(bilinear sampling at ``grid_sample``'s points, from a gather plan cached per image size; ``padding="border"``
+repeats the edge pixels, the same as pad-with-edge, rotate, centre-crop; ``padding="zeros"`` is pad-with-zeros).
 
 Outputs transform by one of three rules (:class:`OutputKind`): class logits are invariant, dense maps rotate
 like images, and regular-representation channels (one per group element, as produced by a group convolution)
@@ -70,6 +70,8 @@ class Group:
         self._table = s_prod * n + k_prod  # (|G|, |G|)
         # inverse: (r^k)^-1 = r^-k; (r^k m)^-1 = r^k m (a reflection is its own inverse)
         self._inverse = torch.where(s == 1, idx, ((-k) % n) + s * n)
+        # (H, W, padding, device, dtype) -> bilinear gather plan of every rotation (see _plan)
+        self._plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- identity and structure
     @property
@@ -170,9 +172,8 @@ class Group:
         return (picked * weight[k].unsqueeze(1)).sum(2).view(b, c, h, w)
 
     def _plan(self, h: int, w: int, padding: Padding, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = self.__dict__.setdefault("_plans", {})
         key = (h, w, padding, str(device), dtype)
-        if key not in cache:
+        if key not in self._plans:
             # grid_sample's own sampling points (align_corners=False), rebuilt in float64
             angle = torch.arange(self.n, dtype=torch.float64) * (2 * math.pi / self.n)
             cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros(self.n, dtype=torch.float64)
@@ -190,8 +191,8 @@ class Group:
                 inside = (xx >= 0) & (xx <= w - 1) & (yy >= 0) & (yy <= h - 1)
                 idx.append(torch.where(inside, yy * w + xx, float(h * w)).long().flatten(1))
                 wts.append(torch.where(inside, wt, 0.0).flatten(1))
-            cache[key] = (torch.cat(idx, 1).to(device), torch.stack(wts, 1).to(device=device, dtype=dtype))
-        return cache[key]
+            self._plans[key] = (torch.cat(idx, 1).to(device), torch.stack(wts, 1).to(device=device, dtype=dtype))
+        return self._plans[key]
 
     def act_output(self, y: torch.Tensor, g: Elements, kind: OutputKind | str = OutputKind.INVARIANT,
                    *, padding: Padding = "border") -> torch.Tensor:
@@ -246,7 +247,8 @@ class Group:
 def rotate(x: torch.Tensor, angle: torch.Tensor | float, *, padding: Padding = "border") -> torch.Tensor:
     """Rotate ``(B, C, H, W)`` images counter-clockwise by ``angle`` radians about their centre (bilinear).
 
-    Differentiable in both ``x`` and ``angle`` (the canonicalizer's straight-through angle flows through here).
+    Differentiable in both ``x`` and ``angle``. For arbitrary angles; ``Group.act`` samples the same points from a
+    cached plan for its own elements.
     Equivalent to pad (edge for ``border``, zeros for ``zeros``), rotate, centre-crop.
     """
     b = x.shape[0]

@@ -613,7 +613,10 @@ class MonomialInvariantPool(nn.Module):
         return torch.cat(pooled, dim=1)  # (B, out_dim)
 
 
-def path_norms(features: WeightSpaceFeatures, powers: Sequence[float] = (1.0, 2.0)) -> torch.Tensor:
+PATH_NORM_POWERS: tuple[float, ...] = (1.0, 2.0)
+
+
+def path_norms(features: WeightSpaceFeatures, powers: Sequence[float] = PATH_NORM_POWERS) -> torch.Tensor:
     """Invariant path statistics: exact invariants of hidden-unit permutations, positive scalings and sign flips.
 
     With ``A_i = sum_kernel |W_i|^p``: forward ``v_0 = 1``, ``v_i = A_i v_{i-1} + |b_i|^p``; backward ``u_L = 1``,
@@ -650,8 +653,9 @@ def path_norms(features: WeightSpaceFeatures, powers: Sequence[float] = (1.0, 2.
     return torch.cat(out, dim=1)
 
 
-def path_norm_dim(spec: NetworkSpec, channels: int, powers: int = 2) -> int:
-    return channels * powers * (spec.layers[-1].out_features + 4 * (spec.num_layers - 1))
+def path_norm_dim(spec: NetworkSpec, channels: int, powers: Sequence[float] = PATH_NORM_POWERS) -> int:
+    """The width of :func:`path_norms`' output for features fitting ``spec`` with ``channels`` channels."""
+    return channels * len(powers) * (spec.layers[-1].out_features + 4 * (spec.num_layers - 1))
 
 
 # ----------------------------------------------------------------------------------------- metanetworks

@@ -62,7 +62,7 @@ def torchensemble_throughput(x, y, members: int, n_jobs: int) -> float:
 
 
 def ray_overhead(data_dir: Path, members: int, images: int, epochs: int, size: int, workdir: Path,
-                 group_size: int) -> tuple:
+                 group_size: int, workers: int = 1, threads: int = 0) -> tuple:
     from equiray.config import load_config
     from equiray.data import read_split
     from equiray.ensembles import MemberSpec, build_members, train_members_epoch
@@ -85,7 +85,8 @@ def ray_overhead(data_dir: Path, members: int, images: int, epochs: int, size: i
     cfg = load_config(EnsembleConfig, {
         "data": {"dir": str(data_dir), "max_train": images, "resize": size},
         "settings": [{"name": "symmetric+aug"}], "members": members, "members_per_group": group_size,
-        "train": {"epochs": epochs}, "tracking": {"experiment": "bench", "registered_model": "bench-ensemble"},
+        "train": {"epochs": epochs}, "scaling": {"num_workers": workers, "torch_threads": threads, "cpus_per_worker": 1.0 / workers},
+        "tracking": {"experiment": "bench", "registered_model": "bench-ensemble"},
         "eval": {"max_eval": 500}, "storage_path": str(workdir / "runs")})
     t = time.perf_counter()
     result = run_train(cfg)
@@ -99,6 +100,10 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2000, help="training images for the throughput comparison")
     parser.add_argument("--ray-members", type=int, default=96, help="members for the Ray-overhead run")
     parser.add_argument("--group-size", type=int, default=32, help="members per vectorized group in that run")
+    parser.add_argument("--ray-workers", type=int, default=1, help="Ray Train workers in that run")
+    parser.add_argument("--ray-threads", type=int, default=0,
+                        help="torch threads per worker in that run (0: the cores shared among the workers)")
+    parser.add_argument("--ray-epochs", type=int, default=3, help="epochs in that run")
     parser.add_argument("--data-dir", default="data/fashion-mnist")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
@@ -114,8 +119,9 @@ def main() -> int:
     peer1 = torchensemble_throughput(x, y, args.members, 1)
     peer2 = torchensemble_throughput(x, y, args.members, 2)
     with tempfile.TemporaryDirectory() as tmp:
-        bare, pipeline, result = ray_overhead(data_dir, args.ray_members, 4000, 3, 14, Path(tmp), args.group_size)
-    per_member_epoch = 4000 * 3 * args.ray_members / bare  # member-samples/s at demo scale (14px, C4 aug)
+        bare, pipeline, result = ray_overhead(data_dir, args.ray_members, 4000, args.ray_epochs, 14, Path(tmp),
+                                              args.group_size, args.ray_workers, args.ray_threads)
+    per_member_epoch = 4000 * args.ray_epochs * args.ray_members / bare  # member-samples/s, demo scale (14px, C4 aug)
     ten_min_demo = int(600 * per_member_epoch / (4000 * 3))
     ten_min_paper = int(600 * ours / (60000 * 10))
     rows = [
@@ -124,13 +130,16 @@ def main() -> int:
         f"| same | torchensemble VotingClassifier n_jobs=2 | {ours:,.0f} | {peer2:,.0f} | {ours / peer2:.2f} |",
         f"| same, equiray with per-sample C4 augmentation | torchensemble n_jobs=1 (no augmentation) "
         f"| {ours_aug:,.0f} | {peer1:,.0f} | {ours_aug / peer1:.2f} |",
-        f"| Ray overhead: {args.ray_members} members in groups of {args.group_size}, 4,000 images 14x14, 3 epochs, C4 aug "
-        f"(`equiray ensemble train` vs bare loop) | bare in-process loop | {pipeline:.0f} s | {bare:.0f} s "
+        f"| Ray overhead: {args.ray_members} members in groups of {args.group_size}, 4,000 images 14x14, "
+        f"{args.ray_epochs} epochs, C4 aug (`equiray ensemble train`, {args.ray_workers} worker(s) x "
+        f"{args.ray_threads or max(1, (os.cpu_count() or 1) // args.ray_workers)} torch thread(s), vs the bare loop, "
+        f"{torch.get_num_threads()} threads) | bare in-process loop | {pipeline:.0f} s | {bare:.0f} s "
         f"| {bare / pipeline:.2f} (pipeline takes {pipeline / bare:.2f}x) |",
     ]
     table = "\n".join([
         f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_ensemble.py --members {args.members} "
-        f"--images {args.images} --ray-members {args.ray_members} --group-size {args.group_size}`", "",
+        f"--images {args.images} --ray-members {args.ray_members} --group-size {args.group_size} "
+        f"--ray-workers {args.ray_workers} --ray-threads {args.ray_threads} --ray-epochs {args.ray_epochs}`", "",
         "| what | peer | equiray | peer | ratio (x, higher is better for equiray) |", "|---|---|---|---|---|",
         *rows, "",
         f"Largest ensemble in 10 minutes on this machine: ~{ten_min_demo:,} members at demo scale (4,000 images "

@@ -28,7 +28,7 @@ from torch.func import functional_call, stack_module_state
 from equiray.errors import EquirayError
 from equiray.groups import Group, get_group
 from equiray.models import create_model, register_model
-from equiray.models.small import MaskedConv2d
+from equiray.models.small import MaskedConv2d, fast_tanh
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _small_cnn_grouped(params: dict, buffers: dict, x: torch.Tensor, n: int, *,
         h = F.conv2d(h, w.flatten(0, 1), padding=1, groups=n)  # (B, N*O, H, W)
         h = F.group_norm(h, n, params[f"features.{layer + 1}.weight"].flatten(),
                          params[f"features.{layer + 1}.bias"].flatten(), eps=1e-5)  # LayerNorm per member
-        h = torch.tanh(h)
+        h = fast_tanh(h)
         layer += 3
     feats = h.mean(dim=(-2, -1)).view(b, n, -1).transpose(0, 1)  # (N, B, O)
     head_w, head_b = params["head.weight"], params["head.bias"]  # (N, K, O), (N, K)

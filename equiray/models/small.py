@@ -22,6 +22,42 @@ SUPPORTS: dict[str, torch.Tensor] = {
 }
 
 
+class _SigmoidTanh(torch.autograd.Function):
+    """tanh computed as ``2 sigmoid(2x) - 1`` (the same function; within 2e-7 of ``torch.tanh`` in float32),
+    with tanh's own one-op backward ``g (1 - y^2)``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x * 2).mul_(2).sub_(1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+def fast_tanh(x: torch.Tensor) -> torch.Tensor:
+    """``tanh`` for the members' feature maps. On CPU, PyTorch's float32 tanh kernel is 3-4x slower than its
+    sigmoid (4.3 vs 1.0 ms for 1.6M values on 2 cores), and tanh was 18% of an ensemble training step; via the
+    sigmoid it costs a quarter of that. Elsewhere (float64, other devices) it is ``torch.tanh``."""
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        return _SigmoidTanh.apply(x)
+    return torch.tanh(x)
+
+
+class Tanh(nn.Module):
+    """``nn.Tanh`` through :func:`fast_tanh`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_tanh(x)
+
+
 class MaskedConv2d(nn.Conv2d):
     """A conv whose kernel is zero outside a fixed support mask (the mask is a buffer, not a parameter)."""
 
@@ -51,7 +87,7 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         c = in_chans
         for _ in range(depth):
-            layers += [MaskedConv2d(c, width, support), nn.GroupNorm(1, width), nn.Tanh()]
+            layers += [MaskedConv2d(c, width, support), nn.GroupNorm(1, width), Tanh()]
             c = width
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, num_classes)

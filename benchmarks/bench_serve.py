@@ -100,25 +100,40 @@ async def load(url: str, bodies: list[bytes], *, requests: int, concurrency: int
             "error_kinds": sorted(set(errors))}
 
 
-def model_alone(uri: str, bodies: list[bytes], batch: int, *, seconds: float = 3.0) -> dict:
+def demo_shaped(label: str):
+    """Untrained models of the demo's shapes (24 ``small_cnn`` members / one student, 14x14 inputs): timing does
+    not depend on the weights, so ``--model-only --fresh`` runs where no registry is (a GPU node)."""
+    from equiray.ensembles import MemberSpec, build_members
+    from equiray.models import create_model
+
+    model = build_members(MemberSpec("small_cnn", {"width": 16, "support": "symmetric"}), range(24)) \
+        if label == "ensemble" else create_model("small_cnn", support="symmetric")
+    return model.eval(), {"in_chans": 1, "input_shape": [1, 14, 14]}
+
+
+def model_alone(model, spec: dict, bodies: list[bytes], batch: int, *, device: str = "cpu",
+                seconds: float = 3.0) -> dict:
     """The replica's own work without HTTP: images per second of decode + resize + forward at batch 1 and at
-    ``batch``, on one torch thread (a replica's default), in this process."""
+    ``batch`` on one torch thread (a replica's default), in this process; on a GPU the forward runs there and
+    the answer comes back to the host, as in a GPU replica."""
     import torch
 
     from equiray.inference import decode_image, predict_detailed, to_model_input
-    from pipelines import _tracking
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, spec = _tracking.load_model(uri)
+    model = model.to(device)
     out = {}
     for b in (1, batch):
-        imgs = [decode_image(bodies[i % len(bodies)], in_chans=spec["in_chans"]) for i in range(b)]
-        predict_detailed(model, to_model_input(imgs, spec["input_shape"]))
+        def step(n: int) -> None:
+            imgs = [decode_image(bodies[(n + i) % len(bodies)], in_chans=spec["in_chans"]) for i in range(b)]
+            predict_detailed(model, to_model_input(imgs, spec["input_shape"]).to(device)).logits.cpu()
+
+        for _ in range(3):
+            step(0)
         n, t = 0, time.perf_counter()
         while time.perf_counter() - t < seconds:
-            imgs = [decode_image(bodies[(n + i) % len(bodies)], in_chans=spec["in_chans"]) for i in range(b)]
-            predict_detailed(model, to_model_input(imgs, spec["input_shape"]))
+            step(n)
             n += b
         out[b] = n / (time.perf_counter() - t)
     torch.set_num_threads(threads)
@@ -135,9 +150,34 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--wait-timeout-s", type=float, default=0.005)
     parser.add_argument("--data-dir", default="data/fashion-mnist")
+    parser.add_argument("--model-only", action="store_true",
+                        help="only the replica's own work (decode + forward), no Ray Serve, no HTTP")
+    parser.add_argument("--device", default="cpu", help="where --model-only runs the forward pass: cpu or cuda")
+    parser.add_argument("--fresh", action="store_true",
+                        help="with --model-only: untrained models of the demo's shapes instead of the registry's")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.fresh and not args.model_only:
+        parser.error("--fresh needs --model-only (the HTTP benchmark serves registered models)")
+
+    bodies = test_pngs(args.data_dir)
+    uris = (("ensemble", args.ensemble), ("student", args.student))
+    if args.fresh:
+        models = {label: demo_shaped(label) for label, _ in uris}
+    else:
+        from pipelines import _tracking
+
+        models = {label: _tracking.load_model(uri) for label, uri in uris}
+    t0 = time.perf_counter()
+    alone = {label: model_alone(*models[label], bodies, args.max_batch_size, device=args.device)
+             for label, _ in uris}
+    if args.model_only:
+        where = machine() if args.device.startswith("cuda") else f"{machine()}, forward on the CPU"
+        emit(alone_table(alone, args.max_batch_size, f"The replica's own work on {where} (decode + resize on the "
+                         f"host, one torch thread; forward on {args.device}), images/s; models: "
+                         f"{'untrained, the demo shapes' if args.fresh else 'the registry champions'}."), args.out)
+        return 0
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from ray import serve
@@ -145,11 +185,7 @@ def main() -> int:
     from equiray.config import load_config
     from pipelines.serve import ServeConfig, deploy
 
-    bodies = test_pngs(args.data_dir)
     results = {}
-    t0 = time.perf_counter()
-    alone = {label: model_alone(uri, bodies, args.max_batch_size)
-             for label, uri in (("ensemble", args.ensemble), ("student", args.student))}
     try:
         for label, uri in (("ensemble", args.ensemble), ("student", args.student)):
             for batching in (True, False):
@@ -168,6 +204,15 @@ def main() -> int:
         serve.shutdown()
     emit(table(results, alone, levels, args, machine(), time.perf_counter() - t0), args.out)
     return 0
+
+
+def alone_table(alone: dict, b: int, title: str) -> str:
+    lines = [title, "", f"| model | batch 1 | batch {b} | batch {b} / batch 1 |", "|---|---|---|---|"]
+    for label, r in alone.items():
+        lines.append(f"| {label} | {r[1]:.0f} | {r[b]:.0f} | {r[b] / r[1]:.2f}x |")
+    lines.append(f"| student / ensemble | {alone['student'][1] / alone['ensemble'][1]:.1f}x | "
+                 f"{alone['student'][b] / alone['ensemble'][b]:.1f}x | |")
+    return "\n".join(lines)
 
 
 def table(results: dict, alone: dict, levels: list[int], args, where: str, seconds: float) -> str:
@@ -189,13 +234,9 @@ def table(results: dict, alone: dict, levels: list[int], args, where: str, secon
         lines.append(f"| student / ensemble, batching {'on' if batching else 'off'} | " + " | ".join(
             f"{results[('student', batching, c)]['throughput'] / results[('ensemble', batching, c)]['throughput']:.2f}x"
             for c in levels) + " |")
-    b = args.max_batch_size
-    lines += ["", f"The replica's own work without HTTP (decode + resize + forward, one torch thread), images/s:", "",
-              f"| model | batch 1 | batch {b} | batch {b} / batch 1 |", "|---|---|---|---|"]
-    for label, r in alone.items():
-        lines.append(f"| {label} | {r[1]:.0f} | {r[b]:.0f} | {r[b] / r[1]:.2f}x |")
-    lines.append(f"| student / ensemble | {alone['student'][1] / alone['ensemble'][1]:.1f}x | "
-                 f"{alone['student'][b] / alone['ensemble'][b]:.1f}x | |")
+    lines += ["", alone_table(alone, args.max_batch_size,
+                              "The replica's own work without HTTP (decode + resize + forward, one torch thread), "
+                              "images/s:")]
     top = max(levels)
     total = sum(r["requests"] for r in results.values())
     errors = sum(r["errors"] for r in results.values())

@@ -145,10 +145,11 @@ def _small_cnn_grouped(params: dict, buffers: dict, x: torch.Tensor, n: int, *,
                        chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """All members of a :class:`~equiray.models.small.SmallCNN` ensemble as grouped convolutions in
     channels-last layout: the same function as ``vmap(functional_call)``, about 3.5x faster on CPU (vmap's
-    grouped convolution runs in NCHW there). Large groups run in cache-sized chunks of members."""
+    grouped convolution runs in NCHW there). On CPU, large groups run in cache-sized chunks of members; on a GPU
+    the whole group is one launch per layer."""
     width = params["features.0.weight"].shape[1]
     per_member = x.shape[-4] * width * x.shape[-2] * x.shape[-1]  # one layer's activations for one member
-    chunk = max(1, chunk_elements // max(per_member, 1))
+    chunk = max(1, chunk_elements // max(per_member, 1)) if x.device.type == "cpu" else n  # GPUs want it whole
     if chunk < n:
         outs = []
         for start in range(0, n, chunk):
@@ -230,7 +231,7 @@ def member_batches(x: torch.Tensor, y: torch.Tensor, num_members: int, batch_siz
 
 def train_members_epoch(ens: StackedEnsemble, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, *,
                         batch_size: int, group: Group | None, generators: Sequence[torch.Generator],
-                        device: torch.device | str = "cpu") -> dict:
+                        device: torch.device | str = "cpu", vectorize: Literal["auto", "vmap"] = "auto") -> dict:
     """One epoch for every member at once: each member its own data order and, with ``group``, its own
     uniformly random group element per sample (condition (d)); the loss is the sum of the members' mean
     cross-entropies, so each member gets exactly its own gradient. Returns mean loss and accuracy."""
@@ -244,7 +245,7 @@ def train_members_epoch(ens: StackedEnsemble, x: torch.Tensor, y: torch.Tensor, 
             flat = xb.flatten(0, 1)  # (N*B, C, H, W)
             el = torch.cat([group.sample(batch_size, generator=g) for g in generators]).to(device)
             xb = group.act(flat, el).view_as(xb)
-        logits = ens.member_logits(xb)  # (N, B, K)
+        logits = ens.member_logits(xb, vectorize=vectorize)  # (N, B, K)
         loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum") / batch_size
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -100,6 +100,21 @@ async def load(url: str, bodies: list[bytes], *, requests: int, concurrency: int
             "error_kinds": sorted(set(errors))}
 
 
+def noop_app():
+    """A Serve deployment that reads the request body and answers fixed JSON: what the HTTP path alone costs."""
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(max_ongoing_requests=64)
+    class NoOp:
+        async def __call__(self, request: Request) -> JSONResponse:
+            await request.body()
+            return JSONResponse({"predictions": []})
+
+    return NoOp.bind()
+
+
 def demo_shaped(label: str):
     """Untrained models of the demo's shapes (24 ``small_cnn`` members / one student, 14x14 inputs): timing does
     not depend on the weights, so ``--model-only --fresh`` runs where no registry is (a GPU node)."""
@@ -150,6 +165,8 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--wait-timeout-s", type=float, default=0.005)
     parser.add_argument("--data-dir", default="data/fashion-mnist")
+    parser.add_argument("--noop", action="store_true",
+                        help="also load a no-op deployment on the same proxy (the HTTP path's own ceiling)")
     parser.add_argument("--model-only", action="store_true",
                         help="only the replica's own work (decode + forward), no Ray Serve, no HTTP")
     parser.add_argument("--device", default="cpu", help="where --model-only runs the forward pass: cpu or cuda")
@@ -200,6 +217,15 @@ def main() -> int:
                     print(f"{label:8s} batching {'on ' if batching else 'off'} {c:3d} clients: "
                           f"{r['throughput']:7.1f} req/s  p50 {r['p50']:6.1f} ms  p99 {r['p99']:7.1f} ms  "
                           f"errors {r['errors']} {r['error_kinds'] or ''}", flush=True)
+        if args.noop:  # the ceiling: Serve's own HTTP path, same proxy and load, no decoding, no model
+            serve.run(noop_app(), name="noop", route_prefix="/noop", blocking=False)
+            for c in levels:
+                r = asyncio.run(load(f"http://{ep['host'] if ep['host'] not in ('0.0.0.0', '::') else '127.0.0.1'}:"
+                                     f"{ep['port']}/noop", bodies, requests=args.requests, concurrency=c,
+                                     warmup=args.warmup))
+                r["version"] = "-"
+                results[("no-op", True, c)] = r
+                print(f"no-op {c:3d} clients: {r['throughput']:7.1f} req/s  errors {r['errors']}", flush=True)
     finally:
         serve.shutdown()
     emit(table(results, alone, levels, args, machine(), time.perf_counter() - t0), args.out)
@@ -222,7 +248,8 @@ def table(results: dict, alone: dict, levels: list[int], args, where: str, secon
              "| model | batching | clients | throughput (req/s) | p50 (ms) | p99 (ms) | errors |",
              "|---|---|---|---|---|---|---|"]
     for (label, batching, c), r in results.items():
-        lines.append(f"| {label} (v{r['version']}) | {'on' if batching else 'off'} | {c} | {r['throughput']:.1f} | "
+        name = label if r["version"] == "-" else f"{label} (v{r['version']})"
+        lines.append(f"| {name} | {'on' if batching else 'off'} | {c} | {r['throughput']:.1f} | "
                      f"{r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
     lines += ["", "| ratio | " + " | ".join(f"{c} clients" for c in levels) + " |",
               "|---|" + "---|" * len(levels)]
@@ -248,6 +275,13 @@ def table(results: dict, alone: dict, levels: list[int], args, where: str, secon
               f"- zero errors: {errors} errors in {total} requests ({'met' if errors == 0 else 'not met'})",
               f"- student >= 5x the ensemble's throughput (batching on, {top} clients): {student_gain:.2f}x "
               f"({'met' if student_gain >= 5 else 'not met'})"]
+    if ("no-op", True, top) in results:
+        ceiling = results[("no-op", True, top)]["throughput"]
+        student = results[("student", True, top)]["throughput"]
+        lines += [f"- the HTTP path alone (a no-op Serve deployment on the same proxy, {top} clients): {ceiling:.1f} "
+                  f"req/s, the student {student:.1f} req/s: Serve's per-request path, not the model, sets the "
+                  f"student's throughput, so over HTTP no model gets past ~"
+                  f"{max(ceiling, student) / results[('ensemble', True, top)]['throughput']:.1f}x the ensemble here"]
     return "\n".join(lines)
 
 

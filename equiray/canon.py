@@ -228,7 +228,11 @@ class Canonicalizer(nn.Module):
             top, left = (h - ch) // 2, (w - cw) // 2
             x = x[..., top:top + ch, left:left + cw]
         if self.input_size is not None and x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
+            h, w = x.shape[-2:]
+            if h == w and h % self.input_size == 0:  # the same average, without adaptive pooling's bookkeeping
+                x = F.avg_pool2d(x, h // self.input_size)
+            else:
+                x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
         return x
 
     def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -71,7 +71,7 @@ class Group:
         # inverse: (r^k)^-1 = r^-k; (r^k m)^-1 = r^k m (a reflection is its own inverse)
         self._inverse = torch.where(s == 1, idx, ((-k) % n) + s * n)
         # (H, W, padding, device, dtype) -> bilinear gather plan of every rotation (see _plan)
-        self._plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plans: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- identity and structure
     @property
@@ -148,18 +148,27 @@ class Group:
             return out
         if x.shape[-1] != x.shape[-2] and bool((((k * 2) % self.n) != 0).any()):
             raise ValueError(f"rotating by other than 0/180 degrees needs square images, got {tuple(x.shape[-2:])}")
+        b, c, h, w = out.shape
+        # every image by its quarter turns in one gather of a pixel permutation (interpolated elements get the
+        # identity here and are redone below): no per-rotation masks, copies and scatters
+        perm = self._quarter_turns(h, w, out.device)[(k * 4) // self.n]  # (B, H*W)
+        result = out.reshape(b, c, h * w).gather(2, perm.unsqueeze(1).expand(b, c, -1)).view(b, c, h, w)
         exact = self.is_exact(g_t)
-        result = torch.empty_like(out)
-        if bool(exact.any()):
-            quarter = (k * 4) // self.n  # quarter turns for the exact elements
-            for q in range(4):
-                sel = exact & (quarter == q)
-                if bool(sel.any()):
-                    result[sel] = torch.rot90(out[sel], q, dims=(-2, -1)) if q else out[sel]
-        if bool((~exact).any()):
+        if not bool(exact.all()):
             sel = ~exact
             result[sel] = self._rotate_by_plan(out[sel], k[sel], padding)
         return result
+
+    def _quarter_turns(self, h: int, w: int, device) -> torch.Tensor:
+        """``(4, H*W)``: the source pixel of each output pixel under ``rot90`` by 0-3 quarter turns. Odd quarter
+        turns need square images; for other images their rows are the identity (never used: ``act`` refuses)."""
+        key = ("quarter", h, w, str(device))
+        if key not in self._plans:
+            pixels = torch.arange(h * w).view(h, w)
+            turns = [torch.rot90(pixels, q, dims=(0, 1)).reshape(-1) if q % 2 == 0 or h == w else pixels.reshape(-1)
+                     for q in range(4)]
+            self._plans[key] = torch.stack(turns).to(device)
+        return self._plans[key]
 
     def _rotate_by_plan(self, x: torch.Tensor, k: torch.Tensor, padding: Padding) -> torch.Tensor:
         """``rotate(x, k * 2pi/n)`` for square images, as a gather of the 4 bilinear neighbours with weights

@@ -116,6 +116,21 @@ def test_mixed_batch_matches_each_image_alone(name, gen):
     assert not torch.allclose(out, g.act(x, el.roll(1), padding="zeros"), atol=1e-3)  # elements must match images
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_action_keeps_the_memory_layout(channels, gen):
+    """Channels-last in, channels-last out (decoded images are channels-last, and a backbone's convolutions pick
+    their algorithm by the layout), with the same values as in NCHW."""
+    g = get_group("C8")
+    nchw = torch.rand(16, channels, 12, 12, generator=gen)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    if channels == 1:  # what decoding (H, W, C) -> (C, H, W) by permute gives
+        nhwc = nchw.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    el = torch.arange(16) % 8
+    a, b = g.act(nchw, el), g.act(nhwc, el)
+    assert torch.equal(a, b)
+    assert b.stride() == nhwc.stride() and a.stride() == nchw.stride()
+
+
 def test_half_turns_of_non_square_images(gen):
     x = torch.rand(4, 1, 5, 8, generator=gen)
     c4 = cyclic(4)

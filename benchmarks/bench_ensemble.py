@@ -2,12 +2,15 @@
 
     .venv/bin/pip install torchensemble          # the peer (pip install -e '.[bench]')
     .venv/bin/python benchmarks/bench_ensemble.py [--members 16] [--images 2000]
+    .venv/bin/python benchmarks/bench_ensemble.py --ray-workers 2 --ray-threads 1 --group-size 24 --ray-epochs 12
+    python benchmarks/bench_ensemble.py --device cuda --skip-ray --members 16,64,256,1024 --images 4000  # a GPU node
 
 1. Member-samples per second, one epoch, the same member network (Nordenfors & Flinth's 3x16 conv net), the
    same Fashion-MNIST images at 28x28, batch 32 per member (as in the paper), SGD lr 0.01, no augmentation
    (torchensemble has no per-sample group augmentation), on this machine, in one process:
-   equiray's vectorized member groups vs torchensemble's ``VotingClassifier`` (``n_jobs=1`` and ``n_jobs=2``).
-   equiray with per-sample C4 augmentation is reported too.
+   equiray's vectorized member groups vs torchensemble's ``VotingClassifier`` (``n_jobs=1``, and ``n_jobs=2`` on
+   CPU; on a GPU also equiray through ``vmap(functional_call)``). equiray with per-sample C4 augmentation is
+   reported too. ``--device cuda --skip-ray`` runs this part alone on a GPU node (no Ray or MLflow needed).
 2. Ray overhead: the same members trained by ``equiray ensemble train`` (Ray Train, Ray Data, checkpoint
    every round, MLflow) vs the bare in-process loop; a run of a few minutes.
 3. The largest ensemble that trains here in 10 minutes, from the measured throughput.

@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_serve.py                      # the full run: 10,000 requests per cell
     .venv/bin/python benchmarks/bench_serve.py --requests 500 --concurrency 1,32   # a quick check
+    .venv/bin/python benchmarks/bench_serve.py --requests 10000 --concurrency 32 --noop   # + the HTTP path alone
+    python benchmarks/bench_serve.py --model-only --fresh --device cuda   # the replica's work on a GPU node
 
 For each model (``models:/equiray-ensemble@champion``, ``models:/equiray-student@champion`` from the registry in
 ``MLFLOW_TRACKING_URI`` / ``./mlflow.db``; ``equiray demo`` registers both) and batching on / off, the app is

@@ -128,6 +128,20 @@ def worker_threads(cfg_scaling: dict) -> None:
     torch.set_num_threads(cfg_scaling["torch_threads"] or max(1, (os.cpu_count() or 1) // local))
 
 
+def ingest_options():
+    """Ray Train's ingest options with the blocks kept in file order: a ``data.max_train`` limit then takes the
+    same rows in every run (otherwise whichever read task finishes first decides which images are trained on)."""
+    import warnings
+
+    import ray.train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Ray's own deprecation notice about a field equiray does not set
+        options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, storage_path: str, datasets: dict,
         max_failures: int = 2, split_data: bool = True, num_to_keep: int = 2):
     """Run ``train_loop`` on a ``TorchTrainer`` (Train V2) and return its result, which must hold a checkpoint.
@@ -144,7 +158,8 @@ def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, st
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=max_failures)),
         datasets=datasets,
-        dataset_config=None if split_data else ray.train.DataConfig(datasets_to_split=[]),
+        dataset_config=ray.train.DataConfig(datasets_to_split="all" if split_data else [],
+                                            execution_options=ingest_options()),
     )
     result = trainer.fit()
     if result.checkpoint is None:

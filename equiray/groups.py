@@ -70,7 +70,8 @@ class Group:
         self._table = s_prod * n + k_prod  # (|G|, |G|)
         # inverse: (r^k)^-1 = r^-k; (r^k m)^-1 = r^k m (a reflection is its own inverse)
         self._inverse = torch.where(s == 1, idx, ((-k) % n) + s * n)
-        # (H, W, padding, device, dtype) -> bilinear gather plan of every rotation (see _plan)
+        # per image size and device: the bilinear gather plans of every rotation (_plan) and the quarter-turn
+        # pixel permutations (_quarter_turns)
         self._plans: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- identity and structure

@@ -117,7 +117,7 @@ def _bn_affine(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _scaled(weight: torch.Tensor, bias: torch.Tensor, n: int, scale: torch.Tensor | None,
             shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expanded (O*|G|, ...) filters and their bias, with a per-output-channel affine folded in."""
+    """Expanded (O*|G|, ...) filters and their bias, with a per-output-channel affine (a batch norm) folded in."""
     bias = bias.repeat_interleave(n)
     if scale is None:
         return weight, bias
@@ -149,14 +149,8 @@ class GroupLiftConv(_ExpandedWeightCache, nn.Module):
         return w.reshape(o * self.group.order, i, k, k)  # (O*|G|, I, k, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_scaled(x)
-
-    def forward_scaled(self, x: torch.Tensor, scale: torch.Tensor | None = None,
-                       shift: torch.Tensor | None = None) -> torch.Tensor:
-        """``forward(x) * scale[o] + shift[o]`` per output channel ``o`` (a folded batch norm) as one conv."""
         n = self.group.order
-        weight, bias = _scaled(self.cached(self.expanded_weight), self.bias, n, scale, shift)
-        y = F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
+        y = F.conv2d(x, self.cached(self.expanded_weight), self.bias.repeat_interleave(n), padding=self.kernel_size // 2)
         return y.view(x.shape[0], -1, n, *y.shape[-2:])  # (B, O, |G|, H, W)
 
 
@@ -184,16 +178,11 @@ class GroupConv(_ExpandedWeightCache, nn.Module):
         return w.reshape(o * n, i * n, k, k)  # (O*|G|, I*|G|, k, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_scaled(x)
-
-    def forward_scaled(self, x: torch.Tensor, scale: torch.Tensor | None = None,
-                       shift: torch.Tensor | None = None) -> torch.Tensor:
-        """``forward(x) * scale[o] + shift[o]`` per output channel ``o`` (a folded batch norm) as one conv."""
         b, c, n, hh, ww = x.shape
         if n != self.group.order or c != self.weight.shape[1]:
             raise ValueError(f"expected (B, {self.weight.shape[1]}, {self.group.order}, H, W), got {tuple(x.shape)}")
-        weight, bias = _scaled(self.cached(self.expanded_weight), self.bias, n, scale, shift)
-        y = F.conv2d(x.reshape(b, c * n, hh, ww), weight, bias, padding=self.kernel_size // 2)
+        y = F.conv2d(x.reshape(b, c * n, hh, ww), self.cached(self.expanded_weight), self.bias.repeat_interleave(n),
+                     padding=self.kernel_size // 2)
         return y.view(b, -1, n, hh, ww)  # (B, O, |G|, H, W)
 
 
@@ -253,8 +242,9 @@ class EquivariantCanonicalizer(Canonicalizer):
     The defaults keep it cheap next to a backbone: the hidden group convs are 1x1 (a |G| x |G| channel mixing per
     pixel; ``hidden_kernel_size=3`` costs ~|G| times more), and ``input_size`` lets it read a downsampled copy.
     ``batch_norm`` (statistics shared over group elements and pixels) and ``dropout`` after each hidden group
-    conv regularise its choice as in equiadapt's network; ``equiray canon sweep`` turns both on. At inference
-    the batch norm is folded into the conv before it, and a 1x1 last group conv runs after the pooling."""
+    conv regularise its choice as in equiadapt's network; ``equiray canon sweep`` turns both on. A 1x1 last group
+    conv runs after the pooling; at inference every batch norm is folded into the conv before it (:meth:`_folded`).
+    """
 
     kind = "equivariant"
 
@@ -279,37 +269,62 @@ class EquivariantCanonicalizer(Canonicalizer):
     def score(self, x):
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(f"the canonicalizer needs square inputs, got {tuple(x.shape[-2:])}")
+        if not torch.is_grad_enabled() and not any(m.training for m in self.net):
+            return self._score_folded(x), None
         disk = _disk(x.shape[-1], x.device)
         last = self.net[-1]
         if isinstance(last, GroupConv) and last.kernel_size == 1:
             # A 1x1 group conv is linear per pixel, so averaging over the disk commutes with it: pool first, then
             # apply it as one (O|G| x C|G|) matrix. Same scores, without the per-pixel channel mixing.
-            feats = self._features(x, self.net[:-1])  # (B, C, |G|, H, W)
+            feats = self.net[:-1](x)  # (B, C, |G|, H, W)
             pooled = (feats * disk).sum((-2, -1)) / disk.sum()  # (B, C, |G|)
             weight = last.cached(last.expanded_weight).flatten(1)  # (O*|G|, C*|G|)
             out = F.linear(pooled.flatten(1), weight, last.bias.repeat_interleave(self.group.order))
             return out.view(x.shape[0], -1, self.group.order).mean(1), None  # (B, |G|)
-        feats = self._features(x, self.net)  # (B, O, |G|, H, W)
+        feats = self.net(x)  # (B, O, |G|, H, W)
         scores = (feats * disk).sum((-2, -1)).mean(1) / disk.sum()  # (B, |G|)
         return scores, None
 
-    @staticmethod
-    def _features(x: torch.Tensor, blocks: nn.Sequential) -> torch.Tensor:
-        """Run ``blocks``; at inference a batch norm is folded into the group conv before it (one conv, no
-        separate normalisation pass)."""
-        mods = list(blocks)
-        i = 0
-        while i < len(mods):
-            m = mods[i]
-            nxt = mods[i + 1] if i + 1 < len(mods) else None
-            if isinstance(m, (GroupLiftConv, GroupConv)) and isinstance(nxt, nn.BatchNorm3d) and not nxt.training \
-                    and nxt.track_running_stats and not torch.is_grad_enabled():
-                x = m.forward_scaled(x, *_bn_affine(nxt))
-                i += 2
-            else:
-                x = m(x)
-                i += 1
-        return x
+    def _score_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference: the same scores from constants folded once (:meth:`_folded`), in a handful of ops."""
+        convs, pool, last = self._folded(x.shape[-1], x.device, x.dtype)
+        b = x.shape[0]
+        for i, (weight, bias, padding) in enumerate(convs):
+            x = F.conv2d(x, weight, bias, padding=padding)
+            if last is not None or i < len(convs) - 1:  # a ReLU follows every group conv but the last
+                x = x.relu_()
+        pooled = x.flatten(2) @ pool  # (B, C*|G|): the disk average of every channel
+        if last is None:  # the last conv was spatial: average its channels
+            return pooled.view(b, -1, self.group.order).mean(1)
+        return F.linear(pooled, *last)  # (B, |G|)
+
+    def _folded(self, size: int, device, dtype) -> tuple[list, torch.Tensor, tuple | None]:
+        """Eval-time constants, rebuilt whenever a weight or a running statistic changes (an optimizer step, a
+        loaded state): every group conv expanded to a plain conv with the batch norm after it folded in, the disk
+        average as a vector over pixels, and a 1x1 last group conv with the mean over its output channels folded
+        in, as one (|G|, C*|G|) matrix applied after the pooling."""
+        state = [*self.net.parameters(), *self.net.buffers()]
+        key = (size, str(device), dtype, *((t._version, t.data_ptr()) for t in state))
+        if getattr(self, "_folded_key", None) != key:
+            n = self.group.order
+            mods = [m for m in self.net if not isinstance(m, (nn.ReLU, nn.Dropout))]
+            convs = []
+            for i, m in enumerate(mods):
+                if isinstance(m, nn.BatchNorm3d):
+                    continue
+                bn = mods[i + 1] if i + 1 < len(mods) and isinstance(mods[i + 1], nn.BatchNorm3d) else None
+                weight, bias = _scaled(m.expanded_weight(), m.bias, n, *(_bn_affine(bn) if bn else (None, None)))
+                convs.append((weight.to(device, dtype), bias.to(device, dtype), m.kernel_size // 2))
+            last = None
+            if isinstance(mods[-1], GroupConv) and mods[-1].kernel_size == 1:
+                weight, bias, _ = convs.pop()
+                o = weight.shape[0] // n
+                last = (weight.flatten(1).view(o, n, -1).mean(0), bias.view(o, n).mean(0))  # (|G|, C*|G|), (|G|,)
+            disk = _disk(size, device).to(dtype).flatten()
+            self._folded_key, self._folded_value = key, (convs, disk / disk.sum(), last)
+        return self._folded_value
+
+
 
 
 class OptimizedCanonicalizer(Canonicalizer):

@@ -247,3 +247,27 @@ def test_pooled_last_layer_gives_the_per_pixel_scores(gname, gen):
     (g_fast,) = torch.autograd.grad(fast[:, 1].sum(), canon.net[0].weight)
     (g_slow,) = torch.autograd.grad(slow[:, 1].sum(), canon.net[0].weight)
     torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    {"channels": 4, "layers": 2, "input_size": 7, "batch_norm": True, "dropout": 0.5},  # the sweep's defaults
+    {"channels": 3, "layers": 3, "hidden_kernel_size": 3, "batch_norm": True},  # spatial last conv
+    {"channels": 3, "layers": 1},  # the lifting conv alone
+])
+@pytest.mark.parametrize("gname", ["C8", "D4"])
+def test_folded_inference_gives_the_training_graphs_scores(options, gname, gen):
+    """Inference runs on constants folded once (batch norms into convs, the channel mean into the last 1x1 conv):
+    the same scores as the unfolded graph, rebuilt when a running statistic or a weight changes."""
+    canon = create_canonicalizer("equivariant", gname, **options)
+    x = torch.rand(5, 1, 14, 14, generator=gen)
+    canon.train()
+    canon(x)  # one training batch moves the running statistics away from (0, 1)
+    canon.eval()
+    reference = canon(x).detach()  # grad enabled: the unfolded graph
+    with torch.no_grad():
+        torch.testing.assert_close(canon(x), reference, atol=1e-5, rtol=1e-5)
+        canon.train()(x * 3.0)  # new statistics
+        canon.eval()
+        moved = canon(x)
+    assert (moved - reference).abs().max() > 1e-4 or not options.get("batch_norm")
+    torch.testing.assert_close(moved, canon(x).detach(), atol=1e-5, rtol=1e-5)

@@ -285,9 +285,18 @@ class EquivariantCanonicalizer(Canonicalizer):
         scores = (feats * disk).sum((-2, -1)).mean(1) / disk.sum()  # (B, |G|)
         return scores, None
 
+    # oneDNN's CPU convolutions run this network's shapes 3x slower (per image) on batches above ~200 than on
+    # batches of 128 (measured here for 7x7 and 14x14 inputs), so CPU inference goes through in chunks
+    _CPU_CHUNK = 128
+
     def _score_folded(self, x: torch.Tensor) -> torch.Tensor:
         """Inference: the same scores from constants folded once (:meth:`_folded`), in a handful of ops."""
         convs, pool, last = self._folded(x.shape[-1], x.device, x.dtype)
+        if x.device.type == "cpu" and x.shape[0] > self._CPU_CHUNK:
+            return torch.cat([self._score_chunk(c, convs, pool, last) for c in x.split(self._CPU_CHUNK)])
+        return self._score_chunk(x, convs, pool, last)
+
+    def _score_chunk(self, x: torch.Tensor, convs: list, pool: torch.Tensor, last: tuple | None) -> torch.Tensor:
         b = x.shape[0]
         for i, (weight, bias, padding) in enumerate(convs):
             x = F.conv2d(x, weight, bias, padding=padding)

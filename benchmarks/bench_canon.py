@@ -3,8 +3,8 @@
 Every variant starts from the same pretrained backbone (``models:/equiray-backbone@pretrained`` when the MLflow
 store has it, otherwise a resnet8 pretrained here on upright images), is fine-tuned for the same epochs with the
 same optimizer, batch order and prior weight on upright Fashion-MNIST, and is measured the same way: upright
-and C8-avg test accuracy, identity rate, and inference ms per image on one batch (models take turns, best round
-kept). Rows:
+and C8-avg test accuracy, identity rate, and inference ms per image on one batch (models take turns in a random
+order each round, best of 30 rounds kept). Rows:
 
 * equiadapt's ``GroupEquivariantImageCanonicalization`` with its e2cnn ``ESCNNEquivariantNetwork`` (its image
   default), at two canonicalizer learning rates (the better is compared);
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -103,13 +104,17 @@ def evaluate(model, xt, yt) -> dict:
     return out
 
 
-def latencies(models: dict, batch: torch.Tensor, rounds: int = 20) -> dict:
+def latencies(models: dict, batch: torch.Tensor, rounds: int = 30) -> dict:
+    """Best ms per image over ``rounds``; every round runs each model once, in a fresh random order (so that no
+    model always follows the same one)."""
     best = {k: float("inf") for k in models}
+    order = random.Random(0)
     with torch.no_grad():
         for m in models.values():
             m.eval()(batch)
         for _ in range(rounds):
-            for k, m in models.items():
+            for k in order.sample(list(models), len(models)):
+                m = models[k]
                 start = time.perf_counter()
                 m(batch)
                 best[k] = min(best[k], time.perf_counter() - start)

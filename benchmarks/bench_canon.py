@@ -4,7 +4,7 @@ Every variant starts from the same pretrained backbone (``models:/equiray-backbo
 store has it, otherwise a resnet8 pretrained here on upright images), is fine-tuned for the same epochs with the
 same optimizer, batch order and prior weight on upright Fashion-MNIST, and is measured the same way: upright
 and C8-avg test accuracy, identity rate, and inference ms per image on one batch (models take turns in a random
-order each round, best of 30 rounds kept). Rows:
+order each round, best of 30 rounds kept, in a fresh process). Rows:
 
 * equiadapt's ``GroupEquivariantImageCanonicalization`` with its e2cnn ``ESCNNEquivariantNetwork`` (its image
   default), at two canonicalizer learning rates (the better is compared);
@@ -18,10 +18,13 @@ order each round, best of 30 rounds kept). Rows:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,6 +124,36 @@ def latencies(models: dict, batch: torch.Tensor, rounds: int = 30) -> dict:
     return {k: 1000 * v / len(batch) for k, v in best.items()}
 
 
+def rebuild(recipe: dict) -> nn.Module:
+    """A timed model from its recipe: how to construct it, and its trained weights."""
+    from equiray.models import create_model
+
+    spec = recipe["spec"]
+    model = create_model(spec["name"], in_chans=spec["in_chans"], num_classes=spec["num_classes"],
+                         **spec.get("kwargs", {}))
+    if recipe["kind"] == "equiadapt":
+        model = equiadapt_model(model, **recipe["options"])
+    model.load_state_dict(recipe["state"])
+    return model.eval()
+
+
+def _time_recipes(path: str, out: str) -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    job = torch.load(path, weights_only=False)
+    ms = latencies({k: rebuild(r) for k, r in job["recipes"].items()}, job["batch"])
+    Path(out).write_text(json.dumps(ms))
+
+
+def latencies_in_fresh_process(recipes: dict, batch: torch.Tensor) -> dict:
+    """Time every model in a new process: after many minutes of training in this one, the same models run
+    10-15% slower here (the bare backbone too; allocator state), and not by the same factor for every model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job, out = Path(tmp) / "job.pt", Path(tmp) / "ms.json"
+        torch.save({"recipes": recipes, "batch": batch}, job)
+        subprocess.run([sys.executable, __file__, "--time-recipes", str(job), str(out)], check=True)
+        return json.loads(out.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=6000, help="upright training images")
@@ -130,7 +163,11 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per row (accuracy: mean +- std)")
     parser.add_argument("--data-dir", default="data/fashion-mnist")
     parser.add_argument("--out", help="also write the Markdown table to this file")
+    parser.add_argument("--time-recipes", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
+    if args.time_recipes:
+        _time_recipes(*args.time_recipes)
+        return 0
     torch.set_num_threads(os.cpu_count() or 1)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('mlflow.db').resolve()}")
 
@@ -157,27 +194,27 @@ def main() -> int:
     variant = {"kind": "equivariant", "group": "C8", "augment": False, "prior_weight": args.prior_weight,
                "backbone": "finetune"}
     runs: dict[str, list[dict]] = {}
-    models = {"bare backbone": fresh_backbone().eval()}
+    recipes = {"bare backbone": {"kind": "equiray", "spec": spec, "state": state}}
 
-    def record(name, model, start):
+    def record(name, model, start, recipe):
         result = {**evaluate(model, xt, yt), "train_s": time.perf_counter() - start}
         runs.setdefault(name, []).append(result)
-        models[name] = model  # the last seed's model is the one timed
+        recipes[name] = {**recipe, "state": model.state_dict()}  # the last seed's model is the one timed
         print(name, {k: round(v, 4) for k, v in result.items() if not k.startswith("accuracy_rot")}, flush=True)
 
     def ours(name, kind, kwargs, tr):
         start = time.perf_counter()
-        model, _ = build_variant({**variant, "kind": kind}, spec, state, {kind: kwargs}, cfg.train.beta)
+        model, model_spec = build_variant({**variant, "kind": kind}, spec, state, {kind: kwargs}, cfg.train.beta)
         train_variant(model, {**variant, "kind": kind}, x, y, tr)
-        record(name, model, start)
+        record(name, model, start, {"kind": "equiray", "spec": model_spec})
 
     def theirs(name, canon_lr, tr):
         start = time.perf_counter()
         torch.manual_seed(tr["seed"])
-        model = equiadapt_model(fresh_backbone(), out_channels=width, kernel_size=kernel, num_layers=layers,
-                                beta=cfg.train.beta)
+        options = {"out_channels": width, "kernel_size": kernel, "num_layers": layers, "beta": cfg.train.beta}
+        model = equiadapt_model(fresh_backbone(), **options)
         train_equiadapt(model, x, y, {**tr, "canon_lr": canon_lr}, args.prior_weight)
-        record(name, model, start)
+        record(name, model, start, {"kind": "equiadapt", "spec": spec, "options": options})
 
     equivariant = dict(cfg.canonicalizers["equivariant"])
     plain = {k: v for k, v in equivariant.items() if k not in ("batch_norm", "dropout")}
@@ -193,7 +230,7 @@ def main() -> int:
         ours("equiray equivariant, defaults (8 ch, batch norm, dropout 0.5, hidden 1x1, 7px)", "equivariant",
              equivariant, tr)
         ours("equiray optimized, defaults (small_cnn w4, 7px)", "optimized", cfg.canonicalizers["optimized"], tr)
-    ms = latencies(models, xt[:256])
+    ms = latencies_in_fresh_process(recipes, xt[:256])
 
     def mean(name, key):
         return statistics.mean(r[key] for r in runs[name])

@@ -334,8 +334,6 @@ class EquivariantCanonicalizer(Canonicalizer):
         return self._folded_value
 
 
-
-
 class OptimizedCanonicalizer(Canonicalizer):
     """Panigrahi & Mondal's canonicalizer: ``network`` (an equiray or timm model name) embeds each copy
     ``h^-1.x``; ``score[h] = cos(f(h^-1.x), r)`` with a reference ``r`` (fixed random, or learned)."""

@@ -9,8 +9,8 @@ order each round, best of 30 rounds kept, in a fresh process). Rows:
 * equiadapt's ``GroupEquivariantImageCanonicalization`` with its e2cnn ``ESCNNEquivariantNetwork`` (its image
   default), at two canonicalizer learning rates (the better is compared);
 * equiray's equivariant canonicalizer with the same widths and kernels as that network, reading the same 28x28
-  input (like for like), and with equiray's defaults (1x1 hidden group conv, 7x7 input, batch norm and dropout
-  like equiadapt's network), and those defaults without batch norm and dropout;
+  input (like for like), and with equiray's defaults (1x1 hidden group conv, 9x9 input, batch norm and dropout
+  like equiadapt's network), those defaults without batch norm and dropout, and with a 7x7 input;
 * equiray's optimized canonicalizer (Panigrahi & Mondal) with its defaults.
 
     .venv/bin/python benchmarks/bench_canon.py [--train 6000 --epochs 3 --seeds 3]
@@ -204,7 +204,8 @@ def main() -> int:
 
     def ours(name, kind, kwargs, tr):
         start = time.perf_counter()
-        model, model_spec = build_variant({**variant, "kind": kind}, spec, state, {kind: kwargs}, cfg.train.beta)
+        model, model_spec = build_variant({**variant, "kind": kind}, spec, state, {kind: kwargs}, cfg.train.beta,
+                                          seed=tr["seed"])  # the canonicalizer's initialisation too, as equiadapt's
         train_variant(model, {**variant, "kind": kind}, x, y, tr)
         record(name, model, start, {"kind": "equiray", "spec": model_spec})
 
@@ -218,6 +219,7 @@ def main() -> int:
 
     equivariant = dict(cfg.canonicalizers["equivariant"])
     plain = {k: v for k, v in equivariant.items() if k not in ("batch_norm", "dropout")}
+    px = equivariant["input_size"]
     for seed in range(args.seeds):
         tr = {**t, "seed": seed}
         theirs(f"equiadapt ESCNN ({width} fields, k{kernel}, {layers} layers, 28px), canon lr {t['canon_lr']:g}",
@@ -226,9 +228,10 @@ def main() -> int:
         ours(f"equiray equivariant, like for like ({width} ch, k{kernel}, hidden k{kernel}, 28px)", "equivariant",
              {"channels": width, "layers": layers, "kernel_size": kernel, "hidden_kernel_size": kernel,
               "input_size": None}, tr)
-        ours("equiray equivariant, no batch norm / dropout (8 ch, hidden 1x1, 7px)", "equivariant", plain, tr)
-        ours("equiray equivariant, defaults (8 ch, batch norm, dropout 0.5, hidden 1x1, 7px)", "equivariant",
+        ours(f"equiray equivariant, no batch norm / dropout (8 ch, hidden 1x1, {px}px)", "equivariant", plain, tr)
+        ours(f"equiray equivariant, defaults (8 ch, batch norm, dropout 0.5, hidden 1x1, {px}px)", "equivariant",
              equivariant, tr)
+        ours("equiray equivariant, defaults with a 7px input", "equivariant", {**equivariant, "input_size": 7}, tr)
         ours("equiray optimized, defaults (small_cnn w4, 7px)", "optimized", cfg.canonicalizers["optimized"], tr)
     ms = latencies_in_fresh_process(recipes, xt[:256])
 

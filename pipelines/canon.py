@@ -89,7 +89,7 @@ class CanonConfig:
     baselines: tuple[str, ...] = BASELINES
     # keyword arguments of each canonicalizer kind (see equiray.canon)
     canonicalizers: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "equivariant": {"channels": 8, "layers": 2, "kernel_size": 5, "input_size": 7, "batch_norm": True,
+        "equivariant": {"channels": 8, "layers": 2, "kernel_size": 5, "input_size": 9, "batch_norm": True,
                         "dropout": 0.5},
         "optimized": {"network": "small_cnn", "network_kwargs": {"width": 4}, "embed_dim": 16, "input_size": 7},
     })

@@ -90,6 +90,27 @@ def test_batch_norm_and_dropout_keep_the_scores_equivariant(gname, gen):
         create_canonicalizer("equivariant", g, dropout=1.5)
 
 
+@pytest.mark.parametrize("gname", EXACT)
+def test_the_sweeps_canonicalizer_is_equivariant_on_fashion_mnist_sized_inputs(gname, gen):
+    """The configured canonicalizer (area resampling 28 -> 9 px, batch norm, the factored lifting conv at
+    inference) on 28x28 images: its scores permute exactly for the grid's symmetries. Sensitivity: a shift by two
+    pixels, not a symmetry, changes them beyond any permutation."""
+    from pipelines.canon import CanonConfig
+
+    g = get_group(gname)
+    torch.manual_seed(0)
+    canon = create_canonicalizer("equivariant", g, **CanonConfig().canonicalizers["equivariant"]).double()
+    x = torch.rand(8, 1, 28, 28, generator=gen, dtype=torch.float64)
+    canon.train()(x)  # running statistics away from (0, 1)
+    canon.eval()
+    with torch.no_grad():
+        s = canon(x)
+        for e in g.elements():
+            torch.testing.assert_close(canon(g.act(x, e)), permuted(s, g, e))
+        shifted = canon(torch.roll(x, 2, dims=-1))
+    assert min(float((shifted - permuted(s, g, e)).abs().max()) for e in g.elements()) > 1e-4
+
+
 @pytest.mark.parametrize("kind", list_canonicalizers())
 def test_scores_are_sensitive(kind, gen):
     """The scores move with the input (a constant canonicalizer would pass the test above) and a reflection,
@@ -250,7 +271,8 @@ def test_pooled_last_layer_gives_the_per_pixel_scores(gname, gen):
 
 
 @pytest.mark.parametrize("options", [
-    {"channels": 4, "layers": 2, "input_size": 7, "batch_norm": True, "dropout": 0.5},  # the sweep's defaults
+    {"channels": 4, "layers": 2, "input_size": 7, "batch_norm": True, "dropout": 0.5},  # the sweep's, at 7x7
+    {"channels": 4, "layers": 2, "input_size": 9, "batch_norm": True, "dropout": 0.5},  # area-resampled to 9x9
     {"channels": 3, "layers": 3, "hidden_kernel_size": 3, "batch_norm": True},  # spatial last conv
     {"channels": 3, "layers": 1},  # the lifting conv alone
 ])
@@ -266,12 +288,15 @@ def test_folded_inference_gives_the_training_graphs_scores(options, gname, gen):
     reference = canon(x).detach()  # grad enabled: the unfolded graph
     with torch.no_grad():
         torch.testing.assert_close(canon(x), reference, atol=1e-5, rtol=1e-5)
+        # the lifting conv runs factored (J basis filters, then one matrix) when it is the only spatial conv
+        factored = canon._folded(canon.prepare(x).shape[-1], x.device, x.dtype)[3] is not None
+        assert factored == (options.get("hidden_kernel_size", 1) == 1 and options["layers"] <= 2)
         canon.train()(x * 3.0)  # new statistics
         canon.eval()
         moved = canon(x)
     assert (moved - reference).abs().max() > 1e-4 or not options.get("batch_norm")
     torch.testing.assert_close(moved, canon(x).detach(), atol=1e-5, rtol=1e-5)
-    big = torch.rand(300, 1, 14, 14, generator=gen)  # CPU inference runs in chunks of 128 images
+    big = torch.rand(300, 1, 14, 14, generator=gen)  # CPU inference runs in chunks of 128 or 256 images
     with torch.no_grad():
         chunked = canon(big)
     torch.testing.assert_close(chunked, canon(big).detach(), atol=1e-5, rtol=1e-5)

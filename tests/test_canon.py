@@ -273,6 +273,7 @@ def test_pooled_last_layer_gives_the_per_pixel_scores(gname, gen):
 @pytest.mark.parametrize("options", [
     {"channels": 4, "layers": 2, "input_size": 7, "batch_norm": True, "dropout": 0.5},  # the sweep's, at 7x7
     {"channels": 4, "layers": 2, "input_size": 9, "batch_norm": True, "dropout": 0.5},  # area-resampled to 9x9
+    {"channels": 4, "layers": 2, "input_size": 9, "batch_norm": True, "in_chans": 3},  # colour images
     {"channels": 3, "layers": 3, "hidden_kernel_size": 3, "batch_norm": True},  # spatial last conv
     {"channels": 3, "layers": 1},  # the lifting conv alone
 ])
@@ -281,7 +282,8 @@ def test_folded_inference_gives_the_training_graphs_scores(options, gname, gen):
     """Inference runs on constants folded once (batch norms into convs, the channel mean into the last 1x1 conv):
     the same scores as the unfolded graph, rebuilt when a running statistic or a weight changes."""
     canon = create_canonicalizer("equivariant", gname, **options)
-    x = torch.rand(5, 1, 14, 14, generator=gen)
+    chans = options.get("in_chans", 1)
+    x = torch.rand(5, chans, 14, 14, generator=gen)
     canon.train()
     canon(x)  # one training batch moves the running statistics away from (0, 1)
     canon.eval()
@@ -296,7 +298,7 @@ def test_folded_inference_gives_the_training_graphs_scores(options, gname, gen):
         moved = canon(x)
     assert (moved - reference).abs().max() > 1e-4 or not options.get("batch_norm")
     torch.testing.assert_close(moved, canon(x).detach(), atol=1e-5, rtol=1e-5)
-    big = torch.rand(300, 1, 14, 14, generator=gen)  # CPU inference runs in chunks of 128 or 256 images
+    big = torch.rand(300, chans, 14, 14, generator=gen)  # CPU inference runs in chunks of 128 or 256 images
     with torch.no_grad():
         chunked = canon(big)
     torch.testing.assert_close(chunked, canon(big).detach(), atol=1e-5, rtol=1e-5)

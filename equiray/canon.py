@@ -309,12 +309,12 @@ class EquivariantCanonicalizer(Canonicalizer):
             if last is not None:
                 h = h.relu_()
             pooled = torch.bmm(pool.view(1, 1, -1).expand(b, 1, -1), h.view(b, -1, mix.shape[1])).squeeze(1)
-            return pooled.view(b, -1, self.group.order).mean(1) if last is None else F.linear(pooled, *last)
-        for i, (weight, bias, padding) in enumerate(convs):
-            x = F.conv2d(x, weight, bias, padding=padding)
-            if last is not None or i < len(convs) - 1:  # a ReLU follows every group conv but the last
-                x = x.relu_()
-        pooled = x.flatten(2) @ pool  # (B, C*|G|): the disk average of every channel
+        else:
+            for i, (weight, bias, padding) in enumerate(convs):
+                x = F.conv2d(x, weight, bias, padding=padding)
+                if last is not None or i < len(convs) - 1:  # a ReLU follows every group conv but the last
+                    x = x.relu_()
+            pooled = x.flatten(2) @ pool  # (B, C*|G|): the disk average of every channel
         if last is None:  # the last conv was spatial: average its channels
             return pooled.view(b, -1, self.group.order).mean(1)
         return F.linear(pooled, *last)  # (B, |G|)
@@ -322,8 +322,8 @@ class EquivariantCanonicalizer(Canonicalizer):
     def _folded(self, size: int, device, dtype) -> tuple[list, torch.Tensor, tuple | None, tuple | None]:
         """Eval-time constants, rebuilt whenever a weight or a running statistic changes (an optimizer step, a
         loaded state): every group conv expanded to a plain conv with the batch norm after it folded in, the disk
-        average as a vector over pixels, and a 1x1 last group conv with the mean over its output channels folded
-        in, as one (|G|, C*|G|) matrix applied after the pooling."""
+        average as a vector over pixels, a 1x1 last group conv with the mean over its output channels folded in, as
+        one (|G|, C*|G|) matrix applied after the pooling, and the lifting conv factored (:meth:`_factored_lift`)."""
         state = [*self.net.parameters(), *self.net.buffers()]
         key = (size, str(device), dtype, *((t._version, t.data_ptr()) for t in state))
         if getattr(self, "_folded_key", None) != key:
@@ -355,9 +355,9 @@ class EquivariantCanonicalizer(Canonicalizer):
             return None
         basis = self.net[0].basis[0].to(torch.float64)  # (J, k, k)
         oc, ic, k, _ = weight.shape
-        flat = weight.to(torch.float64).reshape(oc * ic, k * k)
-        mix = torch.linalg.lstsq(basis.flatten(1).T, flat.T).solution.T  # (O*I, J)
-        if (mix @ basis.flatten(1) - flat).abs().max() > 1e-5 * max(float(flat.abs().max()), 1e-12):
+        flat, span = weight.to(torch.float64).reshape(oc * ic, k * k), basis.flatten(1)
+        mix = torch.linalg.lstsq(span.T, flat.T).solution.T  # (O*I, J)
+        if (mix @ span - flat).abs().max() > 1e-5 * max(float(flat.abs().max()), 1e-12):
             return None
         mix = mix.view(oc, ic, -1).permute(1, 2, 0).reshape(-1, oc)  # (I*J, O): rows in the basis conv's order
         return (basis.unsqueeze(1).to(weight.device, weight.dtype), mix.to(weight.device, weight.dtype), bias)

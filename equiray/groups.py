@@ -25,6 +25,8 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from equiray.registry import Registry
+
 __all__ = [
     "Group",
     "OutputKind",
@@ -290,17 +292,12 @@ def _aspect_fix(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------- registry
-_REGISTRY: dict[str, Callable[[int], Group]] = {}
+GROUP_FAMILIES: Registry[Callable[[int], Group]] = Registry("group family")
 
 
-def register_group(prefix: str):
+def register_group(prefix: str, *, overwrite: bool = False):
     """Register a family of groups under a one-letter prefix, e.g. ``C`` -> ``C4``, ``C8``."""
-
-    def wrap(fn: Callable[[int], Group]):
-        _REGISTRY[prefix.upper()] = fn
-        return fn
-
-    return wrap
+    return GROUP_FAMILIES.register(name=prefix.upper(), overwrite=overwrite)
 
 
 @functools.lru_cache(maxsize=None)
@@ -333,9 +330,9 @@ def get_group(name: str | Group) -> Group:
     if key in ("TRIVIAL", "E", "NONE"):
         return trivial()
     prefix, digits = key[:1], key[1:]
-    if prefix not in _REGISTRY or not digits.isdigit() or int(digits) < 1:
+    if prefix not in GROUP_FAMILIES or not digits.isdigit() or int(digits) < 1:
         raise ValueError(f"unknown group {name!r}: use C<n> or D<n> with n >= 1 (e.g. C4, C8, D4) or 'trivial'")
-    return _REGISTRY[prefix](int(digits))
+    return GROUP_FAMILIES.get(prefix)(int(digits))
 
 
 def list_groups() -> list[str]:

@@ -1,49 +1,107 @@
-"""Training and evaluation steps shared by every pipeline (plain PyTorch; the Ray loops are built from these)."""
+"""The one training loop and the evaluation steps every pipeline is built from (plain PyTorch).
+
+Every single-model training in equiray (pretraining, canonicalization variants, FTP/TPGM/L2-SP trials,
+distillation) runs :func:`train_epoch`; what differs between them is passed in, never copied:
+
+- ``objective(model, x, y) -> Step``: the loss of one batch (cross-entropy by default; the canonicalization
+  prior and contrastive terms, or a teacher's soft targets, are objectives of their own);
+- ``augment``: a group whose uniformly random element is applied per sample (random group augmentation);
+- ``regularizer(model) -> loss``: added to the objective for the backward pass only (L2-SP's penalty); the
+  epoch's reported loss is the objective's;
+- ``after_step(step)``: called after each optimizer step (TPGM's projection on a held-out batch);
+- ``on_train(model)``: called after ``model.train()`` (keep a frozen backbone's BatchNorm in eval mode).
+
+Where the loop runs (a Ray Train worker, a Tune trial, a plain process) is the pipelines' business; how it
+steps is decided here. The vectorized trainers for many small networks at once (ensemble members, zoo nets)
+live beside their models in :mod:`equiray.ensembles` and :mod:`equiray.nfn`.
+"""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from equiray.data.views import apply_view
-from equiray.groups import Group
+from equiray.groups import Group, Padding
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One batch's outcome: ``loss`` is minimised and reported, ``logits`` give the running accuracy,
+    ``metrics`` are further batch means reported as epoch means (e.g. ``{"prior": ..., "identity_rate": ...}``)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], Step]
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+    """The default objective: the task's cross-entropy."""
+    logits = model(x)
+    return Step(F.cross_entropy(logits, y), logits)
 
 
 @dataclass(frozen=True)
 class EpochStats:
-    loss: float
-    accuracy: float
+    loss: float  # sample-weighted mean of the objective's loss (without the regularizer)
+    accuracy: float  # training accuracy of the logits the objective returned
     samples: int
     seconds: float
+    metrics: Mapping[str, float] = field(default_factory=dict)  # sample-weighted means of Step.metrics
 
 
-def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                optimizer: torch.optim.Optimizer, *, device: torch.device | str = "cpu",
-                augment: Group | None = None, generator: torch.Generator | None = None) -> EpochStats:
-    """One pass over ``batches`` of ``(images, labels)``; with ``augment``, each sample gets its own uniformly
-    random element of that group (random group augmentation)."""
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
+                     generator: torch.Generator | None = None) -> Iterator[Batch]:
+    """An epoch of in-memory batches in a fresh random order (the permutation is drawn when this is called)."""
+    order = torch.randperm(len(y), generator=generator)
+    return ((x[idx], y[idx]) for idx in order.split(batch_size))
+
+
+def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer, *,
+                objective: Objective = cross_entropy, device: torch.device | str = "cpu",
+                augment: Group | None = None, padding: Padding = "border",
+                generator: torch.Generator | None = None,
+                regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+                after_step: Callable[[int], None] | None = None,
+                on_train: Callable[[nn.Module], None] | None = None) -> EpochStats:
+    """One pass over ``batches`` of ``(images, labels)``: move to ``device``, augment (each sample its own
+    uniformly random element of ``augment``, drawn from ``generator``), minimise ``objective`` (+
+    ``regularizer``), step. See the module docstring for the hooks."""
     model.train()
+    if on_train is not None:
+        on_train(model)
     start = time.perf_counter()
     total_loss, correct, n = 0.0, 0, 0
-    for x, y in batches:
+    sums: dict[str, float] = {}
+    for step, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if augment is not None:
-            x = augment.act(x, augment.sample(len(x), generator=generator, device=x.device))
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+            x = augment.act(x, augment.sample(len(x), generator=generator, device=x.device), padding=padding)
+        out = objective(model, x, y)
+        loss = out.loss + regularizer(model) if regularizer is not None else out.loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += float(loss.detach()) * len(y)
-        correct += int((logits.argmax(-1) == y).sum())
+        if after_step is not None:
+            after_step(step)
+        total_loss += float(out.loss.detach()) * len(y)
+        correct += int((out.logits.detach().argmax(-1) == y).sum())
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
         n += len(y)
     if n == 0:
         raise ValueError("train_epoch got no batches")
-    return EpochStats(total_loss / n, correct / n, n, time.perf_counter() - start)
+    return EpochStats(total_loss / n, correct / n, n, time.perf_counter() - start,
+                      {k: v / n for k, v in sums.items()})
 
 
 @torch.no_grad()

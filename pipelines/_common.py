@@ -117,15 +117,15 @@ def progress(iterable, *, total: int, desc: str, prefix: str, every_s: float = 1
                 f"{now - start:.0f} s elapsed, ~{eta:.0f} s left")
 
 
-def worker_threads(cfg_scaling: dict) -> None:
-    """Torch threads in a Ray Train worker: the configured number, or the node's cores shared by its workers
-    (Ray sets OMP_NUM_THREADS=1 in workers otherwise)."""
+def worker_threads(torch_threads: int = 0) -> None:
+    """Torch threads in a Ray Train worker: ``torch_threads`` (``ScalingConfig.torch_threads``), or for 0 the
+    node's cores shared by its workers (Ray sets OMP_NUM_THREADS=1 in workers otherwise)."""
     import os
 
     import ray.train
 
     local = max(1, ray.train.get_context().get_local_world_size())
-    torch.set_num_threads(cfg_scaling["torch_threads"] or max(1, (os.cpu_count() or 1) // local))
+    torch.set_num_threads(torch_threads or max(1, (os.cpu_count() or 1) // local))
 
 
 def ingest_options():

@@ -78,7 +78,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     from equiray.models import create_model
     from pipelines import _tracking
 
-    worker_threads(cfg["scaling"])
+    worker_threads(cfg["scaling"]["torch_threads"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     mlflow.set_tracking_uri(cfg["tracking_uri"])

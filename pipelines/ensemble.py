@@ -202,7 +202,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    worker_threads(cfg["scaling"])
+    worker_threads(cfg["scaling"]["torch_threads"])
     device = torch.device("cuda", torch.cuda.current_device()) if cfg["scaling"]["use_gpu"] and torch.cuda.is_available() \
         else torch.device("cpu")
     x, y = load_shard(ray.train.get_dataset_shard("train"), size=cfg["data"]["resize"], limit=cfg["data"]["max_train"])

@@ -125,7 +125,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    worker_threads(cfg["scaling"])
+    worker_threads(cfg["scaling"]["torch_threads"])
     t = cfg["train"]
     torch.manual_seed(t["seed"] + rank)
     model = build_model(cfg, cfg["in_chans"], cfg["num_classes"])

@@ -1,0 +1,160 @@
+"""The one sequence every registering pipeline stage runs, and the typed result it returns.
+
+    setup MLflow -> check inputs -> hash the config -> reuse a model registered by the same config?
+      -> start Ray -> start the stage's MLflow run -> log the resolved config and tags
+      -> execute (the stage's own part: train on Ray, evaluate, log) -> register -> typed result
+
+A pipeline subclasses :class:`Stage` and supplies only what is its own: :meth:`Stage.execute` (inside the run,
+Ray up) and :meth:`Stage.from_registry` (the result of a reused model, read back from its MLflow run); it may
+override :meth:`Stage.check` (fail early: data prepared, upstream model loadable) and
+:meth:`Stage.fingerprint` (what identifies the work, e.g. the config plus the upstream model's version).
+
+Results are frozen dataclasses: the next stage, the CLI and the demo's report read them by attribute. Every
+result carries the :class:`StageResult` fields; a pipeline's result subclass adds its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Mapping, TypeVar
+
+from pipelines import _tracking
+from pipelines._common import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+ConfigT = TypeVar("ConfigT")
+ResultT = TypeVar("ResultT", bound="StageResult")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageResult:
+    """What every stage returns. ``registered`` is the ``models:/name@alias`` URI the stage's model went to."""
+
+    pipeline: str
+    run_id: str
+    run_name: str = ""
+    tracking_uri: str
+    registered: str = ""
+    version: str = ""
+    model_uri: str = ""
+    reused: bool = False
+    seconds: float = 0.0
+    table: str = ""  # the stage's results as a Markdown table (printed by the CLI, quoted by the report)
+    verdict: tuple[str, ...] = ()  # one line per reading of the table
+    plots: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """The result's scalar fields, for ``--json``-style printing (tables and live objects left out)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name not in ("table", "verdict") and isinstance(v, (str, int, float, bool, type(None))):
+                out[f.name] = v
+            elif f.name == "plots" and v:
+                out[f.name] = list(v)
+        return out
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """The context :meth:`Stage.execute` runs in: the active MLflow run and where things go."""
+
+    run_id: str
+    run_name: str
+    experiment_id: str
+    tracking_uri: str
+    config_hash: str
+    report_dir: Path | None
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[ResultT]):
+    """What :meth:`Stage.execute` hands back: the model to register (with its registry tags) and the result.
+    ``model_uri=None`` registers nothing. The template fills in the result's registry fields."""
+
+    result: ResultT
+    model_uri: str | None
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Stage(Generic[ConfigT, ResultT]):
+    """The template. ``pipeline`` names the stage in tags, run names and logs."""
+
+    pipeline: ClassVar[str]
+
+    def __init__(self, cfg: ConfigT, *, report_dir: str | Path | None = None, reuse: bool = False):
+        self.cfg = cfg
+        self.report_dir = Path(report_dir) if report_dir else None
+        self.reuse = reuse
+
+    # ------------------------------------------------------------------------------ what a pipeline supplies
+    @property
+    def tracking(self) -> TrackingConfig:
+        return self.cfg.tracking  # type: ignore[attr-defined]
+
+    def check(self) -> None:
+        """Fail early and clearly, before anything starts (data, upstream models)."""
+
+    def fingerprint(self) -> Any:
+        """What identifies this work: a registered model made by the same fingerprint is reused."""
+        return self.cfg
+
+    def default_run_name(self) -> str:
+        return f"{self.pipeline}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def tags(self) -> dict[str, str]:
+        """Tags of the stage's MLflow run beside ``equiray.pipeline``."""
+        return {}
+
+    def execute(self, run: StageRun) -> Outcome[ResultT]:
+        raise NotImplementedError
+
+    def from_registry(self, mv, run: StageRun) -> ResultT:
+        """The result of the model version ``mv``, made earlier by this same fingerprint, read back from MLflow."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ the template
+    @property
+    def registered(self) -> str:
+        return f"models:/{self.tracking.registered_model}@{self.tracking.alias}"
+
+    def run(self) -> ResultT:
+        import mlflow
+
+        from pipelines._ray import cluster_summary, init_ray
+
+        uri = _tracking.tracking_uri()
+        experiment_id = _tracking.setup(self.tracking.experiment, uri)
+        self.check()
+        cfg_hash = _tracking.config_hash(self.fingerprint())
+        if self.reuse:
+            mv = _tracking.find_version(self.tracking.registered_model, self.tracking.alias,
+                                        config_hash_value=cfg_hash)
+            if mv is not None:
+                log.info("reusing %s (version %s): made by this same config", self.registered, mv.version)
+                ctx = StageRun(mv.run_id, "", experiment_id, uri, cfg_hash, self.report_dir)
+                return dataclasses.replace(self.from_registry(mv, ctx), reused=True, version=str(mv.version),
+                                           registered=self.registered, model_uri=mv.source)
+        init_ray()
+        log.info("Ray: %s", cluster_summary())
+        run_name = self.tracking.run_name or self.default_run_name()
+        with mlflow.start_run(run_name=run_name) as active:
+            ctx = StageRun(active.info.run_id, run_name, experiment_id, uri, cfg_hash, self.report_dir)
+            _tracking.log_config(self.cfg)
+            mlflow.set_tags({"equiray.pipeline": self.pipeline, **self.tags()})
+            outcome = self.execute(ctx)
+            result = outcome.result
+            if outcome.model_uri is not None:
+                version = _tracking.register(outcome.model_uri, self.tracking.registered_model, self.tracking.alias,
+                                             tags={**outcome.tags, "equiray.config_hash": cfg_hash})
+                result = dataclasses.replace(result, version=version, registered=self.registered,
+                                             model_uri=outcome.model_uri)
+        return dataclasses.replace(result, seconds=ctx.elapsed())

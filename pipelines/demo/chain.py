@@ -1,0 +1,146 @@
+"""The main job: every stage at demo scale on one machine, ending in a report.
+
+Stages: (1) prepare Fashion-MNIST as Parquet shards; (2) pretrain a backbone with Ray Train, register it as
+``equiray-backbone@pretrained`` and evaluate it on upright, C4-rotated and corrupted views; (3) augmentation
+ensembles on Ray Train, OSP/KL vs ensemble size; (4) distil the ensemble into one student; (5) canonicalization
+variants around the backbone as Ray Tune trials; (6) a robust fine-tuning search (FTP, TPGM, L2-SP) on Ray Tune;
+(7) Monomial-NFN: a zoo of small CNNs trained on Ray tasks, metanetworks that read their accuracy off the weights,
+and the same for the ensemble's members, used to leave the weakest out of the average; (8) serve: the registered
+ensemble behind Ray Serve, a few real HTTP requests (upright and rotated test images), the answers printed, the
+endpoint shut down.
+
+Each stage returns its typed result; the next stage and the report read them by attribute.
+
+    equiray demo [--config configs/demo.yaml] [--set pretrain.train.epochs=1]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from equiray.config import to_dict
+from pipelines import canon, distill, ensemble, ftp, nfn, pretrain
+from pipelines._ray import say
+from pipelines.demo.config import STAGES, DemoConfig
+from pipelines.demo.report import backbone_table, write_report
+from pipelines.demo.results import DemoResult, NFNStageResult
+from pipelines.demo.serving import serve_stage
+
+
+def _banner(step: int, total: int, text: str) -> None:
+    say(f"\n=== [{step}/{total}] {text}")
+
+
+def _reused(result) -> None:
+    if result.reused:
+        say(f"    reused {result.registered} version {result.version} (same config; --fresh retrains)")
+
+
+def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoResult:
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stages = ["data", *cfg.stages]
+    total = len(stages)
+
+    def banner(stage: str, text: str) -> None:
+        _banner(stages.index(stage) + 1, total, text)
+
+    banner("data", f"data: {cfg.pretrain.data.source} -> {cfg.pretrain.data.dir} (Parquet shards)")
+    meta = cfg.pretrain.data.prepare()
+    say("    " + ", ".join(f"{s}: {n}" for s, n in meta["rows"].items()) + f" images {tuple(meta['shape'])}")
+
+    out = DemoResult()
+    if "pretrain" in cfg.stages:
+        banner("pretrain", f"pretrain: {cfg.pretrain.model.name} on upright data with Ray Train, "
+               f"{cfg.pretrain.train.epochs} epochs")
+        pre = pretrain.run(cfg.pretrain, report_dir=report_dir, reuse=cfg.reuse)
+        _reused(pre)
+        say("\n" + backbone_table(pre, cfg.pretrain.eval.group))
+        out = dataclasses.replace(out, pretrain=pre, tracking_uri=pre.tracking_uri)
+    if "ensemble" in cfg.stages:
+        e = cfg.ensemble
+        banner("ensemble", f"ensembles: {len(e.settings)} settings x {e.members} members on Ray Train, then OSP/KL "
+               f"vs ensemble size under {e.group}")
+        trained = ensemble.run_train(e, reuse=cfg.reuse)
+        _reused(trained)
+        ev = ensemble.run_eval(e, run_id=trained.run_id, report_dir=report_dir, ensembles=trained.ensembles)
+        say("\n" + ev.table + "\n" + "\n".join(ev.verdict))
+        out = dataclasses.replace(out, ensemble=trained, ensemble_eval=ev, tracking_uri=trained.tracking_uri)
+    if "distill" in cfg.stages:
+        banner("distill", f"distill: {cfg.distill.teacher} -> one {cfg.distill.student.name} student")
+        dist = distill.run(cfg.distill, report_dir=report_dir, reuse=cfg.reuse)
+        say("\n" + dist.table)
+        out = dataclasses.replace(out, distill=dist, tracking_uri=dist.tracking_uri)
+    if "canon" in cfg.stages:
+        c = cfg.canon
+        banner("canon", f"canonicalization: {len(c.variants())} variants around {c.backbone} as Ray Tune trials, "
+               f"judged on {c.eval_group}-rotated test sets")
+        can = canon.run_sweep(c, report_dir=report_dir, reuse=cfg.reuse)
+        _reused(can)
+        say("\n" + can.table + "\n" + "\n".join(can.verdict))
+        out = dataclasses.replace(out, canon=can, tracking_uri=can.tracking_uri)
+    if "ftp" in cfg.stages:
+        f = cfg.ftp
+        banner("ftp", f"robust fine-tuning: {f.search.num_samples} Ray Tune trials over {', '.join(f.space.methods)} "
+               f"({f.search.searcher}, {f.search.scheduler}), target {f.task.target_view}")
+        ft = ftp.run_tune(f, report_dir=report_dir, reuse=cfg.reuse)
+        _reused(ft)
+        say("\n" + ft.table + "\n" + "\n".join(ft.verdict))
+        out = dataclasses.replace(out, ftp=ft, tracking_uri=ft.tracking_uri)
+    if "nfn" in cfg.stages:
+        banner("nfn", f"Monomial-NFN: a zoo of {cfg.nfn.zoo.nets} small CNNs on Ray tasks, metanetworks predicting "
+               "their accuracy from weights; then the ensemble's members")
+        nf = _nfn_stage(cfg, out.ensemble, report_dir)
+        out = dataclasses.replace(out, nfn=nf, tracking_uri=nf.train.tracking_uri)
+    if "serve" in cfg.stages:
+        banner("serve", f"serve: {cfg.serve.model} behind Ray Serve, {cfg.serve_images} test images upright and "
+               "rotated, sent over HTTP")
+        srv = serve_stage(cfg.serve, cfg.pretrain.data.dir, cfg.serve_images)
+        say(f"    {srv.url}: {srv.requests} requests in {srv.seconds:.1f} s, then shut down; version {srv.version}, "
+            f"test 0 as a raw PNG body -> {srv.raw_png_label}")
+        say("\n" + srv.table)
+        out = dataclasses.replace(out, serve=srv, tracking_uri=out.tracking_uri or srv.tracking_uri)
+    elapsed = time.perf_counter() - t0
+    report = write_report(report_dir / "demo.md", cfg, meta, out, elapsed)
+    say(f"\nreport:   {report.resolve()}")
+    say(f"mlflow:   {out.tracking_uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {out.tracking_uri})")
+    for uri, version in out.registered():
+        say(f"model:    {uri} (version {version})")
+    say(f"finished in {elapsed / 60:.1f} min")
+    return dataclasses.replace(out, report=str(report), seconds=elapsed)
+
+
+def _nfn_stage(cfg: DemoConfig, trained: ensemble.EnsembleTrainResult | None, report_dir: Path) -> NFNStageResult:
+    """Zoo (reused when the same zoo config wrote it), metanetworks, member zoo, selection."""
+    n = cfg.nfn
+    zoo_json = Path(n.zoo.out) / "zoo.json"
+    same = zoo_json.exists() and json.loads(zoo_json.read_text()).get("config") == to_dict(n.zoo)
+    if same and cfg.reuse:
+        say(f"    reused the zoo in {n.zoo.out} (same config)")
+    else:
+        z = nfn.run_zoo(dataclasses.replace(n.zoo, overwrite=True))
+        say(f"    {z.nets} nets in {z.seconds:.0f} s -> {z.out}; test accuracy "
+            f"{z.test_accuracy['min'] * 100:.0f}-{z.test_accuracy['max'] * 100:.0f}%")
+    res = nfn.run_train(n.train, report_dir=report_dir, reuse=cfg.reuse)
+    say("\n" + res.table + "\n" + "\n".join(res.verdict))
+    result = NFNStageResult(train=res, zoo_nets=json.loads(zoo_json.read_text())["nets"])
+    if trained is None:
+        return result
+    member_json = Path(n.member_zoo) / "zoo.json"
+    source = f"ensemble train run {trained.run_id}"
+    if not (cfg.reuse and member_json.exists() and json.loads(member_json.read_text()).get("source") == source):
+        nfn.run_zoo(dataclasses.replace(n.zoo, from_ensemble=trained.run_id, out=n.member_zoo, overwrite=True,
+                                        ensemble_experiment=cfg.ensemble.tracking.experiment))
+    members = nfn.run_train(dataclasses.replace(n.members, zoo=n.member_zoo), report_dir=report_dir / "members",
+                            reuse=cfg.reuse)
+    say("\n" + members.table)
+    e = cfg.ensemble
+    sel = ensemble.run_select(dataclasses.replace(e, eval=dataclasses.replace(
+        e.eval, select_by="nfn", drop_fraction=n.drop_fraction, nfn_model=members.registered)),
+        run_id=trained.run_id, ensembles=trained.ensembles, report_dir=report_dir)
+    say("\n" + sel.table + "\n" + "\n".join(sel.verdict))
+    return dataclasses.replace(result, members=members, selection=sel)

@@ -1,0 +1,57 @@
+"""The demo's config: every stage's own config at demo scale, the stages to run and whether to reuse.
+
+These dataclasses are the one source of the demo's defaults; ``configs/demo.yaml`` and ``--set`` only
+override them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from equiray.errors import ConfigError
+from pipelines._common import DataConfig, TrackingConfig
+from pipelines.canon import CanonConfig
+from pipelines.distill import DistillConfig
+from pipelines.ensemble import EnsembleConfig
+from pipelines.ftp import FTPConfig, FTPTrain, SearchConfig as FTPSearch
+from pipelines.nfn import NFNTrainConfig, ZooConfig
+from pipelines.pretrain import PretrainConfig, TrainConfig
+from pipelines.serve import ServeConfig
+
+STAGES = ("pretrain", "ensemble", "distill", "canon", "ftp", "nfn", "serve")
+
+
+@dataclass(frozen=True)
+class NFNDemo:
+    """The demo's Monomial-NFN stage: a small Small-CNN-Zoo-style zoo and its metanetworks, then a zoo of the
+    ensemble's members, a metanetwork over them, and ``--select-by nfn`` on the ensemble."""
+
+    zoo: ZooConfig = ZooConfig(data=DataConfig(max_train=3000, max_eval=1000), nets=96, nets_per_task=8, epochs=1,
+                               out="data/zoo-demo")
+    train: NFNTrainConfig = NFNTrainConfig(zoo="data/zoo-demo", epochs=100)
+    member_zoo: str = "data/member-zoo-demo"
+    members: NFNTrainConfig = NFNTrainConfig(zoo="data/member-zoo-demo", epochs=60, zoos=("plain",),
+                                             metanetworks={"monomial-nfn": {"hidden_channels": 16}},
+                                             tracking=TrackingConfig(experiment="equiray-nfn",
+                                                                     registered_model="equiray-nfn-members",
+                                                                     alias="champion"))
+    drop_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    pretrain: PretrainConfig = PretrainConfig(train=TrainConfig(epochs=3), data=DataConfig())
+    ensemble: EnsembleConfig = EnsembleConfig()
+    distill: DistillConfig = DistillConfig()
+    canon: CanonConfig = CanonConfig()
+    ftp: FTPConfig = FTPConfig(search=FTPSearch(num_samples=10, grace_period=2), train=FTPTrain(epochs=6))
+    nfn: NFNDemo = NFNDemo()
+    serve: ServeConfig = ServeConfig(port=0)  # any free port: the demo's endpoint lives only for its requests
+    serve_images: int = 4  # test images sent upright and rotated by 90, 180, 270 degrees
+    stages: tuple[str, ...] = STAGES
+    reuse: bool = True  # take a stage's registered result when the same config produced it (--fresh: redo all)
+
+    def __post_init__(self):
+        unknown = set(self.stages) - set(STAGES)
+        if unknown:
+            raise ConfigError(f"stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
+

@@ -1,0 +1,150 @@
+"""The demo's Markdown report: every stage's table, plots and readings, written atomically."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pipelines.demo.config import DemoConfig
+from pipelines.demo.results import DemoResult
+from pipelines.pretrain import PretrainResult
+
+
+def backbone_table(pre: PretrainResult, group: str) -> str:
+    acc = pre.accuracy
+    rot = [v for v in acc if v.startswith("rot:")]
+    other = [v for v in acc if v != "upright" and not v.startswith("rot:")]
+    rows = [("upright test", acc["upright"]),
+            (f"{group}-avg (upright + {len(rot)} rotations)", pre.summary[f"test_{group}_avg_accuracy"])]
+    rows += [(f"rotated {v.split(':')[-1]} x {360 // (len(rot) + 1)} deg", acc[v]) for v in rot]
+    rows += [(f"corrupted: {v}", acc[v]) for v in other]
+    width = max(len(r[0]) for r in rows)
+    lines = ["| pretrained backbone".ljust(width + 2) + " | accuracy |", "|" + "-" * (width + 2) + "|----------|"]
+    lines += [f"| {name.ljust(width)} | {value * 100:7.2f}% |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def write_report(path: Path, cfg: DemoConfig, meta: dict, out: DemoResult, seconds: float) -> Path:
+    """A Markdown report with the tables and the plots (written next to it)."""
+    tracking = out.tracking_uri
+    parts = [f"""# equiray demo report
+
+Generated {time.strftime('%Y-%m-%d %H:%M:%S')} in {seconds / 60:.1f} min. MLflow: `{tracking}`.
+
+## 1. Data
+`{meta['source']}` as Parquet shards in `{cfg.pretrain.data.dir}`: {', '.join(f"{s} {n}" for s, n in meta['rows'].items())}
+images of shape {tuple(meta['shape'])} (H, W, C), {meta['num_classes']} classes.
+"""]
+    if out.pretrain is not None:
+        pre = out.pretrain
+        epochs = "\n".join(
+            f"| {int(r['epoch']) + 1} | {r['train_loss']:.4f} | {r['train_accuracy'] * 100:.2f}% | "
+            f"{r['val_accuracy'] * 100:.2f}% | {r['epoch_seconds']:.0f} |" for r in pre.epochs)
+        plots = "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in pre.plots)
+        parts.append(f"""## Pretrained backbone (`{pre.registered}`, version {pre.version})
+`{cfg.pretrain.model.name}` trained on upright images with Ray Train
+({cfg.pretrain.scaling.num_workers} worker(s), {cfg.pretrain.train.epochs} epochs), run `{pre.run_name}`.
+
+| epoch | train loss | train acc | val acc | seconds |
+|---|---|---|---|---|
+{epochs}
+
+{backbone_table(pre, cfg.pretrain.eval.group)}
+
+The backbone is accurate on upright images and loses much of it on rotated ones: that gap is what the
+rest of equiray closes.
+
+{plots}
+""")
+    if out.ensemble is not None and out.ensemble_eval is not None:
+        e, tr, ev = cfg.ensemble, out.ensemble, out.ensemble_eval
+        parts.append(f"""## Augmentation ensembles (`{tr.registered}`, version {tr.version})
+{len(e.settings)} settings x {e.members} members of `{e.member.name}` ({e.member.kwargs}), {e.train.epochs} epochs on
+{e.data.max_train or 'all'} training images at {e.data.resize or meta['shape'][0]}px, group {e.group}; run
+`{tr.run_id}`. Invariance of the ensemble mean vs ensemble size (bootstrap, {e.eval.repeats} subsets per size),
+in distribution (test set) and off-manifold ({e.eval.off_manifold}):
+
+![ensemble_invariance](ensemble_invariance.png)
+
+{ev.table}
+
+{chr(10).join(ev.verdict)}
+""")
+    if out.distill is not None:
+        d = out.distill
+        parts.append(f"""## Distilled student (`{d.registered}`, version {d.version})
+One `{cfg.distill.student.name}` trained to match the ensemble mean on {cfg.distill.group or cfg.ensemble.group}-
+group-transformed inputs; the same measures, and the serving cost (the student is {d.speedup:.1f}x cheaper):
+
+{d.table}
+""")
+    if out.canon is not None:
+        c, can = cfg.canon, out.canon
+        parts.append(f"""## Canonicalization adapters (`{can.registered}`, version {can.version})
+{len(can.rows)} variants around `{c.backbone}`, each a Ray Tune trial and an MLflow run (sweep run
+`{can.run_id}`): fine-tuned {c.train.epochs} epochs on {c.data.max_train or 'all'} upright training images;
+accuracy on the upright test set and averaged over its {c.eval_group} rotations ({c.data.max_eval or 'all'} images);
+identity rate = share of upright test images the canonicalizer leaves as they are; ms per image on a batch of
+{c.latency_batch}, every model timed in the same process. Champion: **{can.champion}**.
+
+![canon_variants](canon_variants.png)
+
+{can.table}
+
+{chr(10).join(can.verdict)}
+""")
+    if out.ftp is not None:
+        f, ft = cfg.ftp, out.ftp
+        parts.append(f"""## Robust fine-tuning (`{ft.registered}`, version {ft.version})
+`{f.backbone}` fine-tuned on {f.task.train_images} labelled `{f.task.target_view}` images (the ID target domain)
+with a new head; {len(ft.rows)} Ray Tune trials over {', '.join(f.space.methods)}, up to {f.train.epochs} epochs,
+ASHA early stopping, selected on ID validation accuracy only (search run `{ft.run_id}`). OOD: the test set
+under {', '.join(f.task.ood_views)}. Champion: **{ft.champion['method']}** (ID val
+{ft.champion['val_accuracy'] * 100:.1f}%).
+
+![ftp_trials](ftp_trials.png)
+
+{ft.table}
+
+{chr(10).join(ft.verdict)}
+""")
+    if out.nfn is not None:
+        nf, n = out.nfn, cfg.nfn
+        parts.append(f"""## Monomial-NFN (`{nf.train.registered}`, version {nf.train.version})
+A zoo of {nf.zoo_nets} Small-CNN-Zoo nets (4,970 parameters; optimizer, learning rate, L2, dropout, init scale and
+training fraction drawn per net), trained {n.zoo.epochs} epoch(s) on {n.zoo.data.max_train} images as vectorized Ray
+tasks. Metanetworks predict each net's test accuracy from its weights; Kendall tau on the
+{round(nf.zoo_nets * n.train.test_fraction)} held-out nets, on the plain zoo and on the same zoo with every hidden
+unit rescaled by a random factor in [1e-4, 1e4] (the same functions):
+
+![nfn_scatter](nfn_scatter.png)
+
+{nf.train.table}
+
+{chr(10).join(nf.train.verdict)}
+""")
+        if nf.members is not None and nf.selection is not None:
+            parts.append(f"""### Reading the ensemble's members
+The ensemble's members as a zoo (accuracy on the validation split), a sign-flip Monomial-NFN over them
+(`{nf.members.registered}`), and `ensemble eval --select-by nfn`: the {int(n.drop_fraction * 100)}% of members
+predicted weakest are left out of the average (test set; random subsets of the same size as the control):
+
+{nf.members.table}
+
+{nf.selection.table}
+
+{chr(10).join(nf.selection.verdict)}
+""")
+    if out.serve is not None:
+        srv = out.serve
+        parts.append(f"""## Online serving (`{srv.model}`, version {srv.version})
+Ray Serve hosted the model at `{srv.url}` for {srv.seconds:.0f} s: {srv.requests} HTTP requests (the
+upright test images as multipart PNG files, each rotation as JSON pixel arrays, one raw PNG body), then shut
+down. `equiray serve run --model {srv.model}` keeps it running (README, "Serve a model").
+
+{srv.table}
+""")
+    tmp = path.with_suffix(".md.partial")
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,42 @@
+"""What the demo returns: every stage's typed result, as the report reads them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines import canon, distill, ensemble, ftp, nfn, pretrain
+from pipelines.demo.serving import ServeStageResult
+
+
+@dataclass(frozen=True, kw_only=True)
+class NFNStageResult:
+    """The demo's Monomial-NFN stage: metanetworks on the zoo, and (after an ensemble stage) on its members."""
+
+    train: nfn.NFNTrainResult
+    zoo_nets: int
+    members: nfn.NFNTrainResult | None = None
+    selection: ensemble.EnsembleSelectResult | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoResult:
+    tracking_uri: str = ""
+    pretrain: pretrain.PretrainResult | None = None
+    ensemble: ensemble.EnsembleTrainResult | None = None
+    ensemble_eval: ensemble.EnsembleEvalResult | None = None
+    distill: distill.DistillResult | None = None
+    canon: canon.CanonResult | None = None
+    ftp: ftp.FTPResult | None = None
+    nfn: NFNStageResult | None = None
+    serve: ServeStageResult | None = None
+    report: str = ""
+    seconds: float = 0.0
+
+    def registered(self) -> list[tuple[str, str]]:
+        """``(models:/name@alias, version)`` of every model the demo's stages registered, in stage order."""
+        out = []
+        for stage in (self.pretrain, self.ensemble, self.distill, self.canon, self.ftp):
+            if stage is not None:
+                out.append((stage.registered, stage.version))
+        if self.nfn is not None:
+            out += [(r.registered, r.version) for r in (self.nfn.train, self.nfn.members) if r is not None]
+        return out

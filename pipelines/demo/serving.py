@@ -1,0 +1,89 @@
+"""The demo's serve stage: the registered model behind Ray Serve, a few real HTTP requests, the answers."""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from pipelines.serve import ServeConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeStageResult:
+    url: str
+    model: str
+    version: str
+    table: str
+    requests: int
+    seconds: float
+    raw_png_label: str
+    tracking_uri: str
+    info: Mapping[str, Any] = field(default_factory=dict)  # the endpoint's /v1/model answer
+
+
+def _png(img: torch.Tensor) -> bytes:
+    """``(C, H, W)`` in [0, 1] -> PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((img.squeeze(0) * 255).round().byte().numpy()).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> ServeStageResult:
+    """Start the endpoint, send real requests (upright images as one multipart request, each rotated view as
+    JSON pixel arrays, one raw PNG body), tabulate the answers, shut the endpoint down."""
+    import ray
+    import requests
+    from ray import serve
+
+    from equiray.data import read_meta, read_split
+    from pipelines import _tracking, serve as serving
+
+    x, y = read_split(data_dir, "test", limit=n)  # (n, C, H, W) in [0, 1]
+    names = read_meta(data_dir)["classes"]
+    t0 = time.perf_counter()
+    shared = ray.is_initialized() and serving.serve_running() is not None  # other apps on this Serve: keep them
+    ep = serving.deploy(cfg)
+    try:
+        url = ep["url"] + "/v1/predict"
+        answers = {}
+        res = requests.post(url, files=[("files", (f"test-{i}.png", _png(img), "image/png")) for i, img in enumerate(x)],
+                            timeout=120)
+        res.raise_for_status()
+        answers[0] = res.json()["predictions"]
+        for k in (1, 2, 3):
+            rotated = torch.rot90(x, k, dims=(-2, -1))
+            res = requests.post(url, json={"instances": rotated.squeeze(1).tolist()}, timeout=120)
+            res.raise_for_status()
+            answers[90 * k] = res.json()["predictions"]
+        single = requests.post(url, data=_png(x[0]), headers={"Content-Type": "image/png"}, timeout=120)
+        single.raise_for_status()
+        info = requests.get(ep["url"] + "/v1/model", timeout=60).json()
+    finally:
+        serve.delete(cfg.app_name) if shared else serve.shutdown()
+    return ServeStageResult(url=ep["url"], model=ep["model"], version=ep["version"], table=_answers_table(answers, y, names),
+                            requests=6, seconds=time.perf_counter() - t0, info=info,
+                            tracking_uri=_tracking.tracking_uri(),
+                            raw_png_label=single.json()["predictions"][0]["label"])
+
+
+def _answers_table(answers: dict[int, list[dict]], y: torch.Tensor, names: list[str]) -> str:
+    """One row per image: the label and confidence at each angle, and the model's own extra (the ensemble's
+    disagreement or the canonicalizer's pose) per angle."""
+    first = answers[0][0]
+    extra = "disagreement" if "disagreement" in first else "group_element" if "group_element" in first else None
+    head = ["image", "true label", *[f"{deg} deg" for deg in answers]] + ([f"{extra} (0 / 90 / 180 / 270)"] if extra else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i in range(len(y)):
+        cells = [f"test {i}", names[int(y[i])]]
+        cells += [f"{a[i]['label']} ({a[i]['probabilities'][a[i]['label']] * 100:.0f}%)" for a in answers.values()]
+        if extra == "disagreement":
+            cells.append(" / ".join(f"{a[i]['disagreement']:.2f}" for a in answers.values()))
+        elif extra == "group_element":
+            cells.append(" / ".join(f"{a[i]['group_element']['rotation_deg']:g}" for a in answers.values()))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

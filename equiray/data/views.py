@@ -6,6 +6,11 @@ A view is named by a short spec string:
 - ``rot:C8:3``: every image acted on by element 3 of C8 (135 degrees), zero padding (BRIEF 3.3's protocol:
   pad 0.4*H with zeros, rotate, centre-crop; sampling out of the image reads zeros, which is the same).
 - ``reflect``: mirrored left-right.
+- ``angle:D``: every image rotated counter-clockwise by ``D`` degrees (any real number). Multiples of 90 are
+  exact quarter turns (``torch.rot90``); other angles pad with zeros, rotate bilinearly and centre-crop, the
+  same convention as ``rot:`` views.
+- ``so2``: each image rotated by its own angle, uniform in [0, 360), seeded by ``seed`` (the SO(2)-avg test set).
+- ``o2``: each image mirrored left-right with probability 1/2, then rotated as in ``so2`` (the O(2)-avg test set).
 - ``noise:S``, ``blur:S``, ``contrast:S``, ``brightness:S``, ``pixelate:S``, ``occlude:S``: a corruption at
   severity ``S`` in 1..5 (ImageNet-C style), random parts seeded by the view's name and ``seed`` so a view is
   the same on every run and every machine.
@@ -14,6 +19,7 @@ A view is named by a short spec string:
 """
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Callable, Iterable
 
@@ -21,9 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from equiray.errors import DataError
-from equiray.groups import get_group
+from equiray.groups import cyclic, get_group, rotate
 
-__all__ = ["apply_view", "group_views", "corruption_views", "CORRUPTIONS", "parse_view"]
+__all__ = ["apply_view", "group_views", "corruption_views", "angle_views", "random_angles", "CORRUPTIONS",
+           "RANDOM_ROTATIONS", "parse_view"]
+
+RANDOM_ROTATIONS = ("so2", "o2")
 
 _CHUNK = 4096
 
@@ -89,8 +98,13 @@ def parse_view(spec: str) -> tuple[str, tuple]:
     try:
         if kind == "upright" and len(parts) == 1:
             return kind, ()
-        if kind == "reflect" and len(parts) == 1:
+        if kind in ("reflect", *RANDOM_ROTATIONS) and len(parts) == 1:
             return kind, ()
+        if kind == "angle" and len(parts) == 2:
+            degrees = float(parts[1])
+            if not math.isfinite(degrees):
+                raise ValueError("the angle must be a finite number of degrees")
+            return kind, (degrees,)
         if kind == "rot" and len(parts) == 3:
             group = get_group(parts[1])
             element = int(parts[2])
@@ -104,7 +118,8 @@ def parse_view(spec: str) -> tuple[str, tuple]:
             return kind, (severity,)
     except ValueError as exc:
         raise DataError(f"bad view {spec!r}: {exc}") from None
-    raise DataError(f"unknown view {spec!r}; use upright, reflect, rot:GROUP:ELEMENT (e.g. rot:C8:3) or "
+    raise DataError(f"unknown view {spec!r}; use upright, reflect, so2, o2, angle:DEGREES (e.g. angle:30), "
+                    "rot:GROUP:ELEMENT (e.g. rot:C8:3) or "
                     f"CORRUPTION:SEVERITY with CORRUPTION in {', '.join(CORRUPTIONS)} and SEVERITY 1..5")
 
 
@@ -118,9 +133,47 @@ def apply_view(x: torch.Tensor, spec: str, *, seed: int = 0) -> torch.Tensor:
     if kind == "rot":
         group, element = args
         return torch.cat([group.act(x[i:i + _CHUNK], element, padding="zeros") for i in range(0, len(x), _CHUNK)])
+    if kind == "angle":
+        return _rotate_by(x, torch.full((len(x),), args[0], dtype=torch.float64))
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.encode()))
+    if kind in RANDOM_ROTATIONS:
+        mirror, degrees = random_angles(len(x), mirror=kind == "o2", generator=gen)
+        return _rotate_by(torch.where(mirror[:, None, None, None], x.flip(-1), x), degrees)
     fn = CORRUPTIONS[kind]
     return torch.cat([fn(x[i:i + _CHUNK].clone(), args[0], gen) for i in range(0, len(x), _CHUNK)])
+
+
+def random_angles(n: int, *, mirror: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` draws of the ``so2`` / ``o2`` views: ``(mirrored (n,) bool, degrees (n,) float64 in [0, 360))``; the
+    mirrors are drawn first (all False without ``mirror``), so an ``o2`` view's angles differ from ``so2``'s."""
+    flips = torch.rand(n, generator=generator, dtype=torch.float64) < 0.5 if mirror else torch.zeros(n, dtype=torch.bool)
+    return flips, torch.rand(n, generator=generator, dtype=torch.float64) * 360.0
+
+
+def _rotate_by(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate image ``i`` counter-clockwise by ``degrees[i]``: exact quarter turns where the angle is a multiple of
+    90, else pad with zeros, rotate bilinearly, centre-crop (``equiray.groups.rotate``)."""
+    out = x.clone()
+    turns = torch.remainder(degrees, 360.0) / 90.0
+    exact = turns == turns.round()
+    c4 = cyclic(4)
+    for i in range(0, len(x), _CHUNK):
+        sl = slice(i, i + _CHUNK)
+        ex = exact[sl]
+        if ex.any():
+            idx = torch.nonzero(ex).squeeze(1) + i
+            out[idx] = c4.act(x[idx], turns[idx].round().long() % 4)
+        if (~ex).any():
+            idx = torch.nonzero(~ex).squeeze(1) + i
+            out[idx] = rotate(x[idx], torch.deg2rad(degrees[idx]).to(x.dtype), padding="zeros")
+    return out
+
+
+def angle_views(step: float = 5.0) -> list[str]:
+    """``angle:D`` views from 0 to 360 degrees (exclusive) in ``step``-degree steps: the accuracy-vs-angle curve."""
+    if step <= 0:
+        raise DataError(f"the angle step must be > 0 degrees, not {step}")
+    return [f"angle:{d:g}" for d in (i * step for i in range(math.ceil(360.0 / step)))]
 
 
 def group_views(group: str) -> list[str]:

@@ -98,7 +98,7 @@ def train_equiadapt(model: EquiadaptModel, x, y, t: dict, prior_weight: float) -
 
 @torch.no_grad()
 def evaluate(model, xt, yt) -> dict:
-    from pipelines.canon import evaluate_variant
+    from equiray.canon import evaluate_variant
 
     out = evaluate_variant(model, xt, yt, "C8")
     if isinstance(model, EquiadaptModel):
@@ -173,7 +173,8 @@ def main() -> int:
 
     from equiray.config import load_config, to_dict
     from equiray.data import SourceOptions, prepare, read_split
-    from pipelines.canon import CanonConfig, build_variant, train_variant
+    from equiray.canon import Variant, build_variant, train_variant
+    from pipelines.canon import CanonConfig
 
     prepare("fashion-mnist", args.data_dir, options=SourceOptions())
     x, y = read_split(args.data_dir, "train", limit=args.train)
@@ -204,9 +205,10 @@ def main() -> int:
 
     def ours(name, kind, kwargs, tr):
         start = time.perf_counter()
-        model, model_spec = build_variant({**variant, "kind": kind}, spec, state, {kind: kwargs}, cfg.train.beta,
+        v = Variant(name=name, **{**variant, "kind": kind})
+        model, model_spec = build_variant(v, spec, state, canonicalizer_kwargs=kwargs, beta=cfg.train.beta,
                                           seed=tr["seed"])  # the canonicalizer's initialisation too, as equiadapt's
-        train_variant(model, {**variant, "kind": kind}, x, y, tr)
+        train_variant(model, v, x, y, **{k: val for k, val in tr.items() if k != "beta"})
         record(name, model, start, {"kind": "equiray", "spec": model_spec})
 
     def theirs(name, canon_lr, tr):
@@ -217,7 +219,7 @@ def main() -> int:
         train_equiadapt(model, x, y, {**tr, "canon_lr": canon_lr}, args.prior_weight)
         record(name, model, start, {"kind": "equiadapt", "spec": spec, "options": options})
 
-    equivariant = dict(cfg.canonicalizers["equivariant"])
+    equivariant = cfg.canonicalizers.kwargs("equivariant")
     plain = {k: v for k, v in equivariant.items() if k not in ("batch_norm", "dropout")}
     px = equivariant["input_size"]
     for seed in range(args.seeds):
@@ -232,7 +234,7 @@ def main() -> int:
         ours(f"equiray equivariant, defaults (8 ch, batch norm, dropout 0.5, hidden 1x1, {px}px)", "equivariant",
              equivariant, tr)
         ours("equiray equivariant, defaults with a 7px input", "equivariant", {**equivariant, "input_size": 7}, tr)
-        ours("equiray optimized, defaults (small_cnn w4, 7px)", "optimized", cfg.canonicalizers["optimized"], tr)
+        ours("equiray optimized, defaults (small_cnn w4, 7px)", "optimized", cfg.canonicalizers.kwargs("optimized"), tr)
     ms = latencies_in_fresh_process(recipes, xt[:256])
 
     def mean(name, key):

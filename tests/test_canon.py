@@ -1,4 +1,6 @@
 """Canonicalizers: equivariance of the scores and layers, invariance of the wrapped model, and sensitivity twins."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -99,7 +101,7 @@ def test_the_sweeps_canonicalizer_is_equivariant_on_fashion_mnist_sized_inputs(g
 
     g = get_group(gname)
     torch.manual_seed(0)
-    canon = create_canonicalizer("equivariant", g, **CanonConfig().canonicalizers["equivariant"]).double()
+    canon = create_canonicalizer("equivariant", g, **CanonConfig().canonicalizers.kwargs("equivariant")).double()
     x = torch.rand(8, 1, 28, 28, generator=gen, dtype=torch.float64)
     canon.train()(x)  # running statistics away from (0, 1)
     canon.eval()
@@ -109,6 +111,27 @@ def test_the_sweeps_canonicalizer_is_equivariant_on_fashion_mnist_sized_inputs(g
             torch.testing.assert_close(canon(g.act(x, e)), permuted(s, g, e))
         shifted = canon(torch.roll(x, 2, dims=-1))
     assert min(float((shifted - permuted(s, g, e)).abs().max()) for e in g.elements()) > 1e-4
+
+
+def test_the_sweeps_canonicalizer_options_are_typed():
+    """Each kind's options are a typed section: an unknown option, an unknown kind or a wrong type fails at load;
+    the options a config sets (and only those) reach the canonicalizer."""
+    from equiray.config import load_config
+    from equiray.errors import ConfigError
+    from pipelines.canon import CanonConfig
+
+    with pytest.raises(ConfigError, match=r"unknown config key 'canonicalizers.equivariant.widht'"):
+        load_config(CanonConfig, {"canonicalizers": {"equivariant": {"widht": 3}}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'canonicalizers.magic'"):
+        load_config(CanonConfig, {"canonicalizers": {"magic": {}}})
+    with pytest.raises(ConfigError, match=r"canonicalizers.optimized.embed_dim"):
+        load_config(CanonConfig, {"canonicalizers": {"optimized": {"embed_dim": "big"}}})
+    cfg = load_config(CanonConfig, {"canonicalizers": {"equivariant": {"channels": 4, "kernel_size": 3}}})
+    assert cfg.canonicalizers.kwargs("equivariant") == {"channels": 4, "kernel_size": 3}
+    assert cfg.canonicalizers.kwargs("optimized") == {}  # a section replaces the sweep's defaults whole
+    assert CanonConfig().canonicalizers.kwargs("optimized") == {"network": "small_cnn", "network_kwargs": {"width": 4},
+                                                               "embed_dim": 16, "input_size": 7}
+    assert set(f.name for f in dataclasses.fields(cfg.canonicalizers)) == set(list_canonicalizers())
 
 
 @pytest.mark.parametrize("kind", list_canonicalizers())

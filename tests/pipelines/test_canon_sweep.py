@@ -70,11 +70,11 @@ def swept(ray_session, tmp_path_factory):
 
 def test_every_variant_is_a_nested_mlflow_run(swept):
     cfg, result, uri, root = swept
-    names = [v["name"] for v in cfg.variants()]
-    assert len(names) == 6 and [r["name"] for r in result["rows"]] == names
+    names = [v.name for v in cfg.variants()]
+    assert len(names) == 6 and [r["name"] for r in result.rows] == names
     client = mlflow.MlflowClient(uri)
     children = client.search_runs([client.get_experiment_by_name("test-canon").experiment_id],
-                                  f"tags.mlflow.parentRunId = '{result['run_id']}'")
+                                  f"tags.mlflow.parentRunId = '{result.run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(names)
     for run in children:
         assert run.info.status == "FINISHED"
@@ -83,17 +83,17 @@ def test_every_variant_is_a_nested_mlflow_run(swept):
         assert 0.0 <= m["cn_avg_accuracy"] <= 1.0
         if run.data.params["variant.kind"] != "none":
             assert "identity_rate" in m and "train_prior_loss" in m
-    for r in result["rows"]:
+    for r in result.rows:
         assert r["ms_per_image"] > 0 and r["backbone_ms_per_image"] > 0
     assert (root / "report" / "canon_variants.png").stat().st_size > 10_000
-    assert "| variant | upright acc | C4-avg acc | identity rate |" in result["table"]
+    assert "| variant | upright acc | C4-avg acc | identity rate |" in result.table
 
 
 def test_canonicalized_variants_are_invariant_and_the_plain_fine_tune_is_not(swept):
     """What the sweep measured: every canonicalized variant's C4-avg accuracy equals its upright accuracy
     (exact invariance on the pixel grid), while plain fine-tuning loses accuracy on rotated inputs."""
     cfg, result, uri, root = swept
-    rows = {r["name"]: r for r in result["rows"]}
+    rows = {r["name"]: r for r in result.rows}
     for name, r in rows.items():
         rot = [r[f"accuracy_rot_{e}"] for e in range(4)]
         if r["kind"] != "none":
@@ -112,8 +112,13 @@ def test_canonicalized_variants_are_invariant_and_the_plain_fine_tune_is_not(swe
 def test_champion_is_registered_and_loads_back_invariant(swept):
     cfg, result, uri, root = swept
     mlflow.set_tracking_uri(uri)
-    best = max(result["rows"], key=lambda r: (r["cn_avg_accuracy"], r["upright_accuracy"]))
-    assert result["champion"] == best["name"]
+    best = max(result.rows, key=lambda r: (r["cn_avg_accuracy"], r["upright_accuracy"]))
+    assert result.champion == best["name"]
+    assert result.registered == "models:/equiray-canon@champion" and result.plots == (result.plot,)
+    mv = mlflow.MlflowClient(uri).get_model_version_by_alias("equiray-canon", "champion")
+    assert str(mv.version) == result.version and mv.source == result.model_uri == best["model_uri"]
+    assert mv.tags["variant"] == best["name"] and mv.tags["run_id"] == best["run_id"]
+    assert mv.tags["sweep_run_id"] == result.run_id and mv.tags["cn_avg_accuracy"] == f"{best['cn_avg_accuracy']:.4f}"
     model, spec = _tracking.load_model("models:/equiray-canon@champion")
     x, y = read_split(root / "digits", "test", limit=cfg.data.max_eval)
     g = get_group("C4")
@@ -130,7 +135,8 @@ def test_champion_is_registered_and_loads_back_invariant(swept):
 def test_same_config_reuses_the_champion(swept):
     cfg, result, uri, root = swept
     again = run_sweep(cfg, report_dir=root / "report2", reuse=True)
-    assert again["reused"] and again["version"] == result["version"] and again["table"] == result["table"]
+    assert again.reused and again.version == result.version and again.table == result.table
+    assert again.rows == result.rows and again.champion == result.champion and again.run_id == result.run_id
     assert (root / "report2" / "canon_variants.png").exists()
 
 

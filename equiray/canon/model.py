@@ -1,0 +1,97 @@
+"""The canonicalized model ``Phi(x) = c(x) . phi(c(x)^-1 . x)`` (Mondal et al. 2023): a backbone ``phi`` (any model,
+frozen or fine-tuned) reads the canonical input, and its output is mapped back by the chosen element ``c(x)``.
+
+Training uses the straight-through argmax ``onehot(argmax a) + softmax(beta a) - softmax(beta a).detach()``. The
+papers turn the one-hot into an angle and rotate by it; here the one-hot weights the ``|G|`` transformed copies
+``h^-1.x`` directly, which is the same forward value (exact on the pixel grid for C4/D4 instead of an
+interpolated rotation) and passes the same softmax gradient to the scores.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from equiray.canon.canonicalizers import Canonicalizer, create_canonicalizer
+from equiray.canon.losses import straight_through
+from equiray.groups import Group, OutputKind
+from equiray.models import create_model, register_model
+
+__all__ = ["Canonicalization", "CanonicalizedModel", "canonicalized"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Canonicalization:
+    """What a canonicalizer decided for a batch.
+
+    ``inputs``: the canonical inputs ``c(x)^-1 . x`` (B, C, H, W); ``element``: the chosen element per input (B,);
+    ``scores``: one score per group element (B, |G|); ``embeddings``: the optimized canonicalizer's unit-norm
+    embeddings of every copy (B, |G|, D), for its contrastive loss (None for the equivariant one).
+    """
+
+    inputs: torch.Tensor
+    element: torch.Tensor
+    scores: torch.Tensor
+    embeddings: torch.Tensor | None = None
+
+
+class CanonicalizedModel(nn.Module):
+    """A backbone behind a canonicalizer: invariant (``output="invariant"``, class logits) or equivariant
+    (``"dense"`` maps, ``"regular"`` channels) by construction.
+
+    ``forward`` returns the backbone's output mapped back by ``c(x)``; :meth:`canonicalize` and
+    :meth:`forward_with_info` also return the chosen element per input. ``padding`` fills the corners that a
+    rotation by other than 90 degrees brings in: ``zeros`` suits objects on a blank background (replicating the
+    border smears any edge that touches it into streaks), ``border`` suits natural images.
+    """
+
+    def __init__(self, backbone: nn.Module, canonicalizer: Canonicalizer, *,
+                 output: OutputKind | str = OutputKind.INVARIANT, beta: float = 1.0,
+                 padding: Literal["border", "zeros"] = "zeros"):
+        super().__init__()
+        self.backbone, self.canonicalizer = backbone, canonicalizer
+        self.output, self.beta, self.padding = OutputKind(output), float(beta), padding
+
+    @property
+    def group(self) -> Group:
+        return self.canonicalizer.group
+
+    def canonicalize(self, x: torch.Tensor) -> Canonicalization:
+        if x.dim() != 4:
+            raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        g = self.group
+        scores, emb = self.canonicalizer.score(self.canonicalizer.prepare(x))
+        element = scores.argmax(-1)
+        if torch.is_grad_enabled() and scores.requires_grad:
+            # every copy h^-1.x, weighted by the straight-through one-hot: forward = the chosen copy
+            weights = straight_through(scores, self.beta)  # (B, |G|)
+            inv = g.inverse(torch.arange(g.order, device=x.device)).repeat(x.shape[0])
+            copies = g.act(x.repeat_interleave(g.order, dim=0), inv, padding=self.padding)
+            copies = copies.view(x.shape[0], g.order, *x.shape[1:])  # (B, |G|, C, H, W)
+            canon = torch.einsum("bg,bgchw->bchw", weights, copies)
+        else:
+            canon = g.act(x, g.inverse(element), padding=self.padding)
+        return Canonicalization(canon, element, scores, emb)
+
+    def forward_with_info(self, x: torch.Tensor) -> tuple[torch.Tensor, Canonicalization]:
+        info = self.canonicalize(x)
+        out = self.backbone(info.inputs)
+        return self.group.act_output(out, info.element, self.output, padding=self.padding), info
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_info(x)[0]
+
+
+@register_model
+def canonicalized(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool = False,
+                  backbone: str = "resnet8", backbone_kwargs: dict | None = None,
+                  canonicalizer: str = "equivariant", canonicalizer_kwargs: dict | None = None,
+                  group: str = "C8", beta: float = 1.0, output: str = "invariant",
+                  padding: str = "zeros") -> nn.Module:
+    """A backbone (equiray or timm name) behind a canonicalizer, as one model (weights: ``equiray canon sweep``)."""
+    net = create_model(backbone, in_chans=in_chans, num_classes=num_classes, pretrained=pretrained,
+                       **dict(backbone_kwargs or {}))
+    canon = create_canonicalizer(canonicalizer, group, in_chans=in_chans, **dict(canonicalizer_kwargs or {}))
+    return CanonicalizedModel(net, canon, output=output, beta=beta, padding=padding)

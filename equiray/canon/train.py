@@ -1,0 +1,173 @@
+"""Training one canonicalization variant: a canonicalizer (or none, for the baselines) around a pretrained backbone,
+fine-tuned or frozen, with the canonicalization prior and the contrastive term as an objective of
+:func:`equiray.train.train_epoch`.
+
+Where a variant trains (a Ray Tune trial, a benchmark script) is the caller's business; what a training step is
+and the order of its random draws are fixed here, so the same seed gives the same weights everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from equiray.canon.canonicalizers import create_canonicalizer, list_canonicalizers
+from equiray.canon.losses import contrastive_loss, prior_loss
+from equiray.canon.model import CanonicalizedModel
+from equiray.errors import EquirayError
+from equiray.groups import get_group
+from equiray.train import Step, cross_entropy, shuffled_batches, train_epoch
+
+__all__ = ["BACKBONE_MODES", "Variant", "CanonObjective", "build_variant", "variant_optimizer", "train_variant"]
+
+BackboneMode = Literal["finetune", "frozen"]
+BACKBONE_MODES: tuple[BackboneMode, ...] = ("finetune", "frozen")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of a canonicalization sweep.
+
+    ``kind``: a registered canonicalizer, or ``"none"`` for the bare backbone (the baselines); ``group``: the
+    canonicalizer's group (and the augmentation's, with ``augment``: each training image turned by a random
+    element); ``prior_weight``: the weight of the canonicalization prior; ``backbone``: fine-tuned or frozen.
+    """
+
+    name: str
+    kind: str
+    group: str
+    augment: bool = False
+    prior_weight: float = 0.0
+    backbone: BackboneMode = "finetune"
+
+    def __post_init__(self):
+        if self.kind != "none" and self.kind not in list_canonicalizers():
+            raise EquirayError(f"variant {self.name!r}: unknown canonicalizer {self.kind!r}; choose one of "
+                               f"{', '.join(list_canonicalizers())} or none")
+        if self.backbone not in BACKBONE_MODES:
+            raise EquirayError(f"variant {self.name!r}: backbone {self.backbone!r} is not one of {BACKBONE_MODES}")
+
+    @property
+    def canonicalized(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def frozen(self) -> bool:
+        return self.backbone == "frozen"
+
+
+@dataclass(frozen=True)
+class CanonObjective:
+    """A canonicalized model's loss for :func:`~equiray.train.train_epoch`: the task's cross-entropy, plus
+    ``prior_weight`` x the canonicalization prior (the training images are upright; ``prior_beta`` scales the
+    scores inside it), plus ``contrastive_weight`` x the contrastive term (optimized canonicalizer only).
+
+    Every batch reports the prior, the contrastive term and the identity rate, whatever their weights.
+    """
+
+    prior_weight: float = 0.0
+    prior_beta: float = 1.0
+    contrastive_weight: float = 1.0
+
+    def __call__(self, model: CanonicalizedModel, x: torch.Tensor, y: torch.Tensor) -> Step:
+        logits, info = model.forward_with_info(x)
+        loss = F.cross_entropy(logits, y)
+        prior = prior_loss(info.scores, model.group, beta=self.prior_beta)
+        if self.prior_weight:
+            loss = loss + self.prior_weight * prior
+        contrast = contrastive_loss(info.embeddings) if info.embeddings is not None else torch.zeros(())
+        if info.embeddings is not None and self.contrastive_weight:
+            loss = loss + self.contrastive_weight * contrast
+        identity = (info.element == model.group.identity).double().mean()
+        return Step(loss, logits, {"prior": prior, "contrastive": contrast, "identity_rate": identity})
+
+
+def build_variant(variant: Variant, backbone_spec: Mapping[str, Any],
+                  backbone_state: Mapping[str, torch.Tensor] | None = None, *,
+                  canonicalizer_kwargs: Mapping[str, Any] | None = None, beta: float = 1.0,
+                  seed: int = 0) -> tuple[nn.Module, dict]:
+    """The variant's model and the spec that rebuilds it with ``create_model(spec["name"], **spec["kwargs"])``.
+
+    ``backbone_spec`` is the pretrained backbone's model spec (``name``, ``in_chans``, ``num_classes``, ``kwargs``
+    and what describes its data), ``backbone_state`` its weights; the canonicalizer (``canonicalizer_kwargs``:
+    the options of ``variant.kind``) is initialised from ``seed``. ``beta``: the straight-through temperature.
+    """
+    from equiray.models import create_model
+
+    torch.manual_seed(seed)
+    backbone = create_model(backbone_spec["name"], in_chans=backbone_spec["in_chans"],
+                            num_classes=backbone_spec["num_classes"], **backbone_spec.get("kwargs", {}))
+    if backbone_state is not None:
+        backbone.load_state_dict(backbone_state)
+    base = {k: backbone_spec[k] for k in ("in_chans", "num_classes", "classes", "input_shape", "data")
+            if k in backbone_spec}
+    if not variant.canonicalized:
+        return backbone, {**base, "name": backbone_spec["name"], "kwargs": dict(backbone_spec.get("kwargs", {}))}
+    kwargs = dict(canonicalizer_kwargs or {})
+    canon = create_canonicalizer(variant.kind, variant.group, in_chans=backbone_spec["in_chans"], **kwargs)
+    model = CanonicalizedModel(backbone, canon, beta=beta)
+    spec = {**base, "name": "canonicalized", "kwargs": {
+        "backbone": backbone_spec["name"], "backbone_kwargs": dict(backbone_spec.get("kwargs", {})),
+        "canonicalizer": variant.kind, "canonicalizer_kwargs": kwargs, "group": variant.group, "beta": beta}}
+    return model, spec
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    return model.backbone if isinstance(model, CanonicalizedModel) else model
+
+
+def variant_optimizer(model: nn.Module, variant: Variant, *, lr: float, canon_lr: float,
+                      weight_decay: float) -> torch.optim.AdamW:
+    """Freeze the backbone of a frozen variant; AdamW with the backbone at ``lr`` (fine-tuned variants and the
+    baselines) and the canonicalizer at ``canon_lr``, each its own parameter group."""
+    backbone = _backbone(model)
+    for p in backbone.parameters():
+        p.requires_grad_(not variant.frozen)
+    groups = []
+    if not variant.frozen:
+        groups.append({"params": list(backbone.parameters()), "lr": lr})
+    if isinstance(model, CanonicalizedModel):
+        groups.append({"params": list(model.canonicalizer.parameters()), "lr": canon_lr})
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
+                  batch_size: int, lr: float, canon_lr: float, weight_decay: float, prior_beta: float = 1.0,
+                  contrastive_weight: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
+                  on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train one variant on the upright images ``(x, y)`` (:class:`CanonObjective` for canonicalized models, the
+    task's cross-entropy for the baselines); returns one row of metrics per epoch (also passed to ``on_epoch``).
+
+    Random numbers, in this order: ``torch.manual_seed(seed)`` (dropout), then from a generator seeded with
+    ``seed`` every epoch's batch order and, with ``variant.augment``, every batch's group elements.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.to(device)
+    opt = variant_optimizer(model, variant, lr=lr, canon_lr=canon_lr, weight_decay=weight_decay)
+    canon = isinstance(model, CanonicalizedModel)
+    objective = CanonObjective(variant.prior_weight, prior_beta, contrastive_weight) if canon else cross_entropy
+    backbone = _backbone(model)
+
+    def keep_frozen_statistics(_model: nn.Module) -> None:
+        backbone.eval()  # the pretrained BatchNorm statistics
+
+    augment = get_group(variant.group) if variant.augment else None
+    history = []
+    for epoch in range(epochs):
+        stats = train_epoch(model, shuffled_batches(x, y, batch_size, generator=gen), opt, objective=objective,
+                            device=device, augment=augment, padding="zeros", generator=gen,
+                            on_train=keep_frozen_statistics if variant.frozen else None)
+        row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+               "epoch_seconds": stats.seconds}
+        if canon:
+            row.update(train_prior_loss=stats.metrics["prior"], train_identity_rate=stats.metrics["identity_rate"],
+                       train_contrastive=stats.metrics["contrastive"])
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    model.eval()
+    return history

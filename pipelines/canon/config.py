@@ -1,0 +1,157 @@
+"""The canonicalization sweep's config: the variant grid, the baselines, each canonicalizer kind's options, the
+training of one variant (``configs/canon.yaml`` holds the same keys)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from equiray.canon import BACKBONE_MODES, Variant, list_canonicalizers
+from equiray.errors import ConfigError
+from equiray.groups import get_group
+from pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
+
+BASELINES = ("vanilla", "augment")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The variant grid: every combination is one trial."""
+
+    kind: tuple[str, ...] = ("equivariant", "optimized")
+    group: tuple[str, ...] = ("C8",)
+    prior_weight: tuple[float, ...] = (0.0, 100.0)
+    backbone: tuple[str, ...] = ("finetune",)  # finetune | frozen
+
+    def __post_init__(self):
+        for k in self.kind:
+            if k not in list_canonicalizers():
+                raise ConfigError(f"grid.kind: unknown canonicalizer {k!r}; choose from {list_canonicalizers()}")
+        for g in self.group:
+            get_group(g)
+        for b in self.backbone:
+            if b not in BACKBONE_MODES:
+                raise ConfigError(f"grid.backbone: {b!r} is not one of {BACKBONE_MODES}")
+        if any(w < 0 for w in self.prior_weight):
+            raise ConfigError("grid.prior_weight: weights must be >= 0")
+
+
+# The options of each canonicalizer kind. An option left at None is not passed: the canonicalizer's own default
+# applies (the value in the comment). So a model's spec and the sweep's config hash list exactly the options the
+# config sets, as they did when this section was a free-form dict.
+@dataclass(frozen=True)
+class EquivariantOptions:
+    """Options of :class:`equiray.canon.EquivariantCanonicalizer`."""
+
+    channels: int | None = None  # 8
+    layers: int | None = None  # 2
+    kernel_size: int | None = None  # 5: the lifting conv's
+    hidden_kernel_size: int | None = None  # 1: the group convs'
+    input_size: int | None = None  # None: the canonicalizer reads the full input
+    crop: float | None = None  # 1.0: the kept centre fraction
+    batch_norm: bool | None = None  # False
+    dropout: float | None = None  # 0.0
+
+
+@dataclass(frozen=True)
+class OptimizedOptions:
+    """Options of :class:`equiray.canon.OptimizedCanonicalizer`."""
+
+    network: str | None = None  # "small_cnn": an equiray or timm model name
+    network_kwargs: dict[str, Any] | None = None  # that model's options
+    embed_dim: int | None = None  # 32
+    learn_reference: bool | None = None  # False
+    input_size: int | None = None  # None: the full input
+    crop: float | None = None  # 1.0
+
+
+@dataclass(frozen=True)
+class CanonicalizerOptions:
+    """One field per registered canonicalizer kind: the options every variant of that kind is built with (a kind
+    registered without a field here gets its defaults)."""
+
+    equivariant: EquivariantOptions = field(default_factory=EquivariantOptions)
+    optimized: OptimizedOptions = field(default_factory=OptimizedOptions)
+
+    def kwargs(self, kind: str) -> dict[str, Any]:
+        """The options the config sets for ``kind``, as keyword arguments of ``create_canonicalizer``."""
+        options = getattr(self, kind, None)
+        if options is None:
+            return {}
+        return {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
+
+    def given(self) -> dict[str, dict[str, Any]]:
+        """Every kind with options set, and those options (what the config hash covers)."""
+        out = {f.name: self.kwargs(f.name) for f in dataclasses.fields(self)}
+        return {k: v for k, v in out.items() if v}
+
+
+@dataclass(frozen=True)
+class CanonTrain:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3  # backbone (fine-tuned variants and baselines)
+    canon_lr: float = 3e-2  # canonicalizer
+    weight_decay: float = 1e-4
+    beta: float = 1.0  # softmax temperature of the straight-through choice
+    prior_beta: float = 1.0  # scale of the scores inside the prior's cross-entropy (1: the papers' plain CE)
+    contrastive_weight: float = 1.0  # optimized canonicalizer only
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.canon_lr <= 0:
+            raise ConfigError("train: epochs, batch_size >= 1; lr, canon_lr > 0")
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`equiray.canon.train_variant` (``beta`` builds the model instead)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "beta"}
+
+
+def _sweep_canonicalizers() -> CanonicalizerOptions:
+    # small on purpose: they read a 9x9 / 7x7 area-downsampled copy (cheap, and less hurt by 45-degree turns)
+    return CanonicalizerOptions(
+        equivariant=EquivariantOptions(channels=8, layers=2, kernel_size=5, input_size=9, batch_norm=True,
+                                       dropout=0.5),
+        optimized=OptimizedOptions(network="small_cnn", network_kwargs={"width": 4}, embed_dim=16, input_size=7))
+
+
+@dataclass(frozen=True)
+class CanonConfig:
+    backbone: str = "models:/equiray-backbone@pretrained"
+    data: DataConfig = DataConfig(max_train=6000, max_eval=2000)
+    grid: GridConfig = GridConfig()
+    baselines: tuple[str, ...] = BASELINES
+    # a default factory, not a default instance: a `canonicalizers` section in YAML replaces these defaults
+    # whole (a kind it leaves out, or an option, falls to the canonicalizer's defaults), as the dict it was did
+    canonicalizers: CanonicalizerOptions = field(default_factory=_sweep_canonicalizers)
+    train: CanonTrain = CanonTrain()
+    eval_group: str = "C8"  # the Cn-avg accuracy: mean over the n rotated copies of the test set
+    select: str = "cn_avg_accuracy"  # the metric that picks the champion
+    latency_batch: int = 256
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig("equiray-canon", None, "equiray-canon", "champion")
+    storage_path: str = "runs"
+
+    def __post_init__(self):
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise ConfigError(f"baselines: {b!r} is not one of {BASELINES}")
+        get_group(self.eval_group)
+        if self.select not in ("cn_avg_accuracy", "upright_accuracy"):
+            raise ConfigError("select: cn_avg_accuracy or upright_accuracy")
+
+    def variants(self) -> list[Variant]:
+        """Every trial's variant: the baselines first, then the grid."""
+        out = []
+        for b in self.baselines:
+            group = self.eval_group  # augment with the group the variants are judged on
+            out.append(Variant(name="fine-tune" if b == "vanilla" else f"fine-tune + {group} aug", kind="none",
+                               group=group, augment=b == "augment", prior_weight=0.0, backbone="finetune"))
+        for kind in self.grid.kind:
+            for group in self.grid.group:
+                for w in self.grid.prior_weight:
+                    for mode in self.grid.backbone:
+                        prior = f"prior {w:g}" if w else "no prior"
+                        out.append(Variant(name=f"{kind} {group}, {prior}, {mode}", kind=kind, group=group,
+                                           augment=False, prior_weight=float(w), backbone=mode))
+        return out

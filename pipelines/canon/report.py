@@ -1,0 +1,86 @@
+"""What a canonicalization sweep reads out: the variants' table, the verdict on the papers' claims, the plot."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+__all__ = ["results_table", "verdict", "plot_variants"]
+
+
+def results_table(rows: Sequence[Mapping], group: str) -> str:
+    """The variants as a Markdown table (what the CLI prints and the report quotes)."""
+    lines = [f"| variant | upright acc | {group}-avg acc | identity rate | ms / image | overhead vs backbone |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ident = f"{r['identity_rate'] * 100:.1f}%" if r.get("identity_rate") is not None else "n/a"
+        lines.append(f"| {r['name']} | {r['upright_accuracy'] * 100:.2f}% | {r['cn_avg_accuracy'] * 100:.2f}% | "
+                     f"{ident} | {r['ms_per_image']:.3f} | {r['overhead'] * 100:+.0f}% |")
+    return "\n".join(lines)
+
+
+def verdict(rows: Sequence[Mapping], group: str) -> list[str]:
+    """The papers' shape, checked on these numbers: vanilla collapses on rotated inputs, augmentation pays in
+    upright accuracy, canonicalization without the prior pays in upright accuracy, with the prior keeps both."""
+    by = {r["name"]: r for r in rows}
+    plain = next((r for r in rows if r["kind"] == "none" and not r["augment"]), None)
+    aug = next((r for r in rows if r["kind"] == "none" and r["augment"]), None)
+    out = []
+
+    def pct(v):
+        return f"{v * 100:.1f}%"
+
+    if plain:
+        ok = plain["cn_avg_accuracy"] < plain["upright_accuracy"] - 0.2
+        out.append(f"- Plain fine-tuning {'collapses' if ok else 'does not collapse'} on rotated inputs: "
+                   f"{pct(plain['upright_accuracy'])} upright, {pct(plain['cn_avg_accuracy'])} {group}-avg.")
+    if plain and aug:
+        ok = aug["upright_accuracy"] < plain["upright_accuracy"]
+        out.append(f"- Augmentation {'pays' if ok else 'does not pay'} in upright accuracy: "
+                   f"{pct(aug['upright_accuracy'])} vs {pct(plain['upright_accuracy'])}, for "
+                   f"{pct(aug['cn_avg_accuracy'])} {group}-avg.")
+    for r in rows:
+        if r["kind"] == "none" or not r["prior_weight"]:
+            continue
+        twin = by.get(r["name"].replace(f"prior {r['prior_weight']:g}", "no prior"))
+        if twin is None:
+            continue
+        pays = twin["upright_accuracy"] < r["upright_accuracy"]
+        line = (f"- {r['kind']} {r['group']} ({r['backbone']}): without the prior "
+                f"{pct(twin['upright_accuracy'])} upright / {pct(twin['cn_avg_accuracy'])} {group}-avg (identity rate "
+                f"{pct(twin.get('identity_rate') or 0)}); with it {pct(r['upright_accuracy'])} / "
+                f"{pct(r['cn_avg_accuracy'])} (identity rate {pct(r.get('identity_rate') or 0)}): the prior "
+                f"{'keeps' if pays else 'does not keep'} upright accuracy better")
+        if plain:
+            gap = plain["upright_accuracy"] - r["upright_accuracy"]
+            line += (f"; {gap * 100:.1f} points below plain fine-tuning upright" if gap > 0.005 else
+                     "; level with plain fine-tuning upright")
+        if aug:
+            better = r["cn_avg_accuracy"] > aug["cn_avg_accuracy"]
+            line += f", {'above' if better else 'below'} augmentation on {group}-avg"
+        out.append(line + ".")
+    return out
+
+
+def plot_variants(rows: Sequence[Mapping], group: str, out_dir: Path | None) -> Path:
+    """Upright vs Cn-avg accuracy of every variant, as ``canon_variants.png`` in ``out_dir`` (or a temporary
+    folder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = out_dir or Path(tempfile.mkdtemp(prefix="equiray-plots-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    idx = range(len(rows))
+    ax.bar([i - 0.2 for i in idx], [r["upright_accuracy"] for r in rows], 0.4, label="upright")
+    ax.bar([i + 0.2 for i in idx], [r["cn_avg_accuracy"] for r in rows], 0.4, label=f"{group}-avg")
+    ax.set_xticks(list(idx), [r["name"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1), ylabel="test accuracy", title="canonicalization variants: upright vs rotated accuracy")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = out_dir / "canon_variants.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,169 @@
+"""The sweep as a stage: fan the variants out as Tune trials, time every model on the driver, tabulate, plot, and
+register the best variant as ``equiray-canon@champion``."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from equiray.canon import Variant, paired_latencies
+from equiray.config import to_dict
+from equiray.errors import ConfigError
+from pipelines._common import resize
+from pipelines.canon.config import CanonConfig
+from pipelines.canon.report import plot_variants, results_table, verdict
+from pipelines.canon.trial import SweepRun, run_trial
+from pipelines.stage import Outcome, Stage, StageResult, StageRun
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CanonResult", "CanonSweep", "run_sweep"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CanonResult(StageResult):
+    """``rows``: one dict per variant, in the config's order: the variant's fields (``name``, ``kind``, ``group``,
+    ``augment``, ``prior_weight``, ``backbone``), its test accuracies (``upright_accuracy``, ``cn_avg_accuracy``,
+    ``accuracy_rot_{e}``), ``identity_rate`` (canonicalized variants), ``run_id``, ``model_uri``, and its cost
+    (``ms_per_image``, ``overhead``, ``backbone_ms_per_image``). ``champion``: the registered variant's name;
+    ``plot``: the accuracy plot's path (also in ``plots``)."""
+
+    rows: tuple[dict, ...] = ()
+    champion: str = ""
+    plot: str = ""
+
+
+def run_sweep(cfg: CanonConfig, *, report_dir: str | os.PathLike | None = None, reuse: bool = False) -> CanonResult:
+    """Fan the variants out as Tune trials, time each model, tabulate, plot, register the champion."""
+    return CanonSweep(cfg, report_dir=report_dir, reuse=reuse).run()
+
+
+class CanonSweep(Stage[CanonConfig, CanonResult]):
+    pipeline = "canon"
+
+    @functools.cached_property
+    def backbone(self) -> tuple[nn.Module, dict]:
+        """The pretrained backbone and its spec, from the registry."""
+        from pipelines import _tracking
+
+        return _tracking.load_model(self.cfg.backbone)
+
+    def check(self) -> None:
+        self.backbone  # noqa: B018 - a clear error now if it is not registered
+
+    def fingerprint(self) -> dict:
+        """The config (its canonicalizer options as set, as when they were a dict) and the backbone's version."""
+        from pipelines import _tracking
+
+        config = {**to_dict(self.cfg), "canonicalizers": self.cfg.canonicalizers.given()}
+        return {"config": config, "backbone": _tracking.registry_version(self.cfg.backbone)}
+
+    def default_run_name(self) -> str:
+        return f"canon-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def tags(self) -> dict[str, str]:
+        return {"equiray.backbone": self.cfg.backbone}
+
+    def execute(self, run: StageRun) -> Outcome[CanonResult]:
+        import mlflow
+
+        cfg = self.cfg
+        bare, spec = self.backbone
+        data = load_data(cfg)
+        if data[0].shape[1] != spec["in_chans"]:
+            raise ConfigError(f"data has {data[0].shape[1]} channels but {cfg.backbone} takes {spec['in_chans']}")
+        rows = run_trials(cfg, cfg.variants(), data, (spec, {k: v.cpu() for k, v in bare.state_dict().items()}),
+                          SweepRun(run.tracking_uri, run.experiment_id, run.run_id), name=run.run_name)
+        rows = time_variants(rows, bare, data[2][:cfg.latency_batch])
+        table = results_table(rows, cfg.eval_group)
+        best = max(rows, key=lambda r: (r[cfg.select], r["upright_accuracy"]))
+        plot = plot_variants(rows, cfg.eval_group, self.report_dir)
+        mlflow.log_artifact(str(plot), "plots")
+        mlflow.log_text(table, "variants.md")
+        mlflow.log_text(json.dumps(rows, indent=2), "variants.json")
+        mlflow.log_metrics({"variants": len(rows), "sweep_seconds": run.elapsed(),
+                            f"champion_{cfg.select}": best[cfg.select]})
+        result = CanonResult(pipeline=self.pipeline, run_id=run.run_id, run_name=run.run_name,
+                             tracking_uri=run.tracking_uri, table=table, verdict=tuple(verdict(rows, cfg.eval_group)),
+                             plots=(str(plot),), rows=tuple(rows), champion=best["name"], plot=str(plot))
+        tags = {"variant": best["name"], "run_id": best["run_id"], cfg.select: f"{best[cfg.select]:.4f}",
+                "sweep_run_id": run.run_id}
+        return Outcome(result, best["model_uri"], tags)
+
+    def from_registry(self, mv, run: StageRun) -> CanonResult:
+        """The sweep behind the registered champion (its ``sweep_run_id`` tag): its rows and plot, read back."""
+        import mlflow
+
+        from pipelines import _tracking
+
+        parent = mv.tags["sweep_run_id"]
+        rows, plot = _tracking.fetch_results(parent, "variants.json", "plots/canon_variants.png", self.report_dir)
+        return CanonResult(pipeline=self.pipeline, run_id=parent,
+                           run_name=mlflow.MlflowClient().get_run(parent).info.run_name,
+                           tracking_uri=run.tracking_uri, table=results_table(rows, self.cfg.eval_group),
+                           verdict=tuple(verdict(rows, self.cfg.eval_group)), plots=(str(plot),), rows=tuple(rows),
+                           champion=mv.tags.get("variant", ""), plot=str(plot))
+
+
+def load_data(cfg: CanonConfig) -> tuple[torch.Tensor, ...]:
+    """(train images, labels, test images, labels), prepared if missing, resized as the config says."""
+    from equiray.data import read_split
+
+    cfg.data.prepare()
+    x, y = read_split(cfg.data.dir, "train", limit=cfg.data.max_train)
+    xt, yt = read_split(cfg.data.dir, "test", limit=cfg.data.max_eval)
+    return resize(x, cfg.data.resize), y, resize(xt, cfg.data.resize), yt
+
+
+def run_trials(cfg: CanonConfig, variants: list[Variant], data: tuple[torch.Tensor, ...],
+               backbone: tuple[dict, dict], sweep: SweepRun, *, name: str) -> list[dict]:
+    """Every variant as one Tune trial with the config's resources (the Tune experiment ``name``d as the sweep's
+    MLflow run); one row per variant, in ``variants``' order."""
+    from ray import tune
+
+    resources = {"cpu": cfg.resources.cpus_per_trial}
+    if cfg.resources.gpus_per_trial:
+        resources["gpu"] = cfg.resources.gpus_per_trial
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, cfg=cfg, data=data, backbone=backbone, sweep=sweep), resources)
+    tuner = tune.Tuner(
+        trainable, param_space={"variant": tune.grid_search([dataclasses.asdict(v) for v in variants])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent or None),
+        run_config=tune.RunConfig(name=name, storage_path=str(Path(cfg.storage_path).resolve()),
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=1)))
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(variants)} variants failed; first: {errors[0]}")
+    rows = [{**r.config["variant"], **{k: v for k, v in r.metrics.items()  # Tune adds its own fields: not these
+                                       if k.endswith("accuracy") or k.startswith("accuracy_rot")
+                                       or k in ("identity_rate", "run_id", "model_uri")}} for r in grid]
+    order = {v.name: i for i, v in enumerate(variants)}
+    return sorted(rows, key=lambda r: order[r["name"]])
+
+
+def time_variants(rows: list[dict], bare: nn.Module, batch: torch.Tensor) -> list[dict]:
+    """``rows`` with every variant's ms per image and overhead over the bare backbone on ``batch``, timed here, one
+    model after the other (timings from concurrent trials would measure their contention); also logged to each
+    variant's MLflow run."""
+    import mlflow
+
+    from pipelines import _tracking
+
+    models = [_tracking.load_model(r["model_uri"])[0] for r in rows]
+    lat = paired_latencies(bare, models, batch)
+    client = mlflow.MlflowClient()
+    out = []
+    for r, ms, overhead in zip(rows, lat.ms_per_image, lat.overhead):
+        out.append({**r, "ms_per_image": ms, "overhead": overhead, "backbone_ms_per_image": lat.backbone_ms})
+        client.log_metric(r["run_id"], "ms_per_image", ms)
+        client.log_metric(r["run_id"], "overhead_vs_backbone", overhead)
+    return out

@@ -97,8 +97,8 @@ def bench_epoch(data_dir: Path, workdir: Path, max_train: int) -> list[tuple]:
         "train": {"epochs": 1}, "tracking": {"experiment": "bench", "registered_model": "bench-backbone"},
         "storage_path": str(workdir / "runs")})
     result = run(cfg)
-    ray_epoch = result["epochs"][-1]["epoch_seconds"]
-    ray_total = result["summary"]["train_seconds"]
+    ray_epoch = result.epochs[-1]["epoch_seconds"]
+    ray_total = result.metrics["train_seconds"]
     return [
         (f"pretrain epoch, resnet8, {max_train:,} images (inside the worker)", "bare in-process loop",
          f"{max_train / ray_epoch:,.0f} img/s", f"{max_train / bare.seconds:,.0f} img/s", bare.seconds / ray_epoch),

@@ -162,11 +162,20 @@ def test_distilled_student_is_registered_and_measured(trained, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         out = run_distill(dcfg, report_dir=tmp_path)
-    rows = out["rows"]
+    rows = out.rows
     assert set(rows) == {"ensemble (teacher)", "student"}
     for m in rows.values():
         assert 1 <= m["osp"] <= 4 and m["kl"] >= 0 and m["ms_per_image"] > 0 and 0 <= m["accuracy"] <= 1
-    assert "| student |" in out["table"] and (tmp_path / "distill_table.md").is_file()
+    assert "| student |" in out.table and (tmp_path / "distill_table.md").is_file()
+    assert out.speedup == pytest.approx(rows["ensemble (teacher)"]["ms_per_image"] / rows["student"]["ms_per_image"])
+    assert out.train_seconds > 0 and out.registered == "models:/equiray-student@champion" and not out.reused
+    with pytest.MonkeyPatch.context() as mp:  # the same config and teacher version: the registered student
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        again = run_distill(dcfg, reuse=True)
+    assert again.reused and (again.run_id, again.version) == (out.run_id, out.version)
+    for who, m in rows.items():
+        assert again.rows[who] == pytest.approx(m)
+    assert again.speedup == pytest.approx(out.speedup) and again.train_seconds == pytest.approx(out.train_seconds)
     mlflow.set_tracking_uri(uri)
     student, spec = _tracking.load_model("models:/equiray-student@champion")
     assert spec["teacher"] == "models:/equiray-ensemble@champion" and spec["kwargs"]["width"] == 6

@@ -79,15 +79,15 @@ def test_a_pipeline_run_lands_in_the_server(ray_session, mlflow_server, tmp_path
     result = run(cfg, report_dir=tmp_path / "report")
 
     client = mlflow.MlflowClient(url)
-    run_ = client.get_run(result["run_id"])
+    run_ = client.get_run(result.run_id)
     assert run_.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(result["run_id"], "val_accuracy")] == [0, 1]
-    assert run_.data.metrics["test_accuracy"] == pytest.approx(result["accuracy"]["upright"])
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_accuracy")] == [0, 1]
+    assert run_.data.metrics["test_accuracy"] == pytest.approx(result.accuracy["upright"])
     assert run_.data.params["train.epochs"] == "2"
     assert run_.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied through the server ...
     stored = {p.name for p in (root / "artifacts").rglob("*")}
     assert {"config.yaml", "weights.safetensors", "spec.json"} <= stored  # ... into its artifact root
     mv = client.get_model_version_by_alias("equiray-backbone", "pretrained")
-    assert mv.run_id == result["run_id"]
+    assert mv.run_id == result.run_id
     model, spec = _tracking.load_model("models:/equiray-backbone@pretrained")  # back from the server
     assert spec["name"] == "small_cnn" and model(__import__("torch").rand(2, 1, 8, 8)).shape == (2, 10)

@@ -38,9 +38,9 @@ def test_registered_backbone_loads_back_and_gives_the_reported_accuracy(pretrain
     result, cfg, uri = pretrained
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model("models:/equiray-backbone@pretrained")
-    x, y = read_split(result["data_dir"], "test")
+    x, y = read_split(result.data_dir, "test")
     acc = accuracy(predict(model, x), y)
-    assert acc == pytest.approx(result["accuracy"]["upright"], abs=1e-6)
+    assert acc == pytest.approx(result.accuracy["upright"], abs=1e-6)
     assert acc > 0.5  # it learned something in three epochs
     # the pickle-free path rebuilds the same model from spec + safetensors
     rebuilt, spec = _tracking.load_model("models:/equiray-backbone@pretrained")
@@ -51,19 +51,21 @@ def test_registered_backbone_loads_back_and_gives_the_reported_accuracy(pretrain
 def test_run_logs_config_curves_and_registry_alias(pretrained):
     result, cfg, uri = pretrained
     client = mlflow.MlflowClient(uri)
-    run_ = client.get_run(result["run_id"])
+    run_ = client.get_run(result.run_id)
     assert run_.data.params["train.epochs"] == "3" and run_.data.params["model.name"] == "small_cnn"
-    history = client.get_metric_history(result["run_id"], "val_accuracy")
+    history = client.get_metric_history(result.run_id, "val_accuracy")
     assert [m.step for m in history] == [0, 1, 2]
-    assert [e["epoch"] for e in result["epochs"]] == [0, 1, 2]
+    assert [e["epoch"] for e in result.epochs] == [0, 1, 2]
     assert "test_C4_avg_accuracy" in run_.data.metrics
-    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert "config.yaml" in artifacts and "plots" in artifacts
     mv = client.get_model_version_by_alias("equiray-backbone", "pretrained")
-    assert str(mv.version) == result["version"]
+    assert str(mv.version) == result.version
+    assert mv.tags["run_id"] == result.run_id and mv.tags["test_accuracy"] == f"{result.accuracy['upright']:.4f}"
+    assert run_.data.tags["equiray.pipeline"] == "pretrain" and run_.data.tags["equiray.data"] == "digits"
     # rotations are a real shift for a model trained upright
-    rot = [v for k, v in result["accuracy"].items() if k.startswith("rot:")]
-    assert max(rot) < result["accuracy"]["upright"]
+    rot = [v for k, v in result.accuracy.items() if k.startswith("rot:")]
+    assert max(rot) < result.accuracy["upright"]
 
 
 def test_gpu_resources_come_from_config():
@@ -78,11 +80,11 @@ def test_same_config_reuses_the_registered_model(pretrained, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         again = run(cfg, report_dir=tmp_path, reuse=True)
-        assert again["reused"] and again["version"] == result["version"] and again["run_id"] == result["run_id"]
-        assert again["accuracy"] == pytest.approx(result["accuracy"])
-        assert [round(e["val_accuracy"], 6) for e in again["epochs"]] == \
-            [round(e["val_accuracy"], 6) for e in result["epochs"]]
-        assert {p.rsplit("/", 1)[-1] for p in again["plots"]} == {"pretrain_curves.png", "pretrain_views.png"}
+        assert again.reused and again.version == result.version and again.run_id == result.run_id
+        assert again.accuracy == pytest.approx(result.accuracy)
+        assert [round(e["val_accuracy"], 6) for e in again.epochs] == \
+            [round(e["val_accuracy"], 6) for e in result.epochs]
+        assert {p.rsplit("/", 1)[-1] for p in again.plots} == {"pretrain_curves.png", "pretrain_views.png"}
         # any change to the config is new work: nothing registered matches its hash
         changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=4))
         assert _tracking.find_version("equiray-backbone", "pretrained",

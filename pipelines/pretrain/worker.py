@@ -1,0 +1,128 @@
+"""What runs on each Ray Train worker: build the model, resume from a checkpoint if any, train epochs with
+:func:`equiray.train.train_epoch`, evaluate on the validation shard, report each epoch (rank 0 logs to MLflow and
+checkpoints)."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from equiray.groups import get_group
+from equiray.models import create_model
+from equiray.train import shuffled_batches, train_epoch
+from pipelines._common import batches_from_shard, load_shard, progress, worker_threads
+from pipelines._ray import say
+from pipelines.pretrain.config import ModelConfig, PretrainConfig
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What a worker needs beside the config, known only once the stage runs."""
+
+    in_chans: int
+    num_classes: int
+    run_id: str  # the stage's MLflow run, where rank 0 logs the epochs
+    train_rows: int  # rows of the training set in all (for the progress lines)
+    tracking_uri: str
+
+
+def build_model(model: ModelConfig, *, in_chans: int, num_classes: int) -> torch.nn.Module:
+    return create_model(model.name, in_chans=in_chans, num_classes=num_classes, pretrained=model.pretrained,
+                        **model.kwargs)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point: ``config`` is ``{"cfg": PretrainConfig, "args": WorkerArgs}``."""
+    train(**config)
+
+
+def train(cfg: PretrainConfig, args: WorkerArgs) -> None:
+    import ray.train
+    import ray.train.torch
+    from mlflow import MlflowClient
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker_threads(cfg.scaling.torch_threads)
+    t = cfg.train
+    torch.manual_seed(t.seed + rank)
+    model = ray.train.torch.prepare_model(build_model(cfg.model, in_chans=args.in_chans,
+                                                      num_classes=args.num_classes))
+    device = ray.train.torch.get_device()
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    start_epoch = _resume(model, opt, sched, device)
+    client = MlflowClient(args.tracking_uri) if rank == 0 else None
+    augment = get_group(t.augment) if t.augment else None
+    gen = torch.Generator().manual_seed(t.seed * 7919 + rank)
+    cache = load_shard(ray.train.get_dataset_shard("train")) if cfg.data.in_memory else None
+    for epoch in range(start_epoch, t.epochs):
+        batches = _epoch_batches(cache, ray.train.get_dataset_shard("train"), cfg, gen)
+        if rank == 0:
+            batches = progress(batches, prefix="pretrain", total=-(-args.train_rows // (t.batch_size * world)),
+                               desc=f"epoch {epoch + 1}/{t.epochs}")
+        stats = train_epoch(model, batches, opt, device=device, augment=augment, generator=gen)
+        correct, count = _evaluate_shard(model, ray.train.get_dataset_shard("val"), 512, device)
+        sched.step()
+        metrics = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                   "val_accuracy": correct / max(count, 1), "epoch_seconds": stats.seconds,
+                   "samples_per_second": stats.samples * world / stats.seconds, "lr": sched.get_last_lr()[0]}
+        if rank == 0:
+            say(f"[pretrain] epoch {epoch + 1}/{t.epochs}  loss {stats.loss:.4f}  train acc {stats.accuracy:.4f}"
+                f"  val acc {metrics['val_accuracy']:.4f}  ({stats.seconds:.0f} s, "
+                f"{metrics['samples_per_second']:.0f} samples/s)")
+            for k, v in metrics.items():
+                if k != "epoch":
+                    client.log_metric(args.run_id, k, float(v), step=epoch)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": epoch}, Path(d) / "state.pt")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def _resume(model, opt, sched, device) -> int:
+    """Load Ray Train's latest checkpoint (after a worker failure) into the model, optimizer and scheduler;
+    returns the epoch to start from."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return 0
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+    _unwrap(model).load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1
+
+
+def _epoch_batches(cache, shard, cfg: PretrainConfig, gen: torch.Generator):
+    """This epoch's training batches: from the in-memory copy of the shard (reshuffled), or streamed."""
+    if cache is None:
+        return batches_from_shard(shard, cfg.train.batch_size, cfg.train.shuffle_buffer)
+    x, y = cache
+    return shuffled_batches(x, y, cfg.train.batch_size, generator=gen)
+
+
+def _evaluate_shard(model, shard, batch_size: int, device) -> tuple[float, float]:
+    """(correct, count) over this worker's shard, summed over workers when distributed."""
+    import torch.distributed as dist
+
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for x, y in batches_from_shard(shard, batch_size, None):
+            pred = model(x.to(device)).argmax(-1)
+            correct[0] += (pred == y.to(device)).sum()
+            correct[1] += len(y)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(correct)
+    return float(correct[0]), float(correct[1])
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model

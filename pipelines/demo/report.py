@@ -15,7 +15,7 @@ def backbone_table(pre: PretrainResult, group: str) -> str:
     rot = [v for v in acc if v.startswith("rot:")]
     other = [v for v in acc if v != "upright" and not v.startswith("rot:")]
     rows = [("upright test", acc["upright"]),
-            (f"{group}-avg (upright + {len(rot)} rotations)", pre.summary[f"test_{group}_avg_accuracy"])]
+            (f"{group}-avg (upright + {len(rot)} rotations)", pre.metrics[f"test_{group}_avg_accuracy"])]
     rows += [(f"rotated {v.split(':')[-1]} x {360 // (len(rot) + 1)} deg", acc[v]) for v in rot]
     rows += [(f"corrupted: {v}", acc[v]) for v in other]
     width = max(len(r[0]) for r in rows)

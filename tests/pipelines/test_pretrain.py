@@ -102,7 +102,7 @@ def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):
         out = run_demo(DemoConfig(pretrain=cfg, reuse=True, stages=("pretrain",)), report_dir=tmp_path / "reports")
     report = (tmp_path / "reports" / "demo.md").read_text()
     printed = capsys.readouterr().out
-    assert out["pretrain"]["reused"]
+    assert out.pretrain.reused and out.report.endswith("demo.md")
     assert "models:/equiray-backbone@pretrained" in report and "| upright test" in report
     assert "![pretrain_views](pretrain_views.png)" in report and (tmp_path / "reports" / "pretrain_views.png").is_file()
-    assert f"{result['accuracy']['upright'] * 100:7.2f}%" in printed and "report:" in printed
+    assert f"{result.accuracy['upright'] * 100:7.2f}%" in printed and "report:" in printed

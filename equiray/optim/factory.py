@@ -119,4 +119,3 @@ def make_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: floa
     if name == "tpgm" and any(k in knobs for k in ("val_batches", "loss_fn")):
         knobs = {**knobs, "model": model}
     return cls(groups, lr=lr, weight_decay=weight_decay, **knobs)
-

@@ -8,7 +8,6 @@ from equiray.optim.base import RobustOptimizer
 from equiray.optim.factory import register_optimizer
 
 
-
 @register_optimizer
 class FineTune(RobustOptimizer):
     """Plain fine-tuning: AdamW (decoupled weight decay) or SGD (momentum, Nesterov optional), nothing else.
@@ -25,4 +24,3 @@ class FineTune(RobustOptimizer):
                  dampening: float = 0.0, nesterov: bool = False, exclude: Sequence[str] = ()):
         super().__init__(params, base=base, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
                          momentum=momentum, dampening=dampening, nesterov=nesterov, exclude=exclude, extra={})
-

@@ -29,7 +29,6 @@ FTP_STATE_KEYS = ("anchor", "gamma", "gamma_exp_avg", "gamma_exp_avg_sq", "gamma
 _SCRATCH_DEVICES = ("cpu",)           # tensor-by-tensor passes through a scratch buffer (else foreach ops)
 
 
-
 @register_optimizer
 class FTP(RobustOptimizer):
     """Fast Trainable Projection (Tian, Liu, Smith & Kira, NeurIPS 2023, Algorithm 1) on top of AdamW or SGD.
@@ -333,5 +332,3 @@ class _RadiusBlock:
 
     def keep_prev_n(self, n: torch.Tensor, views: tuple[torch.Tensor, ...]) -> None:
         self.n, self.n_views = n, views
-
-

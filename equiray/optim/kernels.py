@@ -177,4 +177,3 @@ def _foreach_sgd(ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict]
             torch._foreach_add_(old, d_old, alpha=1 - group["dampening"])
         d_p = torch._foreach_add(d_p, bufs, alpha=momentum) if group["nesterov"] else bufs
     torch._foreach_add_(ps, d_p, alpha=-lr)
-

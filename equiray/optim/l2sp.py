@@ -17,7 +17,6 @@ from equiray.optim.factory import register_optimizer
 L2SP_STATE_KEYS = ("anchor",)
 
 
-
 @register_optimizer
 class L2SP(RobustOptimizer):
     """L2-SP (Li, Grandvalet & Davoine, ICML 2018, Sec. 3): the base optimizer plus the penalty returned by
@@ -63,4 +62,3 @@ class L2SP(RobustOptimizer):
                 elif g["beta"]:
                     total = total + g["beta"] / 2 * p.pow(2).sum()
         return total
-

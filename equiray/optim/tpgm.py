@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 TPGM_STATE_KEYS = ("anchor", "gamma", "gamma_exp_avg", "gamma_exp_avg_sq", "gamma_step")
 
 
-
 @register_optimizer
 class TPGM(RobustOptimizer):
     """Trainable Projected Gradient Method (Tian et al., CVPR 2023): FTP's bi-level
@@ -148,4 +147,3 @@ class TPGM(RobustOptimizer):
                 _project_rows(p, st["anchor"], diff, (st["gamma"] / n).clamp(max=1.0))
         log.debug("tpgm.project: held-out loss %s over %d radius steps", losses, steps)
         return losses
-

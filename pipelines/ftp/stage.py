@@ -169,7 +169,7 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
                         "trials.json")
         mlflow.log_metrics({"trials": len(rows), "search_seconds": run.elapsed(),
                             "champion_val_accuracy": best.val_accuracy})
-        return FTPResult(pipeline=self.pipeline, run_id=run.run_id, run_name=self.name,
+        return FTPResult(pipeline=self.pipeline, run_id=run.run_id, run_name=run.run_name,
                          tracking_uri=run.tracking_uri, table=table, verdict=tuple(verdict(rows, pretrained)),
                          plots=(str(plot),), rows=tuple(rows), pretrained=pretrained, champion=best,
                          plot=str(plot), experiment_dir=str(self.exp_dir), searcher=searcher_name)

@@ -6,8 +6,9 @@
 
 A pipeline subclasses :class:`Stage` and supplies only what is its own: :meth:`Stage.execute` (inside the run,
 Ray up) and :meth:`Stage.from_registry` (the result of a reused model, read back from its MLflow run); it may
-override :meth:`Stage.check` (fail early: data prepared, upstream model loadable) and
-:meth:`Stage.fingerprint` (what identifies the work, e.g. the config plus the upstream model's version).
+override :meth:`Stage.check` (fail early: data prepared, upstream model loadable),
+:meth:`Stage.fingerprint` (what identifies the work, e.g. the config plus the upstream model's version) and
+:meth:`Stage.resumed_run` (continue an interrupted stage's MLflow run instead of starting one).
 
 Results are frozen dataclasses: the next stage, the CLI and the demo's report read them by attribute. Every
 result carries the :class:`StageResult` fields; a pipeline's result subclass adds its own.
@@ -114,6 +115,12 @@ class Stage(Generic[ConfigT, ResultT]):
         """Tags of the stage's MLflow run beside ``equiray.pipeline``."""
         return {}
 
+    def resumed_run(self) -> str | None:
+        """The id of an MLflow run this stage continues (an interrupted stage resumed: its config and tags were
+        logged when it began), or None (the default) to start a new run. Called when nothing is reused, before
+        Ray starts: the place to refuse a resume that has nothing to resume."""
+        return None
+
     def execute(self, run: StageRun) -> Outcome[ResultT]:
         raise NotImplementedError
 
@@ -143,13 +150,15 @@ class Stage(Generic[ConfigT, ResultT]):
                 ctx = StageRun(mv.run_id, "", experiment_id, uri, cfg_hash, self.report_dir)
                 return dataclasses.replace(self.from_registry(mv, ctx), reused=True, version=str(mv.version),
                                            registered=self.registered, model_uri=mv.source)
+        resumed = self.resumed_run()
         init_ray()
         log.info("Ray: %s", cluster_summary())
         run_name = self.tracking.run_name or self.default_run_name()
-        with mlflow.start_run(run_name=run_name) as active:
+        with mlflow.start_run(run_id=resumed, run_name=None if resumed else run_name) as active:
             ctx = StageRun(active.info.run_id, run_name, experiment_id, uri, cfg_hash, self.report_dir)
-            _tracking.log_config(self.cfg)
-            mlflow.set_tags({"equiray.pipeline": self.pipeline, **self.tags()})
+            if resumed is None:
+                _tracking.log_config(self.cfg)
+                mlflow.set_tags({"equiray.pipeline": self.pipeline, **self.tags()})
             outcome = self.execute(ctx)
             result = outcome.result
             if outcome.model_uri is not None:

@@ -176,10 +176,10 @@ def ftp_reference(model, data, *, k, mu, base_cls, **kw):
 @pytest.mark.parametrize("path", ["fused+scratch", "foreach"])
 @pytest.mark.parametrize("base", ["adamw", "sgd"])
 def test_ftp_vectorised_step_matches_the_per_tensor_algorithm(base, path, monkeypatch):
-    from equiray import optim
+    from equiray.optim import ftp, kernels
     if path == "foreach":   # the code paths of devices without fused kernels (e.g. MPS) and of CUDA for FTP
-        monkeypatch.setattr(optim, "_FUSED_DEVICES", ())
-        monkeypatch.setattr(optim, "_SCRATCH_DEVICES", ())
+        monkeypatch.setattr(kernels, "_FUSED_DEVICES", ())
+        monkeypatch.setattr(ftp, "_SCRATCH_DEVICES", ())
     kw = dict(lr=1e-2, weight_decay=0.05) if base == "adamw" else dict(lr=0.1, weight_decay=0.01, momentum=0.9,
                                                                        nesterov=True)
     data = batches(9)
@@ -401,3 +401,71 @@ def test_make_optimizer_finds_the_head_and_skips_frozen_parameters():
     assert opt.param_groups[1]["param_names"] == ["head.weight", "head.bias"]
     assert opt.param_groups[0]["base"] == "sgd" and opt.param_groups[0]["momentum"] == 0.9
     assert "anchor" not in opt.state[model.conv.bias]
+
+
+# ----------------------------------------------------------------------------------- registry and knobs
+
+def test_the_registry_names_every_method_and_method_knobs_are_its_per_group_hyperparameters():
+    from equiray.optim import METHODS, OPTIMIZERS, method_knobs
+    assert OPTIMIZERS.names() == ["finetune", "ftp", "l2sp", "tpgm"] and METHODS is OPTIMIZERS
+    assert {n: method_knobs(n) for n in OPTIMIZERS} == {"finetune": (), "ftp": ("k", "mu", "gamma_init"),
+                                                         "l2sp": ("alpha", "beta"), "tpgm": ("radius_lr",)}
+    shared = set(FineTune(Net().named_parameters()).defaults)
+    for name in OPTIMIZERS:             # the knobs are exactly what the method keeps per parameter group
+        opt = make_optimizer(name, Net(), lr=1e-2, weight_decay=0.0)
+        assert set(opt.defaults) - shared == set(method_knobs(name)), name
+    with pytest.raises(ValueError, match=r"unknown optimizer 'ftpp'.*'finetune', 'ftp', 'l2sp', 'tpgm'"):
+        method_knobs("ftpp")
+
+
+# ------------------------------------------------------------------------- RobustFineTuner (train_epoch)
+
+def hand_written_epoch(model, opt, x, y, *, batch_size, gen, holdout=None, projection_interval=10):
+    """The loop RobustFineTuner replaced (pipelines/ftp.py before the redesign): task loss + regularizer,
+    TPGM projecting on a random held-out batch every `projection_interval` steps; returns the task loss."""
+    model.train()
+    total, n = 0.0, 0
+    for step, idx in enumerate(torch.randperm(len(y), generator=gen).split(batch_size)):
+        xb, yb = x[idx], y[idx]
+        loss = F.cross_entropy(model(xb), yb)
+        reg = opt.regularizer(model)
+        opt.zero_grad(set_to_none=True)
+        (loss + reg).backward()
+        opt.step()
+        if isinstance(opt, TPGM) and holdout is not None and (step + 1) % projection_interval == 0:
+            hx, hy = holdout
+            pick = torch.randint(len(hy), (min(batch_size, len(hy)),), generator=gen)
+            opt.project(model, (hx[pick], hy[pick]), F.cross_entropy)
+        total += float(loss.detach()) * len(yb)
+        n += len(yb)
+    return total / max(n, 1)
+
+
+@pytest.mark.parametrize("method,knobs", [("finetune", {}), ("l2sp", {"alpha": 0.3, "beta": 0.01}),
+                                          ("ftp", {"k": 0.5, "mu": 0.05, "gamma_init": 1e-5}),
+                                          ("tpgm", {"radius_lr": 0.05})])
+def test_robust_fine_tuner_epochs_are_the_hand_written_loop_bit_for_bit(method, knobs):
+    from equiray.optim import RobustFineTuner, fits_on_holdout
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(90, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (90,), generator=g)
+    holdout = None
+    if fits_on_holdout(method):
+        holdout, x, y = (x[-30:], y[-30:]), x[:-30], y[:-30]
+    ref = Net()
+    opt = make_optimizer(method, ref, lr=1e-2, weight_decay=0.01, **knobs)
+    gen_ref = torch.Generator().manual_seed(0)
+    want = [hand_written_epoch(ref, opt, x, y, batch_size=8, gen=gen_ref, holdout=holdout, projection_interval=2)
+            for _ in range(2)]
+    model = Net()
+    tuner = RobustFineTuner(model, method, lr=1e-2, weight_decay=0.01, batch_size=8, holdout=holdout,
+                            projection_interval=2, **knobs)
+    gen = torch.Generator().manual_seed(0)
+    got = [tuner.epoch(x, y, generator=gen) for _ in range(2)]
+    assert [s.loss for s in got] == want                 # the task loss, without L2-SP's penalty
+    assert all(s.samples == len(y) for s in got)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+    assert torch.equal(gen.get_state(), gen_ref.get_state())
+    if method == "tpgm":                                   # it did project: radii exist and were fitted
+        assert tuner.optimizer.state[model.fc1.weight]["gamma_step"] > 0

@@ -56,12 +56,12 @@ def searched(ray_session, tmp_path_factory):
 
 def test_every_method_is_tried_and_every_trial_is_a_nested_run(searched):
     cfg, result, uri, root = searched
-    rows = result["rows"]
-    assert len(rows) == 4 and {r["method"] for r in rows} == {"finetune", "l2sp", "ftp", "tpgm"}
+    rows = result.rows
+    assert len(rows) == 4 and {r.method for r in rows} == {"finetune", "l2sp", "ftp", "tpgm"}
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("test-ftp").experiment_id
-    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result['run_id']}'")
-    assert sorted(r.info.run_id for r in children) == sorted(r["run_id"] for r in rows)
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert sorted(r.info.run_id for r in children) == sorted(r.run_id for r in rows)
     for run in children:
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert 1 <= len(history) <= cfg.train.epochs
@@ -72,30 +72,43 @@ def test_every_method_is_tried_and_every_trial_is_a_nested_run(searched):
         assert {"method", "lr", "weight_decay"} <= set(run.data.params)
         assert "ood_mean_accuracy" in run.data.metrics and "ood/noise_3" in run.data.metrics
     assert (root / "report" / "ftp_trials.png").stat().st_size > 10_000
-    assert "| pretrained backbone, no fine-tuning |" in result["table"]
+    assert "| pretrained backbone, no fine-tuning |" in result.table
+    assert result.plots == (result.plot,) and result.verdict and result.pipeline == "ftp"
 
 
 def test_champion_is_the_best_by_id_validation_and_loads_back(searched):
     cfg, result, uri, root = searched
-    best = max(result["rows"], key=lambda r: r["val_accuracy"])
-    assert result["champion"]["run_id"] == best["run_id"]
+    best = max(result.rows, key=lambda r: r.val_accuracy)
+    assert result.champion.run_id == best.run_id
+    assert result.registered == "models:/equiray-ftp@champion" and result.version and not result.reused
     mlflow.set_tracking_uri(uri)
     model, spec = _tracking.load_model("models:/equiray-ftp@champion")
     task = load_task(cfg)
-    xt, yt = task["target"]["test"]
+    xt, yt = task.test
     with torch.no_grad():
         acc = float((model(xt).argmax(-1) == yt).float().mean())
-    assert acc == pytest.approx(best["id_test_accuracy"], abs=1e-6)
+    assert acc == pytest.approx(best.id_test_accuracy, abs=1e-6)
 
 
 def test_fine_tuning_learned_the_target_domain(searched):
     """The best trial's new head learned the target domain (its ID validation accuracy rose well above chance over
     the epochs): fails if trials did not actually train, or evaluated the wrong views."""
     cfg, result, uri, root = searched
-    best = max(result["rows"], key=lambda r: r["val_accuracy"])
-    curve = [m.value for m in sorted(mlflow.MlflowClient(uri).get_metric_history(best["run_id"], "val_accuracy"),
+    best = max(result.rows, key=lambda r: r.val_accuracy)
+    curve = [m.value for m in sorted(mlflow.MlflowClient(uri).get_metric_history(best.run_id, "val_accuracy"),
                                      key=lambda m: m.step)]
-    assert best["val_accuracy"] > 0.2 and curve[-1] > curve[0] + 0.05, curve
+    assert best.val_accuracy > 0.2 and curve[-1] > curve[0] + 0.05, curve
+
+
+def test_the_same_config_again_reuses_the_champion(searched):
+    """`reuse`: the registered champion made by this same config is returned, read back from the search's run
+    (no Ray, no trial), with the same rows, table and champion."""
+    cfg, result, uri, root = searched
+    again = run_tune(cfg, report_dir=root / "again", reuse=True)
+    assert again.reused and again.version == result.version and again.run_id == result.run_id
+    assert again.rows == result.rows and again.champion == result.champion and again.table == result.table
+    assert again.pretrained == result.pretrained and again.verdict == result.verdict
+    assert again.run_name == result.run_name and (root / "again" / "ftp_trials.png").exists()
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_session, tmp_path, monkeypatch):
@@ -138,15 +151,15 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
     cfg = load_config(FTPConfig, {**raw, "resume": True})
     resumed_at = time.time() * 1000
     result = run_tune(cfg)
-    assert len(result["rows"]) == 3
-    assert all(r["epochs"] == 6 for r in result["rows"])
-    for r in result["rows"]:  # one MLflow run per trial, each epoch logged exactly once
-        steps = [m.step for m in client.get_metric_history(r["run_id"], "val_accuracy")]
-        assert sorted(steps) == list(range(6)), (r["method"], steps)
+    assert len(result.rows) == 3
+    assert all(r.epochs == 6 for r in result.rows)
+    for r in result.rows:  # one MLflow run per trial, each epoch logged exactly once
+        steps = [m.step for m in client.get_metric_history(r.run_id, "val_accuracy")]
+        assert sorted(steps) == list(range(6)), (r.method, steps)
     # the trial that had finished was not trained again: all its epochs were logged before the resume
     assert all(m.timestamp < resumed_at for m in client.get_metric_history(first.info.run_id, "val_accuracy"))
     children = client.search_runs([client.get_experiment_by_name("test-ftp").experiment_id],
-                                  f"tags.mlflow.parentRunId = '{result['run_id']}'")
+                                  f"tags.mlflow.parentRunId = '{result.run_id}'")
     assert len(children) == 3
 
 

@@ -99,8 +99,8 @@ identity rate = share of upright test images the canonicalizer leaves as they ar
 `{f.backbone}` fine-tuned on {f.task.train_images} labelled `{f.task.target_view}` images (the ID target domain)
 with a new head; {len(ft.rows)} Ray Tune trials over {', '.join(f.space.methods)}, up to {f.train.epochs} epochs,
 ASHA early stopping, selected on ID validation accuracy only (search run `{ft.run_id}`). OOD: the test set
-under {', '.join(f.task.ood_views)}. Champion: **{ft.champion['method']}** (ID val
-{ft.champion['val_accuracy'] * 100:.1f}%).
+under {', '.join(f.task.ood_views)}. Champion: **{ft.champion.method}** (ID val
+{ft.champion.val_accuracy * 100:.1f}%).
 
 ![ftp_trials](ftp_trials.png)
 

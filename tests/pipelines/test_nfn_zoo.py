@@ -1,5 +1,7 @@
 """The model-zoo pipelines end to end on the shared local Ray: real Ray tasks, Parquet out, nets that load back;
 vectorized zoo training equal to training the nets one by one; metanetworks fitted, logged and registered."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,10 +9,11 @@ import torch.nn.functional as F
 from equiray.config import load_config
 from equiray.data import read_split
 from equiray.errors import ConfigError, EquirayError
-from equiray.nfn import features_from_state_dicts, zoo_cnn
+from equiray.nfn import (ZooHyperparameters, features_from_state_dicts, init_zoo_net, list_metanetworks,
+                         train_zoo_nets, zoo_batches, zoo_cnn)
 from pipelines._common import resize
-from pipelines.nfn import (NFNTrainConfig, ZooConfig, _batches, _init_net, read_zoo, run_train, run_zoo,
-                           scaled_zoo, train_nets, zoo_features)
+from pipelines.nfn import (Metanetworks, MonomialNFNOptions, NFNTrainConfig, ZooConfig, read_zoo, run_train, run_zoo,
+                           scaled_zoo, zoo_features)
 
 
 def small(root, **over) -> ZooConfig:
@@ -23,12 +26,12 @@ def small(root, **over) -> ZooConfig:
 
 def _one_by_one(hp, seed, x, y, *, epochs, batch_size):
     """The reference: one net, torch.optim, its own batches."""
-    model = _init_net(hp, seed)
-    params, lr, wd = model.parameters(), hp["lr"], hp["weight_decay"]
+    model = init_zoo_net(hp, seed)
+    params, lr, wd = model.parameters(), hp.lr, hp.weight_decay
     opt = {"adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=wd),
            "sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
-           "rmsprop": lambda: torch.optim.RMSprop(params, lr=lr, weight_decay=wd)}[hp["optimizer"]]()
-    for idx in _batches(hp, len(y), epochs=epochs, batch_size=batch_size, seed=seed):
+           "rmsprop": lambda: torch.optim.RMSprop(params, lr=lr, weight_decay=wd)}[hp.optimizer]()
+    for idx in zoo_batches(hp, len(y), epochs=epochs, batch_size=batch_size, seed=seed):
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
@@ -36,7 +39,7 @@ def _one_by_one(hp, seed, x, y, *, epochs, batch_size):
     return model.eval(), float(loss.detach())
 
 
-HPS = [dict(activation=a, optimizer=o, lr=lr, weight_decay=wd, dropout=0.0, init_std=s, train_fraction=f)
+HPS = [ZooHyperparameters(activation=a, optimizer=o, lr=lr, weight_decay=wd, dropout=0.0, init_std=s, train_fraction=f)
        for a, o, lr, wd, s, f in [("relu", "adam", 3e-3, 1e-4, 0.1, 1.0), ("relu", "sgd", 1e-2, 1e-3, 0.2, 0.5),
                                   ("relu", "rmsprop", 1e-3, 0.0, 0.05, 0.3), ("tanh", "adam", 1e-3, 1e-2, 0.3, 0.7)]]
 
@@ -45,23 +48,24 @@ def test_vectorized_zoo_training_equals_training_each_net_alone(gen):
     x, y = torch.randn(300, 1, 28, 28, generator=gen), torch.randint(0, 10, (300,), generator=gen)
     xt, yt = torch.randn(200, 1, 28, 28, generator=gen), torch.randint(0, 10, (200,), generator=gen)
     seeds = [11, 12, 13, 14]  # mixed optimizers, activations, learning rates, L2 and training fractions
-    out = train_nets(HPS, seeds, x, y, xt, yt, epochs=2, batch_size=64)
-    for hp, seed, (state, metrics) in zip(HPS, seeds, out):
+    out = train_zoo_nets(HPS, seeds, x, y, xt, yt, epochs=2, batch_size=64)
+    for hp, seed, net in zip(HPS, seeds, out):
         ref, loss = _one_by_one(hp, seed, x, y, epochs=2, batch_size=64)
-        assert state.keys() == ref.state_dict().keys()
+        assert net.state_dict.keys() == ref.state_dict().keys()
         for k, v in ref.state_dict().items():
-            torch.testing.assert_close(state[k], v, atol=2e-5, rtol=1e-4)
-        assert metrics["train_loss"] == pytest.approx(loss, rel=1e-4)
-        assert metrics["test_accuracy"] == pytest.approx(float((ref(xt).argmax(-1) == yt).float().mean()), abs=0.011)
+            torch.testing.assert_close(net.state_dict[k], v, atol=2e-5, rtol=1e-4)
+        assert net.train_loss == pytest.approx(loss, rel=1e-4)
+        assert net.test_accuracy == pytest.approx(float((ref(xt).argmax(-1) == yt).float().mean()), abs=0.011)
     # sensitivity: the same nets trained alone with another net's learning rate no longer match
-    other, _ = _one_by_one({**HPS[0], "lr": 1e-2}, seeds[0], x, y, epochs=2, batch_size=64)
-    assert not torch.allclose(out[0][0]["head.weight"], other.state_dict()["head.weight"], atol=1e-3)
+    other, _ = _one_by_one(dataclasses.replace(HPS[0], lr=1e-2), seeds[0], x, y, epochs=2, batch_size=64)
+    assert not torch.allclose(out[0].state_dict["head.weight"], other.state_dict()["head.weight"], atol=1e-3)
 
 
 def test_vectorized_dropout_is_per_net(gen):
     x, y = torch.randn(256, 1, 28, 28, generator=gen), torch.randint(0, 10, (256,), generator=gen)
-    hps = [{**HPS[0], "dropout": 0.0}, {**HPS[0], "dropout": 0.5}]
-    (plain, _), (dropped, _) = train_nets(hps, [5, 5], x, y, x[:64], y[:64], epochs=1, batch_size=64)
+    hps = [dataclasses.replace(HPS[0], dropout=0.0), dataclasses.replace(HPS[0], dropout=0.5)]
+    plain, dropped = (net.state_dict for net in train_zoo_nets(hps, [5, 5], x, y, x[:64], y[:64], epochs=1,
+                                                                batch_size=64))
     ref, _ = _one_by_one(HPS[0], 5, x, y, epochs=1, batch_size=64)
     torch.testing.assert_close(plain["head.weight"], ref.state_dict()["head.weight"], atol=2e-5, rtol=1e-4)
     assert not torch.allclose(dropped["head.weight"], plain["head.weight"], atol=1e-4)  # same init, other updates
@@ -78,8 +82,8 @@ def zoo(ray_session, tmp_path_factory):
 @pytest.mark.slow
 def test_every_net_is_stored_once_with_its_hyperparameters(zoo):
     cfg, result, root = zoo
-    rows, states = read_zoo(result["out"])
-    assert result["nets"] == 6 and [r["net_id"] for r in rows] == list(range(6))
+    rows, states = read_zoo(result.out)
+    assert result.nets == 6 and [r["net_id"] for r in rows] == list(range(6))
     assert {r["activation"] for r in rows} <= {"relu", "tanh"} and len({r["lr"] for r in rows}) == 6
     for r in rows:
         assert 0.0 <= r["test_accuracy"] <= 1.0 and cfg.space.train_fraction[0] <= r["train_fraction"] <= 1.0
@@ -93,7 +97,7 @@ def test_every_net_is_stored_once_with_its_hyperparameters(zoo):
 @pytest.mark.slow
 def test_stored_weights_reproduce_the_stored_accuracy(zoo):
     cfg, result, root = zoo
-    rows, states = read_zoo(result["out"])
+    rows, states = read_zoo(result.out)
     xt, yt = read_split(root / "digits", "test", limit=cfg.data.max_eval)
     xt = resize(xt, 28)
     for r, state in zip(rows, states):
@@ -142,17 +146,17 @@ def test_nfn_train_scores_logs_and_registers_an_invariant_champion(relu_zoo, mlf
 
     cfg = train_cfg(relu_zoo.out)
     result = run_train(cfg, report_dir=tmp_path)
-    assert set(result["tau"]) == {f"{m}/{z}" for m in ("monomial-nfn", "statnn") for z in ("plain", "scaled")}
-    assert all(-1.0 <= t <= 1.0 for t in result["tau"].values())
-    assert "| monomial-nfn |" in result["table"] and (tmp_path / "nfn_scatter.png").stat().st_size > 0
+    assert set(result.tau) == {f"{m}/{z}" for m in ("monomial-nfn", "statnn") for z in ("plain", "scaled")}
+    assert all(-1.0 <= t <= 1.0 for t in result.tau.values())
+    assert "| monomial-nfn |" in result.table and (tmp_path / "nfn_scatter.png").stat().st_size > 0
     client = mlflow.MlflowClient()
-    children = client.search_runs([client.get_run(result["run_id"]).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    children = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.run_id}'")
     assert len(children) == 4
     assert all(len(client.get_metric_history(c.info.run_id, "val_tau")) == cfg.epochs for c in children)
     # the registered champion rebuilds from safetensors; a Monomial-NFN reads a rescaled zoo exactly as the plain one
-    model, spec = load_model(result["registered"])
-    assert spec["name"] == result["champion"] and spec["builder"] == "metanetwork"
+    model, spec = load_model(result.registered)
+    assert spec["name"] == result.champion and spec["builder"] == "metanetwork"
     rows, states = read_zoo(relu_zoo.out)
     feats, net_spec, group = zoo_features(states, rows)
     with torch.no_grad():
@@ -162,12 +166,12 @@ def test_nfn_train_scores_logs_and_registers_an_invariant_champion(relu_zoo, mlf
         torch.testing.assert_close(plain, scaled, atol=1e-3, rtol=1e-3)
     # a second run of the same config with reuse reports the registered result without training
     again = run_train(cfg, report_dir=tmp_path / "again", reuse=True)
-    assert again["reused"] and again["run_id"] == result["run_id"] and again["tau"] == result["tau"]
+    assert again.reused and again.run_id == result.run_id and again.tau == result.tau
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_nfn_train_refuses_unfit_zoos_and_configs(zoo, tmp_path):
+def test_nfn_train_refuses_unfit_zoos_and_configs(zoo, tmp_path, mlflow_store):
     with pytest.raises(EquirayError, match="mixes activations"):
         run_train(train_cfg(zoo[0].out))  # the relu + tanh zoo
     with pytest.raises(ConfigError, match="activation: choose from"):
@@ -178,3 +182,21 @@ def test_nfn_train_refuses_unfit_zoos_and_configs(zoo, tmp_path):
         train_cfg(tmp_path, metanetworks={"np": {}})
     with pytest.raises(ConfigError, match="zoos"):
         train_cfg(tmp_path, zoos=["rotated"])
+
+
+def test_metanetwork_options_are_typed_and_named_as_registered(tmp_path):
+    """One field per registered metanetwork; YAML names them as registered; unknown options fail at load."""
+    assert {Metanetworks.registered_name(f.name) for f in dataclasses.fields(Metanetworks)} == set(list_metanetworks())
+    cfg = train_cfg(tmp_path)
+    assert cfg.metanetworks.names() == ("monomial-nfn", "statnn")
+    assert cfg.metanetworks.monomial_nfn == MonomialNFNOptions(hidden_channels=4, mlp_hidden=(8,))
+    # given options only, as plain data: what the constructor gets (its defaults for the rest) and MLflow logs
+    assert cfg.metanetworks.options("monomial-nfn") == {"hidden_channels": 4, "mlp_hidden": [8]}
+    assert train_cfg(tmp_path, metanetworks={"monomial_nfn": {"hidden_channels": 4}}).metanetworks.names() == (
+        "monomial-nfn",)
+    with pytest.raises(ConfigError, match="metanetworks.monomial_nfn.hidden_chanels"):
+        train_cfg(tmp_path, metanetworks={"monomial-nfn": {"hidden_chanels": 4}})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        train_cfg(tmp_path, metanetworks={"statnn": {"mlp_hidden": ["wide"]}})
+    with pytest.raises(ConfigError, match="at least one"):
+        train_cfg(tmp_path, metanetworks={})

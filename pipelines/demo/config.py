@@ -13,7 +13,7 @@ from pipelines.canon import CanonConfig
 from pipelines.distill import DistillConfig
 from pipelines.ensemble import EnsembleConfig
 from pipelines.ftp import FTPConfig, FTPTrain, SearchConfig as FTPSearch
-from pipelines.nfn import NFNTrainConfig, ZooConfig
+from pipelines.nfn import Metanetworks, MonomialNFNOptions, NFNTrainConfig, ZooConfig
 from pipelines.pretrain import PretrainConfig, TrainConfig
 from pipelines.serve import ServeConfig
 
@@ -30,7 +30,7 @@ class NFNDemo:
     train: NFNTrainConfig = NFNTrainConfig(zoo="data/zoo-demo", epochs=100)
     member_zoo: str = "data/member-zoo-demo"
     members: NFNTrainConfig = NFNTrainConfig(zoo="data/member-zoo-demo", epochs=60, zoos=("plain",),
-                                             metanetworks={"monomial-nfn": {"hidden_channels": 16}},
+                                             metanetworks=Metanetworks(monomial_nfn=MonomialNFNOptions(hidden_channels=16)),
                                              tracking=TrackingConfig(experiment="equiray-nfn",
                                                                      registered_model="equiray-nfn-members",
                                                                      alias="champion"))

@@ -50,13 +50,13 @@ def trained(ray_session, tmp_path_factory):
 
 def test_every_member_trained_and_logged_per_group(trained):
     cfg, result, uri, root = trained
-    assert result["members"] == 12 and result["groups"] == 6 and result["restarts"] == 0
+    assert result.members == 12 and result.groups == 6 and result.restarts == 0
     client = mlflow.MlflowClient(uri)
-    files = {a.path for a in client.list_artifacts(result["run_id"], "members")}
+    files = {a.path for a in client.list_artifacts(result.run_id, "members")}
     assert {f"members/group-{g:05d}.safetensors" for g in range(6)} <= files
-    local = mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="members/group-00003.safetensors",
+    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="members/group-00003.safetensors",
                                                 tracking_uri=uri, dst_path=str(root / "dl"))
-    mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="members/group-00003.json",
+    mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="members/group-00003.json",
                                         tracking_uri=uri, dst_path=str(root / "dl"))
     group, meta = load_group(local)  # a member group loads on its own
     assert group.num_members == 2 and meta["setting"] == "sym, no aug" and meta["members"] == [6, 7]
@@ -66,10 +66,10 @@ def test_every_member_trained_and_logged_per_group(trained):
     from equiray.models import SUPPORTS
 
     for name, support in (("sym+aug", "symmetric"), ("asym+aug, inv init", "asymmetric")):
-        ens = result["ensembles"][name]
+        ens = result.ensembles[name]
         assert torch.equal(ens.features__0__mask[0], SUPPORTS[support]), name
     core = symmetric_core(SUPPORTS["asymmetric"], cyclic(4))
-    w = result["ensembles"]["asym+aug, inv init"].features__0__weight.detach()  # (N, O, C, 3, 3)
+    w = result.ensembles["asym+aug, inv init"].features__0__weight.detach()  # (N, O, C, 3, 3)
     assert (w * (1 - core)).abs().sum() > 0  # training moved weights off the invariant core (condition (a) fails)
 
 
@@ -79,7 +79,7 @@ def test_registered_ensemble_is_the_mean_of_its_members(trained):
     model, spec = _tracking.load_model("models:/equiray-ensemble@champion")
     assert spec["setting"] == "sym+aug" and spec["kwargs"]["num_members"] == 4
     x = torch.rand(5, 1, 8, 8)
-    members = result["ensembles"]["sym+aug"]
+    members = result.ensembles["sym+aug"]
     torch.testing.assert_close(model(x), members.member_logits(x).mean(0))
     pickled = mlflow.pytorch.load_model("models:/equiray-ensemble@champion")
     torch.testing.assert_close(pickled(x), model(x))
@@ -90,16 +90,31 @@ def test_eval_curves_plot_and_table(trained, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         out = run_eval(cfg, report_dir=tmp_path)  # finds the latest finished train run by itself
-    assert out["run_id"] == result["run_id"]
-    sizes = sorted({r["size"] for r in out["rows"]})
+    assert out.run_id == result.run_id
+    sizes = sorted({r["size"] for r in out.rows})
     assert sizes == [1, 2, 4]
-    assert {(r["setting"], r["data"]) for r in out["rows"]} == {
+    assert {(r["setting"], r["data"]) for r in out.rows} == {
         (s, d) for s in ("sym+aug", "sym, no aug", "asym+aug, inv init") for d in ("in-distribution", "off-manifold")}
-    for r in out["rows"]:
+    for r in out.rows:
         assert 1 <= r["osp"] <= 4 and r["kl"] >= 0
-    assert Path(out["plot"]).is_file() and "| sym+aug | in-distribution | 1 |" in out["table"]
-    artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(result["run_id"], "eval")}
+    assert Path(out.plot).is_file() and "| sym+aug | in-distribution | 1 |" in out.table
+    artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(result.run_id, "eval")}
     assert "eval/ensemble_invariance.png" in artifacts
+
+
+def test_the_same_training_config_reuses_the_registered_ensemble(trained):
+    from pipelines._tracking import config_hash
+    from pipelines.ensemble import EnsembleTrain
+
+    cfg, result, uri, root = trained
+    other_eval = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, repeats=5))  # eval is not training
+    again = run_train(other_eval, reuse=True)
+    assert again.reused and again.run_id == result.run_id and again.version == result.version
+    assert again.ensembles is None and again.champion == "sym+aug" and again.members == 12 and again.groups == 6
+    assert again.accuracy == pytest.approx(result.accuracy)
+    # sensitivity: another training config is other work
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
+    assert config_hash(EnsembleTrain(more).fingerprint()) != config_hash(EnsembleTrain(cfg).fingerprint())
 
 
 def _kill_a_train_worker_when(checkpoint_root: Path, stop: threading.Event, killed: list):
@@ -140,15 +155,15 @@ def test_a_killed_worker_resumes_from_the_checkpoint(ray_session, tmp_path, monk
         stop.set()
         killer.join(5)
     assert killed, "the run finished before a worker could be killed"
-    assert result["restarts"] >= 1
-    assert result["members"] == 8 and result["ensembles"]["sym+aug"].num_members == 8  # each member once
+    assert result.restarts >= 1
+    assert result.members == 8 and result.ensembles["sym+aug"].num_members == 8  # each member once
     # members resumed mid-run end where uninterrupted training would: same seeds, generators and optimizer state
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow2.db'}")
         clean = run_train(dataclasses.replace(cfg, storage_path=str(tmp_path / "runs2")))
     x = torch.rand(4, 1, 8, 8)
-    torch.testing.assert_close(result["ensembles"]["sym+aug"].member_logits(x),
-                               clean["ensembles"]["sym+aug"].member_logits(x))
+    torch.testing.assert_close(result.ensembles["sym+aug"].member_logits(x),
+                               clean.ensembles["sym+aug"].member_logits(x))
 
 
 def test_distilled_student_is_registered_and_measured(trained, tmp_path):

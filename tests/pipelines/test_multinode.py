@@ -58,9 +58,9 @@ try:
         "storage_path": str(root / "runs"), "max_failures": 0})
     result = run_train(cfg)
     out = {"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
-           "group_nodes": {str(k): v for k, v in result["group_nodes"].items()},
-           "group_members": {str(k): v for k, v in result["group_members"].items()},
-           "members": result["members"], "per_setting": {k: e.num_members for k, e in result["ensembles"].items()}}
+           "group_nodes": {str(k): v for k, v in result.group_nodes.items()},
+           "group_members": {str(k): v for k, v in result.group_members.items()},
+           "members": result.members, "per_setting": {k: e.num_members for k, e in result.ensembles.items()}}
     (root / "result.json").write_text(json.dumps(out))
 finally:
     ray.shutdown()

@@ -1,23 +1,15 @@
-"""Augmentation ensembles (Nordenfors & Flinth 2024): many members of one architecture, trained at once.
-
-The theorem behind them: if (a) the architecture's set of layers is closed under the group G (e.g. a filter
-support that rotations map to itself), (b) the loss is invariant, (c) the initial weights are drawn from a
-G-invariant distribution, and (d) each sample gets a uniformly random group element in SGD, then the
-*distribution* of trained weights stays G-invariant, so the infinite ensemble mean is exactly equivariant at
-every training time, on and off the data manifold. Members are not; finite ensembles approach it as N grows.
+"""The stacked ensemble: ``N`` members of one architecture as one module, evaluated in one vectorized call.
 
 :class:`StackedEnsemble` holds the members' parameters stacked along a leading member axis and evaluates all
-of them in one vectorized call (``torch.func.functional_call`` under ``torch.vmap``). Training with a
-per-member loss summed over members gives every member exactly the gradient it would get alone, so one
-optimizer over the stacked tensors is N independent optimizers (SGD, Adam: all elementwise).
+of them at once (``torch.func.functional_call`` under ``torch.vmap``, or grouped convolutions for
+:class:`~equiray.models.small.SmallCNN` members). Training with a per-member loss summed over members gives every
+member exactly the gradient it would get alone, so one optimizer over the stacked tensors is N independent
+optimizers (SGD, Adam: all elementwise).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import logging
-from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -26,16 +18,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
 from equiray.errors import EquirayError
-from equiray.groups import Group, get_group
 from equiray.models import create_model, register_model
-from equiray.models.small import MaskedConv2d, fast_tanh
+from equiray.models.small import fast_tanh
 
-log = logging.getLogger(__name__)
-
-Init = Literal["default", "invariant"]
-
-__all__ = ["StackedEnsemble", "MemberSpec", "build_members", "train_members_epoch", "member_batches",
-           "save_group", "load_group", "symmetric_core"]
+__all__ = ["MemberSpec", "StackedEnsemble"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +71,9 @@ class StackedEnsemble(nn.Module):
         base = copy.deepcopy(members[0]).to("meta")
         object.__setattr__(self, "_base", base)  # not a submodule: its (meta) parameters are never used
 
-    def _stacked(self):
+    def stacked_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(parameters, buffers)`` by the member model's own (dotted) names, each stacked ``(N, ...)``: the live
+        tensors, so gradients flow through them (member ``m``'s own state dict is ``{n: t[m] for ...}``)."""
         params = {n: getattr(self, _key(n)) for n in self._param_names}
         buffers = {n: getattr(self, _key(n)) for n in self._buffer_names}
         return params, buffers
@@ -94,7 +82,7 @@ class StackedEnsemble(nn.Module):
         per_member = x.dim() == 5
         if per_member and x.shape[0] != self.num_members:
             raise EquirayError(f"per-member input needs {self.num_members} batches, got {x.shape[0]}")
-        params, buffers = self._stacked()
+        params, buffers = self.stacked_state()
         if vectorize == "auto" and self.spec.name == "small_cnn":
             return _small_cnn_grouped(params, buffers, x, self.num_members)
 
@@ -184,104 +172,3 @@ def ensemble(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool = Fal
     if pretrained:
         raise EquirayError("an ensemble has no hub weights; load it from the registry (models:/equiray-ensemble@champion)")
     return StackedEnsemble(MemberSpec(member, dict(member_kwargs or {}), in_chans, num_classes), num_members)
-
-
-# ------------------------------------------------------------------------------------------- initialization
-def symmetric_core(mask: torch.Tensor, group: Group) -> torch.Tensor:
-    """Positions of a filter support whose whole orbit under ``group`` stays inside the support."""
-    k = mask[None, None]  # (1, 1, kh, kw)
-    core = mask.clone()
-    for g in group.elements():
-        core = core * group.act(k, g, padding="zeros")[0, 0].round()
-    return core
-
-
-def build_members(spec: MemberSpec, seeds: Sequence[int], *, init: Init = "default",
-                  group: Group | str | None = None) -> StackedEnsemble:
-    """Members initialised each from its own seed. ``init="invariant"`` makes the initial distribution
-    G-invariant (condition (c)) where the support is not: weights outside the support's symmetric core (the
-    positions whose whole orbit is in the support) start at zero; for symmetric supports this changes nothing.
-    """
-    members = []
-    for seed in seeds:
-        torch.manual_seed(int(seed))
-        m = spec.build()
-        if init == "invariant":
-            if group is None:
-                raise EquirayError("init='invariant' needs the group")
-            g = get_group(group)
-            with torch.no_grad():
-                for conv in (c for c in m.modules() if isinstance(c, MaskedConv2d)):
-                    conv.weight.mul_(symmetric_core(conv.mask, g))
-        elif init != "default":
-            raise EquirayError(f"unknown init {init!r}: choose 'default' or 'invariant'")
-        members.append(m)
-    return StackedEnsemble(spec, len(members), members=members)
-
-
-# ------------------------------------------------------------------------------------------- training
-def member_batches(x: torch.Tensor, y: torch.Tensor, num_members: int, batch_size: int,
-                   generators: Sequence[torch.Generator]):
-    """Per-member SGD batches: every member its own shuffled order of the data. Yields ``(idx (N, B))``."""
-    n = len(y)
-    perms = torch.stack([torch.randperm(n, generator=g) for g in generators])  # (N, n)
-    for start in range(0, n - batch_size + 1, batch_size):
-        yield perms[:, start:start + batch_size]  # (N, B)
-
-
-def train_members_epoch(ens: StackedEnsemble, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, *,
-                        batch_size: int, group: Group | None, generators: Sequence[torch.Generator],
-                        device: torch.device | str = "cpu", vectorize: Literal["auto", "vmap"] = "auto") -> dict:
-    """One epoch for every member at once: each member its own data order and, with ``group``, its own
-    uniformly random group element per sample (condition (d)); the loss is the sum of the members' mean
-    cross-entropies, so each member gets exactly its own gradient. Returns mean loss and accuracy."""
-    ens.train()
-    n_members = ens.num_members
-    total, correct, count = 0.0, 0, 0
-    for idx in member_batches(x, y, n_members, batch_size, generators):
-        xb = x[idx].to(device)  # (N, B, C, H, W)
-        yb = y[idx].to(device)  # (N, B)
-        if group is not None:
-            flat = xb.flatten(0, 1)  # (N*B, C, H, W)
-            el = torch.cat([group.sample(batch_size, generator=g) for g in generators]).to(device)
-            xb = group.act(flat, el).view_as(xb)
-        logits = ens.member_logits(xb, vectorize=vectorize)  # (N, B, K)
-        loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum") / batch_size
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += float(loss.detach())
-        correct += int((logits.argmax(-1) == yb).sum())
-        count += yb.numel()
-    if count == 0:
-        raise EquirayError(f"no full batch of {batch_size} in {len(y)} training samples")
-    return {"loss": total / (count / batch_size), "accuracy": correct / count, "member_samples": count}
-
-
-# ------------------------------------------------------------------------------------------- storage
-def save_group(ens: StackedEnsemble, path: str | Path, *, meta: dict) -> Path:
-    """One member group as ``path`` (safetensors, stacked weights) + ``path.json`` (spec and provenance);
-    loadable on its own with :func:`load_group`."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in ens.state_dict().items()}, str(path))
-    info = {"spec": dataclasses.asdict(ens.spec), "num_members": ens.num_members, **meta}
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    return path
-
-
-def load_group(path: str | Path) -> tuple[StackedEnsemble, dict]:
-    """A member group saved by :func:`save_group` -> ``(ensemble, its metadata)``."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if not path.is_file() or not meta_path.is_file():
-        raise EquirayError(f"{path} (and {meta_path.name}) not found: not a saved member group")
-    meta = json.loads(meta_path.read_text())
-    spec = MemberSpec(**meta["spec"])
-    ens = StackedEnsemble(spec, meta["num_members"])
-    ens.load_state_dict(load_file(str(path)))
-    return ens, meta

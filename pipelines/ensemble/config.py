@@ -1,0 +1,121 @@
+"""The ensemble pipeline's configuration (``configs/ensemble.yaml``) and its cut into member groups."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from equiray.errors import ConfigError
+from equiray.groups import get_group
+from pipelines._common import DataConfig, ScalingConfig, TrackingConfig
+
+
+@dataclass(frozen=True)
+class SettingConfig:
+    name: str
+    support: Literal["full", "symmetric", "asymmetric"] = "symmetric"
+    augment: bool = True
+    init: Literal["default", "invariant"] = "default"
+
+
+DEFAULT_SETTINGS = (
+    SettingConfig("symmetric+aug", "symmetric", True),
+    SettingConfig("symmetric, no aug", "symmetric", False),
+    SettingConfig("asymmetric+aug", "asymmetric", True),
+    SettingConfig("asymmetric+aug, invariant init", "asymmetric", True, "invariant"),
+)
+
+
+@dataclass(frozen=True)
+class MemberConfig:
+    name: str = "small_cnn"  # small_cnn (Nordenfors & Flinth's net) or any model without BatchNorm
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"width": 16})
+
+
+@dataclass(frozen=True)
+class EnsembleTrainSection:
+    epochs: int = 3
+    batch_size: int = 32  # per member, as in the paper
+    lr: float = 0.01
+    # the paper uses SGD (lr 0.01, 10 epochs); Adam is elementwise, so it commutes with the group's permutation
+    # of filter entries and keeps the theorem's symmetry argument, and it learns far faster in a short run
+    optimizer: Literal["sgd", "adam"] = "adam"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("train: epochs and batch_size must be >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class EnsembleTracking(TrackingConfig):
+    experiment: str = "equiray-ensemble"
+    registered_model: str = "equiray-ensemble"
+    alias: str = "champion"
+    champion: str | None = None  # the setting registered as the ensemble; default: the first setting
+
+
+@dataclass(frozen=True)
+class EnsembleEvalSection:
+    max_eval: int = 2000  # test images (in distribution)
+    off_manifold: str = "digits"  # another dataset, resized to the members' input size
+    max_off_manifold: int = 1000
+    repeats: int = 20  # bootstrap subsets per ensemble size
+    sizes: tuple[int, ...] = ()  # default: 1, 2, 5, 10, 20, ... up to all members
+    # "nfn": a registered metanetwork predicts every member's accuracy from its weights and the weakest
+    # drop_fraction are left out of the average; compared with the whole ensemble and random subsets of that size
+    select_by: Literal["none", "nfn"] = "none"
+    nfn_model: str = "models:/equiray-nfn-members@champion"  # trained on a zoo of members (nfn_train_members.yaml)
+    drop_fraction: float = 0.25
+
+    def __post_init__(self):
+        if not 0 < self.drop_fraction < 1:
+            raise ConfigError(f"eval.drop_fraction must be in (0, 1), got {self.drop_fraction}")
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One member group: its id, its setting (an index into ``settings``) and its members' global ids. The same
+    in every run of a config, so a restarted worker finds its groups again."""
+
+    gid: int
+    setting: int
+    members: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    data: DataConfig = DataConfig(max_train=4000, resize=14)
+    member: MemberConfig = MemberConfig()
+    group: str = "C4"
+    settings: tuple[SettingConfig, ...] = DEFAULT_SETTINGS
+    members: int = 24  # per setting
+    members_per_group: int = 8  # trained together, vectorized, by one worker
+    train: EnsembleTrainSection = EnsembleTrainSection()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: EnsembleTracking = EnsembleTracking()
+    eval: EnsembleEvalSection = EnsembleEvalSection()
+    storage_path: str = "runs"
+    max_failures: int = 2  # worker-group restarts Ray Train may do (from the latest checkpoint)
+
+    def __post_init__(self):
+        get_group(self.group)
+        if self.members < 1 or self.members_per_group < 1:
+            raise ConfigError("members and members_per_group must be >= 1")
+        names = [s.name for s in self.settings]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError("settings: give at least one setting, with distinct names")
+        if self.tracking.champion is not None and self.tracking.champion not in names:
+            raise ConfigError(f"tracking.champion {self.tracking.champion!r} is not one of the settings {names}")
+
+    def member_groups(self) -> list[GroupPlan]:
+        """Every member group, settings one after the other, each cut into groups of ``members_per_group``."""
+        groups = []
+        for s in range(len(self.settings)):
+            ids = [s * self.members + m for m in range(self.members)]
+            for start in range(0, self.members, self.members_per_group):
+                groups.append(GroupPlan(len(groups), s, tuple(ids[start:start + self.members_per_group])))
+        return groups
+
+    def member_kwargs(self, setting: SettingConfig) -> dict[str, Any]:
+        """The member model's keyword arguments for one setting (its filter support overrides the member's)."""
+        return {**self.member.kwargs, "support": setting.support}

@@ -1,0 +1,137 @@
+"""What runs on a Ray Train worker: this worker's member groups, round by round, checkpointed after each round.
+
+Group ``i`` belongs to worker ``i % num_workers``. A round trains one epoch of this worker's first unfinished
+group (:class:`equiray.ensembles.MemberGroup`: loaded from its file, or built from its members' seeds, trained,
+saved back); then every group file goes into one Ray Train checkpoint. A restarted worker group copies the
+latest checkpoint's files back and goes on from the round after it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from equiray.ensembles import MemberGroup, MemberSpec, member_seed
+from equiray.groups import Group, get_group
+from equiray.train import EpochStats
+from pipelines._common import load_shard, worker_threads
+from pipelines._ray import say
+from pipelines.ensemble.config import EnsembleConfig, GroupPlan
+
+
+@dataclass(frozen=True)
+class WorkerRun:
+    """The run-time values every worker needs beside the config."""
+
+    run_id: str  # the MLflow run rank 0 logs per-group losses to
+    tracking_uri: str
+    num_classes: int
+    groups: tuple[GroupPlan, ...]
+    rounds: int  # the most groups any worker has, times epochs
+
+
+def group_file(gid: int) -> str:
+    """A member group's file name, in a worker's folder and in the checkpoint."""
+    return f"group-{gid:05d}.pt"
+
+
+def train_group_epoch(cfg: EnsembleConfig, plan: GroupPlan, path: Path, x: torch.Tensor, y: torch.Tensor, *,
+                      num_classes: int, group: Group, device: torch.device, node: str) -> tuple[int, EpochStats]:
+    """Load the group saved in ``path`` (or build it from its members' seeds), train it one epoch on ``node``,
+    save it back; returns ``(epochs done, the epoch's stats)``."""
+    setting = cfg.settings[plan.setting]
+    if path.is_file():
+        grp = MemberGroup.load(path, device=device)
+    else:
+        spec = MemberSpec(cfg.member.name, cfg.member_kwargs(setting), int(x.shape[1]), num_classes)
+        grp = MemberGroup.new(spec, [member_seed(cfg.train.seed, m) for m in plan.members], init=setting.init,
+                              group=cfg.group, optimizer=cfg.train.optimizer, lr=cfg.train.lr, device=device)
+    stats = grp.train_epoch(x, y, batch_size=cfg.train.batch_size, group=group if setting.augment else None,
+                            device=device, node=node)
+    grp.save(path)
+    return grp.epochs_done, stats
+
+
+def _device(cfg: EnsembleConfig) -> torch.device:
+    if cfg.scaling.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _restore(checkpoint, mine: list[GroupPlan], local: Path) -> tuple[int, int]:
+    """Copy this worker's group files out of ``checkpoint`` into ``local``; returns ``(rounds completed, restarts
+    so far)`` (``(0, 0)`` without a checkpoint)."""
+    if not checkpoint:
+        return 0, 0
+    with checkpoint.as_directory() as d:
+        for g in mine:
+            src = Path(d) / group_file(g.gid)
+            if src.is_file():
+                shutil.copy(src, local / src.name)
+        progress = Path(d) / "round.json"
+        if progress.is_file():
+            done = json.loads(progress.read_text())
+            return done["completed_rounds"], done["restarts"] + 1
+    return 0, 0
+
+
+def _report(metrics: dict, local: Path, progress: dict | None) -> None:
+    """Every group file of this worker (and, from rank 0, the round's progress) as one Ray Train checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as out:
+        for f in local.glob("group-*.pt"):
+            shutil.copy(f, Path(out) / f.name)
+        if progress is not None:
+            (Path(out) / "round.json").write_text(json.dumps(progress))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(out))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Train this worker's member groups round by round; checkpoint all of them after every round.
+    ``config`` is Ray Train's envelope: ``{"cfg": EnsembleConfig, "run": WorkerRun}``."""
+    import ray
+    import ray.train
+    from mlflow import MlflowClient
+
+    cfg: EnsembleConfig = config["cfg"]
+    run: WorkerRun = config["run"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker_threads(cfg.scaling.torch_threads)
+    device = _device(cfg)
+    x, y = load_shard(ray.train.get_dataset_shard("train"), size=cfg.data.resize, limit=cfg.data.max_train)
+    x, y = x.to(device), y.to(device)
+    group = get_group(cfg.group)
+    mine = [g for g in run.groups if g.gid % world == rank]
+    epochs = cfg.train.epochs
+
+    local = Path(tempfile.mkdtemp(prefix=f"equiray-groups-{rank}-"))  # this worker's latest group states
+    checkpoint = ray.train.get_checkpoint()
+    start_round, restarts = _restore(checkpoint, mine, local)
+    done = {g.gid: MemberGroup.saved_epochs(local / group_file(g.gid)) if (local / group_file(g.gid)).is_file()
+            else 0 for g in mine}
+    if checkpoint:
+        say(f"[ensemble] worker {rank}: resumed at round {start_round + 1} from the latest checkpoint "
+            f"(epochs done per group: {done})")
+    client = MlflowClient(run.tracking_uri) if rank == 0 else None
+    node = ray.get_runtime_context().get_node_id()  # a restarted worker group may land elsewhere
+    for r in range(start_round, run.rounds):
+        metrics = {"round": r + 1}
+        todo = [g for g in mine if done[g.gid] < epochs]
+        if todo:
+            g = todo[0]
+            done[g.gid], stats = train_group_epoch(cfg, g, local / group_file(g.gid), x, y, device=device,
+                                                   num_classes=run.num_classes, group=group, node=node)
+            metrics.update(loss=stats.loss, accuracy=stats.accuracy, member_samples=stats.samples)
+            say(f"[ensemble] worker {rank} round {r + 1}/{run.rounds}: group {g.gid} "
+                f"({cfg.settings[g.setting].name}, {len(g.members)} members) epoch "
+                f"{done[g.gid]}/{epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}")
+            if client is not None:
+                client.log_metric(run.run_id, f"train_loss/group{g.gid:05d}", stats.loss, step=done[g.gid])
+        _report(metrics, local, {"completed_rounds": r + 1, "restarts": restarts} if rank == 0 else None)
+    shutil.rmtree(local, ignore_errors=True)

@@ -29,7 +29,7 @@ def members(ray_session, tmp_path_factory):
     zoo = run_zoo(load_config(ZooConfig, {"from_ensemble": "latest", "ensemble_experiment": "test-select",
                                           "out": str(root / "member-zoo")}))
     nfn = run_nfn_train(load_config(NFNTrainConfig, {
-        "zoo": zoo["out"], "zoos": ["plain"], "epochs": 3, "batch_size": 4, "cpus_per_task": 0.5,
+        "zoo": zoo.out, "zoos": ["plain"], "epochs": 3, "batch_size": 4, "cpus_per_task": 0.5,
         "metanetworks": {"monomial-nfn": {"hidden_channels": 4, "mlp_hidden": [8]}},
         "tracking": {"experiment": "test-select", "registered_model": "members-nfn", "alias": "champion"}}))
     yield cfg, trained, zoo, nfn, root
@@ -38,14 +38,14 @@ def members(ray_session, tmp_path_factory):
 
 def test_members_become_a_zoo_with_validation_accuracy(members):
     cfg, trained, zoo, nfn, root = members
-    rows, states = read_zoo(zoo["out"])
-    assert zoo["nets"] == 16 and [r["net_id"] for r in rows] == list(range(16))
+    rows, states = read_zoo(zoo.out)
+    assert zoo.nets == 16 and [r["net_id"] for r in rows] == list(range(16))
     assert {r["setting"] for r in rows} == {"sym+aug", "asym, no aug"} and {r["accuracy_split"] for r in rows} == {"val"}
     ensembles, _ = load_members(trained.run_id)
     first = member_state_dicts(ensembles["sym+aug"])[0]
     for k, v in first.items():  # member 0 stored as it was trained
         torch.testing.assert_close(states[0][k], v)
-    assert nfn["champion"] == "monomial-nfn" and -1 <= nfn["tau"]["monomial-nfn/plain"] <= 1
+    assert nfn.champion == "monomial-nfn" and -1 <= nfn.tau["monomial-nfn/plain"] <= 1
 
 
 def test_select_by_nfn_keeps_the_members_predicted_strongest(members):
@@ -55,13 +55,13 @@ def test_select_by_nfn_keeps_the_members_predicted_strongest(members):
     from pipelines._tracking import load_model
 
     cfg, trained, zoo, nfn, root = members
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, select_by="nfn", nfn_model=nfn["registered"]))
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, select_by="nfn", nfn_model=nfn.registered))
     result = run_eval(cfg, run_id=trained.run_id, report_dir=root / "report")
     rows = result.selection
     assert [r["members"] for r in rows] == ["all 8", "nfn top 6", "random 6"] * 2
     assert "nfn top 6" in result.table and (root / "report" / "ensemble_selection.md").exists()
     # the "nfn top 6" row is the mean of exactly the 6 members the registered metanetwork ranks highest
-    metanet, _ = load_model(nfn["registered"])
+    metanet, _ = load_model(nfn.registered)
     ens = load_members(trained.run_id)[0]["sym+aug"]
     top = torch.argsort(predict(metanet, features_from_normalized_cnns(member_state_dicts(ens))[0]),
                         descending=True)[:6]
@@ -76,7 +76,7 @@ def test_select_by_a_metanetwork_of_other_nets_is_a_clear_error(members):
     from pipelines._tracking import load_model
 
     cfg, trained, zoo, nfn, root = members
-    metanet, spec = load_model(nfn["registered"])
+    metanet, spec = load_model(nfn.registered)
     ensembles, _ = load_members(trained.run_id)
     with pytest.raises(EquirayError, match="was not trained on members like these"):
         select_by_nfn(ensembles, metanet, {**spec, "network_spec": [[16, 1, [3, 3]]]}, torch.zeros(2, 1, 8, 8),

@@ -4,7 +4,11 @@ frozen or fine-tuned) reads the canonical input, and its output is mapped back b
 Training uses the straight-through argmax ``onehot(argmax a) + softmax(beta a) - softmax(beta a).detach()``. The
 papers turn the one-hot into an angle and rotate by it; here the one-hot weights the ``|G|`` transformed copies
 ``h^-1.x`` directly, which is the same forward value (exact on the pixel grid for C4/D4 instead of an
-interpolated rotation) and passes the same softmax gradient to the scores.
+interpolated rotation). Its gradient is not equiadapt's: equiadapt differentiates through the rotation by the
+one-hot-weighted angle, here the softmax weights the |G| rotated copies; either passes the scores a gradient.
+
+``pose="angle"`` reads a continuous pose off the scores instead (:mod:`equiray.canon.pose`): the canonical input is
+the input rotated back by any angle, not only by a group element, and the answer reports that angle.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch.nn as nn
 
 from equiray.canon.canonicalizers import Canonicalizer, create_canonicalizer
 from equiray.canon.losses import straight_through
+from equiray.canon.pose import continuous_pose, undo_pose
 from equiray.groups import Group, OutputKind
 from equiray.models import create_model, register_model
 
@@ -28,13 +33,21 @@ class Canonicalization:
 
     ``inputs``: the canonical inputs ``c(x)^-1 . x`` (B, C, H, W); ``element``: the chosen element per input (B,);
     ``scores``: one score per group element (B, |G|); ``embeddings``: the optimized canonicalizer's unit-norm
-    embeddings of every copy (B, |G|, D), for its contrastive loss (None for the equivariant one).
+    embeddings of every copy (B, |G|, D), for its contrastive loss (None for the equivariant one); ``angle``: with
+    a continuous pose, the angle each input was turned back by, in radians counter-clockwise (B,), else None
+    (``element``, the nearest group element, then says the same on the grid).
     """
 
     inputs: torch.Tensor
     element: torch.Tensor
     scores: torch.Tensor
     embeddings: torch.Tensor | None = None
+    angle: torch.Tensor | None = None
+
+    def degrees(self, group: Group) -> torch.Tensor:
+        """The pose in degrees in [0, 360): the continuous angle, or the chosen element's rotation."""
+        rad = self.angle if self.angle is not None else group.angles(self.element).to(self.scores.device)
+        return torch.rad2deg(rad) % 360.0
 
 
 class CanonicalizedModel(nn.Module):
@@ -44,15 +57,21 @@ class CanonicalizedModel(nn.Module):
     ``forward`` returns the backbone's output mapped back by ``c(x)``; :meth:`canonicalize` and
     :meth:`forward_with_info` also return the chosen element per input. ``padding`` fills the corners that a
     rotation by other than 90 degrees brings in: ``zeros`` suits objects on a blank background (replicating the
-    border smears any edge that touches it into streaks), ``border`` suits natural images.
+    border smears any edge that touches it into streaks), ``border`` suits natural images. ``pose``: ``element``
+    turns each input back by the chosen group element; ``angle`` by a continuous angle read off the scores
+    (invariant outputs only).
     """
 
     def __init__(self, backbone: nn.Module, canonicalizer: Canonicalizer, *,
                  output: OutputKind | str = OutputKind.INVARIANT, beta: float = 1.0,
-                 padding: Literal["border", "zeros"] = "zeros"):
+                 padding: Literal["border", "zeros"] = "zeros", pose: Literal["element", "angle"] = "element"):
         super().__init__()
+        if pose not in ("element", "angle"):
+            raise ValueError(f"pose is 'element' or 'angle', not {pose!r}")
         self.backbone, self.canonicalizer = backbone, canonicalizer
-        self.output, self.beta, self.padding = OutputKind(output), float(beta), padding
+        self.output, self.beta, self.padding, self.pose = OutputKind(output), float(beta), padding, pose
+        if pose == "angle" and self.output is not OutputKind.INVARIANT:
+            raise ValueError("a continuous pose maps back only invariant outputs (class logits); use pose='element'")
 
     @property
     def group(self) -> Group:
@@ -63,6 +82,10 @@ class CanonicalizedModel(nn.Module):
             raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
         g = self.group
         scores, emb = self.canonicalizer.score(self.canonicalizer.prepare(x))
+        if self.pose == "angle":
+            pose = continuous_pose(scores, g, beta=self.beta)
+            return Canonicalization(undo_pose(x, pose, padding=self.padding), pose.nearest_element(g), scores, emb,
+                                    angle=pose.angle)
         element = scores.argmax(-1)
         if torch.is_grad_enabled() and scores.requires_grad:
             # every copy h^-1.x, weighted by the straight-through one-hot: forward = the chosen copy
@@ -89,9 +112,9 @@ def canonicalized(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool 
                   backbone: str = "resnet8", backbone_kwargs: dict | None = None,
                   canonicalizer: str = "equivariant", canonicalizer_kwargs: dict | None = None,
                   group: str = "C8", beta: float = 1.0, output: str = "invariant",
-                  padding: str = "zeros") -> nn.Module:
+                  padding: str = "zeros", pose: str = "element") -> nn.Module:
     """A backbone (equiray or timm name) behind a canonicalizer, as one model (weights: ``equiray canon sweep``)."""
     net = create_model(backbone, in_chans=in_chans, num_classes=num_classes, pretrained=pretrained,
                        **dict(backbone_kwargs or {}))
     canon = create_canonicalizer(canonicalizer, group, in_chans=in_chans, **dict(canonicalizer_kwargs or {}))
-    return CanonicalizedModel(net, canon, output=output, beta=beta, padding=padding)
+    return CanonicalizedModel(net, canon, output=output, beta=beta, padding=padding, pose=pose)

@@ -1,0 +1,69 @@
+"""A continuous pose from a canonicalizer's group scores (Kaba et al. 2023's idea, on equiray's C_n / D_n nets).
+
+A canonicalizer over ``C_n`` gives one score per rotation by ``2 pi k / n``; rotating the input by a group element
+shifts the scores cyclically. The scores' first circular harmonic, the 2-vector
+
+    v(x) = sum_k w_k(x) (cos 2 pi k / n, sin 2 pi k / n),    w = softmax(beta * scores)
+
+transforms like the plane itself under those shifts: rotating the input by ``2 pi j / n`` rotates ``v`` by the
+same angle, exactly. Its angle ``theta(x) = atan2(v_y, v_x)`` is a pose that is not confined to the grid: an input
+rotated half-way between two elements scores both, and the weighted mean lands between them. The canonical input
+is the input rotated back by ``theta`` (pad, rotate bilinearly, crop), so the backbone sees any input within the
+canonicalizer's error of upright, instead of within ``180 / n`` degrees.
+
+For ``D_n`` the reflection is chosen first (the half of the scores, mirrored or not, holding the best score) and
+the angle is read from that half; the reflection choice carries no gradient.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from equiray.groups import Group, rotate
+
+__all__ = ["Pose", "continuous_pose", "undo_pose"]
+
+
+@dataclass(frozen=True)
+class Pose:
+    """``angle``: radians, counter-clockwise, in (-pi, pi] (B,); ``mirrored``: whether the input was read as a
+    mirrored one (B,) bool; ``strength``: |v| in [0, 1], how decided the canonicalizer is (B,)."""
+
+    angle: torch.Tensor
+    mirrored: torch.Tensor
+    strength: torch.Tensor
+
+    def nearest_element(self, group: Group) -> torch.Tensor:
+        """The group element closest to this pose (``s * n + k``: the mirror bit, then the nearest rotation)."""
+        n = group.n
+        k = torch.round(self.angle / (2 * math.pi / n)).long() % n
+        return self.mirrored.long() * n + k if group.reflections else k
+
+    def degrees(self) -> torch.Tensor:
+        return torch.rad2deg(self.angle) % 360.0
+
+
+def continuous_pose(scores: torch.Tensor, group: Group, *, beta: float = 1.0) -> Pose:
+    """The pose read off scores ``(B, |G|)`` (element order ``s * n + k``); differentiable in the scores."""
+    n = group.n
+    b = scores.shape[0]
+    if group.reflections:
+        halves = scores.view(b, 2, n)  # (B, 2, n): unmirrored, mirrored
+        mirrored = halves.amax(-1).argmax(-1).bool()  # (B,)
+        half = torch.where(mirrored[:, None], halves[:, 1], halves[:, 0])  # (B, n)
+    else:
+        mirrored = torch.zeros(b, dtype=torch.bool, device=scores.device)
+        half = scores
+    w = torch.softmax(beta * half, dim=-1)  # (B, n)
+    phi = torch.arange(n, device=scores.device, dtype=w.dtype) * (2 * math.pi / n)
+    vx, vy = (w * torch.cos(phi)).sum(-1), (w * torch.sin(phi)).sum(-1)
+    return Pose(torch.atan2(vy, vx), mirrored, torch.sqrt(vx * vx + vy * vy))
+
+
+def undo_pose(x: torch.Tensor, pose: Pose, *, padding: str = "zeros") -> torch.Tensor:
+    """The canonical input ``c(x)^-1 . x``: rotate each image back by its angle, then undo its mirror (the group's
+    element ``r^k m^s`` mirrors first and rotates second)."""
+    back = rotate(x, -pose.angle.to(x.dtype), padding=padding)
+    return torch.where(pose.mirrored[:, None, None, None], back.flip(-1), back)

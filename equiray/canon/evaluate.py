@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 
 from equiray.canon.losses import identity_rate
+from equiray.data.views import RANDOM_ROTATIONS, apply_view
 from equiray.canon.model import CanonicalizedModel
 from equiray.groups import Group, get_group
+from equiray.train import accuracy, predict
 
 __all__ = ["evaluate_variant", "Latencies", "paired_latencies"]
 
@@ -21,7 +23,9 @@ __all__ = ["evaluate_variant", "Latencies", "paired_latencies"]
 def evaluate_variant(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group: Group | str, *,
                      batch_size: int = 512, device: torch.device | str = "cpu") -> dict[str, float]:
     """Upright accuracy, the Cn-avg accuracy (mean over the n rotated copies: pad, rotate, crop), the accuracy per
-    rotation (``accuracy_rot_{e}``), and the identity rate on upright inputs (canonicalized models)."""
+    rotation (``accuracy_rot_{e}``), the SO(2)-avg and O(2)-avg accuracies (each image at its own random angle,
+    after a random mirror for O(2): the ``so2`` / ``o2`` views, seed 0) and the identity rate on upright inputs
+    (canonicalized models)."""
     g = get_group(group)
     model.eval().to(device)
     per_element = []
@@ -40,6 +44,8 @@ def evaluate_variant(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group: 
         per_element.append(correct / len(y))
     out = {"upright_accuracy": per_element[0], "cn_avg_accuracy": sum(per_element) / len(per_element),
            **{f"accuracy_rot_{e}": a for e, a in enumerate(per_element)}}
+    for view in RANDOM_ROTATIONS:
+        out[f"{view}_accuracy"] = accuracy(predict(model, apply_view(x, view), batch_size=batch_size, device=device), y)
     if identity:
         out["identity_rate"] = identity_rate(torch.cat(identity), model.group)
     return out

@@ -21,10 +21,11 @@ from equiray.errors import EquirayError
 from equiray.groups import get_group
 from equiray.train import Step, cross_entropy, shuffled_batches, train_epoch
 
-__all__ = ["BACKBONE_MODES", "Variant", "CanonObjective", "build_variant", "variant_optimizer", "train_variant"]
+__all__ = ["BACKBONE_MODES", "POSES", "Variant", "CanonObjective", "build_variant", "variant_optimizer", "train_variant"]
 
 BackboneMode = Literal["finetune", "frozen"]
 BACKBONE_MODES: tuple[BackboneMode, ...] = ("finetune", "frozen")
+POSES = ("element", "angle")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class Variant:
 
     ``kind``: a registered canonicalizer, or ``"none"`` for the bare backbone (the baselines); ``group``: the
     canonicalizer's group (and the augmentation's, with ``augment``: each training image turned by a random
-    element); ``prior_weight``: the weight of the canonicalization prior; ``backbone``: fine-tuned or frozen.
+    element); ``prior_weight``: the weight of the canonicalization prior; ``backbone``: fine-tuned or frozen;
+    ``pose``: turn inputs back by the chosen group element, or by a continuous angle read off the scores.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Variant:
     augment: bool = False
     prior_weight: float = 0.0
     backbone: BackboneMode = "finetune"
+    pose: Literal["element", "angle"] = "element"
 
     def __post_init__(self):
         if self.kind != "none" and self.kind not in list_canonicalizers():
@@ -49,6 +52,8 @@ class Variant:
                                f"{', '.join(list_canonicalizers())} or none")
         if self.backbone not in BACKBONE_MODES:
             raise EquirayError(f"variant {self.name!r}: backbone {self.backbone!r} is not one of {BACKBONE_MODES}")
+        if self.pose not in POSES:
+            raise EquirayError(f"variant {self.name!r}: pose {self.pose!r} is not one of {POSES}")
 
     @property
     def canonicalized(self) -> bool:
@@ -108,10 +113,12 @@ def build_variant(variant: Variant, backbone_spec: Mapping[str, Any],
         return backbone, {**base, "name": backbone_spec["name"], "kwargs": dict(backbone_spec.get("kwargs", {}))}
     kwargs = dict(canonicalizer_kwargs or {})
     canon = create_canonicalizer(variant.kind, variant.group, in_chans=backbone_spec["in_chans"], **kwargs)
-    model = CanonicalizedModel(backbone, canon, beta=beta)
+    model = CanonicalizedModel(backbone, canon, beta=beta, pose=variant.pose)
     spec = {**base, "name": "canonicalized", "kwargs": {
         "backbone": backbone_spec["name"], "backbone_kwargs": dict(backbone_spec.get("kwargs", {})),
         "canonicalizer": variant.kind, "canonicalizer_kwargs": kwargs, "group": variant.group, "beta": beta}}
+    if variant.pose != "element":  # older specs name no pose: the element
+        spec["kwargs"]["pose"] = variant.pose
     return model, spec
 
 

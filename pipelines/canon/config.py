@@ -6,12 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from equiray.canon import BACKBONE_MODES, Variant, list_canonicalizers
+from equiray.canon import BACKBONE_MODES, POSES, Variant, list_canonicalizers
 from equiray.errors import ConfigError
 from equiray.groups import get_group
 from pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
 
 BASELINES = ("vanilla", "augment")
+SELECTABLE = ("cn_avg_accuracy", "upright_accuracy", "so2_accuracy", "o2_accuracy")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class GridConfig:
     group: tuple[str, ...] = ("C8",)
     prior_weight: tuple[float, ...] = (0.0, 100.0)
     backbone: tuple[str, ...] = ("finetune",)  # finetune | frozen
+    pose: tuple[str, ...] = ("element",)  # element: turn back by the chosen element; angle: by a continuous angle
 
     def __post_init__(self):
         for k in self.kind:
@@ -34,6 +36,9 @@ class GridConfig:
                 raise ConfigError(f"grid.backbone: {b!r} is not one of {BACKBONE_MODES}")
         if any(w < 0 for w in self.prior_weight):
             raise ConfigError("grid.prior_weight: weights must be >= 0")
+        for p in self.pose:
+            if p not in POSES:
+                raise ConfigError(f"grid.pose: {p!r} is not one of {POSES}")
 
 
 # The options of each canonicalizer kind. An option left at None is not passed: the canonicalizer's own default
@@ -137,8 +142,8 @@ class CanonConfig:
             if b not in BASELINES:
                 raise ConfigError(f"baselines: {b!r} is not one of {BASELINES}")
         get_group(self.eval_group)
-        if self.select not in ("cn_avg_accuracy", "upright_accuracy"):
-            raise ConfigError("select: cn_avg_accuracy or upright_accuracy")
+        if self.select not in SELECTABLE:
+            raise ConfigError(f"select: one of {', '.join(SELECTABLE)}")
 
     def variants(self) -> list[Variant]:
         """Every trial's variant: the baselines first, then the grid."""
@@ -151,7 +156,9 @@ class CanonConfig:
             for group in self.grid.group:
                 for w in self.grid.prior_weight:
                     for mode in self.grid.backbone:
-                        prior = f"prior {w:g}" if w else "no prior"
-                        out.append(Variant(name=f"{kind} {group}, {prior}, {mode}", kind=kind, group=group,
-                                           augment=False, prior_weight=float(w), backbone=mode))
+                        for pose in self.grid.pose:
+                            prior = f"prior {w:g}" if w else "no prior"
+                            angle = ", angle" if pose == "angle" else ""
+                            out.append(Variant(name=f"{kind} {group}{angle}, {prior}, {mode}", kind=kind, group=group,
+                                               augment=False, prior_weight=float(w), backbone=mode, pose=pose))
         return out

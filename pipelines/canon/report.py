@@ -10,12 +10,17 @@ __all__ = ["results_table", "verdict", "plot_variants"]
 
 def results_table(rows: Sequence[Mapping], group: str) -> str:
     """The variants as a Markdown table (what the CLI prints and the report quotes)."""
-    lines = [f"| variant | upright acc | {group}-avg acc | identity rate | ms / image | overhead vs backbone |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| variant | upright acc | {group}-avg acc | SO(2)-avg acc | O(2)-avg acc | identity rate | ms / image | "
+             "overhead vs backbone |", "|---|---|---|---|---|---|---|---|"]
+
+    def pct(r, key):
+        return f"{r[key] * 100:.2f}%" if r.get(key) is not None else "n/a"
+
     for r in rows:
         ident = f"{r['identity_rate'] * 100:.1f}%" if r.get("identity_rate") is not None else "n/a"
-        lines.append(f"| {r['name']} | {r['upright_accuracy'] * 100:.2f}% | {r['cn_avg_accuracy'] * 100:.2f}% | "
-                     f"{ident} | {r['ms_per_image']:.3f} | {r['overhead'] * 100:+.0f}% |")
+        lines.append(f"| {r['name']} | {pct(r, 'upright_accuracy')} | {pct(r, 'cn_avg_accuracy')} | "
+                     f"{pct(r, 'so2_accuracy')} | {pct(r, 'o2_accuracy')} | {ident} | {r['ms_per_image']:.3f} | "
+                     f"{r['overhead'] * 100:+.0f}% |")
     return "\n".join(lines)
 
 

@@ -78,9 +78,9 @@ def _add_pipelines(sub) -> dict[str, tuple[argparse.ArgumentParser, argparse._Su
     Returns the groups: word -> (its parser, its actions)."""
     groups: dict[str, tuple[argparse.ArgumentParser, argparse._SubParsersAction]] = {}
 
-    def group(word: str, help: str | None):
+    def group(word: str, text: str | None):
         if word not in groups:
-            gp = sub.add_parser(word, help=help) if help else sub.add_parser(word)
+            gp = sub.add_parser(word, help=text) if text else sub.add_parser(word)
             groups[word] = gp, gp.add_subparsers(dest="action", metavar="ACTION")
         return groups[word][1]
 
@@ -102,18 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups = _add_pipelines(sub)
+    _add_serve_stop(groups["serve"][1])
+    for word, (gp, actions) in groups.items():
+        gp.set_defaults(missing=f"choose an action: equiray {word} {' | '.join(actions.choices)} "
+                        f"(see equiray {word} --help)")
+    _add_data(sub)
+    _add_cluster(sub)
+    models = sub.add_parser("models", help="list model names")
+    models.set_defaults(handler=_cmd_models)
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION")
+    ml = msub.add_parser("list", help="equiray's own models (and timm's with --timm PATTERN)")
+    ml.add_argument("--timm", metavar="PATTERN", help="also list timm models matching PATTERN, e.g. 'resnet*'")
+    return parser
 
-    sstop = groups["serve"][1].add_parser(
+
+def _add_serve_stop(serve_actions) -> None:
+    sstop = serve_actions.add_parser(
         "stop", help="delete a detached endpoint on the cluster at RAY_ADDRESS",
         description="Delete the Serve application (default: equiray) from the Ray cluster at RAY_ADDRESS; with "
         "--all, shut Serve down there.")
     sstop.add_argument("--app", default="equiray", help="application name (default: equiray)")
     sstop.add_argument("--all", action="store_true", help="shut down Serve entirely")
     sstop.set_defaults(handler=_cmd_serve_stop)
-    for word, (gp, actions) in groups.items():
-        gp.set_defaults(missing=f"choose an action: equiray {word} {' | '.join(actions.choices)} "
-                        f"(see equiray {word} --help)")
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="prepare and inspect datasets (Parquet shards)")
     data.set_defaults(handler=_cmd_data)
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -136,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = dsub.add_parser("info", help="print a prepared dataset's metadata and schema")
     info.add_argument("dir")
 
+
+def _add_cluster(sub) -> None:
+    """``submit`` and ``jobs``: Ray's Job Submission API."""
     sub_ = sub.add_parser("submit", help="submit a job spec (jobs/*.yaml) to a Ray cluster",
                           description="Submit a job spec to the Ray cluster at --address (default: RAY_ADDRESS, "
                           "else http://127.0.0.1:8265, where `ray dashboard cluster.yaml` forwards the head's "
@@ -164,13 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
             jp.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
         if action == "stop":
             jp.add_argument("--wait", action="store_true", help="wait until the job has stopped")
-
-    models = sub.add_parser("models", help="list model names")
-    models.set_defaults(handler=_cmd_models)
-    msub = models.add_subparsers(dest="models_command", metavar="ACTION")
-    ml = msub.add_parser("list", help="equiray's own models (and timm's with --timm PATTERN)")
-    ml.add_argument("--timm", metavar="PATTERN", help="also list timm models matching PATTERN, e.g. 'resnet*'")
-    return parser
 
 
 def _add_address(p: argparse.ArgumentParser) -> None:

@@ -70,7 +70,8 @@ def test_pip_requirements_are_the_projects(tmp_path):
 
 def test_entrypoints_are_parsed_into_pipelines_and_configs():
     cmds = jobs.pipeline_commands("python -m pipelines.ensemble train --config a.yaml --set train.epochs=2 && "
-                                  "python -m pipelines.ftp tune --config=b.yaml --resume; equiray canon sweep -c c.yaml; "
+                                  "python -m pipelines.ftp tune --config=b.yaml --resume; "
+                                  "equiray canon sweep -c c.yaml; "
                                   "echo done; serve deploy d.yaml; python -m pipelines.serve run --serve-config e.yaml")
     assert [(c.pipeline, c.config, c.overrides) for c in cmds] == [
         ("ensemble train", "a.yaml", ("train.epochs=2",)), ("ftp tune", "b.yaml", ()), ("canon sweep", "c.yaml", ()),

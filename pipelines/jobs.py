@@ -13,9 +13,10 @@ A job spec is a small YAML file (``load_job_spec`` rejects unknown keys, naming 
       env_vars:
         RAY_USAGE_STATS_ENABLED: "0"
 
-The configs a spec runs are read off its entrypoint (``python -m pipelines.X [ACTION] --config F``,
-``equiray X [ACTION] --config F``, ``serve deploy F``, ``--serve-config F``), checked to exist before anything is submitted, and
-loaded by the tests with the pipeline's own config class, so a cluster-scale config cannot rot unnoticed.
+The configs a spec runs are read off its entrypoint (``python -m pipelines.X [ACTION] --config F``, which is
+``equiray X [ACTION] --config F``; ``serve deploy F``, ``--serve-config F``), found in :mod:`pipelines.catalog`,
+checked to exist before anything is submitted, and loaded by the tests with the pipeline's own config class, so a
+cluster-scale config cannot rot unnoticed.
 
 ``${VAR}`` / ``${VAR:-default}`` in ``env_vars`` expand from the submitting environment; a variable that is
 unset and has no default is an error, not an empty string. ``MLFLOW_TRACKING_URI`` needs no entry: cluster.yaml
@@ -42,8 +43,6 @@ from equiray.errors import ConfigError, EquirayError
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SERVE = "serve"  # a Ray Serve config file: `serve deploy|run FILE` (Ray's CLI), `--serve-config FILE`
-# `python -m pipelines.MODULE ...` is `equiray COMMAND ...` (see each module's main); the rest are the same word
-MODULE_COMMANDS = {"ftp": "tune ftp"}
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,9 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class PipelineCommand:
-    """One pipeline call found in an entrypoint: ``pipeline`` is a key of ``pipelines.cli.PIPELINES`` (or
-    ``serve``), ``config`` the config file it runs, ``overrides`` its ``--set`` values."""
+    """One pipeline call found in an entrypoint: ``pipeline`` is a command of ``pipelines.catalog.PIPELINES``
+    (an old spelling given as its command), or ``SERVE`` for a Serve config file; ``config`` the config file it
+    runs, ``overrides`` its ``--set`` values."""
 
     pipeline: str
     config: str | None
@@ -102,7 +102,7 @@ def load_job_spec(path: str | os.PathLike) -> JobSpec:
 
 def pipeline_commands(entrypoint: str) -> list[PipelineCommand]:
     """Every equiray pipeline (and Serve config) the entrypoint runs, in order."""
-    from pipelines.cli import PIPELINES
+    from pipelines.catalog import ALIASES, PIPELINES
 
     lexer = shlex.shlex(entrypoint, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
@@ -121,8 +121,8 @@ def pipeline_commands(entrypoint: str) -> list[PipelineCommand]:
     out = []
     for argv in commands:
         if argv[:2] in (["python", "-m"], ["python3", "-m"]) and len(argv) > 2 and argv[2].startswith("pipelines."):
-            module = argv[2].split(".", 1)[1]
-            words, rest = MODULE_COMMANDS.get(module, module).split(), argv[3:]
+            module = argv[2].split(".", 1)[1]  # `python -m pipelines.X ...` is `equiray X ...`
+            words, rest = ([] if module == "cli" else [module]), argv[3:]
         elif argv[:1] == ["equiray"]:
             words, rest = [], argv[1:]
         elif argv[:1] == ["serve"] and len(argv) > 2 and argv[1] in ("deploy", "run"):
@@ -133,6 +133,7 @@ def pipeline_commands(entrypoint: str) -> list[PipelineCommand]:
         while rest and not rest[0].startswith("-"):
             words.append(rest.pop(0))
         name = " ".join(words)
+        name = ALIASES.get(name, name)
         config, overrides = None, []
         for i, arg in enumerate(rest):
             if arg in ("--config", "-c") and i + 1 < len(rest):
@@ -144,7 +145,7 @@ def pipeline_commands(entrypoint: str) -> list[PipelineCommand]:
         if name in PIPELINES:
             out.append(PipelineCommand(name, config, tuple(overrides)))
         else:
-            raise ConfigError(f"entrypoint: {name!r} is not an equiray pipeline; known: {', '.join(PIPELINES)}")
+            raise ConfigError(f"entrypoint: {name!r} is not an equiray pipeline; known: {', '.join(PIPELINES.names())}")
         for i, arg in enumerate(rest):  # `serve run --serve-config F`: a Serve config file as well
             if arg == "--serve-config" and i + 1 < len(rest):
                 out.append(PipelineCommand(SERVE, rest[i + 1]))

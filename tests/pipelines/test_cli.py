@@ -14,15 +14,21 @@ def run(*args, cwd=None):
 def test_help_lists_every_command():
     res = run("--help")
     assert res.returncode == 0
-    for cmd in ("demo", "pretrain", "ensemble", "distill", "canon", "tune", "nfn", "data", "models"):
-        assert cmd in res.stdout
+    listing = res.stdout.split("  COMMAND\n", 1)[1].split("\n\n")[0]  # "    NAME  help" lines
+    listed = [line.split()[0] for line in listing.splitlines() if line.startswith("    ") and line[4] != " "]
+    for cmd in ("demo", "pretrain", "ensemble", "distill", "canon", "ftp", "nfn", "serve", "data", "submit", "jobs",
+                "models"):
+        assert cmd in listed, listed
+    assert "tune" not in listed  # the old spelling of `ftp tune` is accepted, not advertised
+    assert "equiray ftp tune --config" in res.stdout
     for sub in (["pretrain", "--help"], ["data", "prepare", "--help"], ["demo", "--help"],
                 ["ensemble", "train", "--help"], ["ensemble", "eval", "--help"], ["distill", "--help"],
-                ["canon", "sweep", "--help"], ["tune", "ftp", "--help"], ["nfn", "zoo", "--help"],
-                ["nfn", "train", "--help"]):
+                ["canon", "sweep", "--help"], ["ftp", "tune", "--help"], ["tune", "ftp", "--help"],
+                ["nfn", "zoo", "--help"], ["nfn", "train", "--help"]):
         res = run(*sub)
         assert res.returncode == 0 and "--" in res.stdout, sub
     assert "--set KEY=VALUE" in run("pretrain", "--help").stdout
+    assert "--resume" in run("ftp", "tune", "--help").stdout and "--resume" in run("tune", "ftp", "--help").stdout
 
 
 def test_console_script_is_installed():
@@ -65,9 +71,60 @@ def test_models_list():
 
 
 def test_pipeline_modules_are_job_entrypoints():
+    res = subprocess.run([sys.executable, "-m", "pipelines.serve", "run", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "--serve-config" in res.stdout
     res = subprocess.run([sys.executable, "-m", "pipelines.ensemble", "eval", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "--run-id" in res.stdout
+
+
+def test_every_catalog_pipeline_is_a_command_named_after_its_module_function_and_config(capsys):
+    """`equiray ftp tune` is pipelines.ftp.run_tune with FTPConfig: the first word names the module, the action
+    the function (`run_ACTION`, or `run`), and the config class lives beside it."""
+    import pytest
+
+    from pipelines.catalog import ALIASES, CATALOG, PIPELINES
+    from pipelines.cli import main
+
+    assert [p.command for p in CATALOG] == ["demo", "pretrain", "ensemble train", "ensemble eval", "distill",
+                                            "canon sweep", "ftp tune", "nfn zoo", "nfn train", "serve run"]
+    for p in CATALOG:
+        first, *action = p.words
+        assert p.run.__module__.split(".")[:2] == ["pipelines", first], p.command
+        assert p.run.__name__ in ("run", *(f"run_{a}" for a in action)), p.command
+        assert p.config.__module__.split(".")[:2] == ["pipelines", first], p.command
+        assert PIPELINES.get(p.command) is p
+        with pytest.raises(SystemExit) as exit_:
+            main([*p.words, "--help"])
+        assert exit_.value.code == 0 and p.description[:30] in " ".join(capsys.readouterr().out.split()), p.command
+    assert all(command in PIPELINES for command in ALIASES.values())
+
+
+def test_shipped_configs_load_with_their_pipelines_config_class():
+    from pipelines.catalog import CATALOG
+
+    root = Path(__file__).resolve().parents[2]
+    for p in CATALOG:
+        assert p.example_config, p.command
+        assert isinstance(p.load_config(root / p.example_config), p.config), p.command
+
+
+def test_the_cli_is_a_leaf():
+    """Nothing imports pipelines.cli but the packages' `python -m` entry points; the CLI resolves no module names
+    from strings."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    importers = []
+    for path in sorted((root / "pipelines").rglob("*.py")) + sorted((root / "equiray").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "pipelines.cli" or n.startswith("pipelines.cli.") for n in names):
+                importers.append(path.relative_to(root))
+    assert all(p.name == "__main__.py" for p in importers), importers
+    assert "importlib" not in (root / "pipelines" / "cli.py").read_text()
 
 
 def test_canon_without_action_and_bad_grid_are_clear(tmp_path):
@@ -93,3 +150,41 @@ def test_nfn_train_mistakes_are_one_clear_line(tmp_path):
     assert res.returncode == 2 and "metanetworks: unknown ['np']" in res.stderr
     res = run("ensemble", "eval", "--select-by", "best", cwd=tmp_path)
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_a_pipeline_result_is_printed_as_its_table_verdict_plots_and_summary(capsys):
+    """What `_cmd_pipeline` prints for a stage's typed result; a pipeline that prints its own output (serve run,
+    demo) gets nothing added. The options of the catalog entry become overrides and keyword arguments."""
+    import dataclasses
+    import json
+
+    from pipelines.catalog import Option, Pipeline
+    from pipelines.cli import _cmd_pipeline, build_parser
+    from pipelines.stage import StageResult
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        epochs: int = 1
+        resume: bool = False
+
+    seen = {}
+
+    def fake_run(cfg, *, report_dir=None, run_id=None):
+        seen.update(cfg=cfg, report_dir=report_dir, run_id=run_id)
+        return StageResult(pipeline="fake", run_id="r1", tracking_uri="sqlite:///x.db", registered="models:/m@a",
+                           table="| a | b |\n|---|---|\n| 1 | 2 |", verdict=("first", "second"), plots=("p.png",))
+
+    p = Pipeline("pretrain", Cfg, fake_run, "fake", options=(
+        Option("--resume", "r", sets="resume", value="true"), Option("--run-id", "i", kwarg="run_id")))
+    args = build_parser().parse_args(["pretrain", "--set", "epochs=3", "--report-dir", "out"])
+    args.resume, args.run_id = True, "abc"
+    assert _cmd_pipeline(p, args) == 0
+    assert seen == {"cfg": Cfg(epochs=3, resume=True), "report_dir": "out", "run_id": "abc"}
+    out = capsys.readouterr().out
+    table, rest = out.split("\nfirst\nsecond\nplot: p.png\n")
+    assert table == "| a | b |\n|---|---|\n| 1 | 2 |"
+    summary = json.loads(rest)
+    assert summary["run_id"] == "r1" and summary["registered"] == "models:/m@a" and summary["plots"] == ["p.png"]
+    assert "table" not in summary and "verdict" not in summary
+    assert _cmd_pipeline(dataclasses.replace(p, prints=False), args) == 0
+    assert capsys.readouterr().out == ""

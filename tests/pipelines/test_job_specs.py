@@ -9,11 +9,12 @@ import yaml
 
 from equiray.errors import ConfigError, EquirayError
 from pipelines import jobs
-from pipelines.cli import PIPELINES, _load_pipeline, main
+from pipelines.catalog import PIPELINES
+from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 SPECS = sorted((REPO / "jobs").glob("*.yaml"))
-EXPECTED = {"pretrain", "ensemble train", "ensemble eval", "distill", "canon sweep", "tune ftp", "nfn zoo",
+EXPECTED = {"pretrain", "ensemble train", "ensemble eval", "distill", "canon sweep", "ftp tune", "nfn zoo",
             "nfn train", "serve run", jobs.SERVE}
 
 
@@ -42,7 +43,7 @@ def test_spec_and_the_cluster_scale_configs_it_runs_are_valid(path, monkeypatch)
             assert serve_cfg.http_options.host == "127.0.0.1"  # reached through port forwarding only
             continue
         assert cmd.pipeline in PIPELINES, cmd
-        _, cfg = _load_pipeline(cmd.pipeline, cmd.config, list(cmd.overrides))
+        cfg = PIPELINES.get(cmd.pipeline).load_config(cmd.config, list(cmd.overrides))
         scaling = getattr(cfg, "scaling", None)
         if scaling is not None:
             assert scaling.use_gpu, f"{cmd.config} is a GPU-cluster config"
@@ -69,13 +70,31 @@ def test_pip_requirements_are_the_projects(tmp_path):
 
 def test_entrypoints_are_parsed_into_pipelines_and_configs():
     cmds = jobs.pipeline_commands("python -m pipelines.ensemble train --config a.yaml --set train.epochs=2 && "
-                                  "python -m pipelines.ftp --config=b.yaml --resume; equiray canon sweep -c c.yaml; "
+                                  "python -m pipelines.ftp tune --config=b.yaml --resume; "
+                                  "equiray canon sweep -c c.yaml; "
                                   "echo done; serve deploy d.yaml; python -m pipelines.serve run --serve-config e.yaml")
     assert [(c.pipeline, c.config, c.overrides) for c in cmds] == [
-        ("ensemble train", "a.yaml", ("train.epochs=2",)), ("tune ftp", "b.yaml", ()), ("canon sweep", "c.yaml", ()),
+        ("ensemble train", "a.yaml", ("train.epochs=2",)), ("ftp tune", "b.yaml", ()), ("canon sweep", "c.yaml", ()),
         (jobs.SERVE, "d.yaml", ()), ("serve run", None, ()), (jobs.SERVE, "e.yaml", ())]
+    # the old spelling `equiray tune ftp` is the same command; `python -m pipelines.cli` is `equiray`
+    cmds = jobs.pipeline_commands("equiray tune ftp -c f.yaml; python -m pipelines.cli nfn zoo --config g.yaml")
+    assert [(c.pipeline, c.config) for c in cmds] == [("ftp tune", "f.yaml"), ("nfn zoo", "g.yaml")]
     with pytest.raises(ConfigError, match="'ensemble trian' is not an equiray pipeline"):
         jobs.pipeline_commands("python -m pipelines.ensemble trian --config a.yaml")
+    with pytest.raises(ConfigError, match="'ftp' is not an equiray pipeline"):  # `python -m pipelines.X` is `equiray X`
+        jobs.pipeline_commands("python -m pipelines.ftp --config b.yaml")
+
+
+def test_python_dash_m_of_a_pipeline_package_is_equiray_with_its_name():
+    """What pipeline_commands assumes: ``python -m pipelines.X ARGS`` runs ``equiray X ARGS``, so a package's
+    ``__main__`` passes its own name and the arguments on, as written."""
+    checked = []
+    for first in sorted({p.words[0] for _, p in PIPELINES.items()}):
+        main_py = REPO / "pipelines" / first / "__main__.py"
+        if main_py.is_file():  # (a module not yet a package has no __main__.py)
+            assert f'main(["{first}", *sys.argv[1:]])' in main_py.read_text(), main_py
+            checked.append(first)
+    assert "serve" in checked
 
 
 def _write(tmp_path, data, name="job.yaml") -> Path:

@@ -1,0 +1,42 @@
+"""Online serving: Ray Serve hosts a registered equiray model (the ensemble mean, its distilled student, a
+canonicalized backbone, any ``models:/NAME@ALIAS``) behind an HTTP API.
+
+    equiray serve run --model models:/equiray-ensemble@champion [--port 8000] [--config configs/serve.yaml]
+    serve deploy configs/serve_app.yaml          # the same application on a running cluster
+
+The API (``/docs`` and ``/openapi.json`` describe it):
+
+* ``POST /v1/predict``: one image as a raw ``image/png`` / ``image/jpeg`` body, several as
+  ``multipart/form-data`` files, or ``application/json`` ``{"instances": [...]}`` with pixel arrays (or
+  ``{"b64": ...}`` images). Answers ``{"predictions": [...]}``, one object per image: ``label``,
+  ``class_index``, ``probabilities``; an ensemble's ``disagreement``; a canonicalizer's ``group_element``.
+* ``GET /healthz``, ``GET /v1/model`` (name, version, alias, the metrics of the run that registered it).
+
+How it is built: the driver resolves the registry alias to a concrete version and hands it to the replicas as
+Serve's ``user_config``; ``reconfigure`` loads it pickle-free (``spec.json`` + safetensors through
+``equiray.create_model``) in a background thread and swaps it in atomically. Promoting a new version to the
+alias and deploying again therefore changes only ``user_config``: replicas swap the model in place, requests in
+flight finish on the old one, none is dropped. Requests are batched with ``@serve.batch`` (batch size and wait
+configurable, or off); one forward pass per batch runs on the replica's own inference thread, so the event loop
+keeps parsing requests meanwhile; an ensemble's members run as one vectorized call. Every input problem is a
+4xx with a JSON ``{"error": {"code", "message"}}``; nothing a client sends can take a replica down.
+
+The package, one concept a module: :mod:`~pipelines.serve.config` (the settings and the Serve config file's
+deployment options), :mod:`~pipelines.serve.api` (the HTTP schemas, errors and request decoding),
+:mod:`~pipelines.serve.replica` (the ``EquirayModel`` deployment) and :mod:`~pipelines.serve.deploy` (resolving,
+building, deploying, ``serve run`` / ``serve stop``). A Serve config names the application builder as
+``import_path: pipelines.serve:build_app``.
+"""
+from pipelines.serve.api import (ACCEPTED_TYPES, IMAGE_TYPES, PREDICT_BODY, ErrorBody, ErrorResponse, HTTPProblem,
+                                 ModelInfo, Prediction, PredictResponse, api)
+from pipelines.serve.config import DEPLOYMENT, BatchConfig, LimitsConfig, ServeConfig, deployment_options
+from pipelines.serve.deploy import (ModelRef, build_app, build_application, curl_examples, deploy, resolve_model,
+                                    run, serve_running, shutdown, stop, user_config)
+from pipelines.serve.replica import EquirayModel, Loaded, load
+
+_serve_running = serve_running  # the name pipelines.demo calls
+
+__all__ = ["ACCEPTED_TYPES", "DEPLOYMENT", "IMAGE_TYPES", "PREDICT_BODY", "BatchConfig", "EquirayModel", "ErrorBody",
+           "ErrorResponse", "HTTPProblem", "LimitsConfig", "Loaded", "ModelInfo", "ModelRef", "Prediction",
+           "PredictResponse", "ServeConfig", "api", "build_app", "build_application", "curl_examples", "deploy",
+           "deployment_options", "load", "resolve_model", "run", "serve_running", "shutdown", "stop", "user_config"]

@@ -1,6 +1,6 @@
-"""``python -m pipelines.ftp [--config F] [--set k=v] [--resume]``: the same as ``equiray ftp tune ...``."""
+"""``python -m pipelines.ftp tune [--config F] [--set k=v] [--resume]``: the same as ``equiray ftp tune ...``."""
 import sys
 
 from pipelines.cli import main
 
-raise SystemExit(main(["ftp", "tune", *sys.argv[1:]]))
+raise SystemExit(main(["ftp", *sys.argv[1:]]))

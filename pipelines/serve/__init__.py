@@ -34,7 +34,6 @@ from pipelines.serve.deploy import (ModelRef, build_app, build_application, curl
                                     run, serve_running, shutdown, stop, user_config)
 from pipelines.serve.replica import EquirayModel, Loaded, load
 
-_serve_running = serve_running  # the name pipelines.demo calls
 
 __all__ = ["ACCEPTED_TYPES", "DEPLOYMENT", "IMAGE_TYPES", "PREDICT_BODY", "BatchConfig", "EquirayModel", "ErrorBody",
            "ErrorResponse", "HTTPProblem", "LimitsConfig", "Loaded", "ModelInfo", "ModelRef", "Prediction",

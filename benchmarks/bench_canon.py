@@ -38,10 +38,10 @@ from _report import emit, machine  # noqa: E402
 
 def pretrained_backbone(x, y):
     """The registered backbone, or a resnet8 trained here for 2 epochs on the upright images given."""
-    from pipelines import _tracking
+    from pipelines import tracking
 
     try:
-        model, spec = _tracking.load_model("models:/equiray-backbone@pretrained")
+        model, spec = tracking.load_model("models:/equiray-backbone@pretrained")
         return model, spec, "models:/equiray-backbone@pretrained"
     except Exception:  # noqa: BLE001 - no store / not registered: pretrain here
         from equiray.models import create_model

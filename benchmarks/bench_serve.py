@@ -185,9 +185,9 @@ def main() -> int:
     if args.fresh:
         models = {label: demo_shaped(label) for label, _ in uris}
     else:
-        from pipelines import _tracking
+        from pipelines import tracking
 
-        models = {label: _tracking.load_model(uri) for label, uri in uris}
+        models = {label: tracking.load_model(uri) for label, uri in uris}
     t0 = time.perf_counter()
     alone = {label: model_alone(*models[label], bodies, args.max_batch_size, device=args.device)
              for label, _ in uris}

@@ -60,7 +60,9 @@ def cluster_summary() -> str:
 
 
 def say(message: str) -> None:
-    """One progress line from inside a Ray worker. Ray Train V2 re-routes ``print`` through its logger, which
-    shows every line twice on the driver; writing to the stream directly shows it once."""
+    """The user's progress channel: one line to standard output, from the driver or from inside a Ray worker
+    (every pipeline reports progress through it; ``logging`` is for diagnostics, results go to the CLI). In a
+    worker, Ray Train V2 re-routes ``print`` through its logger, which shows every line twice on the driver;
+    writing to the stream directly shows it once."""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()

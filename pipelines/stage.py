@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Mapping, TypeVar
 
-from pipelines import _tracking
+from pipelines import tracking
 from pipelines._common import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -138,12 +138,12 @@ class Stage(Generic[ConfigT, ResultT]):
 
         from pipelines._ray import cluster_summary, init_ray
 
-        uri = _tracking.tracking_uri()
-        experiment_id = _tracking.setup(self.tracking.experiment, uri)
+        uri = tracking.tracking_uri()
+        experiment_id = tracking.setup(self.tracking.experiment, uri)
         self.check()
-        cfg_hash = _tracking.config_hash(self.fingerprint())
+        cfg_hash = tracking.config_hash(self.fingerprint())
         if self.reuse:
-            mv = _tracking.find_version(self.tracking.registered_model, self.tracking.alias,
+            mv = tracking.find_version(self.tracking.registered_model, self.tracking.alias,
                                         config_hash_value=cfg_hash)
             if mv is not None:
                 log.info("reusing %s (version %s): made by this same config", self.registered, mv.version)
@@ -157,12 +157,12 @@ class Stage(Generic[ConfigT, ResultT]):
         with mlflow.start_run(run_id=resumed, run_name=None if resumed else run_name) as active:
             ctx = StageRun(active.info.run_id, run_name, experiment_id, uri, cfg_hash, self.report_dir)
             if resumed is None:
-                _tracking.log_config(self.cfg)
+                tracking.log_config(self.cfg)
                 mlflow.set_tags({"equiray.pipeline": self.pipeline, **self.tags()})
             outcome = self.execute(ctx)
             result = outcome.result
             if outcome.model_uri is not None:
-                version = _tracking.register(outcome.model_uri, self.tracking.registered_model, self.tracking.alias,
+                version = tracking.register(outcome.model_uri, self.tracking.registered_model, self.tracking.alias,
                                              tags={**outcome.tags, "equiray.config_hash": cfg_hash})
                 result = dataclasses.replace(result, version=version, registered=self.registered,
                                              model_uri=outcome.model_uri)

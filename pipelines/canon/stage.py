@@ -52,19 +52,19 @@ class CanonSweep(Stage[CanonConfig, CanonResult]):
     @functools.cached_property
     def backbone(self) -> tuple[nn.Module, dict]:
         """The pretrained backbone and its spec, from the registry."""
-        from pipelines import _tracking
+        from pipelines import tracking
 
-        return _tracking.load_model(self.cfg.backbone)
+        return tracking.load_model(self.cfg.backbone)
 
     def check(self) -> None:
         self.backbone  # noqa: B018 - a clear error now if it is not registered
 
     def fingerprint(self) -> dict:
         """The config (its canonicalizer options as set, as when they were a dict) and the backbone's version."""
-        from pipelines import _tracking
+        from pipelines import tracking
 
         config = {**to_dict(self.cfg), "canonicalizers": self.cfg.canonicalizers.given()}
-        return {"config": config, "backbone": _tracking.registry_version(self.cfg.backbone)}
+        return {"config": config, "backbone": tracking.registry_version(self.cfg.backbone)}
 
     def default_run_name(self) -> str:
         return f"canon-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -102,10 +102,10 @@ class CanonSweep(Stage[CanonConfig, CanonResult]):
         """The sweep behind the registered champion (its ``sweep_run_id`` tag): its rows and plot, read back."""
         import mlflow
 
-        from pipelines import _tracking
+        from pipelines import tracking
 
         parent = mv.tags["sweep_run_id"]
-        rows, plot = _tracking.fetch_results(parent, "variants.json", "plots/canon_variants.png", self.report_dir)
+        rows, plot = tracking.fetch_results(parent, "variants.json", "plots/canon_variants.png", self.report_dir)
         return CanonResult(pipeline=self.pipeline, run_id=parent,
                            run_name=mlflow.MlflowClient().get_run(parent).info.run_name,
                            tracking_uri=run.tracking_uri, table=results_table(rows, self.cfg.eval_group),
@@ -156,9 +156,9 @@ def time_variants(rows: list[dict], bare: nn.Module, batch: torch.Tensor) -> lis
     variant's MLflow run."""
     import mlflow
 
-    from pipelines import _tracking
+    from pipelines import tracking
 
-    models = [_tracking.load_model(r["model_uri"])[0] for r in rows]
+    models = [tracking.load_model(r["model_uri"])[0] for r in rows]
     lat = paired_latencies(bare, models, batch)
     client = mlflow.MlflowClient()
     out = []

@@ -38,7 +38,7 @@ def run_trial(config: Mapping, *, cfg: CanonConfig, data: tuple[torch.Tensor, ..
     import ray
     import ray.tune
 
-    from pipelines import _tracking
+    from pipelines import tracking
 
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice: chosen on purpose
     variant = Variant(**config["variant"])
@@ -63,7 +63,7 @@ def run_trial(config: Mapping, *, cfg: CanonConfig, data: tuple[torch.Tensor, ..
         for k, v in metrics.items():
             client.log_metric(run_id, k, float(v))
         with mlflow.start_run(run_id=run_id):
-            model_uri = _tracking.log_model(model, model_spec)
+            model_uri = tracking.log_model(model, model_spec)
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -41,7 +41,7 @@ def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> ServeStageResult:
     from ray import serve
 
     from equiray.data import read_meta, read_split
-    from pipelines import _tracking, serve as serving
+    from pipelines import tracking, serve as serving
 
     x, y = read_split(data_dir, "test", limit=n)  # (n, C, H, W) in [0, 1]
     names = read_meta(data_dir)["classes"]
@@ -67,7 +67,7 @@ def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> ServeStageResult:
         serve.delete(cfg.app_name) if shared else serve.shutdown()
     return ServeStageResult(url=ep["url"], model=ep["model"], version=ep["version"], table=_answers_table(answers, y, names),
                             requests=6, seconds=time.perf_counter() - t0, info=info,
-                            tracking_uri=_tracking.tracking_uri(),
+                            tracking_uri=tracking.tracking_uri(),
                             raw_png_label=single.json()["predictions"][0]["label"])
 
 

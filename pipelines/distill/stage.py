@@ -15,7 +15,7 @@ from equiray.config import to_dict
 from equiray.data import read_split, split_files
 from equiray.distill import measure, ms_per_image
 from equiray.groups import get_group
-from pipelines import _tracking
+from pipelines import tracking
 from pipelines._common import fit, resize
 from pipelines.distill.config import DistillConfig
 from pipelines.distill.report import STUDENT, TEACHER, distill_table, rows_from_metrics, rows_metrics, speedup
@@ -37,7 +37,7 @@ class Distill(Stage[DistillConfig, DistillResult]):
     @cached_property
     def teacher(self) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The registered teacher and its spec (loading it fails early and clearly when nothing is registered)."""
-        return _tracking.load_model(self.cfg.teacher)
+        return tracking.load_model(self.cfg.teacher)
 
     @property
     def group(self) -> str:
@@ -48,7 +48,7 @@ class Distill(Stage[DistillConfig, DistillResult]):
         get_group(self.group)  # loads the teacher (to read its group): both fail here, before anything starts
 
     def fingerprint(self) -> Any:
-        return {"config": to_dict(self.cfg), "teacher": _tracking.registry_version(self.cfg.teacher)}
+        return {"config": to_dict(self.cfg), "teacher": tracking.registry_version(self.cfg.teacher)}
 
     def default_run_name(self) -> str:
         return f"distill-{self.cfg.student.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -90,7 +90,7 @@ class Distill(Stage[DistillConfig, DistillResult]):
         student_spec = {"name": cfg.student.name, "in_chans": spec["in_chans"], "num_classes": spec["num_classes"],
                         "kwargs": dict(cfg.student.kwargs), "input_shape": spec["input_shape"],
                         "classes": spec.get("classes"), "group": self.group, "teacher": cfg.teacher}
-        model_uri = _tracking.log_model(student, student_spec, name="student")
+        model_uri = tracking.log_model(student, student_spec, name="student")
         out = DistillResult(pipeline=self.pipeline, run_id=run.run_id, run_name=run.run_name,
                             tracking_uri=run.tracking_uri, table=table, rows=rows, speedup=speedup(rows),
                             train_seconds=train_seconds)

@@ -43,13 +43,13 @@ def train(cfg: DistillConfig, args: WorkerArgs) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines import _tracking
+    from pipelines import tracking
 
     worker_threads(cfg.scaling.torch_threads)
     rank = ray.train.get_context().get_world_rank()
     mlflow.set_tracking_uri(args.tracking_uri)
     device = ray.train.torch.get_device()
-    teacher, spec = _tracking.load_model(cfg.teacher, device=device)
+    teacher, spec = tracking.load_model(cfg.teacher, device=device)
     group = get_group(args.group)
     x, y = load_shard(ray.train.get_dataset_shard("train"), size=spec["input_shape"][-1], limit=cfg.data.max_train)
     t = cfg.train

@@ -75,14 +75,14 @@ def run_eval(cfg: EnsembleConfig, *, run_id: str | None = None, report_dir: str 
     (an :class:`~pipelines.ensemble.stage.EnsembleTrainResult`'s, when it has them) saves reading them again."""
     import mlflow
 
-    from pipelines import _tracking
+    from pipelines import tracking
 
-    uri = _tracking.tracking_uri()
-    _tracking.setup(cfg.tracking.experiment, uri)
+    uri = tracking.tracking_uri()
+    tracking.setup(cfg.tracking.experiment, uri)
     run_id = find_train_run(cfg.tracking.experiment, run_id)
     metanet = None
     if cfg.eval.select_by == "nfn":
-        metanet = _tracking.load_model(cfg.eval.nfn_model)  # fails early and clearly when none is registered
+        metanet = tracking.load_model(cfg.eval.nfn_model)  # fails early and clearly when none is registered
     if ensembles is None:
         ensembles, _ = load_members(run_id)
     x, y, meta = read_test(cfg)

@@ -86,12 +86,12 @@ def run_select(cfg: EnsembleConfig, *, run_id: str | None = None, ensembles: dic
     and ``metanet`` (``(model, spec)``) save reading them again."""
     import mlflow
 
-    from pipelines import _tracking
+    from pipelines import tracking
 
-    uri = _tracking.tracking_uri()
-    _tracking.setup(cfg.tracking.experiment, uri)
+    uri = tracking.tracking_uri()
+    tracking.setup(cfg.tracking.experiment, uri)
     run_id = find_train_run(cfg.tracking.experiment, run_id)
-    metanet, meta_spec = metanet or _tracking.load_model(cfg.eval.nfn_model)  # (model, spec) already loaded?
+    metanet, meta_spec = metanet or tracking.load_model(cfg.eval.nfn_model)  # (model, spec) already loaded?
     if ensembles is None:
         ensembles, _ = load_members(run_id)
     if data is None:

@@ -87,7 +87,7 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
 
         from equiray.data import read_split
         from equiray.train import accuracy, predict
-        from pipelines import _tracking
+        from pipelines import tracking
 
         cfg, groups = self.cfg, self.cfg.member_groups()
         trained, restarts = self._train(run, groups)
@@ -107,7 +107,7 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
                             "member_epochs_per_second": n_total * cfg.train.epochs / train_seconds})
         champion = cfg.tracking.champion or cfg.settings[0].name
         setting = next(s for s in cfg.settings if s.name == champion)
-        model_uri = _tracking.log_model(ensembles[champion], self._registry_spec(setting), name="ensemble")
+        model_uri = tracking.log_model(ensembles[champion], self._registry_spec(setting), name="ensemble")
         say(f"[ensemble] trained {n_total} members in {train_seconds:.0f} s; ensemble test accuracy: " +
             ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
         result = EnsembleTrainResult(

@@ -18,7 +18,7 @@ import torch
 
 from equiray.config import to_dict
 from equiray.errors import EquirayError
-from pipelines import _tracking
+from pipelines import tracking
 from pipelines.ftp.config import METHOD_ORDER, FTPConfig, method_params
 from pipelines.ftp.report import plot_trials, results_table, verdict
 from pipelines.ftp.result import FTPResult, TrialRow
@@ -41,12 +41,12 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
         super().__init__(cfg, report_dir=report_dir, reuse=reuse and not cfg.resume)  # a resume is never reused
 
     def check(self) -> None:
-        self.backbone, self.spec = _tracking.load_model(self.cfg.backbone)
+        self.backbone, self.spec = tracking.load_model(self.cfg.backbone)
 
     @cached_property
     def _fingerprint(self) -> dict:
         return {"config": {**to_dict(self.cfg), "resume": False},
-                "backbone": _tracking.registry_version(self.cfg.backbone)}
+                "backbone": tracking.registry_version(self.cfg.backbone)}
 
     def fingerprint(self) -> dict:
         """The config (a resumed search is the same work) and the backbone's registry version."""
@@ -55,7 +55,7 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
     @cached_property
     def name(self) -> str:
         """The Tune experiment's name, also the search's MLflow run name."""
-        return self.cfg.name or f"ftp-{_tracking.config_hash(self.fingerprint())}"
+        return self.cfg.name or f"ftp-{tracking.config_hash(self.fingerprint())}"
 
     @property
     def exp_dir(self) -> Path:
@@ -182,14 +182,14 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
             state = torch.load(Path(d) / "trial.pt", map_location="cpu", weights_only=False)["model"]
         model = build_model(self.spec, state, new_head=False, seed=0)
         with mlflow.start_run(run_id=row.run_id, nested=True):
-            return _tracking.log_model(model, {**self.spec, "kwargs": dict(self.spec.get("kwargs", {})),
+            return tracking.log_model(model, {**self.spec, "kwargs": dict(self.spec.get("kwargs", {})),
                                                "task": self.cfg.task.target_view})
 
     def from_registry(self, mv, run: StageRun) -> FTPResult:
         import mlflow
 
         parent = mv.tags["search_run_id"]
-        data, plot = _tracking.fetch_results(parent, "trials.json", "plots/ftp_trials.png", run.report_dir)
+        data, plot = tracking.fetch_results(parent, "trials.json", "plots/ftp_trials.png", run.report_dir)
         rows = tuple(TrialRow.from_dict(d) for d in data["rows"])
         pretrained = data["pretrained"]
         best = next(r for r in rows if r.run_id == mv.tags["run_id"])

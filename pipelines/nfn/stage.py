@@ -17,7 +17,7 @@ import torch
 from equiray.config import to_dict
 from equiray.errors import EquirayError
 from equiray.nfn import NetworkSpec, WeightSpaceFeatures
-from pipelines import _tracking
+from pipelines import tracking
 from pipelines.nfn.config import NFNTrainConfig
 from pipelines.nfn.metanet import MetanetworkFit, champion, fit_task, rebuild
 from pipelines.nfn.report import scatter, tau_table, taus, verdict
@@ -94,7 +94,7 @@ class NFNTrain(Stage[NFNTrainConfig, NFNTrainResult]):
                       "network_spec": [[s.out_features, s.in_features, list(s.kernel_size)] for s in zoo.spec.layers],
                       "target": "test_accuracy", "target_mean": best.mean, "target_std": best.std,
                       "trained_on": best.zoo, "group": zoo.group}
-        model_uri = _tracking.log_model(rebuild(best, zoo.spec), model_spec, name="metanetwork")
+        model_uri = tracking.log_model(rebuild(best, zoo.spec), model_spec, name="metanetwork")
         if run.report_dir:
             run.report_dir.mkdir(parents=True, exist_ok=True)
             (run.report_dir / "nfn_table.md").write_text(table + "\n")
@@ -141,7 +141,7 @@ class NFNTrain(Stage[NFNTrainConfig, NFNTrainResult]):
                               tau=taus(fits), champion=champion(fits).name, plot=str(plot))
 
     def from_registry(self, mv, run: StageRun) -> NFNTrainResult:
-        records, plot = _tracking.fetch_results(mv.run_id, "nfn_results.json", "nfn_scatter.png", run.report_dir)
+        records, plot = tracking.fetch_results(mv.run_id, "nfn_results.json", "nfn_scatter.png", run.report_dir)
         fits = [MetanetworkFit.from_record(r) for r in records]
         return self._result(fits, plot, run_id=mv.run_id, run_name="", tracking_uri=run.tracking_uri)
 

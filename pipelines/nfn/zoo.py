@@ -146,10 +146,10 @@ def member_rows(run: str, experiment: str) -> tuple[list[dict], str]:
 
     from equiray.config import load_config
     from equiray.data import read_split
-    from pipelines import _tracking
+    from pipelines import tracking
     from pipelines.ensemble import EnsembleConfig, find_train_run, load_members, member_state_dicts
 
-    _tracking.setup(experiment)
+    tracking.setup(experiment)
     run_id = find_train_run(experiment, None if run == "latest" else run)
     with tempfile.TemporaryDirectory() as tmp:
         raw = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml",

@@ -13,7 +13,7 @@ import torch
 
 from equiray.data import read_split, split_files
 from equiray.train import evaluate_views
-from pipelines import _tracking
+from pipelines import tracking
 from pipelines._common import fit
 from pipelines.pretrain.config import PretrainConfig
 from pipelines.pretrain.report import plots, summary_metrics, view_accuracy
@@ -84,7 +84,7 @@ class Pretrain(Stage[PretrainConfig, PretrainResult]):
         spec = {"name": cfg.model.name, "in_chans": c, "num_classes": meta["num_classes"],
                 "kwargs": dict(cfg.model.kwargs), "classes": meta["classes"], "input_shape": [c, h, w],
                 "data": cfg.data.source}
-        model_uri = _tracking.log_model(model, spec)
+        model_uri = tracking.log_model(model, spec)
         out = PretrainResult(pipeline=self.pipeline, run_id=run.run_id, run_name=run.run_name,
                              tracking_uri=run.tracking_uri, plots=tuple(str(p) for p in figures), accuracy=acc,
                              metrics=metrics, epochs=tuple(curves), data_dir=self.data_dir)

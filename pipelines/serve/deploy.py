@@ -14,6 +14,7 @@ from ray import serve
 
 from equiray.config import load_config, to_dict
 from equiray.errors import ConfigError, EquirayError
+from pipelines._ray import say
 from pipelines.serve.config import DEPLOYMENT, ServeConfig, deployment_options
 from pipelines.serve.replica import EquirayModel
 
@@ -40,9 +41,9 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None) -> ModelRef:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipelines import _tracking
+    from pipelines import tracking
 
-    tracking_uri = tracking_uri or _tracking.tracking_uri()
+    tracking_uri = tracking_uri or tracking.tracking_uri()
     if uri.startswith("runs:/"):
         return ModelRef(uri, uri, run_id=uri[len("runs:/"):].split("/", 1)[0])
     if not uri.startswith("models:/") or len(uri) <= len("models:/"):
@@ -84,9 +85,9 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None) -> ModelRef:
 
 # ------------------------------------------------------------------------------------------------ building
 def user_config(cfg: ServeConfig, ref: ModelRef) -> dict:
-    from pipelines import _tracking
+    from pipelines import tracking
 
-    return {"model": dataclasses.asdict(ref), "tracking_uri": _tracking.tracking_uri(),
+    return {"model": dataclasses.asdict(ref), "tracking_uri": tracking.tracking_uri(),
             "batch": to_dict(cfg.batch), "limits": to_dict(cfg.limits)}
 
 
@@ -198,33 +199,33 @@ def run(cfg: ServeConfig, *, report_dir=None, detach: bool = False) -> dict:
                            "RAY_ADDRESS (a local Ray instance stops when equiray exits)")
     t0 = time.perf_counter()
     ep = deploy(cfg)
-    print(f"serving {ep['model']} (version {ep['version']}) at {ep['url']}  [{time.perf_counter() - t0:.0f} s to start]")
-    print(curl_examples(ep["url"]), flush=True)
+    say(f"serving {ep['model']} (version {ep['version']}) at {ep['url']}  [{time.perf_counter() - t0:.0f} s to start]")
+    say(curl_examples(ep["url"]))
     if detach:
-        print(f"detached: stop it with `equiray serve stop --app {cfg.app_name}` (RAY_ADDRESS={os.environ['RAY_ADDRESS']})")
+        say(f"detached: stop it with `equiray serve stop --app {cfg.app_name}` (RAY_ADDRESS={os.environ['RAY_ADDRESS']})")
         return ep
     stop, reload = threading.Event(), threading.Event()
     # Ctrl+C (SIGINT) and SIGTERM stop it; handlers of our own, so that a shell that started it in the background
     # (where SIGINT is ignored) or a process manager can still stop it cleanly
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous_hup = signal.signal(signal.SIGHUP, lambda *_: reload.set())
-    print(f"press Ctrl+C to stop; `kill -HUP {os.getpid()}` re-reads the alias and swaps in its version", flush=True)
+    say(f"press Ctrl+C to stop; `kill -HUP {os.getpid()}` re-reads the alias and swaps in its version")
     try:
         while not stop.wait(1.0):
             if reload.is_set():
                 reload.clear()
                 try:
                     ep = deploy(dataclasses.replace(cfg, port=ep["port"]))
-                    print(f"now serving {ep['model']} version {ep['version']}", flush=True)
+                    say(f"now serving {ep['model']} version {ep['version']}")
                 except EquirayError as exc:
-                    print(f"error: {exc} (still serving the previous version)", flush=True)
+                    say(f"error: {exc} (still serving the previous version)")
     except KeyboardInterrupt:
         pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         signal.signal(signal.SIGHUP, previous_hup)
-        print("shutting down", flush=True)
+        say("shutting down")
         serve.shutdown()
     return ep
 

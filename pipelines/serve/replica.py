@@ -41,11 +41,11 @@ def load(user_config: dict, device: torch.device) -> Loaded:
 
     from equiray.canon import CanonicalizedModel
     from equiray.ensembles import StackedEnsemble
-    from pipelines import _tracking
+    from pipelines import tracking
 
     mlflow.set_tracking_uri(user_config["tracking_uri"])
     ref = user_config["model"]
-    model, spec = _tracking.load_model(ref["load_uri"], device=device)
+    model, spec = tracking.load_model(ref["load_uri"], device=device)
     if "input_shape" not in spec:
         raise EquirayError(f"{ref['uri']}: its spec has no input_shape, so inputs cannot be sized for it")
     kind = ("ensemble" if isinstance(model, StackedEnsemble) else

@@ -11,7 +11,7 @@ from equiray.errors import ConfigError
 from equiray.groups import get_group
 from equiray.models import create_model
 from equiray.train import train_epoch
-from pipelines import _tracking
+from pipelines import tracking
 from pipelines.canon import CanonConfig, run_sweep
 from pipelines.cli import main
 
@@ -30,11 +30,11 @@ def register_backbone(data_dir, uri):
     for _ in range(3):
         train_epoch(model, ((x[i:i + 64], y[i:i + 64]) for i in range(0, len(y), 64)), opt)
     mlflow.set_tracking_uri(uri)
-    _tracking.setup("test-backbone", uri)
+    tracking.setup("test-backbone", uri)
     with mlflow.start_run():
-        model_uri = _tracking.log_model(model, {"name": "small_cnn", "in_chans": 1, "num_classes": 10,
+        model_uri = tracking.log_model(model, {"name": "small_cnn", "in_chans": 1, "num_classes": 10,
                                                 "kwargs": {"width": 8}, "classes": meta["classes"]})
-    _tracking.register(model_uri, "test-backbone", "pretrained")
+    tracking.register(model_uri, "test-backbone", "pretrained")
 
 
 def small_config(root, **over) -> CanonConfig:
@@ -79,14 +79,15 @@ def test_every_variant_is_a_nested_mlflow_run(swept):
     for run in children:
         assert run.info.status == "FINISHED"
         m = run.data.metrics
-        assert {"upright_accuracy", "cn_avg_accuracy", "train_loss", "ms_per_image"} <= set(m)
-        assert 0.0 <= m["cn_avg_accuracy"] <= 1.0
+        assert {"upright_accuracy", "cn_avg_accuracy", "so2_accuracy", "o2_accuracy", "train_loss",
+                "ms_per_image"} <= set(m)
+        assert 0.0 <= m["cn_avg_accuracy"] <= 1.0 and 0.0 <= m["so2_accuracy"] <= 1.0
         if run.data.params["variant.kind"] != "none":
             assert "identity_rate" in m and "train_prior_loss" in m
     for r in result.rows:
         assert r["ms_per_image"] > 0 and r["backbone_ms_per_image"] > 0
     assert (root / "report" / "canon_variants.png").stat().st_size > 10_000
-    assert "| variant | upright acc | C4-avg acc | identity rate |" in result.table
+    assert "| variant | upright acc | C4-avg acc | SO(2)-avg acc | O(2)-avg acc | identity rate |" in result.table
 
 
 def test_canonicalized_variants_are_invariant_and_the_plain_fine_tune_is_not(swept):
@@ -119,7 +120,7 @@ def test_champion_is_registered_and_loads_back_invariant(swept):
     assert str(mv.version) == result.version and mv.source == result.model_uri == best["model_uri"]
     assert mv.tags["variant"] == best["name"] and mv.tags["run_id"] == best["run_id"]
     assert mv.tags["sweep_run_id"] == result.run_id and mv.tags["cn_avg_accuracy"] == f"{best['cn_avg_accuracy']:.4f}"
-    model, spec = _tracking.load_model("models:/equiray-canon@champion")
+    model, spec = tracking.load_model("models:/equiray-canon@champion")
     x, y = read_split(root / "digits", "test", limit=cfg.data.max_eval)
     g = get_group("C4")
     with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 
 from equiray.config import load_config
 from equiray.ensembles import load_group
-from pipelines import _tracking
+from pipelines import tracking
 from pipelines.ensemble import EnsembleConfig, run_eval, run_train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -76,7 +76,7 @@ def test_every_member_trained_and_logged_per_group(trained):
 def test_registered_ensemble_is_the_mean_of_its_members(trained):
     cfg, result, uri, root = trained
     mlflow.set_tracking_uri(uri)
-    model, spec = _tracking.load_model("models:/equiray-ensemble@champion")
+    model, spec = tracking.load_model("models:/equiray-ensemble@champion")
     assert spec["setting"] == "sym+aug" and spec["kwargs"]["num_members"] == 4
     x = torch.rand(5, 1, 8, 8)
     members = result.ensembles["sym+aug"]
@@ -103,7 +103,7 @@ def test_eval_curves_plot_and_table(trained, tmp_path):
 
 
 def test_the_same_training_config_reuses_the_registered_ensemble(trained):
-    from pipelines._tracking import config_hash
+    from pipelines.tracking import config_hash
     from pipelines.ensemble import EnsembleTrain
 
     cfg, result, uri, root = trained
@@ -192,6 +192,6 @@ def test_distilled_student_is_registered_and_measured(trained, tmp_path):
         assert again.rows[who] == pytest.approx(m)
     assert again.speedup == pytest.approx(out.speedup) and again.train_seconds == pytest.approx(out.train_seconds)
     mlflow.set_tracking_uri(uri)
-    student, spec = _tracking.load_model("models:/equiray-student@champion")
+    student, spec = tracking.load_model("models:/equiray-student@champion")
     assert spec["teacher"] == "models:/equiray-ensemble@champion" and spec["kwargs"]["width"] == 6
     assert student(torch.rand(3, 1, 8, 8)).shape == (3, 10)

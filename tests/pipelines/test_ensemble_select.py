@@ -52,7 +52,7 @@ def test_select_by_nfn_keeps_the_members_predicted_strongest(members):
     from equiray.groups import get_group
     from equiray.metrics import invariance, orbit_logits
     from equiray.nfn import features_from_normalized_cnns, predict
-    from pipelines._tracking import load_model
+    from pipelines.tracking import load_model
 
     cfg, trained, zoo, nfn, root = members
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, select_by="nfn", nfn_model=nfn.registered))
@@ -73,7 +73,7 @@ def test_select_by_nfn_keeps_the_members_predicted_strongest(members):
 
 
 def test_select_by_a_metanetwork_of_other_nets_is_a_clear_error(members):
-    from pipelines._tracking import load_model
+    from pipelines.tracking import load_model
 
     cfg, trained, zoo, nfn, root = members
     metanet, spec = load_model(nfn.registered)

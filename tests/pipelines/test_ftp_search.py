@@ -14,7 +14,7 @@ import torch
 
 from equiray.config import load_config
 from equiray.errors import ConfigError, EquirayError
-from pipelines import _tracking
+from pipelines import tracking
 from pipelines.ftp import FTPConfig, load_task, run_tune
 from test_canon_sweep import register_backbone
 
@@ -82,7 +82,7 @@ def test_champion_is_the_best_by_id_validation_and_loads_back(searched):
     assert result.champion.run_id == best.run_id
     assert result.registered == "models:/equiray-ftp@champion" and result.version and not result.reused
     mlflow.set_tracking_uri(uri)
-    model, spec = _tracking.load_model("models:/equiray-ftp@champion")
+    model, spec = tracking.load_model("models:/equiray-ftp@champion")
     task = load_task(cfg)
     xt, yt = task.test
     with torch.no_grad():
@@ -126,7 +126,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
     cfg_file.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
            "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.ftp", "--config", str(cfg_file)], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.ftp", "tune", "--config", str(cfg_file)], cwd=tmp_path,
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = mlflow.MlflowClient(uri)
     deadline = time.time() + 240

@@ -66,7 +66,7 @@ def mlflow_server(tmp_path_factory):
 def test_a_pipeline_run_lands_in_the_server(ray_session, mlflow_server, tmp_path, monkeypatch):
     import mlflow
 
-    from pipelines import _tracking
+    from pipelines import tracking
     from pipelines.pretrain import PretrainConfig, run
 
     url, root = mlflow_server
@@ -89,5 +89,5 @@ def test_a_pipeline_run_lands_in_the_server(ray_session, mlflow_server, tmp_path
     assert {"config.yaml", "weights.safetensors", "spec.json"} <= stored  # ... into its artifact root
     mv = client.get_model_version_by_alias("equiray-backbone", "pretrained")
     assert mv.run_id == result.run_id
-    model, spec = _tracking.load_model("models:/equiray-backbone@pretrained")  # back from the server
+    model, spec = tracking.load_model("models:/equiray-backbone@pretrained")  # back from the server
     assert spec["name"] == "small_cnn" and model(__import__("torch").rand(2, 1, 8, 8)).shape == (2, 10)

@@ -142,7 +142,7 @@ def train_cfg(zoo_dir, **over) -> NFNTrainConfig:
 def test_nfn_train_scores_logs_and_registers_an_invariant_champion(relu_zoo, mlflow_store, tmp_path):
     import mlflow
 
-    from pipelines._tracking import load_model
+    from pipelines.tracking import load_model
 
     cfg = train_cfg(relu_zoo.out)
     result = run_train(cfg, report_dir=tmp_path)

@@ -8,7 +8,7 @@ import torch
 from equiray.config import load_config
 from equiray.data import read_split
 from equiray.train import accuracy, predict
-from pipelines import _tracking
+from pipelines import tracking
 from pipelines.pretrain import PretrainConfig, ScalingConfig, run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -43,7 +43,7 @@ def test_registered_backbone_loads_back_and_gives_the_reported_accuracy(pretrain
     assert acc == pytest.approx(result.accuracy["upright"], abs=1e-6)
     assert acc > 0.5  # it learned something in three epochs
     # the pickle-free path rebuilds the same model from spec + safetensors
-    rebuilt, spec = _tracking.load_model("models:/equiray-backbone@pretrained")
+    rebuilt, spec = tracking.load_model("models:/equiray-backbone@pretrained")
     assert spec["name"] == "small_cnn" and spec["kwargs"] == {"width": 16}
     torch.testing.assert_close(predict(rebuilt, x[:50]), predict(model, x[:50]))
 
@@ -87,8 +87,8 @@ def test_same_config_reuses_the_registered_model(pretrained, tmp_path):
         assert {p.rsplit("/", 1)[-1] for p in again.plots} == {"pretrain_curves.png", "pretrain_views.png"}
         # any change to the config is new work: nothing registered matches its hash
         changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=4))
-        assert _tracking.find_version("equiray-backbone", "pretrained",
-                                      config_hash_value=_tracking.config_hash(changed)) is None
+        assert tracking.find_version("equiray-backbone", "pretrained",
+                                      config_hash_value=tracking.config_hash(changed)) is None
 
 
 def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):

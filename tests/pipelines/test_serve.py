@@ -17,7 +17,7 @@ from PIL import Image
 
 from equiray import create_model
 from equiray.config import load_config
-from pipelines import _tracking
+from pipelines import tracking
 from pipelines.serve import ServeConfig, deploy, deployment_options
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # Ray + Serve start: 20-50 s here
@@ -41,8 +41,8 @@ def build(spec: dict, seed: int) -> torch.nn.Module:
 def register(model, spec, name: str, *, metrics: dict) -> str:
     with mlflow.start_run():
         mlflow.log_metrics(metrics)
-        uri = _tracking.log_model(model, spec, name="model")
-    return _tracking.register(uri, name, "champion")
+        uri = tracking.log_model(model, spec, name="model")
+    return tracking.register(uri, name, "champion")
 
 
 def images(n: int, seed: int) -> np.ndarray:
@@ -77,7 +77,7 @@ def served(ray_session, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mp.setenv("MLFLOW_TRACKING_URI", uri)
-    _tracking.setup("test-serve", uri)
+    tracking.setup("test-serve", uri)
     spec = ensemble_spec(3)
     ens = build(spec, seed=0)
     register(ens, spec, "t-ensemble", metrics={"test_accuracy": 0.625, "osp": 3.5})
@@ -429,8 +429,8 @@ def test_demo_serve_stage_sends_upright_and_rotated_images(served, tmp_path):
     cfg = load_config(ServeConfig, {"model": "models:/t-ensemble@champion", "app_name": "demo",
                                     "route_prefix": "/demo", "port": 0})
     out = serve_stage(cfg, str(tmp_path / "digits"), 3)
-    rows = [line for line in out["table"].splitlines() if line.startswith("| test ")]
-    assert len(rows) == 3 and "| 0 deg | 90 deg | 180 deg | 270 deg |" in out["table"]
-    assert out["info"]["name"] == "t-ensemble" and out["requests"] == 6
+    rows = [line for line in out.table.splitlines() if line.startswith("| test ")]
+    assert len(rows) == 3 and "| 0 deg | 90 deg | 180 deg | 270 deg |" in out.table
+    assert out.info["name"] == "t-ensemble" and out.requests == 6
     assert "demo" not in serve.status().applications  # its own app is gone ...
     assert requests.get(served["url"] + "/healthz", timeout=30).status_code == 200  # ... the others still serve

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from equiray import create_model
-from pipelines import _tracking
+from pipelines import tracking
 
 EQUIRAY = [sys.executable, "-m", "pipelines.cli"]
 
@@ -20,13 +20,13 @@ EQUIRAY = [sys.executable, "-m", "pipelines.cli"]
 def registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-cli")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    _tracking.setup("test-serve-cli", uri)
+    tracking.setup("test-serve-cli", uri)
     spec = {"name": "small_cnn", "in_chans": 1, "num_classes": 10, "kwargs": {"width": 4},
             "input_shape": [1, 14, 14]}
     torch.manual_seed(0)
     with mlflow.start_run():
-        model_uri = _tracking.log_model(create_model("small_cnn", width=4), spec)
-    _tracking.register(model_uri, "t-student", "champion")
+        model_uri = tracking.log_model(create_model("small_cnn", width=4), spec)
+    tracking.register(model_uri, "t-student", "champion")
     return root, uri
 
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from equiray import create_model
-from pipelines import _tracking
+from pipelines import tracking
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -21,11 +21,11 @@ def test_serve_app_yaml_deploys_declaratively(ray_session, tmp_path, monkeypatch
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    _tracking.setup("test-serve-deploy", uri)
+    tracking.setup("test-serve-deploy", uri)
     spec = {"name": "small_cnn", "in_chans": 1, "num_classes": 10, "kwargs": {"width": 4}, "input_shape": [1, 14, 14]}
     torch.manual_seed(0)
     with mlflow.start_run():
-        _tracking.register(_tracking.log_model(create_model("small_cnn", width=4), spec), "t-decl", "champion")
+        tracking.register(tracking.log_model(create_model("small_cnn", width=4), spec), "t-decl", "champion")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -136,6 +136,24 @@ def fetch_results(run_id: str, data_path: str, plot_path: str, report_dir) -> tu
     return data, plot
 
 
+def fetch_plot(run_id: str, plot_path: str, report_dir) -> Path | None:
+    """A run's plot copied into ``report_dir`` (or a temporary folder); None when the run has no such artifact (an
+    older run, or a plot that was not made)."""
+    import shutil
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            plot = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=plot_path, dst_path=tmp))
+        except (MlflowException, OSError):
+            return None
+        out_dir = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="equiray-plots-"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(plot, out_dir / plot.name))
+
+
 def find_version(name: str, alias: str, *, config_hash_value: str):
     """The model version behind ``name@alias`` if it was produced by a config with this hash, else None."""
     from mlflow import MlflowClient

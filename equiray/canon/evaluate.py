@@ -21,10 +21,12 @@ __all__ = ["evaluate_variant", "Latencies", "paired_latencies"]
 
 @torch.no_grad()
 def evaluate_variant(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group: Group | str, *,
-                     batch_size: int = 512, device: torch.device | str = "cpu") -> dict[str, float]:
+                     batch_size: int = 512, device: torch.device | str = "cpu",
+                     angles: Sequence[float] = ()) -> dict[str, float]:
     """Upright accuracy, the Cn-avg accuracy (mean over the n rotated copies: pad, rotate, crop), the accuracy per
     rotation (``accuracy_rot_{e}``), the SO(2)-avg and O(2)-avg accuracies (each image at its own random angle,
-    after a random mirror for O(2): the ``so2`` / ``o2`` views, seed 0) and the identity rate on upright inputs
+    after a random mirror for O(2): the ``so2`` / ``o2`` views, seed 0), the accuracy at each of ``angles``
+    (degrees: ``accuracy_angle_{deg}``, the accuracy-vs-angle curve) and the identity rate on upright inputs
     (canonicalized models)."""
     g = get_group(group)
     model.eval().to(device)
@@ -44,8 +46,9 @@ def evaluate_variant(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group: 
         per_element.append(correct / len(y))
     out = {"upright_accuracy": per_element[0], "cn_avg_accuracy": sum(per_element) / len(per_element),
            **{f"accuracy_rot_{e}": a for e, a in enumerate(per_element)}}
-    for view in RANDOM_ROTATIONS:
-        out[f"{view}_accuracy"] = accuracy(predict(model, apply_view(x, view), batch_size=batch_size, device=device), y)
+    for view in (*RANDOM_ROTATIONS, *(f"angle:{d:g}" for d in angles)):
+        key = f"{view}_accuracy" if view in RANDOM_ROTATIONS else f"accuracy_angle_{view.split(':')[1]}"
+        out[key] = accuracy(predict(model, apply_view(x, view), batch_size=batch_size, device=device), y)
     if identity:
         out["identity_rate"] = identity_rate(torch.cat(identity), model.group)
     return out

@@ -3,6 +3,7 @@ training of one variant (``configs/canon.yaml`` holds the same keys)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +134,7 @@ class CanonConfig:
     eval_group: str = "C8"  # the Cn-avg accuracy: mean over the n rotated copies of the test set
     select: str = "cn_avg_accuracy"  # the metric that picks the champion
     latency_batch: int = 256
+    curve_step: float = 15.0  # the accuracy-vs-angle curve's step in degrees (0: no curve)
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig("equiray-canon", None, "equiray-canon", "champion")
     storage_path: str = "runs"
@@ -142,8 +144,16 @@ class CanonConfig:
             if b not in BASELINES:
                 raise ConfigError(f"baselines: {b!r} is not one of {BASELINES}")
         get_group(self.eval_group)
+        if self.curve_step < 0:
+            raise ConfigError(f"curve_step: degrees between the curve's angles, >= 0 (0: no curve), not {self.curve_step}")
         if self.select not in SELECTABLE:
             raise ConfigError(f"select: one of {', '.join(SELECTABLE)}")
+
+    def curve_angles(self) -> tuple[float, ...]:
+        """The angles (degrees) of the accuracy-vs-angle curve, ``[0, 360)`` in ``curve_step`` steps."""
+        if not self.curve_step:
+            return ()
+        return tuple(i * self.curve_step for i in range(math.ceil(360.0 / self.curve_step)))
 
     def variants(self) -> list[Variant]:
         """Every trial's variant: the baselines first, then the grid."""

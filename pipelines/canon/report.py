@@ -5,7 +5,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["results_table", "verdict", "plot_variants"]
+__all__ = ["results_table", "verdict", "plot_variants", "plot_angle_curves"]
 
 
 def results_table(rows: Sequence[Mapping], group: str) -> str:
@@ -86,6 +86,42 @@ def plot_variants(rows: Sequence[Mapping], group: str, out_dir: Path | None) -> 
     ax.legend(loc="lower right")
     fig.tight_layout()
     path = out_dir / "canon_variants.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_angle_curves(rows: Sequence[Mapping], out_dir: Path | None) -> Path | None:
+    """Accuracy vs rotation angle (0-360 degrees) of every variant in one figure, as ``canon_angles.png`` in
+    ``out_dir`` (or a temporary folder); None when the sweep measured no curve (``curve_step: 0``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curve(r) -> tuple[list[float], list[float]]:
+        """(degrees, accuracy in %), closed at 360 degrees with the value at 0."""
+        pts = sorted((float(k[len("accuracy_angle_"):]), v) for k, v in r.items() if k.startswith("accuracy_angle_"))
+        if not pts:
+            return [], []
+        return [d for d, _ in pts] + [360.0], [100 * v for _, v in pts] + [100 * pts[0][1]]
+
+    if not any(k.startswith("accuracy_angle_") for r in rows for k in r):
+        return None
+    out_dir = out_dir or Path(tempfile.mkdtemp(prefix="equiray-plots-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    for r in rows:
+        degrees, acc = curve(r)
+        if degrees:
+            ax.plot(degrees, acc, marker=".", label=r["name"])
+    ax.set(xlim=(0, 360), ylim=(0, 100), xlabel="rotation of the test images (degrees, counter-clockwise)",
+           ylabel="test accuracy (%)", title="accuracy vs rotation angle, every variant")
+    ax.set_xticks(range(0, 361, 45))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path = out_dir / "canon_angles.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

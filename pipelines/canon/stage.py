@@ -19,7 +19,7 @@ from equiray.config import to_dict
 from equiray.errors import ConfigError
 from pipelines._common import resize
 from pipelines.canon.config import CanonConfig
-from pipelines.canon.report import plot_variants, results_table, verdict
+from pipelines.canon.report import plot_angle_curves, plot_variants, results_table, verdict
 from pipelines.canon.trial import SweepRun, run_trial
 from pipelines.stage import Outcome, Stage, StageResult, StageRun
 
@@ -87,13 +87,17 @@ class CanonSweep(Stage[CanonConfig, CanonResult]):
         best = max(rows, key=lambda r: (r[cfg.select], r["upright_accuracy"]))
         plot = plot_variants(rows, cfg.eval_group, self.report_dir)
         mlflow.log_artifact(str(plot), "plots")
+        curve = plot_angle_curves(rows, self.report_dir)
+        if curve is not None:
+            mlflow.log_artifact(str(curve), "plots")
         mlflow.log_text(table, "variants.md")
         mlflow.log_text(json.dumps(rows, indent=2), "variants.json")
         mlflow.log_metrics({"variants": len(rows), "sweep_seconds": run.elapsed(),
                             f"champion_{cfg.select}": best[cfg.select]})
         result = CanonResult(pipeline=self.pipeline, run_id=run.run_id, run_name=run.run_name,
                              tracking_uri=run.tracking_uri, table=table, verdict=tuple(verdict(rows, cfg.eval_group)),
-                             plots=(str(plot),), rows=tuple(rows), champion=best["name"], plot=str(plot))
+                             plots=(str(plot),) + ((str(curve),) if curve else ()), rows=tuple(rows),
+                             champion=best["name"], plot=str(plot))
         tags = {"variant": best["name"], "run_id": best["run_id"], cfg.select: f"{best[cfg.select]:.4f}",
                 "sweep_run_id": run.run_id}
         return Outcome(result, best["model_uri"], tags)
@@ -106,10 +110,12 @@ class CanonSweep(Stage[CanonConfig, CanonResult]):
 
         parent = mv.tags["sweep_run_id"]
         rows, plot = tracking.fetch_results(parent, "variants.json", "plots/canon_variants.png", self.report_dir)
+        curve = tracking.fetch_plot(parent, "plots/canon_angles.png", self.report_dir)
         return CanonResult(pipeline=self.pipeline, run_id=parent,
                            run_name=mlflow.MlflowClient().get_run(parent).info.run_name,
                            tracking_uri=run.tracking_uri, table=results_table(rows, self.cfg.eval_group),
-                           verdict=tuple(verdict(rows, self.cfg.eval_group)), plots=(str(plot),), rows=tuple(rows),
+                           verdict=tuple(verdict(rows, self.cfg.eval_group)),
+                           plots=(str(plot),) + ((str(curve),) if curve else ()), rows=tuple(rows),
                            champion=mv.tags.get("variant", ""), plot=str(plot))
 
 
@@ -144,7 +150,7 @@ def run_trials(cfg: CanonConfig, variants: list[Variant], data: tuple[torch.Tens
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(variants)} variants failed; first: {errors[0]}")
     rows = [{**r.config["variant"], **{k: v for k, v in r.metrics.items()  # Tune adds its own fields: not these
-                                       if k.endswith("accuracy") or k.startswith("accuracy_rot")
+                                       if k.endswith("accuracy") or k.startswith(("accuracy_rot", "accuracy_angle"))
                                        or k in ("identity_rate", "run_id", "model_uri")}} for r in grid]
     order = {v.name: i for i, v in enumerate(variants)}
     return sorted(rows, key=lambda r: order[r["name"]])

@@ -59,7 +59,7 @@ def run_trial(config: Mapping, *, cfg: CanonConfig, data: tuple[torch.Tensor, ..
     try:
         train_variant(model, variant, x, y, **cfg.train.options(), device=device,
                       on_epoch=_epoch_logger(client, run_id, variant, cfg.train.epochs))
-        metrics = evaluate_variant(model, xt, yt, cfg.eval_group, device=device)
+        metrics = evaluate_variant(model, xt, yt, cfg.eval_group, device=device, angles=cfg.curve_angles())
         for k, v in metrics.items():
             client.log_metric(run_id, k, float(v))
         with mlflow.start_run(run_id=run_id):

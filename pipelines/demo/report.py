@@ -80,15 +80,18 @@ group-transformed inputs; the same measures, and the serving cost (the student i
 """)
     if out.canon is not None:
         c, can = cfg.canon, out.canon
+        curve = ("\nAccuracy vs rotation angle (every test image turned by the same angle):\n\n"
+                 "![canon_angles](canon_angles.png)\n") if any(p.endswith("canon_angles.png") for p in can.plots) else ""
         parts.append(f"""## Canonicalization adapters (`{can.registered}`, version {can.version})
 {len(can.rows)} variants around `{c.backbone}`, each a Ray Tune trial and an MLflow run (sweep run
 `{can.run_id}`): fine-tuned {c.train.epochs} epochs on {c.data.max_train or 'all'} upright training images;
 accuracy on the upright test set and averaged over its {c.eval_group} rotations ({c.data.max_eval or 'all'} images);
 identity rate = share of upright test images the canonicalizer leaves as they are; ms per image on a batch of
-{c.latency_batch}, every model timed in the same process. Champion: **{can.champion}**.
+{c.latency_batch}, every model timed in the same process. SO(2)-avg: every test image at its own random angle;
+O(2)-avg: after a random mirror too. Champion: **{can.champion}**.
 
 ![canon_variants](canon_variants.png)
-
+{curve}
 {can.table}
 
 {chr(10).join(can.verdict)}

@@ -47,6 +47,7 @@ def small_config(root, **over) -> CanonConfig:
                            "optimized": {"network": "small_cnn", "network_kwargs": {"width": 4}, "embed_dim": 8}},
         "train": {"epochs": 2, "batch_size": 64, "prior_beta": 10.0},  # a sharper prior for so short a run
         "eval_group": "C4",
+        "curve_step": 45.0,
         "resources": {"cpus_per_trial": 0.5},
         "tracking": {"experiment": "test-canon"},
         "storage_path": str(root / "runs"),
@@ -87,6 +88,8 @@ def test_every_variant_is_a_nested_mlflow_run(swept):
     for r in result.rows:
         assert r["ms_per_image"] > 0 and r["backbone_ms_per_image"] > 0
     assert (root / "report" / "canon_variants.png").stat().st_size > 10_000
+    assert (root / "report" / "canon_angles.png").stat().st_size > 10_000
+    assert str(root / "report" / "canon_angles.png") in result.plots
     assert "| variant | upright acc | C4-avg acc | SO(2)-avg acc | O(2)-avg acc | identity rate |" in result.table
 
 
@@ -97,8 +100,11 @@ def test_canonicalized_variants_are_invariant_and_the_plain_fine_tune_is_not(swe
     rows = {r["name"]: r for r in result.rows}
     for name, r in rows.items():
         rot = [r[f"accuracy_rot_{e}"] for e in range(4)]
+        curve = [r[f"accuracy_angle_{d}"] for d in range(0, 360, 45)]
+        assert curve[0] == r["upright_accuracy"], name  # the curve's 0 is the upright test set
         if r["kind"] != "none":
             assert max(rot) - min(rot) < 1e-9, name
+            assert curve[0] == curve[2] == curve[4] == curve[6], name  # quarter turns: exact invariance
     plain = rows["fine-tune"]
     assert plain["cn_avg_accuracy"] < plain["upright_accuracy"] - 0.2
     # the prior keeps upright inputs upright: far more of them map to the identity than without it

@@ -7,6 +7,7 @@ and the order of its random draws are fixed here, so the same seed gives the sam
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
 
@@ -21,11 +22,12 @@ from equiray.errors import EquirayError
 from equiray.groups import get_group
 from equiray.train import Step, cross_entropy, shuffled_batches, train_epoch
 
-__all__ = ["BACKBONE_MODES", "POSES", "Variant", "CanonObjective", "build_variant", "variant_optimizer", "train_variant"]
+__all__ = ["BACKBONE_MODES", "POSES", "TRAIN_ROTATIONS", "RandomRotations", "RotatedCrossEntropy", "Variant", "CanonObjective", "build_variant", "variant_optimizer", "train_variant"]
 
 BackboneMode = Literal["finetune", "frozen"]
 BACKBONE_MODES: tuple[BackboneMode, ...] = ("finetune", "frozen")
 POSES = ("element", "angle")
+TRAIN_ROTATIONS = ("none", "so2", "o2")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,10 @@ class Variant:
     ``kind``: a registered canonicalizer, or ``"none"`` for the bare backbone (the baselines); ``group``: the
     canonicalizer's group (and the augmentation's, with ``augment``: each training image turned by a random
     element); ``prior_weight``: the weight of the canonicalization prior; ``backbone``: fine-tuned or frozen;
-    ``pose``: turn inputs back by the chosen group element, or by a continuous angle read off the scores.
+    ``pose``: turn inputs back by the chosen group element, or by a continuous angle read off the scores;
+    ``rotations``: ``none`` trains on the upright images; ``so2`` turns each training image by its own uniform
+    random angle (``o2``: after a random mirror too), and the prior then targets that pose instead of the
+    identity (the data are upright, so the applied turn is the pose to undo).
     """
 
     name: str
@@ -45,6 +50,7 @@ class Variant:
     prior_weight: float = 0.0
     backbone: BackboneMode = "finetune"
     pose: Literal["element", "angle"] = "element"
+    rotations: Literal["none", "so2", "o2"] = "none"
 
     def __post_init__(self):
         if self.kind != "none" and self.kind not in list_canonicalizers():
@@ -54,6 +60,10 @@ class Variant:
             raise EquirayError(f"variant {self.name!r}: backbone {self.backbone!r} is not one of {BACKBONE_MODES}")
         if self.pose not in POSES:
             raise EquirayError(f"variant {self.name!r}: pose {self.pose!r} is not one of {POSES}")
+        if self.rotations not in TRAIN_ROTATIONS:
+            raise EquirayError(f"variant {self.name!r}: rotations {self.rotations!r} is not one of {TRAIN_ROTATIONS}")
+        if self.rotations != "none" and self.augment:
+            raise EquirayError(f"variant {self.name!r}: choose group augmentation or random rotations, not both")
 
     @property
     def canonicalized(self) -> bool:
@@ -65,28 +75,74 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class RandomRotations:
+    """Turns every training image by its own uniform random angle in [0, 2 pi) (pad with zeros, rotate
+    bilinearly, crop), after a random left-right mirror with probability 1/2 when ``mirror``: the element
+    ``r^angle m^mirrored`` acting on upright data. Draws come from ``generator``: mirrors first, then angles."""
+
+    generator: torch.Generator
+    mirror: bool = False
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(turned images, angles (B,) radians, mirrored (B,) bool), on ``x``'s device."""
+        from equiray.data.views import random_angles
+        from equiray.groups import rotate
+
+        mirrored, degrees = random_angles(len(x), mirror=self.mirror, generator=self.generator)
+        mirrored, angle = mirrored.to(x.device), torch.deg2rad(degrees).to(x.device, x.dtype)
+        x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
+        return rotate(x, angle, padding="zeros"), angle, mirrored
+
+
+@dataclass(frozen=True)
+class RotatedCrossEntropy:
+    """The task's cross-entropy on randomly turned inputs (the rotation-augmentation baseline)."""
+
+    rotations: RandomRotations
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+        return cross_entropy(model, self.rotations(x)[0], y)
+
+
+@dataclass(frozen=True)
 class CanonObjective:
     """A canonicalized model's loss for :func:`~equiray.train.train_epoch`: the task's cross-entropy, plus
     ``prior_weight`` x the canonicalization prior (the training images are upright; ``prior_beta`` scales the
     scores inside it), plus ``contrastive_weight`` x the contrastive term (optimized canonicalizer only).
 
     Every batch reports the prior, the contrastive term and the identity rate, whatever their weights.
+
+    With ``rotations`` every input is first turned by a random pose, and the prior targets that pose: the
+    cross-entropy of the scores against the element nearest to it, plus, for a continuous pose, ``1 - cos`` of
+    the angle error (the identity rate then reads: share of inputs mapped to the element nearest their pose).
     """
 
     prior_weight: float = 0.0
     prior_beta: float = 1.0
     contrastive_weight: float = 1.0
+    rotations: RandomRotations | None = None
 
     def __call__(self, model: CanonicalizedModel, x: torch.Tensor, y: torch.Tensor) -> Step:
-        logits, info = model.forward_with_info(x)
+        if self.rotations is None:
+            logits, info = model.forward_with_info(x)
+            prior = prior_loss(info.scores, model.group, beta=self.prior_beta)
+            target = torch.full_like(info.element, model.group.identity)
+        else:
+            x, angle, mirrored = self.rotations(x)
+            logits, info = model.forward_with_info(x)
+            g = model.group
+            k = torch.round(angle / (2 * math.pi / g.n)).long() % g.n
+            target = mirrored.long() * g.n + k if g.reflections else k
+            prior = F.cross_entropy(self.prior_beta * info.scores, target)
+            if info.angle is not None:
+                prior = prior + (1 - torch.cos(info.angle - angle)).mean()
         loss = F.cross_entropy(logits, y)
-        prior = prior_loss(info.scores, model.group, beta=self.prior_beta)
         if self.prior_weight:
             loss = loss + self.prior_weight * prior
         contrast = contrastive_loss(info.embeddings) if info.embeddings is not None else torch.zeros(())
         if info.embeddings is not None and self.contrastive_weight:
             loss = loss + self.contrastive_weight * contrast
-        identity = (info.element == model.group.identity).double().mean()
+        identity = (info.element == target).double().mean()
         return Step(loss, logits, {"prior": prior, "contrastive": contrast, "identity_rate": identity})
 
 
@@ -156,7 +212,13 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
     model.to(device)
     opt = variant_optimizer(model, variant, lr=lr, canon_lr=canon_lr, weight_decay=weight_decay)
     canon = isinstance(model, CanonicalizedModel)
-    objective = CanonObjective(variant.prior_weight, prior_beta, contrastive_weight) if canon else cross_entropy
+    rotations = None
+    if variant.rotations != "none":  # its own generator: the batch order stays the upright variants'
+        rotations = RandomRotations(torch.Generator().manual_seed(seed * 7919 + 1), mirror=variant.rotations == "o2")
+    if canon:
+        objective = CanonObjective(variant.prior_weight, prior_beta, contrastive_weight, rotations)
+    else:
+        objective = RotatedCrossEntropy(rotations) if rotations is not None else cross_entropy
     backbone = _backbone(model)
 
     def keep_frozen_statistics(_model: nn.Module) -> None:

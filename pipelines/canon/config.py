@@ -3,16 +3,19 @@ training of one variant (``configs/canon.yaml`` holds the same keys)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from equiray.canon import BACKBONE_MODES, POSES, Variant, list_canonicalizers
+from equiray.canon import BACKBONE_MODES, POSES, TRAIN_ROTATIONS, Variant, list_canonicalizers
 from equiray.errors import ConfigError
 from equiray.groups import get_group
 from pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
 
-BASELINES = ("vanilla", "augment")
+# plain fine-tuning; with random group augmentation; with a uniform random angle per image (and a random mirror)
+BASELINE_CHOICES = ("vanilla", "augment", "so2", "o2")
+BASELINES = ("vanilla", "augment")  # the sweep's default
 SELECTABLE = ("cn_avg_accuracy", "upright_accuracy", "so2_accuracy", "o2_accuracy")
 
 
@@ -25,6 +28,7 @@ class GridConfig:
     prior_weight: tuple[float, ...] = (0.0, 100.0)
     backbone: tuple[str, ...] = ("finetune",)  # finetune | frozen
     pose: tuple[str, ...] = ("element",)  # element: turn back by the chosen element; angle: by a continuous angle
+    rotations: tuple[str, ...] = ("none",)  # none: upright training images; so2 / o2: each turned by a random pose
 
     def __post_init__(self):
         for k in self.kind:
@@ -40,6 +44,9 @@ class GridConfig:
         for p in self.pose:
             if p not in POSES:
                 raise ConfigError(f"grid.pose: {p!r} is not one of {POSES}")
+        for r in self.rotations:
+            if r not in TRAIN_ROTATIONS:
+                raise ConfigError(f"grid.rotations: {r!r} is not one of {TRAIN_ROTATIONS}")
 
 
 # The options of each canonicalizer kind. An option left at None is not passed: the canonicalizer's own default
@@ -141,8 +148,8 @@ class CanonConfig:
 
     def __post_init__(self):
         for b in self.baselines:
-            if b not in BASELINES:
-                raise ConfigError(f"baselines: {b!r} is not one of {BASELINES}")
+            if b not in BASELINE_CHOICES:
+                raise ConfigError(f"baselines: {b!r} is not one of {BASELINE_CHOICES}")
         get_group(self.eval_group)
         if self.curve_step < 0:
             raise ConfigError(f"curve_step: degrees between the curve's angles, >= 0 (0: no curve), not {self.curve_step}")
@@ -158,17 +165,21 @@ class CanonConfig:
     def variants(self) -> list[Variant]:
         """Every trial's variant: the baselines first, then the grid."""
         out = []
+        names = {"vanilla": "fine-tune", "augment": f"fine-tune + {self.eval_group} aug",
+                 "so2": "fine-tune + SO(2) aug", "o2": "fine-tune + O(2) aug"}
         for b in self.baselines:
-            group = self.eval_group  # augment with the group the variants are judged on
-            out.append(Variant(name="fine-tune" if b == "vanilla" else f"fine-tune + {group} aug", kind="none",
-                               group=group, augment=b == "augment", prior_weight=0.0, backbone="finetune"))
+            # group augmentation with the group the variants are judged on
+            out.append(Variant(name=names[b], kind="none", group=self.eval_group, augment=b == "augment",
+                               prior_weight=0.0, backbone="finetune", rotations=b if b in ("so2", "o2") else "none"))
         for kind in self.grid.kind:
             for group in self.grid.group:
                 for w in self.grid.prior_weight:
-                    for mode in self.grid.backbone:
-                        for pose in self.grid.pose:
-                            prior = f"prior {w:g}" if w else "no prior"
-                            angle = ", angle" if pose == "angle" else ""
-                            out.append(Variant(name=f"{kind} {group}{angle}, {prior}, {mode}", kind=kind, group=group,
-                                               augment=False, prior_weight=float(w), backbone=mode, pose=pose))
+                    for mode, pose, turns in itertools.product(self.grid.backbone, self.grid.pose,
+                                                               self.grid.rotations):
+                        prior = f"prior {w:g}" if w else "no prior"
+                        angle = ", angle" if pose == "angle" else ""
+                        trained = f", {turns} inputs" if turns != "none" else ""
+                        out.append(Variant(name=f"{kind} {group}{angle}, {prior}, {mode}{trained}", kind=kind,
+                                           group=group, augment=False, prior_weight=float(w), backbone=mode,
+                                           pose=pose, rotations=turns))
         return out

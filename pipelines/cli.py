@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from equiray.config import to_dict
 from equiray.errors import EquirayError
 from pipelines import jobs, serve
 from pipelines.catalog import ALIASES, CATALOG, GROUPS, PIPELINES, Option, Pipeline
@@ -51,6 +52,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument("--report-dir", default="reports", help="where plots and the report go (default: reports)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults, --config, --set and the options above) as YAML and "
+                        "exit without running")
 
 
 def _add_option(p: argparse.ArgumentParser, opt: Option) -> None:
@@ -215,6 +219,11 @@ def _cmd_pipeline(p: Pipeline, args) -> int:
         else:
             kwargs[opt.kwarg] = value
     cfg = p.load_config(args.config, overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     result = p.run(cfg, report_dir=args.report_dir, **kwargs)
     if not p.prints:
         return 0

@@ -188,3 +188,21 @@ def test_a_pipeline_result_is_printed_as_its_table_verdict_plots_and_summary(cap
     assert "table" not in summary and "verdict" not in summary
     assert _cmd_pipeline(dataclasses.replace(p, prints=False), args) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_print_config_shows_the_resolved_config_and_runs_nothing(capsys):
+    """``--print-config`` prints defaults + ``--set`` + the command's own options as YAML that loads back into the
+    same config, and starts nothing (no Ray, no MLflow run)."""
+    import yaml
+
+    from equiray.config import load_config
+    from pipelines.canon import CanonConfig
+    from pipelines.cli import main
+
+    assert main(["canon", "sweep", "--print-config", "--set", "curve_step=5", "--set", "grid.pose=[angle]"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    cfg = load_config(CanonConfig, printed)
+    assert cfg.curve_step == 5.0 and cfg.grid.pose == ("angle",) and cfg == load_config(
+        CanonConfig, {"curve_step": 5, "grid": {"pose": ["angle"]}})
+    assert main(["ftp", "tune", "--print-config", "--resume"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["resume"] is True

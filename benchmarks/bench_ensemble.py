@@ -82,7 +82,7 @@ def ray_overhead(data_dir: Path, members: int, images: int, epochs: int, size: i
     from equiray.data import read_split
     from equiray.ensembles import MemberSpec, build_members, train_members_epoch
     from equiray.groups import cyclic
-    from pipelines._common import resize
+    from equiray.data import resize
     from pipelines.ensemble import EnsembleConfig, run_train
 
     x, y = read_split(data_dir, "train", limit=images)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from equiray.data import resize
 from equiray.errors import ConfigError
 from pipelines._ray import say
 
@@ -42,13 +43,6 @@ class TrackingConfig:
     run_name: str | None = None
     registered_model: str = "equiray-backbone"
     alias: str = "pretrained"
-
-
-def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
-    """``(N, C, H, W)`` -> ``(N, C, size, size)`` by area averaging (a no-op for ``None`` or the same size)."""
-    if size is None or tuple(x.shape[-2:]) == (size, size):
-        return x
-    return torch.nn.functional.interpolate(x, size=(size, size), mode="area" if size < x.shape[-1] else "bilinear")
 
 
 @dataclass(frozen=True)

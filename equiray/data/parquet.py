@@ -162,6 +162,14 @@ def decode_batch(batch: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, torch.T
     return x, torch.tensor(np.asarray(batch["label"]), dtype=torch.long)
 
 
+def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, C, size, size)``: area averaging down, bilinear up (a no-op for ``None`` or the
+    same size). What ``data.resize`` in a pipeline config does after reading."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="area" if size < x.shape[-1] else "bilinear")
+
+
 def read_split(data_dir: str | os.PathLike, split: str, *, limit: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split in memory via pyarrow: ``(images (N, C, H, W) float in [0, 1], labels (N,))``."""

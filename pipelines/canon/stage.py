@@ -17,7 +17,7 @@ import torch.nn as nn
 from equiray.canon import Variant, paired_latencies
 from equiray.config import to_dict
 from equiray.errors import ConfigError
-from pipelines._common import resize
+from equiray.data import resize
 from pipelines.canon.config import CanonConfig
 from pipelines.canon.report import plot_angle_curves, plot_variants, results_table, verdict
 from pipelines.canon.trial import SweepRun, run_trial

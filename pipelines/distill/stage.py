@@ -16,7 +16,8 @@ from equiray.data import read_split, split_files
 from equiray.distill import measure, ms_per_image
 from equiray.groups import get_group
 from pipelines import tracking
-from pipelines._common import fit, resize
+from equiray.data import resize
+from pipelines._common import fit
 from pipelines.distill.config import DistillConfig
 from pipelines.distill.report import STUDENT, TEACHER, distill_table, rows_from_metrics, rows_metrics, speedup
 from pipelines.distill.worker import WorkerArgs, build_student, train_loop_per_worker

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from equiray.groups import get_group
-from pipelines._common import resize
+from equiray.data import resize
 from pipelines.ensemble.config import EnsembleConfig
 from pipelines.ensemble.members import find_train_run, load_members, read_test
 from pipelines.ensemble.report import plot_curves, results_table, slug, verdict

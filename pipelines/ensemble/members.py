@@ -9,7 +9,7 @@ import torch
 
 from equiray.ensembles import StackedEnsemble, load_group
 from equiray.errors import EquirayError
-from pipelines._common import resize
+from equiray.data import resize
 from pipelines.ensemble.config import EnsembleConfig
 
 

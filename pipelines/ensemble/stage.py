@@ -16,7 +16,8 @@ from pathlib import Path
 from equiray.config import to_dict
 from equiray.ensembles import MemberGroup, StackedEnsemble, member_seed, save_group
 from equiray.errors import ConfigError
-from pipelines._common import fit, resize
+from equiray.data import resize
+from pipelines._common import fit
 from pipelines._ray import say
 from pipelines.ensemble.config import EnsembleConfig, GroupPlan, SettingConfig
 from pipelines.ensemble.report import slug

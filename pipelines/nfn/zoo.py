@@ -20,7 +20,7 @@ import torch
 from equiray.config import to_dict
 from equiray.errors import ConfigError, EquirayError
 from equiray.nfn import ZooHyperparameters, train_zoo_nets
-from pipelines._common import resize
+from equiray.data import resize
 from pipelines.nfn.config import ZooConfig
 
 log = logging.getLogger(__name__)

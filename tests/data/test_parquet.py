@@ -69,3 +69,15 @@ def test_write_failure_leaves_no_partial_directory(tmp_path):
 def test_decode_checks_sizes():
     with pytest.raises(DataError, match="do not match"):
         decode_images([b"\x00" * 10], 4, 4, 1)
+
+
+def test_resize_averages_down_and_leaves_the_same_size_alone():
+    import torch
+
+    from equiray.data import resize
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert resize(x, None) is x and resize(x, 4) is x
+    down = resize(x, 2)
+    assert down.shape == (1, 1, 2, 2) and down[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4
+    assert resize(x, 8).shape == (1, 1, 8, 8)

@@ -11,7 +11,7 @@ from equiray.data import read_split
 from equiray.errors import ConfigError, EquirayError
 from equiray.nfn import (ZooHyperparameters, features_from_state_dicts, init_zoo_net, list_metanetworks,
                          train_zoo_nets, zoo_batches, zoo_cnn)
-from pipelines._common import resize
+from equiray.data import resize
 from pipelines.nfn import (Metanetworks, MonomialNFNOptions, NFNTrainConfig, ZooConfig, read_zoo, run_train, run_zoo,
                            scaled_zoo, zoo_features)
 

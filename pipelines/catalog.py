@@ -133,9 +133,11 @@ CATALOG = (
         "canon sweep", canon.CanonConfig, canon.run_sweep,
         "train every canonicalizer variant and baseline, register the best", example_config="configs/canon.yaml",
         description="Start from the registered backbone and train a grid of canonicalization variants (kind x "
-        "group x prior weight x frozen/fine-tuned backbone) plus the baselines (plain fine-tuning, fine-tuning "
-        "with group augmentation), one Ray Tune trial and one MLflow run each; time every model, write a table "
-        "and a plot, register the best as equiray-canon@champion."),
+        "group x prior weight x frozen/fine-tuned backbone x pose (group element or continuous angle) x training "
+        "inputs (upright or randomly turned)) plus the baselines (plain fine-tuning; with group, SO(2) or O(2) "
+        "augmentation), one Ray Tune trial and one MLflow run each; judge them upright, on the group's rotations "
+        "(Cn-avg), at random angles (SO(2)-avg, O(2)-avg with mirrors) and along an accuracy-vs-angle curve; time "
+        "every model, write a table and plots, register the best (`select`) as equiray-canon@champion."),
     Pipeline(
         "ftp tune", ftp.FTPConfig, ftp.run_tune,
         "search FTP / TPGM / L2-SP / fine-tuning constraints with ASHA + Optuna", example_config="configs/ftp.yaml",

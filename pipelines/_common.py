@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,8 +28,6 @@ class DataConfig:
 
     def prepare(self) -> dict:
         """Prepare the Parquet dataset if missing (a no-op when already prepared); returns its metadata."""
-        from pathlib import Path
-
         from equiray.data import SourceOptions, prepare
 
         return prepare(self.source, self.dir, options=SourceOptions(cache_dir=Path(self.cache_dir),
@@ -140,8 +139,6 @@ def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, st
         max_failures: int = 2, split_data: bool = True, num_to_keep: int = 2):
     """Run ``train_loop`` on a ``TorchTrainer`` (Train V2) and return its result, which must hold a checkpoint.
     ``split_data=False`` gives every worker the whole of each dataset instead of a shard."""
-    from pathlib import Path
-
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -159,3 +156,25 @@ def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, st
     if result.checkpoint is None:
         raise RuntimeError(f"{run_name} ended without a checkpoint: {result.error}")
     return result
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside Ray Train's DistributedDataParallel wrapper (the model itself when not wrapped)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def resume_from_checkpoint(model: torch.nn.Module, device, **stateful) -> int:
+    """Load Ray Train's latest checkpoint (``state.pt``: after a worker failure) into ``model`` and every
+    ``name=object`` with a ``load_state_dict`` (optimizer, scheduler); returns the epoch to start from (0 without
+    a checkpoint)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return 0
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+    unwrap(model).load_state_dict(state["model"])
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    return state["epoch"] + 1

@@ -13,7 +13,7 @@ from equiray.distill import Distillation
 from equiray.groups import get_group
 from equiray.models import create_model
 from equiray.train import shuffled_batches, train_epoch
-from pipelines._common import load_shard, worker_threads
+from pipelines._common import load_shard, resume_from_checkpoint, unwrap, worker_threads
 from pipelines._ray import say
 from pipelines.distill.config import DistillConfig, StudentConfig
 
@@ -56,7 +56,7 @@ def train(cfg: DistillConfig, args: WorkerArgs) -> None:
     torch.manual_seed(t.seed + rank)
     student = ray.train.torch.prepare_model(build_student(cfg.student, spec))
     opt = torch.optim.Adam(student.parameters(), lr=t.lr)
-    start = _resume(student, opt, device)
+    start = resume_from_checkpoint(student, device, optimizer=opt)
     gen = torch.Generator().manual_seed(t.seed * 31 + rank)
     objective = Distillation(teacher, temperature=t.temperature, hard_weight=t.hard_label_weight)
     for epoch in range(start, t.epochs):
@@ -67,26 +67,8 @@ def train(cfg: DistillConfig, args: WorkerArgs) -> None:
             say(f"[distill] epoch {epoch + 1}/{t.epochs}  loss {stats.loss:.4f}  ({stats.seconds:.0f} s)")
             mlflow.MlflowClient(args.tracking_uri).log_metric(args.run_id, "distill_loss", stats.loss, step=epoch)
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": _unwrap(student).state_dict(), "optimizer": opt.state_dict(), "epoch": epoch},
+                torch.save({"model": unwrap(student).state_dict(), "optimizer": opt.state_dict(), "epoch": epoch},
                            Path(d) / "state.pt")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-
-
-def _resume(student, opt, device) -> int:
-    """Load Ray Train's latest checkpoint (after a worker failure); returns the epoch to start from."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if not ckpt:
-        return 0
-    with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
-    _unwrap(student).load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    return state["epoch"] + 1
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model

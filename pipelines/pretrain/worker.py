@@ -12,7 +12,8 @@ import torch
 from equiray.groups import get_group
 from equiray.models import create_model
 from equiray.train import shuffled_batches, train_epoch
-from pipelines._common import batches_from_shard, load_shard, progress, worker_threads
+from pipelines._common import (batches_from_shard, load_shard, progress, resume_from_checkpoint, unwrap,
+                               worker_threads)
 from pipelines._ray import say
 from pipelines.pretrain.config import ModelConfig, PretrainConfig
 
@@ -53,7 +54,7 @@ def train(cfg: PretrainConfig, args: WorkerArgs) -> None:
     device = ray.train.torch.get_device()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
-    start_epoch = _resume(model, opt, sched, device)
+    start_epoch = resume_from_checkpoint(model, device, optimizer=opt, scheduler=sched)
     client = MlflowClient(args.tracking_uri) if rank == 0 else None
     augment = get_group(t.augment) if t.augment else None
     gen = torch.Generator().manual_seed(t.seed * 7919 + rank)
@@ -77,27 +78,11 @@ def train(cfg: PretrainConfig, args: WorkerArgs) -> None:
                 if k != "epoch":
                     client.log_metric(args.run_id, k, float(v), step=epoch)
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch}, Path(d) / "state.pt")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-
-
-def _resume(model, opt, sched, device) -> int:
-    """Load Ray Train's latest checkpoint (after a worker failure) into the model, optimizer and scheduler;
-    returns the epoch to start from."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if not ckpt:
-        return 0
-    with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
-    _unwrap(model).load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return state["epoch"] + 1
 
 
 def _epoch_batches(cache, shard, cfg: PretrainConfig, gen: torch.Generator):
@@ -122,7 +107,3 @@ def _evaluate_shard(model, shard, batch_size: int, device) -> tuple[float, float
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(correct)
     return float(correct[0]), float(correct[1])
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model

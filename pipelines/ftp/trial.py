@@ -70,6 +70,9 @@ def _trial(config: dict, *, ctx: TrialContext) -> None:
     mlflow.set_tracking_uri(ctx.tracking_uri)
     client = mlflow.MlflowClient()
     start_epoch, run_id = _restore(tuner, gen, device)
+    # an interrupt between the MLflow log and Tune persisting the epoch's checkpoint leaves that epoch logged
+    # but not checkpointed: it is trained again from the same state, and not logged a second time
+    logged = set() if run_id is None else {m.step for m in client.get_metric_history(run_id, "val_accuracy")}
     if run_id is None:
         run_id = _start_run(client, ctx, config)
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -77,7 +80,8 @@ def _trial(config: dict, *, ctx: TrialContext) -> None:
         loss = tuner.epoch(x, y, generator=gen, device=device).loss
         metrics = _evaluate(model, task, cfg, epoch=epoch, loss=loss, seconds=time.perf_counter() - t0,
                             device=device)
-        _log(client, run_id, method, metrics, epochs=cfg.train.epochs)
+        if epoch not in logged:
+            _log(client, run_id, method, metrics, epochs=cfg.train.epochs)
         with tempfile.TemporaryDirectory() as d:
             torch.save({"model": model.state_dict(), "optimizer": tuner.optimizer.state_dict(),
                         "generator": gen.get_state(), "epoch": epoch, "run_id": run_id}, Path(d) / "trial.pt")

@@ -123,12 +123,15 @@ class Detailed:
 
     ``logits`` (B, K) are what the model's ``forward`` returns; ``probabilities`` their softmax (B, K);
     ``disagreement`` (B,), ensembles only: the share of members whose own top class differs from the ensemble's;
-    ``element`` (B,), canonicalized models only: the group element each input was turned back from."""
+    ``element`` (B,), canonicalized models only: the group element each input was turned back from;
+    ``pose_deg`` (B,), canonicalized models only: the angle each input was turned back by, in degrees in
+    [0, 360) counter-clockwise (the continuous angle with ``pose="angle"``, else the element's rotation)."""
 
     logits: torch.Tensor
     probabilities: torch.Tensor
     disagreement: torch.Tensor | None = None
     element: torch.Tensor | None = None
+    pose_deg: torch.Tensor | None = None
 
 
 def predict_detailed(model: nn.Module, x: torch.Tensor) -> Detailed:
@@ -137,7 +140,7 @@ def predict_detailed(model: nn.Module, x: torch.Tensor) -> Detailed:
     from equiray.canon import CanonicalizedModel
     from equiray.ensembles import StackedEnsemble
 
-    disagreement = element = None
+    disagreement = element = pose = None
     with torch.inference_mode():
         if isinstance(model, StackedEnsemble):
             members = model.member_logits(x)  # (N, B, K)
@@ -145,10 +148,10 @@ def predict_detailed(model: nn.Module, x: torch.Tensor) -> Detailed:
             disagreement = (members.argmax(-1) != logits.argmax(-1)).float().mean(0)  # (B,)
         elif isinstance(model, CanonicalizedModel):
             logits, info = model.forward_with_info(x)
-            element = info.element
+            element, pose = info.element, info.degrees(model.group)
         else:
             logits = model(x)
-        return Detailed(logits, logits.float().softmax(-1), disagreement, element)
+        return Detailed(logits, logits.float().softmax(-1), disagreement, element, pose)
 
 
 def describe_element(group, element: int) -> dict:

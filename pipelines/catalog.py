@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from equiray.config import load_config
 from equiray.registry import Registry
-from pipelines import canon, demo, distill, ensemble, ftp, nfn, pretrain, serve
+from pipelines import canon, demo, distill, ensemble, ftp, nfn, pretrain, robust, serve
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ ALIASES = {"tune ftp": "ftp tune"}
 
 SERVE_EPILOG = """\
 examples:
+  equiray serve run                      # models:/equiray-robust@champion
   equiray serve run --model models:/equiray-ensemble@champion
   equiray serve run --model models:/equiray-student@champion --port 8001 --set batch.max_batch_size=64
   equiray serve run --config configs/serve.yaml --serve-config configs/serve_app.yaml
@@ -162,6 +163,17 @@ CATALOG = (
         "functions); one Ray task per (metanetwork, zoo). Reports Kendall tau on held-out nets, logs curves and a "
         "predicted-vs-true plot to MLflow and registers the champion as equiray-nfn@champion."),
     Pipeline(
+        "robust", robust.RobustConfig, robust.run,
+        "judge every robust candidate at any angle and mirrored, register the champion",
+        example_config="configs/robust.yaml",
+        description="Judge the candidate models (every variant of the canon sweep behind equiray-canon@champion, "
+        "equiray-ensemble@champion, equiray-student@champion, or any registered model in `candidates`) the same "
+        "way, one Ray task each, on the full test set: upright, mirrored, at a uniformly random angle per image "
+        "(SO(2)), after a random mirror too (O(2)), on the C8 grid, and along an accuracy-vs-angle curve; time "
+        "each next to the backbone. The champion is the best SO(2) accuracy among the candidates within "
+        "`upright_tolerance` points (1) of the backbone's upright accuracy (else the best SO(2) of all, said so); "
+        "it is registered as equiray-robust@champion, which `equiray serve run` serves by default."),
+    Pipeline(
         "serve run", serve.ServeConfig, serve.run, "serve a registered model over HTTP until Ctrl+C", prints=False,
         example_config="configs/serve.yaml", epilog=SERVE_EPILOG,
         description="Start Ray Serve with a registered equiray model (models:/NAME@ALIAS or models:/NAME/VERSION): "
@@ -172,7 +184,8 @@ CATALOG = (
         "format `serve deploy` takes). Binds 127.0.0.1 unless --host says otherwise. Blocks until Ctrl+C; running "
         "it again (on the cluster at RAY_ADDRESS) or `kill -HUP` on it after promoting another version to the "
         "alias swaps the model in place, without dropping requests.",
-        options=(Option("--model", "registry URI, e.g. models:/equiray-ensemble@champion (config key `model`)",
+        options=(Option("--model", "registry URI (config key `model`; default models:/equiray-robust@champion, "
+                        "registered by `equiray robust`)",
                         sets="model"),
                  Option("--host", "interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)",
                         sets="host"),

@@ -91,9 +91,10 @@ def plot_variants(rows: Sequence[Mapping], group: str, out_dir: Path | None) -> 
     return path
 
 
-def plot_angle_curves(rows: Sequence[Mapping], out_dir: Path | None) -> Path | None:
-    """Accuracy vs rotation angle (0-360 degrees) of every variant in one figure, as ``canon_angles.png`` in
-    ``out_dir`` (or a temporary folder); None when the sweep measured no curve (``curve_step: 0``)."""
+def plot_angle_curves(rows: Sequence[Mapping], out_dir: Path | None, *, name: str = "canon_angles.png",
+                      title: str = "accuracy vs rotation angle, every variant") -> Path | None:
+    """Accuracy vs rotation angle (0-360 degrees) of every row (its ``accuracy_angle_{deg}`` values) in one figure,
+    as ``name`` in ``out_dir`` (or a temporary folder); None when no row has a curve (``curve_step: 0``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,12 +117,12 @@ def plot_angle_curves(rows: Sequence[Mapping], out_dir: Path | None) -> Path | N
         if degrees:
             ax.plot(degrees, acc, marker=".", label=r["name"])
     ax.set(xlim=(0, 360), ylim=(0, 100), xlabel="rotation of the test images (degrees, counter-clockwise)",
-           ylabel="test accuracy (%)", title="accuracy vs rotation angle, every variant")
+           ylabel="test accuracy (%)", title=title)
     ax.set_xticks(range(0, 361, 45))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    path = out_dir / "canon_angles.png"
+    path = out_dir / name
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -5,8 +5,9 @@ Stages: (1) prepare Fashion-MNIST as Parquet shards; (2) pretrain a backbone wit
 ensembles on Ray Train, OSP/KL vs ensemble size; (4) distil the ensemble into one student; (5) canonicalization
 variants around the backbone as Ray Tune trials; (6) a robust fine-tuning search (FTP, TPGM, L2-SP) on Ray Tune;
 (7) Monomial-NFN: a zoo of small CNNs trained on Ray tasks, metanetworks that read their accuracy off the weights,
-and the same for the ensemble's members, used to leave the weakest out of the average; (8) serve: the registered
-ensemble behind Ray Serve, a few real HTTP requests (upright and rotated test images), the answers printed, the
+and the same for the ensemble's members, used to leave the weakest out of the average; (8) robust: every candidate
+judged upright, at any angle and mirrored, the champion registered as ``equiray-robust@champion``; (9) serve: it
+behind Ray Serve, a few real HTTP requests (upright and rotated test images), the answers printed, the
 endpoint shut down.
 
 Each stage returns its typed result; the next stage and the report read them by attribute.
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from equiray.config import to_dict
-from pipelines import canon, distill, ensemble, ftp, nfn, pretrain
+from pipelines import canon, distill, ensemble, ftp, nfn, pretrain, robust
 from pipelines._ray import say
 from pipelines.demo.config import STAGES, DemoConfig
 from pipelines.demo.report import backbone_table, write_report
@@ -96,6 +97,14 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoRe
                "their accuracy from weights; then the ensemble's members")
         nf = _nfn_stage(cfg, out.ensemble, report_dir)
         out = dataclasses.replace(out, nfn=nf, tracking_uri=nf.train.tracking_uri)
+    if "robust" in cfg.stages:
+        r = cfg.robust
+        banner("robust", f"robust champion: the candidates judged upright, at any angle and mirrored, one Ray task "
+               f"each; the best SO(2) within {r.upright_tolerance:g} point of the backbone's upright accuracy")
+        rb = robust.run(r, report_dir=report_dir, reuse=cfg.reuse)
+        _reused(rb)
+        say("\n" + rb.table + "\n" + "\n".join(rb.verdict))
+        out = dataclasses.replace(out, robust=rb, tracking_uri=rb.tracking_uri)
     if "serve" in cfg.stages:
         banner("serve", f"serve: {cfg.serve.model} behind Ray Serve, {cfg.serve_images} test images upright and "
                "rotated, sent over HTTP")

@@ -15,9 +15,10 @@ from pipelines.ensemble import EnsembleConfig
 from pipelines.ftp import FTPConfig, FTPTrain, SearchConfig as FTPSearch
 from pipelines.nfn import Metanetworks, MonomialNFNOptions, NFNTrainConfig, ZooConfig
 from pipelines.pretrain import PretrainConfig, TrainConfig
+from pipelines.robust import RobustConfig
 from pipelines.serve import ServeConfig
 
-STAGES = ("pretrain", "ensemble", "distill", "canon", "ftp", "nfn", "serve")
+STAGES = ("pretrain", "ensemble", "distill", "canon", "ftp", "nfn", "robust", "serve")
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,10 @@ class DemoConfig:
     pretrain: PretrainConfig = PretrainConfig(train=TrainConfig(epochs=3), data=DataConfig())
     ensemble: EnsembleConfig = EnsembleConfig()
     distill: DistillConfig = DistillConfig()
-    canon: CanonConfig = CanonConfig()
+    canon: CanonConfig = CanonConfig(curve_step=0)  # the robust stage draws every candidate's curve
     ftp: FTPConfig = FTPConfig(search=FTPSearch(num_samples=10, grace_period=2), train=FTPTrain(epochs=6))
     nfn: NFNDemo = NFNDemo()
+    robust: RobustConfig = RobustConfig()
     serve: ServeConfig = ServeConfig(port=0)  # any free port: the demo's endpoint lives only for its requests
     serve_images: int = 4  # test images sent upright and rotated by 90, 180, 270 degrees
     stages: tuple[str, ...] = STAGES

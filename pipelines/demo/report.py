@@ -138,6 +138,21 @@ predicted weakest are left out of the average (test set; random subsets of the s
 
 {chr(10).join(nf.selection.verdict)}
 """)
+    if out.robust is not None:
+        rb, r = out.robust, cfg.robust
+        curve = f"![robust_angles]({Path(rb.plot).name})\n" if rb.plot else ""
+        parts.append(f"""## The robust champion (`{rb.registered}`, version {rb.version})
+Every candidate judged the same way (`equiray robust`): the test set upright, mirrored, at a uniformly random
+angle per image (SO(2)) and after a random mirror too (O(2)); the {r.cn_group} grid and the curve (every
+{r.curve_step:g} degrees) read the first {r.curve_images} test images. The rule: the best SO(2) accuracy among the
+candidates whose upright accuracy is within {r.upright_tolerance:g} point of the backbone's. Accuracies in %;
+ms per image on a batch of {r.latency_batch} on this machine, next to the backbone.
+
+{rb.table}
+
+{chr(10).join(rb.verdict)}
+
+{curve}""")
     if out.serve is not None:
         srv = out.serve
         parts.append(f"""## Online serving (`{srv.model}`, version {srv.version})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines import canon, distill, ensemble, ftp, nfn, pretrain
+from pipelines import canon, distill, ensemble, ftp, nfn, pretrain, robust
 from pipelines.demo.serving import ServeStageResult
 
 
@@ -27,6 +27,7 @@ class DemoResult:
     canon: canon.CanonResult | None = None
     ftp: ftp.FTPResult | None = None
     nfn: NFNStageResult | None = None
+    robust: robust.RobustResult | None = None
     serve: ServeStageResult | None = None
     report: str = ""
     seconds: float = 0.0
@@ -39,4 +40,6 @@ class DemoResult:
                 out.append((stage.registered, stage.version))
         if self.nfn is not None:
             out += [(r.registered, r.version) for r in (self.nfn.train, self.nfn.members) if r is not None]
+        if self.robust is not None:
+            out.append((self.robust.registered, self.robust.version))
         return out

@@ -1,7 +1,7 @@
 """Online serving: Ray Serve hosts a registered equiray model (the ensemble mean, its distilled student, a
 canonicalized backbone, any ``models:/NAME@ALIAS``) behind an HTTP API.
 
-    equiray serve run --model models:/equiray-ensemble@champion [--port 8000] [--config configs/serve.yaml]
+    equiray serve run [--model models:/equiray-robust@champion] [--port 8000] [--config configs/serve.yaml]
     serve deploy configs/serve_app.yaml          # the same application on a running cluster
 
 The API (``/docs`` and ``/openapi.json`` describe it):

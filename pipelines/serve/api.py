@@ -34,6 +34,8 @@ class Prediction(BaseModel):
                                        "differs from the ensemble's")
     group_element: dict | None = Field(None, description="canonicalized models: the pose the input was turned "
                                        "back from (index, group, rotation_deg, reflection)")
+    pose_deg: float | None = Field(None, description="canonicalized models: the angle the input was turned back by, "
+                                   "degrees counter-clockwise in [0, 360) (continuous for a continuous pose)")
 
 
 class PredictResponse(BaseModel):

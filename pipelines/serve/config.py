@@ -40,7 +40,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str = "models:/equiray-ensemble@champion"  # models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/PATH
+    model: str = "models:/equiray-robust@champion"  # models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/PATH
     host: str = "127.0.0.1"  # 0.0.0.0 exposes the endpoint to the network: only behind your own auth
     port: int = 8000  # 0: any free port
     app_name: str = "equiray"

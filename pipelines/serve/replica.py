@@ -73,6 +73,7 @@ def _predictions(loaded: Loaded, images: list[torch.Tensor]) -> list[dict]:
             row["disagreement"] = float(out.disagreement[i])
         if out.element is not None:
             row["group_element"] = describe_element(loaded.group, int(out.element[i]))
+            row["pose_deg"] = round(float(out.pose_deg[i]), 2)
         rows.append(row)
     return rows
 

@@ -147,6 +147,45 @@ def test_same_config_reuses_the_champion(swept):
     assert (root / "report2" / "canon_variants.png").exists()
 
 
+def test_robust_champion_judges_every_variant_the_same_way_and_is_what_serve_loads(swept, capsys):
+    """`equiray robust` on the sweep: every variant and the backbone judged on the same views (a candidate that is
+    not registered is left out with a line), the champion chosen by the rule, registered as
+    equiray-robust@champion (serve's default model), and the same config reused."""
+    from pipelines.robust import RobustConfig, run as run_robust
+    from pipelines.robust.report import champion
+    from pipelines.serve import ServeConfig
+
+    cfg, result, uri, root = swept
+    mlflow.set_tracking_uri(uri)
+    rcfg = load_config(RobustConfig, {
+        "backbone": "models:/test-backbone@pretrained", "candidates": ["canon", "models:/equiray-student@champion"],
+        "data": {"source": "digits", "dir": str(root / "digits"), "max_eval": 200}, "cn_group": "C4",
+        "curve_step": 45.0, "curve_images": 100, "latency_batch": 32})
+    robust = run_robust(rcfg, report_dir=root / "robust")
+    assert "left out: models:/equiray-student@champion is not registered" in capsys.readouterr().out
+    assert [r["name"] for r in robust.rows] == [f"canon: {r['name']}" for r in result.rows]
+    best, met = champion(robust.rows, robust.backbone["upright_accuracy"], 1.0)
+    assert robust.champion == best["name"] and robust.rule_met == met
+    x, y = read_split(root / "digits", "test", limit=200)
+    for r in robust.rows:  # the same upright test set the sweep judged on: the same upright accuracy
+        swept_row = next(s for s in result.rows if f"canon: {s['name']}" == r["name"])
+        assert r["upright_accuracy"] == pytest.approx(swept_row["upright_accuracy"], abs=1e-6), r["name"]
+        if swept_row["kind"] != "none":  # exactly C4-invariant: the grid's mean is the upright accuracy (100 images)
+            assert r["accuracy_angle_90"] == r["accuracy_angle_0"], r["name"]
+            assert r["cn_avg_accuracy"] == pytest.approx(r["accuracy_angle_0"], abs=1e-6), r["name"]
+    assert ServeConfig().model == robust.registered == "models:/equiray-robust@champion"
+    mv = mlflow.MlflowClient(uri).get_model_version_by_alias("equiray-robust", "champion")
+    assert mv.source == best["uri"] and mv.tags["candidate"] == best["name"]
+    assert mv.tags["rule_met"] == str(met).lower() and (root / "robust" / "robust_angles.png").exists()
+    model, _ = tracking.load_model("models:/equiray-robust@champion")
+    with torch.no_grad():
+        acc = float((model(x).argmax(-1) == y).float().mean())
+    assert acc == pytest.approx(best["upright_accuracy"], abs=1e-6)
+    again = run_robust(rcfg, report_dir=root / "robust2", reuse=True)
+    assert again.reused and again.version == robust.version and again.rows == robust.rows
+    assert again.table == robust.table and (root / "robust2" / "robust_angles.png").exists()
+
+
 def test_gpu_fractions_and_bad_configs(tmp_path):
     cfg = small_config(tmp_path, resources={"cpus_per_trial": 1, "gpus_per_trial": 0.25})
     assert cfg.resources.gpus_per_trial == 0.25

@@ -88,7 +88,7 @@ def test_every_catalog_pipeline_is_a_command_named_after_its_module_function_and
     from pipelines.cli import main
 
     assert [p.command for p in CATALOG] == ["demo", "pretrain", "ensemble train", "ensemble eval", "distill",
-                                            "canon sweep", "ftp tune", "nfn zoo", "nfn train", "serve run"]
+                                            "canon sweep", "ftp tune", "nfn zoo", "nfn train", "robust", "serve run"]
     for p in CATALOG:
         first, *action = p.words
         assert p.run.__module__.split(".")[:2] == ["pipelines", first], p.command

@@ -309,9 +309,37 @@ def test_canonicalized_model_reports_the_chosen_group_element(served):
         assert all(p["group_element"]["group"] == "C4" and "disagreement" not in p for p in preds)
         degrees = {p["group_element"]["rotation_deg"] for p in preds}
         assert degrees <= {0.0, 90.0, 180.0, 270.0}
+        assert [p["pose_deg"] for p in preds] == [p["group_element"]["rotation_deg"] for p in preds]
         assert requests.get(ep["url"] + "/v1/model", timeout=30).json()["kind"] == "canonicalized"
     finally:
         serve.delete("canon")
+
+
+def test_continuous_pose_is_served_as_an_angle_that_turns_with_the_input(served):
+    """A continuous-pose canonicalizer answers the angle it turned each input back by: an image turned by 90
+    degrees is answered 90 degrees further on (exact for the C4 net's quarter turns), not only a grid element."""
+    from ray import serve
+
+    spec = {"name": "canonicalized", "in_chans": 1, "num_classes": 10, "input_shape": [1, SIZE, SIZE],
+            "classes": CLASSES, "kwargs": {"backbone": "small_cnn", "backbone_kwargs": {"width": 4},
+                                           "canonicalizer": "equivariant", "canonicalizer_kwargs": {"channels": 4},
+                                           "group": "C4", "pose": "angle"}}
+    register(build(spec, seed=5), spec, "t-pose", metrics={"upright_accuracy": 0.5})
+    cfg = load_config(ServeConfig, {"model": "models:/t-pose@champion", "app_name": "pose",
+                                    "route_prefix": "/pose", "batch": {"enabled": False}})
+    ep = deploy(cfg)
+    try:
+        imgs = images(3, seed=9)
+        batch = np.concatenate([imgs, np.stack([np.rot90(im, 1) for im in imgs])])
+        res = post(ep["url"], files=[("files", (f"{i}.png", png(im), "image/png")) for i, im in enumerate(batch)])
+        assert res.status_code == 200, res.text
+        pose = [p["pose_deg"] for p in res.json()["predictions"]]
+        assert all(0.0 <= a < 360.0 for a in pose)
+        assert any(a % 90.0 > 1.0 for a in pose)  # off the grid: a continuous angle, not an element's rotation
+        for a, turned in zip(pose[:3], pose[3:]):
+            assert abs((turned - a - 90.0 + 180.0) % 360.0 - 180.0) < 0.05, (a, turned)
+    finally:
+        serve.delete("pose")
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -1,0 +1,55 @@
+"""The robust selection's config: which registered models compete, how they are judged, the champion rule."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from equiray.errors import ConfigError
+from equiray.groups import get_group
+from pipelines._common import DataConfig, TrackingConfig
+
+CANON_SWEEP = "canon"  # a candidate entry: every variant of the sweep behind `canon_model`
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """Judge every candidate the same way (the full test set upright, mirrored, at a uniformly random angle per
+    image (SO(2)), after a random mirror too (O(2)); the first ``curve_images`` on the ``cn_group`` grid and along
+    an accuracy-vs-angle curve) and register the champion as ``equiray-robust@champion``.
+
+    The rule: among the candidates whose upright accuracy is within ``upright_tolerance`` points of the
+    backbone's, the best SO(2) accuracy. When none keeps the upright accuracy, the best SO(2) accuracy overall
+    is registered and the verdict says the rule was not met.
+    """
+
+    backbone: str = "models:/equiray-backbone@pretrained"  # the reference of the rule (also judged)
+    candidates: tuple[str, ...] = (CANON_SWEEP, "models:/equiray-ensemble@champion", "models:/equiray-student@champion")
+    canon_model: str = "models:/equiray-canon@champion"  # whose sweep's variants `canon` stands for
+    upright_tolerance: float = 1.0  # accuracy points
+    data: DataConfig = DataConfig()  # max_eval None: the full test set
+    cn_group: str = "C8"  # the papers' protocol: the mean over the group's rotated copies
+    curve_step: float = 15.0  # degrees between the curve's angles (0: no curve)
+    curve_images: int = 1000  # the curve and the Cn grid read the first N test images (one view per angle)
+    seed: int = 0  # the random views' seed
+    batch_size: int = 500
+    latency_batch: int = 256
+    tracking: TrackingConfig = TrackingConfig("equiray-robust", None, "equiray-robust", "champion")
+
+    def __post_init__(self):
+        if not self.candidates:
+            raise ConfigError("candidates: name at least one registered model (models:/NAME@ALIAS) or canon")
+        for c in self.candidates:
+            if c != CANON_SWEEP and not c.startswith(("models:/", "runs:/")):
+                raise ConfigError(f"candidates: {c!r} is not models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH "
+                                  f"or {CANON_SWEEP!r} (every variant of the canon sweep)")
+        if self.upright_tolerance < 0:
+            raise ConfigError(f"upright_tolerance: accuracy points >= 0, not {self.upright_tolerance}")
+        get_group(self.cn_group)
+        if self.curve_step < 0 or self.curve_images < 1 or self.batch_size < 1 or self.latency_batch < 1:
+            raise ConfigError("curve_step >= 0 (0: no curve); curve_images, batch_size, latency_batch >= 1")
+
+    def curve_angles(self) -> tuple[float, ...]:
+        """The curve's angles in degrees, [0, 360) in ``curve_step`` steps (none when ``curve_step`` is 0)."""
+        if not self.curve_step:
+            return ()
+        n = int(-(-360.0 // self.curve_step))
+        return tuple(i * self.curve_step for i in range(n))

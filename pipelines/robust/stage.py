@@ -1,0 +1,232 @@
+"""The robust selection as a stage: judge every candidate model the same way on Ray tasks, time them next to the
+backbone, pick the champion by the stated rule and register it as ``equiray-robust@champion``."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from equiray.config import to_dict
+from equiray.data import resize
+from equiray.errors import ConfigError
+from pipelines.robust.config import CANON_SWEEP, RobustConfig
+from pipelines.robust.report import champion, results_table, verdict
+from pipelines.stage import Outcome, Stage, StageResult, StageRun
+
+__all__ = ["Candidate", "RobustResult", "RobustSelect", "run"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """``name``: what the table calls it; ``uri``: where it loads from; ``source``: what the registry version of
+    the champion points at (the run's or logged model's URI behind a ``models:/`` alias)."""
+
+    name: str
+    uri: str
+    source: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RobustResult(StageResult):
+    """``backbone`` and ``rows`` (one per candidate): ``name``, ``uri``, the accuracies ``upright_accuracy``,
+    ``mirrored_accuracy``, ``so2_accuracy``, ``o2_accuracy``, ``cn_avg_accuracy``, ``accuracy_angle_{deg}``, and
+    ``ms_per_image`` / ``overhead`` (over the backbone). ``champion``: the registered candidate's name;
+    ``rule_met``: whether it keeps the upright accuracy (else it is the best SO(2) of all)."""
+
+    backbone: dict = None  # type: ignore[assignment]
+    rows: tuple[dict, ...] = ()
+    champion: str = ""
+    rule_met: bool = False
+    plot: str = ""
+
+
+def run(cfg: RobustConfig, *, report_dir: str | os.PathLike | None = None, reuse: bool = False) -> RobustResult:
+    """Judge the candidates, tabulate, plot the curves, register the champion."""
+    return RobustSelect(cfg, report_dir=report_dir, reuse=reuse).run()
+
+
+class _Resized(nn.Module):
+    """A model that reads ``size`` x ``size`` inputs, fed the data's resolution (as the endpoint feeds it)."""
+
+    def __init__(self, model: nn.Module, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, x):
+        return self.model(resize(x, self.size))
+
+
+class RobustSelect(Stage[RobustConfig, RobustResult]):
+    pipeline = "robust"
+
+    @functools.cached_property
+    def candidates(self) -> tuple[Candidate, ...]:
+        """The config's candidates that are registered (``canon``: every variant of the canon sweep); a missing
+        one is left out with a line that says how to make it; none at all is an error."""
+        from pipelines._ray import say
+
+        out, missing = [], []
+        for entry in self.cfg.candidates:
+            try:
+                out.extend(self._canon_variants() if entry == CANON_SWEEP else [_registered(entry)])
+            except LookupError as exc:
+                missing.append(str(exc))
+        for m in missing:
+            say(f"[robust] left out: {m}")
+        if not out:
+            raise ConfigError("no candidate is registered: " + "; ".join(missing))
+        return tuple(out)
+
+    def _canon_variants(self) -> list[Candidate]:
+        import mlflow
+
+        mv = _version(self.cfg.canon_model)
+        run_id = mv.tags.get("sweep_run_id")
+        if not run_id:
+            raise LookupError(f"{self.cfg.canon_model} names no sweep run (sweep_run_id tag)")
+        with __import__("tempfile").TemporaryDirectory() as tmp:
+            rows = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="variants.json",
+                                                                       dst_path=tmp)).read())
+        return [Candidate(f"canon: {r['name']}", r["model_uri"], r["model_uri"]) for r in rows]
+
+    def check(self) -> None:
+        from pipelines import tracking
+
+        tracking.load_model(self.cfg.backbone)  # a clear error now if it is not registered
+        self.cfg.data.prepare()
+        self.candidates  # noqa: B018
+
+    def fingerprint(self) -> dict:
+        """The config and what each candidate and the backbone are now (a new upstream model is new work)."""
+        from pipelines import tracking
+
+        return {"config": to_dict(self.cfg), "backbone": tracking.registry_version(self.cfg.backbone),
+                "candidates": [c.source for c in self.candidates]}
+
+    def default_run_name(self) -> str:
+        return f"robust-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def execute(self, run: StageRun) -> Outcome[RobustResult]:
+        import mlflow
+
+        from equiray.data import read_split
+        from pipelines.canon.report import plot_angle_curves
+
+        cfg = self.cfg
+        x, y = read_split(cfg.data.dir, "test", limit=cfg.data.max_eval)
+        everyone = (Candidate("backbone (upright-trained)", cfg.backbone, cfg.backbone), *self.candidates)
+        scores = _judge_all(everyone, x, y, cfg, run.tracking_uri)
+        rows = _timed([{"name": c.name, "uri": c.uri, **s} for c, s in zip(everyone, scores)], x[:cfg.latency_batch])
+        backbone, rows = rows[0], rows[1:]
+        best, met = champion(rows, backbone["upright_accuracy"], cfg.upright_tolerance)
+        table = results_table(rows, backbone=backbone, cn_group=cfg.cn_group, champion_name=best["name"],
+                              tolerance=cfg.upright_tolerance)
+        lines = verdict(rows, backbone=backbone, champion_row=best, rule_met=met, tolerance=cfg.upright_tolerance,
+                        images=len(y), curve_images=min(cfg.curve_images, len(y)))
+        plot = plot_angle_curves([backbone, *rows], self.report_dir, name="robust_angles.png",
+                                 title="accuracy vs rotation angle, every candidate")
+        mlflow.log_text(table, "candidates.md")
+        mlflow.log_text(json.dumps({"backbone": backbone, "rows": rows, "rule_met": met}, indent=2), "candidates.json")
+        if plot is not None:
+            mlflow.log_artifact(str(plot), "plots")
+        mlflow.log_metrics({f"champion_{k}": best[k] for k in ("upright_accuracy", "so2_accuracy", "o2_accuracy",
+                                                               "cn_avg_accuracy")} | {"rule_met": float(met)})
+        result = RobustResult(pipeline=self.pipeline, run_id=run.run_id, run_name=run.run_name,
+                              tracking_uri=run.tracking_uri, table=table, verdict=tuple(lines),
+                              plots=(str(plot),) if plot else (), backbone=backbone, rows=tuple(rows),
+                              champion=best["name"], rule_met=met, plot=str(plot or ""))
+        source = next(c.source for c in self.candidates if c.name == best["name"])
+        tags = {"candidate": best["name"], "candidate_uri": best["uri"], "rule_met": str(met).lower(),
+                **{k: f"{best[k]:.4f}" for k in ("upright_accuracy", "so2_accuracy", "o2_accuracy")},
+                "robust_run_id": run.run_id}
+        return Outcome(result, source, tags)
+
+    def from_registry(self, mv, run: StageRun) -> RobustResult:
+        """The selection behind the registered champion (its ``robust_run_id`` tag), read back."""
+        import mlflow
+
+        from pipelines import tracking
+
+        parent = mv.tags["robust_run_id"]
+        data, plot = tracking.fetch_results(parent, "candidates.json", "plots/robust_angles.png", self.report_dir)
+        backbone, rows, met = data["backbone"], tuple(data["rows"]), data["rule_met"]
+        best = next(r for r in rows if r["name"] == mv.tags["candidate"])
+        cfg = self.cfg
+        return RobustResult(
+            pipeline=self.pipeline, run_id=parent, run_name=mlflow.MlflowClient().get_run(parent).info.run_name,
+            tracking_uri=run.tracking_uri, backbone=backbone, rows=rows, champion=best["name"], rule_met=met,
+            table=results_table(rows, backbone=backbone, cn_group=cfg.cn_group, champion_name=best["name"],
+                                tolerance=cfg.upright_tolerance),
+            verdict=tuple(verdict(rows, backbone=backbone, champion_row=best, rule_met=met,
+                                  tolerance=cfg.upright_tolerance, images=cfg.data.max_eval or 10_000,
+                                  curve_images=cfg.curve_images)),
+            plots=(str(plot),), plot=str(plot))
+
+
+def _version(uri: str):
+    """The registry version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; LookupError if absent."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    ref = uri[len("models:/"):]
+    try:
+        if "@" in ref:
+            return MlflowClient().get_model_version_by_alias(*ref.split("@", 1))
+        return MlflowClient().get_model_version(*ref.rsplit("/", 1))
+    except MlflowException:
+        name = ref.split("@")[0].split("/")[0]
+        hint = {"equiray-ensemble": "equiray ensemble train", "equiray-student": "equiray distill",
+                "equiray-canon": "equiray canon sweep", "equiray-ftp": "equiray ftp tune"}.get(name)
+        raise LookupError(f"{uri} is not registered" + (f" (`{hint}` makes it)" if hint else "")) from None
+
+
+def _registered(uri: str) -> Candidate:
+    if uri.startswith("runs:/"):
+        return Candidate(uri, uri, uri)
+    return Candidate(uri[len("models:/"):], uri, _version(uri).source)
+
+
+def _judge_all(candidates, x: torch.Tensor, y: torch.Tensor, cfg: RobustConfig, tracking_uri: str) -> list[dict]:
+    """One Ray task per candidate (one CPU, one torch thread each), in the candidates' order; a line as each ends."""
+    import ray
+
+    from pipelines._ray import say
+    from pipelines.robust.evaluate import judge
+
+    task = ray.remote(num_cpus=1)(judge)
+    xr, yr = ray.put(x), ray.put(y)
+    opts = dict(cn_group=cfg.cn_group, angles=cfg.curve_angles(), curve_images=cfg.curve_images, seed=cfg.seed,
+                batch_size=cfg.batch_size, tracking_uri=tracking_uri)
+    refs = [task.remote(c.uri, xr, yr, **opts) for c in candidates]
+    names = dict(zip(refs, (c.name for c in candidates)))
+    pending, t0 = list(refs), time.perf_counter()
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        s = ray.get(done[0])
+        n = len(refs) - len(pending)
+        eta = (time.perf_counter() - t0) / n * len(pending)
+        say(f"[robust] {n}/{len(refs)} {names[done[0]]}: upright {100 * s['upright_accuracy']:.1f}%  SO(2) "
+            f"{100 * s['so2_accuracy']:.1f}%  O(2) {100 * s['o2_accuracy']:.1f}%" + (f"  (ETA {eta:.0f} s)" if pending else ""))
+    return ray.get(refs)
+
+
+def _timed(rows: list[dict], batch: torch.Tensor) -> list[dict]:
+    """``rows`` (the backbone first) with each model's ms per image and overhead over the backbone, timed here one
+    after the other on the same batch at the data's resolution."""
+    from equiray.canon import paired_latencies
+    from pipelines import tracking
+
+    models = []
+    for r in rows:
+        model, spec = tracking.load_model(r["uri"])
+        size = spec.get("input_shape", batch.shape[1:])[-1]
+        models.append(model if size == batch.shape[-1] else _Resized(model, size).eval())
+    lat = paired_latencies(models[0], models[1:], batch)
+    out = [{**rows[0], "ms_per_image": lat.backbone_ms, "overhead": 0.0}]
+    out += [{**r, "ms_per_image": ms, "overhead": o} for r, ms, o in zip(rows[1:], lat.ms_per_image, lat.overhead)]
+    return out

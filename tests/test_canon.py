@@ -428,3 +428,54 @@ def test_random_rotation_training_targets_the_applied_pose():
     assert 0.0 <= float(out.metrics["identity_rate"]) < 0.5 and float(out.metrics["prior"]) > 0
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.canonicalizer.parameters())
+
+
+def test_upright_share_leaves_that_share_of_images_upright_and_changes_no_other_draw():
+    """``upright_share``: about that share of the images stay as they are (angle 0, not mirrored: the identity is
+    their target); without it the draws are the ones every earlier run made from the same seed."""
+    from equiray.canon import RandomRotations
+    from equiray.errors import EquirayError
+
+    x = _blobs(200)
+    a, angle, mirrored = RandomRotations(torch.Generator().manual_seed(4), mirror=True, upright_share=0.5)(x)
+    kept = angle == 0
+    assert 70 < int(kept.sum()) < 130 and not mirrored[kept].any()
+    assert torch.allclose(a[kept], x[kept], atol=1e-6)
+    assert not torch.allclose(a[~kept][:5], x[~kept][:5], atol=1e-2)
+    plain = RandomRotations(torch.Generator().manual_seed(4), mirror=True)(x)
+    zero = RandomRotations(torch.Generator().manual_seed(4), mirror=True, upright_share=0.0)(x)
+    assert all(torch.equal(p, z) for p, z in zip(plain, zero))
+    with pytest.raises(EquirayError, match="upright_share"):
+        RandomRotations(torch.Generator(), upright_share=1.0)
+
+
+def test_pose_epochs_train_the_canonicalizer_alone_before_the_variant():
+    """``pose_epochs``: the canonicalizer learns the applied pose first with the backbone untouched (weights and
+    BatchNorm statistics), its pose loss falling; then the variant trains both as usual."""
+    from equiray.canon import Variant, train_variant
+
+    g = torch.Generator().manual_seed(0)  # one upright shape (a hook, its top bar to the right), noisy copies
+    shape = torch.zeros(1, 28, 28)
+    shape[:, 6:22, 12:16], shape[:, 6:10, 16:22] = 1.0, 1.0
+    x = (shape * (0.6 + 0.4 * torch.rand(96, 1, 1, 1, generator=g)) + 0.1 * torch.rand(96, 1, 28, 28, generator=g))
+    y = torch.arange(96) % 10
+    torch.manual_seed(0)
+    model = CanonicalizedModel(create_model("resnet8", num_classes=10), create_canonicalizer("equivariant", "C4"),
+                               pose="angle")
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    canon_before = [p.detach().clone() for p in model.canonicalizer.parameters()]
+    unchanged = []
+
+    def on_epoch(row):
+        if row.get("pose_phase"):
+            unchanged.append(all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items()))
+
+    variant = Variant(name="v", kind="equivariant", group="C4", pose="angle", rotations="so2")
+    rows = train_variant(model, variant, x, y, epochs=1, batch_size=32, lr=1e-3, canon_lr=3e-2, weight_decay=0.0,
+                         pose_epochs=3, upright_share=0.25, on_epoch=on_epoch)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and [r.get("pose_phase") for r in rows] == [1.0] * 3 + [None]
+    assert unchanged == [True, True, True]
+    assert rows[2]["train_prior_loss"] < rows[0]["train_prior_loss"] - 0.1, [r["train_prior_loss"] for r in rows]
+    assert any(not torch.equal(a, b) for a, b in zip(canon_before, model.canonicalizer.parameters()))
+    assert any(not torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())  # the variant's epoch
+    assert all(p.requires_grad for p in model.backbone.parameters())

@@ -22,7 +22,8 @@ from equiray.errors import EquirayError
 from equiray.groups import get_group
 from equiray.train import Step, cross_entropy, shuffled_batches, train_epoch
 
-__all__ = ["BACKBONE_MODES", "POSES", "TRAIN_ROTATIONS", "RandomRotations", "RotatedCrossEntropy", "Variant", "CanonObjective", "build_variant", "variant_optimizer", "train_variant"]
+__all__ = ["BACKBONE_MODES", "POSES", "TRAIN_ROTATIONS", "RandomRotations", "RotatedCrossEntropy", "Variant",
+           "CanonObjective", "PoseObjective", "build_variant", "variant_optimizer", "train_variant"]
 
 BackboneMode = Literal["finetune", "frozen"]
 BACKBONE_MODES: tuple[BackboneMode, ...] = ("finetune", "frozen")
@@ -78,10 +79,18 @@ class Variant:
 class RandomRotations:
     """Turns every training image by its own uniform random angle in [0, 2 pi) (pad with zeros, rotate
     bilinearly, crop), after a random left-right mirror with probability 1/2 when ``mirror``: the element
-    ``r^angle m^mirrored`` acting on upright data. Draws come from ``generator``: mirrors first, then angles."""
+    ``r^angle m^mirrored`` acting on upright data. ``upright_share``: the share of images left exactly as they
+    are (pose: the identity), so upright inputs, the ones a user sends most, are a mode the canonicalizer and
+    the backbone both learn (Mondal et al.'s prior, on turned data). Draws come from ``generator``: mirrors,
+    angles, then (only with ``upright_share``) which images stay upright."""
 
     generator: torch.Generator
     mirror: bool = False
+    upright_share: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.upright_share < 1.0:
+            raise EquirayError(f"upright_share is a share of the images in [0, 1), not {self.upright_share}")
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(turned images, angles (B,) radians, mirrored (B,) bool), on ``x``'s device."""
@@ -89,6 +98,9 @@ class RandomRotations:
         from equiray.groups import rotate
 
         mirrored, degrees = random_angles(len(x), mirror=self.mirror, generator=self.generator)
+        if self.upright_share:
+            keep = torch.rand(len(x), generator=self.generator) < self.upright_share
+            mirrored, degrees = mirrored & ~keep, torch.where(keep, torch.zeros_like(degrees), degrees)
         mirrored, angle = mirrored.to(x.device), torch.deg2rad(degrees).to(x.device, x.dtype)
         x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
         return rotate(x, angle, padding="zeros"), angle, mirrored
@@ -130,18 +142,48 @@ class CanonObjective:
         else:
             x, angle, mirrored = self.rotations(x)
             logits, info = model.forward_with_info(x)
-            g = model.group
-            k = torch.round(angle / (2 * math.pi / g.n)).long() % g.n
-            target = mirrored.long() * g.n + k if g.reflections else k
-            prior = F.cross_entropy(self.prior_beta * info.scores, target)
-            if info.angle is not None:
-                prior = prior + (1 - torch.cos(info.angle - angle)).mean()
+            prior, target = pose_prior(info, model.group, angle, mirrored, beta=self.prior_beta)
         loss = F.cross_entropy(logits, y)
         if self.prior_weight:
             loss = loss + self.prior_weight * prior
         contrast = contrastive_loss(info.embeddings) if info.embeddings is not None else torch.zeros(())
         if info.embeddings is not None and self.contrastive_weight:
             loss = loss + self.contrastive_weight * contrast
+        identity = (info.element == target).double().mean()
+        return Step(loss, logits, {"prior": prior, "contrastive": contrast, "identity_rate": identity})
+
+
+def pose_prior(info, group, angle: torch.Tensor, mirrored: torch.Tensor, *, beta: float = 1.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior on turned inputs: the cross-entropy of ``beta`` x the scores against the element nearest the
+    applied pose, plus ``1 - cos`` of the angle error for a continuous pose; and that element per input."""
+    k = torch.round(angle / (2 * math.pi / group.n)).long() % group.n
+    target = mirrored.long() * group.n + k if group.reflections else k
+    prior = F.cross_entropy(beta * info.scores, target)
+    if info.angle is not None:
+        prior = prior + (1 - torch.cos(info.angle - angle)).mean()
+    return prior, target
+
+
+@dataclass(frozen=True)
+class PoseObjective:
+    """Pose training before the task: the canonicalizer alone learns to undo the random pose of each turned input
+    (the prior of :func:`pose_prior`, plus the contrastive term for the optimized canonicalizer); the backbone
+    reads the canonical inputs without gradients, for the reported accuracy only. Run with an optimizer over the
+    canonicalizer's parameters: the canonicalizer learns what upright is before the backbone learns to read it."""
+
+    rotations: RandomRotations
+    prior_beta: float = 1.0
+    contrastive_weight: float = 1.0
+
+    def __call__(self, model: CanonicalizedModel, x: torch.Tensor, y: torch.Tensor) -> Step:
+        x, angle, mirrored = self.rotations(x)
+        info = model.canonicalize(x)
+        prior, target = pose_prior(info, model.group, angle, mirrored, beta=self.prior_beta)
+        contrast = contrastive_loss(info.embeddings) if info.embeddings is not None else torch.zeros(())
+        loss = prior + self.contrastive_weight * contrast if info.embeddings is not None else prior
+        with torch.no_grad():
+            logits = model.backbone(info.inputs.detach())
         identity = (info.element == target).double().mean()
         return Step(loss, logits, {"prior": prior, "contrastive": contrast, "identity_rate": identity})
 
@@ -200,9 +242,14 @@ def variant_optimizer(model: nn.Module, variant: Variant, *, lr: float, canon_lr
 def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
                   batch_size: int, lr: float, canon_lr: float, weight_decay: float, prior_beta: float = 1.0,
                   contrastive_weight: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
+                  pose_epochs: int = 0, upright_share: float = 0.0,
                   on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train one variant on the upright images ``(x, y)`` (:class:`CanonObjective` for canonicalized models, the
     task's cross-entropy for the baselines); returns one row of metrics per epoch (also passed to ``on_epoch``).
+
+    Variants trained on turned inputs (``variant.rotations``) leave ``upright_share`` of them upright; a
+    canonicalized one first trains its canonicalizer alone for ``pose_epochs`` (:class:`PoseObjective`, the
+    backbone frozen; those rows carry ``pose_phase: 1``), then the variant as usual for ``epochs``.
 
     Random numbers, in this order: ``torch.manual_seed(seed)`` (dropout), then from a generator seeded with
     ``seed`` every epoch's batch order and, with ``variant.augment``, every batch's group elements.
@@ -210,11 +257,17 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
-    opt = variant_optimizer(model, variant, lr=lr, canon_lr=canon_lr, weight_decay=weight_decay)
     canon = isinstance(model, CanonicalizedModel)
     rotations = None
     if variant.rotations != "none":  # its own generator: the batch order stays the upright variants'
-        rotations = RandomRotations(torch.Generator().manual_seed(seed * 7919 + 1), mirror=variant.rotations == "o2")
+        rotations = RandomRotations(torch.Generator().manual_seed(seed * 7919 + 1), mirror=variant.rotations == "o2",
+                                    upright_share=upright_share)
+    history = []
+    if canon and rotations is not None and pose_epochs:
+        history = _train_pose(model, rotations, x, y, epochs=pose_epochs, batch_size=batch_size, canon_lr=canon_lr,
+                              weight_decay=weight_decay, prior_beta=prior_beta,
+                              contrastive_weight=contrastive_weight, generator=gen, device=device, on_epoch=on_epoch)
+    opt = variant_optimizer(model, variant, lr=lr, canon_lr=canon_lr, weight_decay=weight_decay)
     if canon:
         objective = CanonObjective(variant.prior_weight, prior_beta, contrastive_weight, rotations)
     else:
@@ -225,8 +278,7 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
         backbone.eval()  # the pretrained BatchNorm statistics
 
     augment = get_group(variant.group) if variant.augment else None
-    history = []
-    for epoch in range(epochs):
+    for epoch in range(len(history), len(history) + epochs):
         stats = train_epoch(model, shuffled_batches(x, y, batch_size, generator=gen), opt, objective=objective,
                             device=device, augment=augment, padding="zeros", generator=gen,
                             on_train=keep_frozen_statistics if variant.frozen else None)
@@ -239,4 +291,33 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
         if on_epoch is not None:
             on_epoch(row)
     model.eval()
+    return history
+
+
+def _train_pose(model: CanonicalizedModel, rotations: RandomRotations, x: torch.Tensor, y: torch.Tensor, *,
+                epochs: int, batch_size: int, canon_lr: float, weight_decay: float, prior_beta: float,
+                contrastive_weight: float, generator: torch.Generator, device, on_epoch) -> list[dict]:
+    """The canonicalizer alone on :class:`PoseObjective` (AdamW at ``canon_lr``), the backbone frozen in eval
+    mode; one row per epoch, as :func:`train_variant`'s, with ``pose_phase: 1``."""
+    opt = torch.optim.AdamW(model.canonicalizer.parameters(), lr=canon_lr, weight_decay=weight_decay)
+    objective = PoseObjective(rotations, prior_beta, contrastive_weight)
+    frozen = [p for p in model.backbone.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    history = []
+    try:
+        for epoch in range(epochs):
+            stats = train_epoch(model, shuffled_batches(x, y, batch_size, generator=generator), opt,
+                                objective=objective, device=device, padding="zeros", generator=generator,
+                                on_train=lambda m: m.backbone.eval())
+            row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                   "epoch_seconds": stats.seconds, "pose_phase": 1.0, "train_prior_loss": stats.metrics["prior"],
+                   "train_identity_rate": stats.metrics["identity_rate"],
+                   "train_contrastive": stats.metrics["contrastive"]}
+            history.append(row)
+            if on_epoch is not None:
+                on_epoch(row)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return history

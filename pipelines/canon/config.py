@@ -110,10 +110,21 @@ class CanonTrain:
     prior_beta: float = 1.0  # scale of the scores inside the prior's cross-entropy (1: the papers' plain CE)
     contrastive_weight: float = 1.0  # optimized canonicalizer only
     seed: int = 0
+    # variants trained on turned inputs (grid.rotations so2 / o2): epochs of the canonicalizer alone on the pose
+    # before `epochs` of the variant, and the share of training images left upright
+    pose_epochs: int = 0
+    upright_share: float = 0.0
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.canon_lr <= 0:
             raise ConfigError("train: epochs, batch_size >= 1; lr, canon_lr > 0")
+        if self.pose_epochs < 0 or not 0.0 <= self.upright_share < 1.0:
+            raise ConfigError("train: pose_epochs >= 0; upright_share in [0, 1)")
+
+    def total_epochs(self, variant: Variant) -> int:
+        """The epochs ``variant`` trains for: a canonicalized one on turned inputs adds ``pose_epochs``."""
+        pose = self.pose_epochs if variant.canonicalized and variant.rotations != "none" else 0
+        return pose + self.epochs
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`equiray.canon.train_variant` (``beta`` builds the model instead)."""

@@ -58,7 +58,7 @@ def run_trial(config: Mapping, *, cfg: CanonConfig, data: tuple[torch.Tensor, ..
         client.log_param(run_id, f"variant.{k}", v)
     try:
         train_variant(model, variant, x, y, **cfg.train.options(), device=device,
-                      on_epoch=_epoch_logger(client, run_id, variant, cfg.train.epochs))
+                      on_epoch=_epoch_logger(client, run_id, variant, cfg.train.total_epochs(variant)))
         metrics = evaluate_variant(model, xt, yt, cfg.eval_group, device=device, angles=cfg.curve_angles())
         for k, v in metrics.items():
             client.log_metric(run_id, k, float(v))
@@ -81,7 +81,8 @@ def _epoch_logger(client, run_id: str, variant: Variant, epochs: int) -> Callabl
         for k, v in row.items():
             if k != "epoch":
                 client.log_metric(run_id, k, float(v), step=row["epoch"])
-        say(f"[canon] {variant.name}: epoch {row['epoch'] + 1}/{epochs}  loss "
+        phase = " (pose)" if row.get("pose_phase") else ""
+        say(f"[canon] {variant.name}: epoch {row['epoch'] + 1}/{epochs}{phase}  loss "
             f"{row['train_loss']:.3f}  acc {row['train_accuracy']:.3f}" +
             (f"  identity {row['train_identity_rate']:.2f}" if "train_identity_rate" in row else "") +
             f"  ({row['epoch_seconds']:.0f} s)")

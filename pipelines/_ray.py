@@ -66,3 +66,20 @@ def say(message: str) -> None:
     writing to the stream directly shows it once."""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
+
+
+def fit_noting_interrupts(tuner):
+    """``tuner.fit()``, or None when Ctrl+C (SIGINT) interrupted it. Tune catches the first SIGINT itself, marks the
+    running trials TERMINATED like finished ones and returns normally; what tells the two apart is that its handler
+    puts the previous SIGINT handler back only when it fired."""
+    import signal
+    import threading
+
+    catches = threading.current_thread() is threading.main_thread() and os.getenv("TUNE_DISABLE_SIGINT_HANDLER",
+                                                                                    "0") == "0"
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        return None
+    return None if catches and signal.getsignal(signal.SIGINT) is before else grid

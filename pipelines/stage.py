@@ -159,7 +159,11 @@ class Stage(Generic[ConfigT, ResultT]):
             if resumed is None:
                 tracking.log_config(self.cfg)
                 mlflow.set_tags({"equiray.pipeline": self.pipeline, **self.tags()})
-            outcome = self.execute(ctx)
+            try:
+                outcome = self.execute(ctx)
+            except KeyboardInterrupt:  # Ctrl+C: the run ends KILLED (not FAILED), nothing is registered
+                mlflow.end_run("KILLED")
+                raise
             result = outcome.result
             if outcome.model_uri is not None:
                 version = tracking.register(outcome.model_uri, self.tracking.registered_model, self.tracking.alias,

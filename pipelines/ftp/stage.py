@@ -24,6 +24,7 @@ from pipelines.ftp.report import plot_trials, results_table, verdict
 from pipelines.ftp.result import FTPResult, TrialRow
 from pipelines.ftp.task import Task, build_model, evaluate, load_task
 from pipelines.ftp.trial import TrialContext, _trial, metric_key
+from pipelines._ray import fit_noting_interrupts
 from pipelines.stage import Outcome, Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
         tuner, searcher_name = self._tuner(ctx)
         log.info("search %s: %d trials, %s, %s scheduler", self.name, cfg.search.num_samples, searcher_name,
                  cfg.search.scheduler)
-        grid = _fit_noting_interrupts(tuner)
+        grid = fit_noting_interrupts(tuner)
         if grid is None or len(grid) < cfg.search.num_samples:
             raise EquirayError(f"the search was interrupted; its state is saved in {self.exp_dir}: continue it with "
                                "the same command plus --resume (finished trials are not re-run)")
@@ -216,23 +217,6 @@ def _searcher(cfg: FTPConfig):
                 "optuna TPE"
     return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.search.seed,
                                  max_concurrent=cfg.resources.max_concurrent), "random"
-
-
-def _fit_noting_interrupts(tuner):
-    """``tuner.fit()``, or None when Ctrl+C (SIGINT) interrupted it. Tune catches the first SIGINT itself, marks the
-    running trials TERMINATED like finished ones and returns normally; what tells the two apart is that its handler
-    puts the previous SIGINT handler back only when it fired."""
-    import signal
-    import threading
-
-    catches = threading.current_thread() is threading.main_thread() and os.getenv("TUNE_DISABLE_SIGINT_HANDLER",
-                                                                                    "0") == "0"
-    before = signal.getsignal(signal.SIGINT)
-    try:
-        grid = tuner.fit()
-    except KeyboardInterrupt:
-        return None
-    return None if catches and signal.getsignal(signal.SIGINT) is before else grid
 
 
 def _rows(grid, cfg: FTPConfig) -> list[TrialRow]:

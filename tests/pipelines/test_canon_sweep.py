@@ -158,16 +158,20 @@ def test_robust_champion_judges_every_variant_the_same_way_and_is_what_serve_loa
     cfg, result, uri, root = swept
     mlflow.set_tracking_uri(uri)
     rcfg = load_config(RobustConfig, {
-        "backbone": "models:/test-backbone@pretrained", "candidates": ["canon", "models:/equiray-student@champion"],
+        "backbone": "models:/test-backbone@pretrained",
+        "candidates": ["canon", "tta:C4", "models:/equiray-student@champion"],
         "data": {"source": "digits", "dir": str(root / "digits"), "max_eval": 200}, "cn_group": "C4",
         "curve_step": 45.0, "curve_images": 100, "latency_batch": 32})
     robust = run_robust(rcfg, report_dir=root / "robust")
     assert "left out: models:/equiray-student@champion is not registered" in capsys.readouterr().out
-    assert [r["name"] for r in robust.rows] == [f"canon: {r['name']}" for r in result.rows]
+    assert [r["name"] for r in robust.rows] == [f"canon: {r['name']}" for r in result.rows] + [
+        "backbone + C4 test-time averaging"]
+    tta = robust.rows[-1]  # the backbone averaged over C4: invariant to quarter turns, as the canonicalizers
+    assert tta["accuracy_angle_90"] == tta["accuracy_angle_0"]
     best, met = champion(robust.rows, robust.backbone["upright_accuracy"], 1.0)
     assert robust.champion == best["name"] and robust.rule_met == met
     x, y = read_split(root / "digits", "test", limit=200)
-    for r in robust.rows:  # the same upright test set the sweep judged on: the same upright accuracy
+    for r in robust.rows[:-1]:  # the same upright test set the sweep judged on: the same upright accuracy
         swept_row = next(s for s in result.rows if f"canon: {s['name']}" == r["name"])
         assert r["upright_accuracy"] == pytest.approx(swept_row["upright_accuracy"], abs=1e-6), r["name"]
         if swept_row["kind"] != "none":  # exactly C4-invariant: the grid's mean is the upright accuracy (100 images)
@@ -205,3 +209,52 @@ def test_cli_missing_backbone_is_one_clear_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "error: cannot load models:/nothing-here@pretrained" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_stops_the_sweep_with_one_line_and_ends_its_run(ray_session, tmp_path):
+    """SIGINT to a sweep running as its own driver on the shared Ray, once a trial is training: Tune stops the
+    trials, the command prints `interrupted` (no traceback), exits 130 and leaves no MLflow run RUNNING (the
+    sweep's, and every started trial's, KILLED)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register_backbone(tmp_path / "digits", uri)
+    raw = to_plain(small_config(tmp_path, train={"epochs": 50, "batch_size": 16}, grid={
+        "kind": ["equivariant"], "group": ["C4"], "prior_weight": [0], "backbone": ["finetune"]}))
+    (tmp_path / "canon.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
+           "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.canon", "sweep", "--config", str(tmp_path / "canon.yaml")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = mlflow.MlflowClient(uri)
+    deadline, training = time.time() + 240, False
+    while time.time() < deadline and proc.poll() is None and not training:
+        exp = client.get_experiment_by_name("test-canon")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        training = any(client.get_metric_history(r.info.run_id, "train_loss") for r in runs)
+        time.sleep(0.5)
+    assert training, proc.communicate()[1] if proc.poll() is not None else "no epoch before the deadline"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    exp = client.get_experiment_by_name("test-canon")
+    runs = client.search_runs([exp.experiment_id])
+    statuses = {r.info.run_name: r.info.status for r in runs}
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) > 1, statuses  # the sweep's run and the trials that had started
+    assert set(statuses.values()) == {"KILLED"}, statuses
+
+
+def to_plain(cfg):
+    from equiray.config import to_dict
+
+    return to_dict(cfg)

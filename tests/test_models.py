@@ -84,3 +84,26 @@ def test_fast_tanh_is_tanh_with_tanhs_gradient():
     assert torch.allclose(batched.flatten(), x.grad, atol=1e-6)
     assert fast_tanh(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
     assert any(isinstance(m, Tanh) for m in SmallCNN().modules())
+
+
+def test_orbit_averaging_is_invariant_to_its_group_and_only_to_it():
+    """Test-time averaging over C4: the same output for every quarter turn of the input (the mean of the same
+    probabilities in another order), a probability distribution; not invariant to a mirror, which C4 lacks, and
+    not the bare backbone's output."""
+    import torch
+
+    from equiray.models import OrbitAveraged, create_model
+
+    torch.manual_seed(0)
+    backbone = create_model("small_cnn", width=4).eval()
+    net = create_model("orbit_averaged", backbone="small_cnn", backbone_kwargs={"width": 4}, group="C4").eval()
+    net.backbone.load_state_dict(backbone.state_dict())
+    assert isinstance(net, OrbitAveraged)
+    x = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        out = net(x)
+        assert torch.allclose(out.exp().sum(-1), torch.ones(6), atol=1e-5)
+        for k in (1, 2, 3):
+            assert torch.allclose(net(torch.rot90(x, k, (-2, -1))), out, atol=1e-5)
+        assert (net(x.flip(-1)) - out).abs().max() > 1e-3
+        assert (out - backbone(x).log_softmax(-1)).abs().max() > 1e-3

@@ -1,6 +1,9 @@
 """Models by name: ``create_model("small_cnn")``, ``create_model("resnet18", pretrained=True)`` (any timm name)."""
 from equiray.models._registry import create_model, is_model, list_models, register_model
 from equiray.models import small as _small  # noqa: F401  (registers equiray's own models)
+from equiray.models import orbit as _orbit  # noqa: F401
+from equiray.models.orbit import OrbitAveraged
 from equiray.models.small import SmallCNN, MaskedConv2d, SUPPORTS
 
-__all__ = ["create_model", "is_model", "list_models", "register_model", "SmallCNN", "MaskedConv2d", "SUPPORTS"]
+__all__ = ["create_model", "is_model", "list_models", "register_model", "SmallCNN", "MaskedConv2d", "SUPPORTS",
+           "OrbitAveraged"]

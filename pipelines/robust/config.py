@@ -8,6 +8,7 @@ from equiray.groups import get_group
 from pipelines._common import DataConfig, TrackingConfig
 
 CANON_SWEEP = "canon"  # a candidate entry: every variant of the sweep behind `canon_model`
+TTA = "tta:"  # a candidate entry: tta:GROUP, the backbone averaged over GROUP's orbit at test time
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,9 @@ class RobustConfig:
     """
 
     backbone: str = "models:/equiray-backbone@pretrained"  # the reference of the rule (also judged)
-    candidates: tuple[str, ...] = (CANON_SWEEP, "models:/equiray-ensemble@champion", "models:/equiray-student@champion")
+    # the any-angle recipe (configs/canon_any_angle.yaml) is not trained by the demo: left out until registered
+    candidates: tuple[str, ...] = (CANON_SWEEP, "models:/equiray-canon-any-angle@champion", "tta:C8",
+                                   "models:/equiray-ensemble@champion", "models:/equiray-student@champion")
     canon_model: str = "models:/equiray-canon@champion"  # whose sweep's variants `canon` stands for
     upright_tolerance: float = 1.0  # accuracy points
     data: DataConfig = DataConfig()  # max_eval None: the full test set
@@ -38,9 +41,12 @@ class RobustConfig:
         if not self.candidates:
             raise ConfigError("candidates: name at least one registered model (models:/NAME@ALIAS) or canon")
         for c in self.candidates:
-            if c != CANON_SWEEP and not c.startswith(("models:/", "runs:/")):
-                raise ConfigError(f"candidates: {c!r} is not models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH "
-                                  f"or {CANON_SWEEP!r} (every variant of the canon sweep)")
+            if c.startswith(TTA):
+                get_group(c[len(TTA):])
+            elif c != CANON_SWEEP and not c.startswith(("models:/", "runs:/")):
+                raise ConfigError(f"candidates: {c!r} is not models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH, "
+                                  f"{CANON_SWEEP!r} (every variant of the canon sweep) or tta:GROUP (the backbone "
+                                  "averaged over the group's orbit at test time, e.g. tta:C8)")
         if self.upright_tolerance < 0:
             raise ConfigError(f"upright_tolerance: accuracy points >= 0, not {self.upright_tolerance}")
         get_group(self.cn_group)

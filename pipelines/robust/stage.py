@@ -14,7 +14,7 @@ import torch.nn as nn
 from equiray.config import to_dict
 from equiray.data import resize
 from equiray.errors import ConfigError
-from pipelines.robust.config import CANON_SWEEP, RobustConfig
+from pipelines.robust.config import CANON_SWEEP, TTA, RobustConfig
 from pipelines.robust.report import champion, results_table, verdict
 from pipelines.stage import Outcome, Stage, StageResult, StageRun
 
@@ -24,11 +24,13 @@ __all__ = ["Candidate", "RobustResult", "RobustSelect", "run"]
 @dataclass(frozen=True)
 class Candidate:
     """``name``: what the table calls it; ``uri``: where it loads from; ``source``: what the registry version of
-    the champion points at (the run's or logged model's URI behind a ``models:/`` alias)."""
+    the champion points at (the run's or logged model's URI behind a ``models:/`` alias); ``tta``: the group of a
+    test-time-averaged backbone, logged to the stage's run (``uri`` and ``source`` then) when it starts."""
 
     name: str
     uri: str
     source: str
+    tta: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,11 +70,17 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
     def candidates(self) -> tuple[Candidate, ...]:
         """The config's candidates that are registered (``canon``: every variant of the canon sweep); a missing
         one is left out with a line that says how to make it; none at all is an error."""
+        from pipelines import tracking
         from pipelines._ray import say
 
         out, missing = [], []
         for entry in self.cfg.candidates:
             try:
+                if entry.startswith(TTA):
+                    group = entry[len(TTA):]
+                    out.append(Candidate(f"backbone + {group} test-time averaging", "",
+                                         f"{entry}:{tracking.registry_version(self.cfg.backbone)}", tta=group))
+                    continue
                 out.extend(self._canon_variants() if entry == CANON_SWEEP else [_registered(entry)])
             except LookupError as exc:
                 missing.append(str(exc))
@@ -119,7 +127,8 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
 
         cfg = self.cfg
         x, y = read_split(cfg.data.dir, "test", limit=cfg.data.max_eval)
-        everyone = (Candidate("backbone (upright-trained)", cfg.backbone, cfg.backbone), *self.candidates)
+        candidates = [self._logged(c) if c.tta else c for c in self.candidates]
+        everyone = (Candidate("backbone (upright-trained)", cfg.backbone, cfg.backbone), *candidates)
         scores = _judge_all(everyone, x, y, cfg, run.tracking_uri)
         rows = _timed([{"name": c.name, "uri": c.uri, **s} for c, s in zip(everyone, scores)], x[:cfg.latency_batch])
         backbone, rows = rows[0], rows[1:]
@@ -140,11 +149,22 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
                               tracking_uri=run.tracking_uri, table=table, verdict=tuple(lines),
                               plots=(str(plot),) if plot else (), backbone=backbone, rows=tuple(rows),
                               champion=best["name"], rule_met=met, plot=str(plot or ""))
-        source = next(c.source for c in self.candidates if c.name == best["name"])
+        source = next(c.source for c in candidates if c.name == best["name"])
         tags = {"candidate": best["name"], "candidate_uri": best["uri"], "rule_met": str(met).lower(),
                 **{k: f"{best[k]:.4f}" for k in ("upright_accuracy", "so2_accuracy", "o2_accuracy")},
                 "robust_run_id": run.run_id}
         return Outcome(result, source, tags)
+
+    def _logged(self, c: Candidate) -> Candidate:
+        """A test-time-averaged backbone as a model of its own, logged to the stage's run (so it can be served)."""
+        from equiray.models import OrbitAveraged
+        from pipelines import tracking
+
+        backbone, spec = tracking.load_model(self.cfg.backbone)
+        tta_spec = {**spec, "name": "orbit_averaged", "kwargs": {
+            "backbone": spec["name"], "backbone_kwargs": dict(spec.get("kwargs", {})), "group": c.tta}}
+        uri = tracking.log_model(OrbitAveraged(backbone, c.tta), tta_spec, name=f"tta-{c.tta}")
+        return Candidate(c.name, uri, uri)
 
     def from_registry(self, mv, run: StageRun) -> RobustResult:
         """The selection behind the registered champion (its ``robust_run_id`` tag), read back."""
@@ -181,7 +201,8 @@ def _version(uri: str):
     except MlflowException:
         name = ref.split("@")[0].split("/")[0]
         hint = {"equiray-ensemble": "equiray ensemble train", "equiray-student": "equiray distill",
-                "equiray-canon": "equiray canon sweep", "equiray-ftp": "equiray ftp tune"}.get(name)
+                "equiray-canon": "equiray canon sweep", "equiray-ftp": "equiray ftp tune",
+                "equiray-canon-any-angle": "equiray canon sweep --config configs/canon_any_angle.yaml"}.get(name)
         raise LookupError(f"{uri} is not registered" + (f" (`{hint}` makes it)" if hint else "")) from None
 
 

@@ -47,7 +47,10 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoRe
     stages = ["data", *cfg.stages]
     total = len(stages)
 
+    began: dict[str, float] = {}
+
     def banner(stage: str, text: str) -> None:
+        began[stage] = time.perf_counter()  # a stage runs from its banner to the next one (or the report)
         _banner(stages.index(stage) + 1, total, text)
 
     banner("data", f"data: {cfg.pretrain.data.source} -> {cfg.pretrain.data.dir} (Parquet shards)")
@@ -114,6 +117,8 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoRe
         say("\n" + srv.table)
         out = dataclasses.replace(out, serve=srv, tracking_uri=out.tracking_uri or srv.tracking_uri)
     elapsed = time.perf_counter() - t0
+    marks = [*began.values(), time.perf_counter()]
+    out = dataclasses.replace(out, stage_seconds=tuple((k, b - a) for k, a, b in zip(began, marks, marks[1:])))
     report = write_report(report_dir / "demo.md", cfg, meta, out, elapsed)
     say(f"\nreport:   {report.resolve()}")
     say(f"mlflow:   {out.tracking_uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {out.tracking_uri})")

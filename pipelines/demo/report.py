@@ -139,9 +139,29 @@ predicted weakest are left out of the average (test set; random subsets of the s
 {chr(10).join(nf.selection.verdict)}
 """)
     if out.robust is not None:
-        rb, r = out.robust, cfg.robust
-        curve = f"![robust_angles]({Path(rb.plot).name})\n" if rb.plot else ""
-        parts.append(f"""## The robust champion (`{rb.registered}`, version {rb.version})
+        parts.append(_robust_section(cfg, out.robust))
+    if out.serve is not None:
+        srv = out.serve
+        parts.append(f"""## Online serving (`{srv.model}`, version {srv.version})
+Ray Serve hosted the model at `{srv.url}` for {srv.seconds:.0f} s: {srv.requests} HTTP requests (the
+upright test images as multipart PNG files, each rotation as JSON pixel arrays, one raw PNG body), then shut
+down. `equiray serve run --model {srv.model}` keeps it running (README, "Serve a model").
+
+{srv.table}
+""")
+    if out.stage_seconds:
+        parts.append(_costs_section(out.stage_seconds, seconds))
+    tmp = path.with_suffix(".md.partial")
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, path)
+    return path
+
+
+def _robust_section(cfg: DemoConfig, rb) -> str:
+    """The robust champion: every candidate's row, the verdict, the curve."""
+    r = cfg.robust
+    curve = f"![robust_angles]({Path(rb.plot).name})\n" if rb.plot else ""
+    return f"""## The robust champion (`{rb.registered}`, version {rb.version})
 Every candidate judged the same way (`equiray robust`): the test set upright, mirrored, at a uniformly random
 angle per image (SO(2)) and after a random mirror too (O(2)); the {r.cn_group} grid and the curve (every
 {r.curve_step:g} degrees) read the first {r.curve_images} test images. The rule: the best SO(2) accuracy among the
@@ -152,17 +172,17 @@ ms per image on a batch of {r.latency_batch} on this machine, next to the backbo
 
 {chr(10).join(rb.verdict)}
 
-{curve}""")
-    if out.serve is not None:
-        srv = out.serve
-        parts.append(f"""## Online serving (`{srv.model}`, version {srv.version})
-Ray Serve hosted the model at `{srv.url}` for {srv.seconds:.0f} s: {srv.requests} HTTP requests (the
-upright test images as multipart PNG files, each rotation as JSON pixel arrays, one raw PNG body), then shut
-down. `equiray serve run --model {srv.model}` keeps it running (README, "Serve a model").
+{curve}"""
 
-{srv.table}
-""")
-    tmp = path.with_suffix(".md.partial")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, path)
-    return path
+
+def _costs_section(stage_seconds, seconds: float) -> str:
+    """Wall time per stage."""
+    rows = "\n".join(f"| {stage} | {sec / 60:.1f} |" for stage, sec in stage_seconds)
+    return f"""## What each stage cost
+Wall time on this machine (a reused stage costs only its look-up and report):
+
+| stage | minutes |
+|---|---:|
+{rows}
+| all | {seconds / 60:.1f} |
+"""

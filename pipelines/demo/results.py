@@ -31,6 +31,7 @@ class DemoResult:
     serve: ServeStageResult | None = None
     report: str = ""
     seconds: float = 0.0
+    stage_seconds: tuple[tuple[str, float], ...] = ()  # (stage, wall seconds) in the order they ran
 
     def registered(self) -> list[tuple[str, str]]:
         """``(models:/name@alias, version)`` of every model the demo's stages registered, in stage order."""

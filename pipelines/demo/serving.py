@@ -73,9 +73,9 @@ def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> ServeStageResult:
 
 def _answers_table(answers: dict[int, list[dict]], y: torch.Tensor, names: list[str]) -> str:
     """One row per image: the label and confidence at each angle, and the model's own extra (the ensemble's
-    disagreement or the canonicalizer's pose) per angle."""
+    disagreement or the canonicalizer's pose in degrees) per angle."""
     first = answers[0][0]
-    extra = "disagreement" if "disagreement" in first else "group_element" if "group_element" in first else None
+    extra = "disagreement" if "disagreement" in first else "pose_deg" if "pose_deg" in first else None
     head = ["image", "true label", *[f"{deg} deg" for deg in answers]] + ([f"{extra} (0 / 90 / 180 / 270)"] if extra else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i in range(len(y)):
@@ -83,7 +83,7 @@ def _answers_table(answers: dict[int, list[dict]], y: torch.Tensor, names: list[
         cells += [f"{a[i]['label']} ({a[i]['probabilities'][a[i]['label']] * 100:.0f}%)" for a in answers.values()]
         if extra == "disagreement":
             cells.append(" / ".join(f"{a[i]['disagreement']:.2f}" for a in answers.values()))
-        elif extra == "group_element":
-            cells.append(" / ".join(f"{a[i]['group_element']['rotation_deg']:g}" for a in answers.values()))
+        elif extra == "pose_deg":
+            cells.append(" / ".join(f"{a[i]['pose_deg']:.0f}" for a in answers.values()))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -409,6 +409,59 @@ def test_continuous_pose_trains_the_canonicalizer_through_the_rotation():
         CanonicalizedModel(torch.nn.Identity(), create_canonicalizer("equivariant", "C8"), output="dense", pose="angle")
 
 
+def test_snapped_pose_takes_a_near_quarter_turn_exactly_and_leaves_the_rest():
+    """Within the tolerance of a quarter turn the pose becomes that quarter turn (the input then reaches the backbone
+    unresampled); outside it the pose is kept; a tolerance of 0 keeps every pose. The model snaps in eval mode
+    only, and a snapping model stays invariant to quarter turns (the snap commutes with them)."""
+    import math
+
+    from equiray.canon.pose import Pose
+    from equiray.models import create_model
+
+    deg = torch.tensor([0.0, 4.0, -7.0, 95.0, 179.0, -178.0, 30.0, 60.0, -100.0, 135.0])
+    pose = Pose(torch.deg2rad(deg), torch.zeros(10, dtype=torch.bool), torch.ones(10))
+    got = torch.rad2deg(pose.snapped(8.0).angle)
+    want = torch.tensor([0.0, 0.0, 0.0, 90.0, 180.0, 180.0, 30.0, 60.0, -100.0, 135.0])
+    assert ((got - want + 180) % 360 - 180).abs().max() < 1e-4, got
+    assert got.min() > -180 and got.max() <= 180
+    assert pose.snapped(0.0) is pose
+    far = torch.tensor([1, 2, 3, 6, 7, 8, 9])  # more than 3 degrees from a quarter turn
+    torch.testing.assert_close(torch.rad2deg(pose.snapped(3.0).angle)[far], deg[far], atol=1e-4, rtol=0)
+
+    torch.manual_seed(0)
+    x = _blobs(32)
+    model = CanonicalizedModel(torch.nn.Identity(), create_canonicalizer("equivariant", "C8"), pose="angle",
+                               pose_snap=40.0).eval()
+    with torch.no_grad():
+        read = torch.rad2deg(model.canonicalize(x).angle)  # snapped as configured
+        model.pose_snap = 0.0
+        raw = torch.rad2deg(model.canonicalize(x).angle)
+        near = ((raw / 90 - torch.round(raw / 90)) * 90).abs() < 40
+        assert near.sum() >= 24 and (~near).any()
+        on = (read / 90 - torch.round(read / 90)).abs() < 1e-5
+        assert torch.equal(on, near) and torch.equal(read[~near], raw[~near])
+        model.pose_snap = 40.0
+        info = model.canonicalize(x)
+        upright = near & (read.abs() < 1e-4)
+        assert upright.any() and torch.equal(info.inputs[upright], x[upright])  # untouched, not resampled
+        turned = near & ((read - 90).abs() < 1e-4)
+        assert torch.equal(info.inputs[turned], torch.rot90(x[turned], -1, (-2, -1)))  # turned back exactly
+        model.pose_snap = 0.0
+        assert not torch.equal(model.canonicalize(x).inputs[upright], x[upright])  # the sensitivity twin
+        model.train()
+        model.pose_snap = 40.0
+        trained = model.canonicalize(x).angle  # training reads the angle as it is
+        assert (torch.rad2deg(trained) / 90 - torch.round(torch.rad2deg(trained) / 90)).abs().max() > 1e-2
+        model.pose_snap = 0.0
+        torch.testing.assert_close(model.canonicalize(x).angle, trained)
+    backbone = create_model("small_cnn").eval()
+    model = CanonicalizedModel(backbone, create_canonicalizer("equivariant", "C4"), pose="angle", pose_snap=10.0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.rot90(x, 1, (-2, -1))), model(x), atol=3e-3, rtol=0)
+    with pytest.raises(ValueError, match="pose_snap"):
+        CanonicalizedModel(torch.nn.Identity(), create_canonicalizer("equivariant", "C8"), pose="angle", pose_snap=50)
+
+
 def test_random_rotation_training_targets_the_applied_pose():
     """Training on randomly turned inputs: the draws are reproducible from the generator and mirror about half
     the images for O(2); the prior's target is the applied turn (the element nearest to it), which an untrained

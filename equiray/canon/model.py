@@ -59,17 +59,23 @@ class CanonicalizedModel(nn.Module):
     rotation by other than 90 degrees brings in: ``zeros`` suits objects on a blank background (replicating the
     border smears any edge that touches it into streaks), ``border`` suits natural images. ``pose``: ``element``
     turns each input back by the chosen group element; ``angle`` by a continuous angle read off the scores
-    (invariant outputs only).
+    (invariant outputs only). ``pose_snap``: with ``angle``, in eval mode, a pose within this many degrees of a
+    quarter turn is taken as that quarter turn (:meth:`Pose.snapped`), so an upright input reaches the backbone
+    unresampled; 0 turns every input back by its angle as read. Training always uses the angle as read.
     """
 
     def __init__(self, backbone: nn.Module, canonicalizer: Canonicalizer, *,
                  output: OutputKind | str = OutputKind.INVARIANT, beta: float = 1.0,
-                 padding: Literal["border", "zeros"] = "zeros", pose: Literal["element", "angle"] = "element"):
+                 padding: Literal["border", "zeros"] = "zeros", pose: Literal["element", "angle"] = "element",
+                 pose_snap: float = 0.0):
         super().__init__()
         if pose not in ("element", "angle"):
             raise ValueError(f"pose is 'element' or 'angle', not {pose!r}")
+        if not 0.0 <= pose_snap < 45.0:
+            raise ValueError(f"pose_snap is a tolerance in degrees in [0, 45), not {pose_snap!r}")
         self.backbone, self.canonicalizer = backbone, canonicalizer
         self.output, self.beta, self.padding, self.pose = OutputKind(output), float(beta), padding, pose
+        self.pose_snap = float(pose_snap)
         if pose == "angle" and self.output is not OutputKind.INVARIANT:
             raise ValueError("a continuous pose maps back only invariant outputs (class logits); use pose='element'")
 
@@ -84,6 +90,8 @@ class CanonicalizedModel(nn.Module):
         scores, emb = self.canonicalizer.score(self.canonicalizer.prepare(x))
         if self.pose == "angle":
             pose = continuous_pose(scores, g, beta=self.beta)
+            if not self.training:
+                pose = pose.snapped(self.pose_snap)
             return Canonicalization(undo_pose(x, pose, padding=self.padding), pose.nearest_element(g), scores, emb,
                                     angle=pose.angle)
         element = scores.argmax(-1)
@@ -112,9 +120,9 @@ def canonicalized(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool 
                   backbone: str = "resnet8", backbone_kwargs: dict | None = None,
                   canonicalizer: str = "equivariant", canonicalizer_kwargs: dict | None = None,
                   group: str = "C8", beta: float = 1.0, output: str = "invariant",
-                  padding: str = "zeros", pose: str = "element") -> nn.Module:
+                  padding: str = "zeros", pose: str = "element", pose_snap: float = 0.0) -> nn.Module:
     """A backbone (equiray or timm name) behind a canonicalizer, as one model (weights: ``equiray canon sweep``)."""
     net = create_model(backbone, in_chans=in_chans, num_classes=num_classes, pretrained=pretrained,
                        **dict(backbone_kwargs or {}))
     canon = create_canonicalizer(canonicalizer, group, in_chans=in_chans, **dict(canonicalizer_kwargs or {}))
-    return CanonicalizedModel(net, canon, output=output, beta=beta, padding=padding, pose=pose)
+    return CanonicalizedModel(net, canon, output=output, beta=beta, padding=padding, pose=pose, pose_snap=pose_snap)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from equiray.groups import Group, rotate
+from equiray.groups import Group, cyclic, rotate
 
 __all__ = ["Pose", "continuous_pose", "undo_pose"]
 
@@ -44,6 +44,22 @@ class Pose:
     def degrees(self) -> torch.Tensor:
         return torch.rad2deg(self.angle) % 360.0
 
+    def snapped(self, tolerance_deg: float) -> "Pose":
+        """The pose with every angle within ``tolerance_deg`` of a quarter turn set to that quarter turn.
+
+        Quarter turns move pixels onto pixels: turning back by one leaves the image as sharp as it came, while
+        any other angle resamples it. A pose that close to a quarter turn is more likely the canonicalizer's
+        error around an exact one (an upright photo, a scan turned by 90 degrees) than a true small tilt.
+        """
+        if tolerance_deg <= 0:
+            return self
+        quarter = math.pi / 2
+        nearest = torch.round(self.angle / quarter) * quarter
+        near = (self.angle - nearest).abs() < math.radians(tolerance_deg)
+        angle = torch.where(near, nearest, self.angle)
+        angle = torch.where(angle <= -math.pi, angle + 2 * math.pi, angle)  # stay in (-pi, pi]
+        return Pose(angle, self.mirrored, self.strength)
+
 
 def continuous_pose(scores: torch.Tensor, group: Group, *, beta: float = 1.0) -> Pose:
     """The pose read off scores ``(B, |G|)`` (element order ``s * n + k``); differentiable in the scores."""
@@ -64,6 +80,10 @@ def continuous_pose(scores: torch.Tensor, group: Group, *, beta: float = 1.0) ->
 
 def undo_pose(x: torch.Tensor, pose: Pose, *, padding: str = "zeros") -> torch.Tensor:
     """The canonical input ``c(x)^-1 . x``: rotate each image back by its angle, then undo its mirror (the group's
-    element ``r^k m^s`` mirrors first and rotates second)."""
+    element ``r^k m^s`` mirrors first and rotates second). Quarter turns move pixels exactly (no resampling)."""
     back = rotate(x, -pose.angle.to(x.dtype), padding=padding)
+    turns = torch.round(pose.angle / (math.pi / 2))
+    exact = (pose.angle - turns * (math.pi / 2)).abs() < 1e-6  # a quarter turn (a snapped pose): move pixels exactly
+    if exact.any():
+        back = torch.where(exact[:, None, None, None], cyclic(4).act(x, (-turns).long() % 4), back)
     return torch.where(pose.mirrored[:, None, None, None], back.flip(-1), back)

@@ -191,12 +191,13 @@ class PoseObjective:
 def build_variant(variant: Variant, backbone_spec: Mapping[str, Any],
                   backbone_state: Mapping[str, torch.Tensor] | None = None, *,
                   canonicalizer_kwargs: Mapping[str, Any] | None = None, beta: float = 1.0,
-                  seed: int = 0) -> tuple[nn.Module, dict]:
+                  pose_snap: float = 0.0, seed: int = 0) -> tuple[nn.Module, dict]:
     """The variant's model and the spec that rebuilds it with ``create_model(spec["name"], **spec["kwargs"])``.
 
     ``backbone_spec`` is the pretrained backbone's model spec (``name``, ``in_chans``, ``num_classes``, ``kwargs``
     and what describes its data), ``backbone_state`` its weights; the canonicalizer (``canonicalizer_kwargs``:
-    the options of ``variant.kind``) is initialised from ``seed``. ``beta``: the straight-through temperature.
+    the options of ``variant.kind``) is initialised from ``seed``. ``beta``: the straight-through temperature;
+    ``pose_snap``: a continuous pose's snap to quarter turns at inference, in degrees (:class:`CanonicalizedModel`).
     """
     from equiray.models import create_model
 
@@ -211,12 +212,15 @@ def build_variant(variant: Variant, backbone_spec: Mapping[str, Any],
         return backbone, {**base, "name": backbone_spec["name"], "kwargs": dict(backbone_spec.get("kwargs", {}))}
     kwargs = dict(canonicalizer_kwargs or {})
     canon = create_canonicalizer(variant.kind, variant.group, in_chans=backbone_spec["in_chans"], **kwargs)
-    model = CanonicalizedModel(backbone, canon, beta=beta, pose=variant.pose)
+    pose_snap = pose_snap if variant.pose == "angle" else 0.0
+    model = CanonicalizedModel(backbone, canon, beta=beta, pose=variant.pose, pose_snap=pose_snap)
     spec = {**base, "name": "canonicalized", "kwargs": {
         "backbone": backbone_spec["name"], "backbone_kwargs": dict(backbone_spec.get("kwargs", {})),
         "canonicalizer": variant.kind, "canonicalizer_kwargs": kwargs, "group": variant.group, "beta": beta}}
     if variant.pose != "element":  # older specs name no pose: the element
         spec["kwargs"]["pose"] = variant.pose
+    if pose_snap:
+        spec["kwargs"]["pose_snap"] = pose_snap
     return model, spec
 
 

@@ -114,12 +114,17 @@ class CanonTrain:
     # before `epochs` of the variant, and the share of training images left upright
     pose_epochs: int = 0
     upright_share: float = 0.0
+    # continuous-pose variants (grid.pose angle), at inference only: a pose within this many degrees of a quarter
+    # turn is taken as that quarter turn, so upright inputs reach the backbone unresampled (0: never)
+    pose_snap: float = 0.0
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.canon_lr <= 0:
             raise ConfigError("train: epochs, batch_size >= 1; lr, canon_lr > 0")
         if self.pose_epochs < 0 or not 0.0 <= self.upright_share < 1.0:
             raise ConfigError("train: pose_epochs >= 0; upright_share in [0, 1)")
+        if not 0.0 <= self.pose_snap < 45.0:
+            raise ConfigError(f"train.pose_snap: degrees in [0, 45), not {self.pose_snap}")
 
     def total_epochs(self, variant: Variant) -> int:
         """The epochs ``variant`` trains for: a canonicalized one on turned inputs adds ``pose_epochs``."""
@@ -127,8 +132,8 @@ class CanonTrain:
         return pose + self.epochs
 
     def options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`equiray.canon.train_variant` (``beta`` builds the model instead)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "beta"}
+        """Keyword arguments of :func:`equiray.canon.train_variant` (``beta``, ``pose_snap`` build the model instead)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("beta", "pose_snap")}
 
 
 def _sweep_canonicalizers() -> CanonicalizerOptions:

@@ -46,8 +46,8 @@ def run_trial(config: Mapping, *, cfg: CanonConfig, data: tuple[torch.Tensor, ..
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     x, y, xt, yt = data
     spec, state = backbone
-    model, model_spec = build_variant(variant, spec, state, beta=cfg.train.beta, seed=cfg.train.seed,
-                                      canonicalizer_kwargs=cfg.canonicalizers.kwargs(variant.kind))
+    model, model_spec = build_variant(variant, spec, state, beta=cfg.train.beta, pose_snap=cfg.train.pose_snap,
+                                      seed=cfg.train.seed, canonicalizer_kwargs=cfg.canonicalizers.kwargs(variant.kind))
     mlflow.set_tracking_uri(sweep.tracking_uri)
     client = mlflow.MlflowClient()
     run = client.create_run(sweep.experiment_id, run_name=variant.name,

@@ -483,6 +483,41 @@ def test_random_rotation_training_targets_the_applied_pose():
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.canonicalizer.parameters())
 
 
+def test_continuous_pose_prior_targets_the_angle_between_the_grid_points():
+    """For a continuous pose the prior's target shares the applied angle between its two neighbouring rotations
+    (on the applied mirror half), so scores that meet the target read the angle back within a degree; the
+    element-pose prior keeps its one-hot target, whose angle is off by up to half a grid step (the sensitivity
+    twin: what a one-hot target would teach a continuous pose)."""
+    import math
+    from types import SimpleNamespace
+
+    from equiray.canon.pose import continuous_pose
+    from equiray.canon.train import pose_prior
+
+    g = get_group("D8")
+    deg = torch.tensor([0.0, 11.25, 22.5, 30.0, 100.0, 350.0, 200.0, 44.0], dtype=torch.float64)
+    mirrored = torch.tensor([False, False, True, False, True, False, False, True])
+    angle = torch.deg2rad(deg).float()
+    scores = torch.zeros(8, g.order, requires_grad=True)
+    info = SimpleNamespace(scores=scores, angle=torch.zeros(8))
+    prior, nearest = pose_prior(info, g, angle, mirrored)
+    prior.backward()
+    soft = (torch.softmax(scores.detach(), -1) - scores.grad * 8)  # CE's gradient: (softmax - target) / batch
+    assert torch.allclose(soft.sum(-1), torch.ones(8), atol=1e-5)
+    assert torch.equal(soft.argmax(-1) // 8, mirrored.long())  # all mass on the applied mirror half
+    assert float(soft[1, 0]) == pytest.approx(0.75, abs=1e-5) and float(soft[1, 1]) == pytest.approx(0.25, abs=1e-5)
+    assert float(soft[0, 0]) == pytest.approx(1.0, abs=1e-5)  # on the grid: the element itself
+    read = continuous_pose(torch.log(soft.clamp_min(1e-12)), g)
+    err = ((read.degrees().double() - deg + 180) % 360 - 180).abs()
+    assert err.max() < 1.0 and torch.equal(read.mirrored, mirrored), err
+    hard = continuous_pose(torch.log(F.one_hot(nearest, g.order).float().clamp_min(1e-12)), g)
+    hard_err = ((hard.degrees().double() - deg + 180) % 360 - 180).abs()
+    assert hard_err.max() > 10.0
+    assert float(pose_prior(SimpleNamespace(scores=scores.detach(), angle=None), g, angle, mirrored)[0]) == \
+        pytest.approx(float(F.cross_entropy(scores.detach(), nearest)))  # the element pose: one-hot, as before
+    assert math.isfinite(float(prior))
+
+
 def test_upright_share_leaves_that_share_of_images_upright_and_changes_no_other_draw():
     """``upright_share``: about that share of the images stay as they are (angle 0, not mirrored: the identity is
     their target); without it the draws are the ones every earlier run made from the same seed."""

@@ -124,9 +124,8 @@ class CanonObjective:
 
     Every batch reports the prior, the contrastive term and the identity rate, whatever their weights.
 
-    With ``rotations`` every input is first turned by a random pose, and the prior targets that pose: the
-    cross-entropy of the scores against the element nearest to it, plus, for a continuous pose, ``1 - cos`` of
-    the angle error (the identity rate then reads: share of inputs mapped to the element nearest their pose).
+    With ``rotations`` every input is first turned by a random pose, and the prior targets that pose
+    (:func:`pose_prior`; the identity rate then reads: share of inputs mapped to the element nearest their pose).
     """
 
     prior_weight: float = 0.0
@@ -155,13 +154,28 @@ class CanonObjective:
 
 def pose_prior(info, group, angle: torch.Tensor, mirrored: torch.Tensor, *, beta: float = 1.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prior on turned inputs: the cross-entropy of ``beta`` x the scores against the element nearest the
-    applied pose, plus ``1 - cos`` of the angle error for a continuous pose; and that element per input."""
-    k = torch.round(angle / (2 * math.pi / group.n)).long() % group.n
+    """The prior on turned inputs, and the element nearest the applied pose per input.
+
+    For a pose on the grid (``info.angle`` None): the cross-entropy of ``beta`` x the scores against that element.
+    For a continuous pose: the cross-entropy against the applied angle shared between its two neighbouring
+    rotations, in proportion to its nearness (an input turned a quarter of the way from element k to k+1: 3/4 on
+    k, 1/4 on k+1; the mirror half as applied), plus ``1 - cos`` of the angle error. A one-hot target there would
+    train the scores to pick one element, so that the angle read off them stays on the grid (a 45-degree grid:
+    errors up to 22.5 degrees, median 11).
+    """
+    step = 2 * math.pi / group.n
+    k = torch.round(angle / step).long() % group.n
     target = mirrored.long() * group.n + k if group.reflections else k
-    prior = F.cross_entropy(beta * info.scores, target)
-    if info.angle is not None:
-        prior = prior + (1 - torch.cos(info.angle - angle)).mean()
+    if info.angle is None:
+        return F.cross_entropy(beta * info.scores, target), target
+    position = torch.remainder(angle / step, group.n)  # in [0, n): between element floor and floor + 1
+    low = position.floor().long() % group.n
+    frac = position - position.floor()
+    offset = mirrored.long() * group.n if group.reflections else torch.zeros_like(low)
+    soft = torch.zeros_like(info.scores)
+    soft.scatter_(1, (offset + low)[:, None], (1 - frac)[:, None].to(soft.dtype))
+    soft.scatter_add_(1, (offset + (low + 1) % group.n)[:, None], frac[:, None].to(soft.dtype))
+    prior = F.cross_entropy(beta * info.scores, soft) + (1 - torch.cos(info.angle - angle)).mean()
     return prior, target
 
 

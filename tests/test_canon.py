@@ -425,6 +425,7 @@ def test_snapped_pose_takes_a_near_quarter_turn_exactly_and_leaves_the_rest():
     assert ((got - want + 180) % 360 - 180).abs().max() < 1e-4, got
     assert got.min() > -180 and got.max() <= 180
     assert pose.snapped(0.0) is pose
+    assert not torch.signbit(pose.snapped(8.0).angle[2]) and float(pose.snapped(8.0).degrees()[2]) == 0.0
     far = torch.tensor([1, 2, 3, 6, 7, 8, 9])  # more than 3 degrees from a quarter turn
     torch.testing.assert_close(torch.rad2deg(pose.snapped(3.0).angle)[far], deg[far], atol=1e-4, rtol=0)
 

@@ -54,7 +54,7 @@ class Pose:
         if tolerance_deg <= 0:
             return self
         quarter = math.pi / 2
-        nearest = torch.round(self.angle / quarter) * quarter
+        nearest = torch.round(self.angle / quarter) * quarter + 0.0  # + 0.0: -0.0 (a small negative angle) reads 0
         near = (self.angle - nearest).abs() < math.radians(tolerance_deg)
         angle = torch.where(near, nearest, self.angle)
         angle = torch.where(angle <= -math.pi, angle + 2 * math.pi, angle)  # stay in (-pi, pi]

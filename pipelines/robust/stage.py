@@ -129,8 +129,11 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
         x, y = read_split(cfg.data.dir, "test", limit=cfg.data.max_eval)
         candidates = [self._logged(c) if c.tta else c for c in self.candidates]
         everyone = (Candidate("backbone (upright-trained)", cfg.backbone, cfg.backbone), *candidates)
-        scores = _judge_all(everyone, x, y, cfg, run.tracking_uri)
-        rows = _timed([{"name": c.name, "uri": c.uri, **s} for c, s in zip(everyone, scores)], x[:cfg.latency_batch])
+        # timed first, one model after the other on idle cores; the costliest are then judged first, so the
+        # last task to end is a cheap one (two cores: the demo's stage took 2.3 minutes judging in list order)
+        timed = _timed([{"name": c.name, "uri": c.uri} for c in everyone], x[:cfg.latency_batch])
+        scores = _judge_all(everyone, x, y, cfg, run.tracking_uri, costs=[r["ms_per_image"] for r in timed])
+        rows = [{**t, **s} for t, s in zip(timed, scores)]
         backbone, rows = rows[0], rows[1:]
         best, met = champion(rows, backbone["upright_accuracy"], cfg.upright_tolerance)
         table = results_table(rows, backbone=backbone, cn_group=cfg.cn_group, champion_name=best["name"],
@@ -212,8 +215,11 @@ def _registered(uri: str) -> Candidate:
     return Candidate(uri[len("models:/"):], uri, _version(uri).source)
 
 
-def _judge_all(candidates, x: torch.Tensor, y: torch.Tensor, cfg: RobustConfig, tracking_uri: str) -> list[dict]:
-    """One Ray task per candidate (one CPU, one torch thread each), in the candidates' order; a line as each ends."""
+def _judge_all(candidates, x: torch.Tensor, y: torch.Tensor, cfg: RobustConfig, tracking_uri: str, *,
+               costs: list[float] | None = None) -> list[dict]:
+    """One Ray task per candidate (one CPU, one torch thread each), started costliest first (``costs``: each
+    candidate's ms per image; none: in the candidates' order); a line as each ends; results in the candidates'
+    order."""
     import ray
 
     from pipelines._ray import say
@@ -223,9 +229,11 @@ def _judge_all(candidates, x: torch.Tensor, y: torch.Tensor, cfg: RobustConfig, 
     xr, yr = ray.put(x), ray.put(y)
     opts = dict(cn_group=cfg.cn_group, angles=cfg.curve_angles(), curve_images=cfg.curve_images, seed=cfg.seed,
                 batch_size=cfg.batch_size, tracking_uri=tracking_uri)
-    refs = [task.remote(c.uri, xr, yr, **opts) for c in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: -costs[i]) if costs else range(len(candidates))
+    started = {i: task.remote(candidates[i].uri, xr, yr, **opts) for i in order}
+    refs = [started[i] for i in range(len(candidates))]
     names = dict(zip(refs, (c.name for c in candidates)))
-    pending, t0 = list(refs), time.perf_counter()
+    pending, t0 = list(started.values()), time.perf_counter()
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         s = ray.get(done[0])

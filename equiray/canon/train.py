@@ -171,10 +171,10 @@ def pose_prior(info, group, angle: torch.Tensor, mirrored: torch.Tensor, *, beta
     position = torch.remainder(angle / step, group.n)  # in [0, n): between element floor and floor + 1
     low = position.floor().long() % group.n
     frac = position - position.floor()
-    offset = mirrored.long() * group.n if group.reflections else torch.zeros_like(low)
-    soft = torch.zeros_like(info.scores)
-    soft.scatter_(1, (offset + low)[:, None], (1 - frac)[:, None].to(soft.dtype))
-    soft.scatter_add_(1, (offset + (low + 1) % group.n)[:, None], frac[:, None].to(soft.dtype))
+    offset = mirrored.long() * group.n if group.reflections else 0
+    neighbours = torch.stack([offset + low, offset + (low + 1) % group.n], 1)  # (B, 2)
+    shares = torch.stack([1 - frac, frac], 1).to(info.scores.dtype)
+    soft = torch.zeros_like(info.scores).scatter_add_(1, neighbours, shares)
     prior = F.cross_entropy(beta * info.scores, soft) + (1 - torch.cos(info.angle - angle)).mean()
     return prior, target
 

@@ -233,7 +233,7 @@ def _judge_all(candidates, x: torch.Tensor, y: torch.Tensor, cfg: RobustConfig, 
     started = {i: task.remote(candidates[i].uri, xr, yr, **opts) for i in order}
     refs = [started[i] for i in range(len(candidates))]
     names = dict(zip(refs, (c.name for c in candidates)))
-    pending, t0 = list(started.values()), time.perf_counter()
+    pending, t0 = list(refs), time.perf_counter()
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         s = ray.get(done[0])

@@ -293,12 +293,43 @@ def test_pooled_last_layer_gives_the_per_pixel_scores(gname, gen):
     torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("gname", EXACT)
+def test_pooled_canonicalizer_scores_permute_exactly(gname, gen):
+    """``pool``: the lifting conv's maps averaged 2x2 before 3x3 group convs (28 -> 14 -> 7 px): the scores still
+    permute exactly for the grid's symmetries, in training and folded inference. Sensitivity: a reflection,
+    outside C4 and C2, and a two-pixel shift, no symmetry at all, move them beyond any permutation."""
+    g = get_group(gname)
+    torch.manual_seed(0)
+    canon = create_canonicalizer("equivariant", g, channels=3, layers=3, hidden_kernel_size=3, pool=2,
+                                 input_size=14, batch_norm=True).double()
+    x = torch.rand(4, 1, 28, 28, generator=gen, dtype=torch.float64)
+    canon.train()(x)
+    canon.eval()
+    s = canon(x)
+    for e in g.elements():
+        torch.testing.assert_close(canon(g.act(x, e)), permuted(s, g, e))
+    with torch.no_grad():
+        torch.testing.assert_close(canon(x), s.detach())
+        others = [canon(torch.roll(x, 2, dims=-1))] + ([] if g.reflections else [canon(x.flip(-1))])
+    for moved in others:
+        assert min(float((moved - permuted(s.detach(), g, e)).abs().max()) for e in g.elements()) > 1e-4
+
+
+def test_pool_needs_a_size_it_divides():
+    with pytest.raises(EquirayError, match="pool"):
+        create_canonicalizer("equivariant", "C4", layers=1, pool=2)
+    canon = create_canonicalizer("equivariant", "C4", layers=2, pool=2, input_size=9)
+    with pytest.raises(ValueError, match="multiple"):
+        canon(torch.rand(2, 1, 28, 28))
+
+
 @pytest.mark.parametrize("options", [
     {"channels": 4, "layers": 2, "input_size": 7, "batch_norm": True, "dropout": 0.5},  # the sweep's, at 7x7
     {"channels": 4, "layers": 2, "input_size": 9, "batch_norm": True, "dropout": 0.5},  # area-resampled to 9x9
     {"channels": 4, "layers": 2, "input_size": 9, "batch_norm": True, "in_chans": 3},  # colour images
     {"channels": 3, "layers": 3, "hidden_kernel_size": 3, "batch_norm": True},  # spatial last conv
     {"channels": 3, "layers": 1},  # the lifting conv alone
+    {"channels": 3, "layers": 3, "hidden_kernel_size": 3, "batch_norm": True, "pool": 2},  # pooled after the lift
 ])
 @pytest.mark.parametrize("gname", ["C8", "D4"])
 def test_folded_inference_gives_the_training_graphs_scores(options, gname, gen):
@@ -568,3 +599,78 @@ def test_pose_epochs_train_the_canonicalizer_alone_before_the_variant():
     assert any(not torch.equal(a, b) for a, b in zip(canon_before, model.canonicalizer.parameters()))
     assert any(not torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())  # the variant's epoch
     assert all(p.requires_grad for p in model.backbone.parameters())
+
+
+# ----------------------------------------------------------------------------------- upright backbone, frozen pose
+def _quarter_model(gname: str = "C4", **kwargs) -> CanonicalizedModel:
+    torch.manual_seed(0)
+    return CanonicalizedModel(create_model("resnet8", num_classes=10), create_canonicalizer("equivariant", gname),
+                              pose="angle", pose_snap=10.0, upright=create_model("resnet8", num_classes=10),
+                              **kwargs).eval()
+
+
+def test_upright_backbone_answers_for_untouched_inputs_and_the_fine_tuned_one_for_the_rest(gen):
+    """Inputs the canonicalizer leaves as they are get the upright backbone's logits on the input itself; the
+    others the fine-tuned backbone's on the input turned back; one batch mixes both. Sensitivity: without the
+    upright backbone every input gets the fine-tuned one's answer (which differs), and in training mode too."""
+    model = _quarter_model()
+    x = torch.rand(16, 1, 28, 28, generator=gen)
+    with torch.no_grad():
+        logits, info = model.forward_with_info(x)
+        keep = model.untouched(info)
+        assert 0 < int(keep.sum()) < len(x), "the check needs both kinds in one batch"
+        torch.testing.assert_close(logits[keep], model.upright(x[keep]))
+        torch.testing.assert_close(logits[~keep], model.backbone(info.inputs[~keep]))
+        assert (model.backbone(x[keep]) - logits[keep]).abs().max() > 1e-3
+        model.train()
+        assert not model.upright.training  # kept as it came, its BatchNorm statistics too
+        train_logits, _ = model.forward_with_info(x)
+        assert (train_logits[keep] - logits[keep]).abs().max() > 1e-3
+
+
+def test_upright_backbone_round_trips_through_the_spec():
+    """``build_variant(..., upright_backbone=True)`` keeps a copy of the pretrained backbone that the spec rebuilds
+    and the state dict fills; the optimizer never sees it."""
+    from equiray.canon import Variant, build_variant, variant_optimizer
+
+    backbone = create_model("resnet8", num_classes=10)
+    spec = {"name": "resnet8", "in_chans": 1, "num_classes": 10, "kwargs": {}}
+    variant = Variant(name="v", kind="equivariant", group="C8", pose="angle", rotations="so2")
+    model, mspec = build_variant(variant, spec, backbone.state_dict(), pose_snap=10, upright_backbone=True)
+    assert mspec["kwargs"]["upright_backbone"] is True
+    for a, b in zip(model.upright.state_dict().values(), backbone.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    rebuilt = create_model(mspec["name"], **mspec["kwargs"])
+    rebuilt.load_state_dict(model.state_dict())  # strict: the same modules
+    opt = variant_optimizer(model, variant, lr=1e-3, canon_lr=1e-2, weight_decay=0.0)
+    trained = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert not trained & {id(p) for p in model.upright.parameters()}
+
+
+def test_freeze_pose_trains_the_backbone_alone_after_the_pose_epochs():
+    """``freeze_pose``: the canonicalizer's weights and statistics stay as the pose epochs left them while the
+    backbone trains on the inputs turned back; no gradient reaches the canonicalizer. Sensitivity: without it the
+    canonicalizer keeps training."""
+    from equiray.canon import Variant, train_variant
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 28, 28, generator=g), torch.arange(64) % 10
+    variant = Variant(name="v", kind="equivariant", group="C4", pose="angle", rotations="so2", prior_weight=10.0)
+    after_pose = {}
+    for freeze in (True, False):
+        torch.manual_seed(0)
+        model = CanonicalizedModel(create_model("resnet8", num_classes=10),
+                                   create_canonicalizer("equivariant", "C4", batch_norm=True), pose="angle")
+        backbone_before = [p.detach().clone() for p in model.backbone.parameters()]
+        state = {}
+
+        def on_epoch(row, model=model, state=state):
+            if row.get("pose_phase"):
+                state.update({k: v.clone() for k, v in model.canonicalizer.state_dict().items()})
+
+        train_variant(model, variant, x, y, epochs=2, batch_size=32, lr=1e-3, canon_lr=3e-2, weight_decay=0.0,
+                      pose_epochs=1, freeze_pose=freeze, on_epoch=on_epoch)
+        after_pose[freeze] = all(torch.equal(state[k], v) for k, v in model.canonicalizer.state_dict().items())
+        assert any(not torch.equal(a, b) for a, b in zip(backbone_before, model.backbone.parameters()))
+        assert all(p.requires_grad for p in model.canonicalizer.parameters())
+    assert after_pose == {True: True, False: False}

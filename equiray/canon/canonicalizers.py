@@ -94,6 +94,19 @@ def _scaled(weight: torch.Tensor, bias: torch.Tensor, n: int, scale: torch.Tenso
 
 
 
+class _GroupAvgPool(nn.Module):
+    """Average pooling of group feature maps (B, C, |G|, H, W) by ``factor`` over the pixels: exact under the
+    square's symmetries about the centre when ``factor`` divides the size (a widened view for the next layer)."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, n, h, w = x.shape
+        return F.avg_pool2d(x.reshape(b, c * n, h, w), self.factor).view(b, c, n, h // self.factor, w // self.factor)
+
+
 class EquivariantCanonicalizer(Canonicalizer):
     """Mondal et al.'s canonicalizer: lifting conv, ``layers - 1`` group convs, ReLUs; scores are the feature maps
     averaged over channels and the inscribed disk (so rotations by other than 90 degrees lose no corners).
@@ -103,23 +116,33 @@ class EquivariantCanonicalizer(Canonicalizer):
     ``batch_norm`` (statistics shared over group elements and pixels) and ``dropout`` after each hidden group
     conv regularise its choice as in equiadapt's network; ``equiray canon sweep`` turns both on. A 1x1 last group
     conv runs after the pooling; at inference every batch norm is folded into the conv before it (:meth:`_folded`).
+    ``pool``: average the lifting conv's maps over ``pool`` x ``pool`` pixels before the next layer (the input size
+    a multiple of it), so that ``hidden_kernel_size=3`` layers see the object's layout (which end is the top, which
+    way a shoe points) at a ``pool**2``-th of the cost; with 1x1 hidden convs every score is an average of
+    features no wider than the lifting filter.
     """
 
     kind = "equivariant"
 
     def __init__(self, group: Group | str, *, in_chans: int = 1, channels: int = 8, layers: int = 2,
                  kernel_size: int = 5, hidden_kernel_size: int = 1, input_size: int | None = None,
-                 crop: float = 1.0, batch_norm: bool = False, dropout: float = 0.0):
+                 crop: float = 1.0, batch_norm: bool = False, dropout: float = 0.0, pool: int = 1):
         super().__init__(group, input_size=input_size, crop=crop)
         if layers < 1 or channels < 1:
             raise EquirayError(f"need at least one layer and one channel, got layers={layers}, channels={channels}")
         if not 0.0 <= dropout < 1.0:
             raise EquirayError(f"dropout is a probability in [0, 1), got {dropout}")
+        if pool < 1 or (pool > 1 and layers < 2):
+            raise EquirayError(f"pool is a factor >= 1 between the lifting conv and the next layer (layers >= 2), "
+                               f"got pool={pool}, layers={layers}")
+        self.pool = pool
         blocks: list[nn.Module] = [GroupLiftConv(in_chans, channels, kernel_size, self.group)]
-        for _ in range(layers - 1):
+        for i in range(layers - 1):
             if batch_norm:  # statistics per channel, shared over group elements and pixels: equivariant
                 blocks.append(nn.BatchNorm3d(channels))
             blocks.append(nn.ReLU())
+            if i == 0 and pool > 1:
+                blocks.append(_GroupAvgPool(pool))
             if dropout:
                 blocks.append(nn.Dropout(dropout))
             blocks.append(GroupConv(channels, channels, hidden_kernel_size, self.group))
@@ -128,9 +151,12 @@ class EquivariantCanonicalizer(Canonicalizer):
     def score(self, x):
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(f"the canonicalizer needs square inputs, got {tuple(x.shape[-2:])}")
+        if x.shape[-1] % self.pool:
+            raise ValueError(f"pool={self.pool} needs an input size that is a multiple of it, got {x.shape[-1]} "
+                             f"(set input_size)")
         if not torch.is_grad_enabled() and not any(m.training for m in self.net):
             return self._score_folded(x), None
-        disk = _disk(x.shape[-1], x.device)
+        disk = _disk(x.shape[-1] // self.pool, x.device)
         last = self.net[-1]
         if isinstance(last, GroupConv) and last.kernel_size == 1:
             # A 1x1 group conv is linear per pixel, so averaging over the disk commutes with it: pool first, then
@@ -173,6 +199,8 @@ class EquivariantCanonicalizer(Canonicalizer):
                 x = F.conv2d(x, weight, bias, padding=padding)
                 if last is not None or i < len(convs) - 1:  # a ReLU follows every group conv but the last
                     x = x.relu_()
+                if i == 0 and self.pool > 1:
+                    x = F.avg_pool2d(x, self.pool)
             pooled = x.flatten(2) @ pool  # (B, C*|G|): the disk average of every channel
         if last is None:  # the last conv was spatial: average its channels
             return pooled.view(b, -1, self.group.order).mean(1)
@@ -187,7 +215,7 @@ class EquivariantCanonicalizer(Canonicalizer):
         key = (size, str(device), dtype, *((t._version, t.data_ptr()) for t in state))
         if getattr(self, "_folded_key", None) != key:
             n = self.group.order
-            mods = [m for m in self.net if not isinstance(m, (nn.ReLU, nn.Dropout))]
+            mods = [m for m in self.net if not isinstance(m, (nn.ReLU, nn.Dropout, _GroupAvgPool))]
             convs = []
             for i, m in enumerate(mods):
                 if isinstance(m, nn.BatchNorm3d):
@@ -200,7 +228,7 @@ class EquivariantCanonicalizer(Canonicalizer):
                 weight, bias, _ = convs.pop()
                 o = weight.shape[0] // n
                 last = (weight.flatten(1).view(o, n, -1).mean(0), bias.view(o, n).mean(0))  # (|G|, C*|G|), (|G|,)
-            disk = _disk(size, device).to(dtype).flatten()
+            disk = _disk(size // self.pool, device).to(dtype).flatten()
             self._folded_key, self._folded_value = key, (convs, disk / disk.sum(), last, self._factored_lift(convs))
         return self._folded_value
 

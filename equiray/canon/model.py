@@ -62,12 +62,18 @@ class CanonicalizedModel(nn.Module):
     (invariant outputs only). ``pose_snap``: with ``angle``, in eval mode, a pose within this many degrees of a
     quarter turn is taken as that quarter turn (:meth:`Pose.snapped`), so an upright input reaches the backbone
     unresampled; 0 turns every input back by its angle as read. Training always uses the angle as read.
+
+    ``upright``: a second backbone, kept as it came (the pretrained one), that reads the inputs the canonicalizer
+    leaves as they are (the identity element; with a continuous pose, an angle snapped to 0 and no mirror), in eval
+    mode; ``backbone``, fine-tuned on turned inputs, reads the others, turned back. Canonicalize only what looks
+    turned (OOD-gated canonicalization, 2026): an upright input is answered as the pretrained backbone would answer
+    it, at its upright accuracy, unless the canonicalizer misreads its pose. It is never trained here.
     """
 
     def __init__(self, backbone: nn.Module, canonicalizer: Canonicalizer, *,
                  output: OutputKind | str = OutputKind.INVARIANT, beta: float = 1.0,
                  padding: Literal["border", "zeros"] = "zeros", pose: Literal["element", "angle"] = "element",
-                 pose_snap: float = 0.0):
+                 pose_snap: float = 0.0, upright: nn.Module | None = None):
         super().__init__()
         if pose not in ("element", "angle"):
             raise ValueError(f"pose is 'element' or 'angle', not {pose!r}")
@@ -78,6 +84,17 @@ class CanonicalizedModel(nn.Module):
         self.pose_snap = float(pose_snap)
         if pose == "angle" and self.output is not OutputKind.INVARIANT:
             raise ValueError("a continuous pose maps back only invariant outputs (class logits); use pose='element'")
+        if upright is not None and self.output is not OutputKind.INVARIANT:
+            raise ValueError("an upright backbone answers for invariant outputs (class logits) only")
+        self.upright = upright
+        if upright is not None:
+            upright.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "CanonicalizedModel":
+        super().train(mode)
+        if self.upright is not None:
+            self.upright.eval()  # kept as it came: its BatchNorm statistics too
+        return self
 
     @property
     def group(self) -> Group:
@@ -87,7 +104,9 @@ class CanonicalizedModel(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
         g = self.group
-        scores, emb = self.canonicalizer.score(self.canonicalizer.prepare(x))
+        learning = x.requires_grad or any(p.requires_grad for p in self.canonicalizer.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and learning):  # a frozen one: no graph through it
+            scores, emb = self.canonicalizer.score(self.canonicalizer.prepare(x))
         if self.pose == "angle":
             pose = continuous_pose(scores, g, beta=self.beta)
             if not self.training:
@@ -108,8 +127,25 @@ class CanonicalizedModel(nn.Module):
 
     def forward_with_info(self, x: torch.Tensor) -> tuple[torch.Tensor, Canonicalization]:
         info = self.canonicalize(x)
+        if self.upright is not None and not self.training:
+            return self._gated(x, info), info
         out = self.backbone(info.inputs)
         return self.group.act_output(out, info.element, self.output, padding=self.padding), info
+
+    def untouched(self, info: Canonicalization) -> torch.Tensor:
+        """(B,) bool: the inputs the canonicalizer leaves as they are (the identity; an angle of exactly 0)."""
+        same = info.element == self.group.identity
+        return same & (info.angle == 0) if info.angle is not None else same
+
+    def _gated(self, x: torch.Tensor, info: Canonicalization) -> torch.Tensor:
+        """Logits: ``upright`` on the untouched inputs, ``backbone`` on the others (each runs on its own rows)."""
+        keep = self.untouched(info)
+        if bool(keep.all()):
+            return self.upright(x)
+        out = self.backbone(info.inputs)
+        if bool(keep.any()):
+            out = out.index_put((keep.nonzero().squeeze(1),), self.upright(x[keep]).to(out.dtype))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_info(x)[0]
@@ -120,9 +156,14 @@ def canonicalized(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool 
                   backbone: str = "resnet8", backbone_kwargs: dict | None = None,
                   canonicalizer: str = "equivariant", canonicalizer_kwargs: dict | None = None,
                   group: str = "C8", beta: float = 1.0, output: str = "invariant",
-                  padding: str = "zeros", pose: str = "element", pose_snap: float = 0.0) -> nn.Module:
-    """A backbone (equiray or timm name) behind a canonicalizer, as one model (weights: ``equiray canon sweep``)."""
-    net = create_model(backbone, in_chans=in_chans, num_classes=num_classes, pretrained=pretrained,
-                       **dict(backbone_kwargs or {}))
+                  padding: str = "zeros", pose: str = "element", pose_snap: float = 0.0,
+                  upright_backbone: bool = False) -> nn.Module:
+    """A backbone (equiray or timm name) behind a canonicalizer, as one model (weights: ``equiray canon sweep``);
+    ``upright_backbone``: a second copy of the backbone answers for untouched inputs (:class:`CanonicalizedModel`)."""
+    def make() -> nn.Module:
+        return create_model(backbone, in_chans=in_chans, num_classes=num_classes, pretrained=pretrained,
+                            **dict(backbone_kwargs or {}))
+
     canon = create_canonicalizer(canonicalizer, group, in_chans=in_chans, **dict(canonicalizer_kwargs or {}))
-    return CanonicalizedModel(net, canon, output=output, beta=beta, padding=padding, pose=pose, pose_snap=pose_snap)
+    return CanonicalizedModel(make(), canon, output=output, beta=beta, padding=padding, pose=pose, pose_snap=pose_snap,
+                              upright=make() if upright_backbone else None)

@@ -7,6 +7,7 @@ and the order of its random draws are fixed here, so the same seed gives the sam
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
@@ -205,13 +206,14 @@ class PoseObjective:
 def build_variant(variant: Variant, backbone_spec: Mapping[str, Any],
                   backbone_state: Mapping[str, torch.Tensor] | None = None, *,
                   canonicalizer_kwargs: Mapping[str, Any] | None = None, beta: float = 1.0,
-                  pose_snap: float = 0.0, seed: int = 0) -> tuple[nn.Module, dict]:
+                  pose_snap: float = 0.0, upright_backbone: bool = False, seed: int = 0) -> tuple[nn.Module, dict]:
     """The variant's model and the spec that rebuilds it with ``create_model(spec["name"], **spec["kwargs"])``.
 
     ``backbone_spec`` is the pretrained backbone's model spec (``name``, ``in_chans``, ``num_classes``, ``kwargs``
     and what describes its data), ``backbone_state`` its weights; the canonicalizer (``canonicalizer_kwargs``:
     the options of ``variant.kind``) is initialised from ``seed``. ``beta``: the straight-through temperature;
-    ``pose_snap``: a continuous pose's snap to quarter turns at inference, in degrees (:class:`CanonicalizedModel`).
+    ``pose_snap``: a continuous pose's snap to quarter turns at inference, in degrees; ``upright_backbone``: keep a
+    copy of the backbone as it came for the inputs the canonicalizer leaves untouched (both :class:`CanonicalizedModel`).
     """
     from equiray.models import create_model
 
@@ -227,7 +229,8 @@ def build_variant(variant: Variant, backbone_spec: Mapping[str, Any],
     kwargs = dict(canonicalizer_kwargs or {})
     canon = create_canonicalizer(variant.kind, variant.group, in_chans=backbone_spec["in_chans"], **kwargs)
     pose_snap = pose_snap if variant.pose == "angle" else 0.0
-    model = CanonicalizedModel(backbone, canon, beta=beta, pose=variant.pose, pose_snap=pose_snap)
+    upright = copy.deepcopy(backbone) if upright_backbone else None
+    model = CanonicalizedModel(backbone, canon, beta=beta, pose=variant.pose, pose_snap=pose_snap, upright=upright)
     spec = {**base, "name": "canonicalized", "kwargs": {
         "backbone": backbone_spec["name"], "backbone_kwargs": dict(backbone_spec.get("kwargs", {})),
         "canonicalizer": variant.kind, "canonicalizer_kwargs": kwargs, "group": variant.group, "beta": beta}}
@@ -235,6 +238,8 @@ def build_variant(variant: Variant, backbone_spec: Mapping[str, Any],
         spec["kwargs"]["pose"] = variant.pose
     if pose_snap:
         spec["kwargs"]["pose_snap"] = pose_snap
+    if upright_backbone:
+        spec["kwargs"]["upright_backbone"] = True
     return model, spec
 
 
@@ -243,9 +248,10 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 
 def variant_optimizer(model: nn.Module, variant: Variant, *, lr: float, canon_lr: float,
-                      weight_decay: float) -> torch.optim.AdamW:
+                      weight_decay: float, freeze_canonicalizer: bool = False) -> torch.optim.AdamW:
     """Freeze the backbone of a frozen variant; AdamW with the backbone at ``lr`` (fine-tuned variants and the
-    baselines) and the canonicalizer at ``canon_lr``, each its own parameter group."""
+    baselines) and the canonicalizer at ``canon_lr``, each its own parameter group; ``freeze_canonicalizer`` freezes the
+    canonicalizer instead (its pose as trained so far)."""
     backbone = _backbone(model)
     for p in backbone.parameters():
         p.requires_grad_(not variant.frozen)
@@ -253,21 +259,24 @@ def variant_optimizer(model: nn.Module, variant: Variant, *, lr: float, canon_lr
     if not variant.frozen:
         groups.append({"params": list(backbone.parameters()), "lr": lr})
     if isinstance(model, CanonicalizedModel):
-        groups.append({"params": list(model.canonicalizer.parameters()), "lr": canon_lr})
+        model.canonicalizer.requires_grad_(not freeze_canonicalizer)
+        if not freeze_canonicalizer:
+            groups.append({"params": list(model.canonicalizer.parameters()), "lr": canon_lr})
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
 def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
                   batch_size: int, lr: float, canon_lr: float, weight_decay: float, prior_beta: float = 1.0,
                   contrastive_weight: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
-                  pose_epochs: int = 0, upright_share: float = 0.0,
+                  pose_epochs: int = 0, upright_share: float = 0.0, freeze_pose: bool = False,
                   on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train one variant on the upright images ``(x, y)`` (:class:`CanonObjective` for canonicalized models, the
     task's cross-entropy for the baselines); returns one row of metrics per epoch (also passed to ``on_epoch``).
 
     Variants trained on turned inputs (``variant.rotations``) leave ``upright_share`` of them upright; a
     canonicalized one first trains its canonicalizer alone for ``pose_epochs`` (:class:`PoseObjective`, the
-    backbone frozen; those rows carry ``pose_phase: 1``), then the variant as usual for ``epochs``.
+    backbone frozen; those rows carry ``pose_phase: 1``), then the variant as usual for ``epochs`` (with
+    ``freeze_pose`` the backbone alone, on inputs the canonicalizer, as the pose epochs left it, turned back).
 
     Random numbers, in this order: ``torch.manual_seed(seed)`` (dropout), then from a generator seeded with
     ``seed`` every epoch's batch order and, with ``variant.augment``, every batch's group elements.
@@ -285,21 +294,26 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
         history = _train_pose(model, rotations, x, y, epochs=pose_epochs, batch_size=batch_size, canon_lr=canon_lr,
                               weight_decay=weight_decay, prior_beta=prior_beta,
                               contrastive_weight=contrastive_weight, generator=gen, device=device, on_epoch=on_epoch)
-    opt = variant_optimizer(model, variant, lr=lr, canon_lr=canon_lr, weight_decay=weight_decay)
+    freeze_canon = canon and freeze_pose and bool(history)
+    opt = variant_optimizer(model, variant, lr=lr, canon_lr=canon_lr, weight_decay=weight_decay,
+                            freeze_canonicalizer=freeze_canon)
     if canon:
         objective = CanonObjective(variant.prior_weight, prior_beta, contrastive_weight, rotations)
     else:
         objective = RotatedCrossEntropy(rotations) if rotations is not None else cross_entropy
     backbone = _backbone(model)
 
+    frozen = ([backbone] if variant.frozen else []) + ([model.canonicalizer] if freeze_canon else [])
+
     def keep_frozen_statistics(_model: nn.Module) -> None:
-        backbone.eval()  # the pretrained BatchNorm statistics
+        for part in frozen:
+            part.eval()  # their BatchNorm statistics as they were
 
     augment = get_group(variant.group) if variant.augment else None
     for epoch in range(len(history), len(history) + epochs):
         stats = train_epoch(model, shuffled_batches(x, y, batch_size, generator=gen), opt, objective=objective,
                             device=device, augment=augment, padding="zeros", generator=gen,
-                            on_train=keep_frozen_statistics if variant.frozen else None)
+                            on_train=keep_frozen_statistics if frozen else None)
         row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                "epoch_seconds": stats.seconds}
         if canon:
@@ -308,6 +322,8 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
+    if freeze_canon:
+        model.canonicalizer.requires_grad_(True)
     model.eval()
     return history
 

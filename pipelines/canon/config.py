@@ -64,6 +64,7 @@ class EquivariantOptions:
     crop: float | None = None  # 1.0: the kept centre fraction
     batch_norm: bool | None = None  # False
     dropout: float | None = None  # 0.0
+    pool: int | None = None  # 1: the lifting conv's maps pooled by this factor before the next layer
 
 
 @dataclass(frozen=True)
@@ -114,13 +115,23 @@ class CanonTrain:
     # before `epochs` of the variant, and the share of training images left upright
     pose_epochs: int = 0
     upright_share: float = 0.0
+    # after the pose epochs the canonicalizer stays as they left it: the epochs after them train the backbone alone
+    # on inputs turned back (no gradient through the canonicalizer or the rotation: an epoch costs about the
+    # backbone's own)
+    freeze_pose: bool = False
     # continuous-pose variants (grid.pose angle), at inference only: a pose within this many degrees of a quarter
     # turn is taken as that quarter turn, so upright inputs reach the backbone unresampled (0: never)
     pose_snap: float = 0.0
+    # canonicalized variants, at inference: a copy of the pretrained backbone, as it came, answers for the inputs the
+    # canonicalizer leaves untouched (upright ones), the fine-tuned backbone for the others (keeps upright accuracy)
+    upright_backbone: bool = False
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.canon_lr <= 0:
             raise ConfigError("train: epochs, batch_size >= 1; lr, canon_lr > 0")
+        if self.freeze_pose and self.pose_epochs == 0:
+            raise ConfigError("train.freeze_pose keeps the canonicalizer as the pose epochs left it; set "
+                              "train.pose_epochs >= 1 (and grid.rotations so2 or o2)")
         if self.pose_epochs < 0 or not 0.0 <= self.upright_share < 1.0:
             raise ConfigError("train: pose_epochs >= 0; upright_share in [0, 1)")
         if not 0.0 <= self.pose_snap < 45.0:
@@ -132,8 +143,10 @@ class CanonTrain:
         return pose + self.epochs
 
     def options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`equiray.canon.train_variant` (``beta``, ``pose_snap`` build the model instead)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("beta", "pose_snap")}
+        """Keyword arguments of :func:`equiray.canon.train_variant` (``beta``, ``pose_snap``, ``upright_backbone``
+        build the model instead)."""
+        model = ("beta", "pose_snap", "upright_backbone")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in model}
 
 
 def _sweep_canonicalizers() -> CanonicalizerOptions:

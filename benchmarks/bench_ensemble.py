@@ -4,6 +4,9 @@
     .venv/bin/python benchmarks/bench_ensemble.py [--members 16] [--images 2000]
     .venv/bin/python benchmarks/bench_ensemble.py --ray-workers 2 --ray-threads 1 --group-size 24 --ray-epochs 12
     python benchmarks/bench_ensemble.py --device cuda --skip-ray --members 16,64,256,1024 --images 4000  # a GPU node
+    python3 benchmarks/bench_ensemble.py --variants lib:256,fast-bf16-graph:1024 --images 2000   # a GPU node (4.)
+    python3 benchmarks/bench_ensemble.py --ray-config jobs/configs/ensemble.yaml --ray-set members=64 ...   # (5.)
+    (benchmarks/gpu_check.sh runs 4. and 5. and tests/test_cuda.py on a leased GPU through the device tool)
 
 1. Member-samples per second, one epoch, the same member network (Nordenfors & Flinth's 3x16 conv net), the
    same Fashion-MNIST images at 28x28, batch 32 per member (as in the paper), SGD lr 0.01, no augmentation
@@ -14,10 +17,18 @@
 2. Ray overhead: the same members trained by ``equiray ensemble train`` (Ray Train, Ray Data, checkpoint
    every round, MLflow) vs the bare in-process loop; a run of a few minutes.
 3. The largest ensemble that trains here in 10 minutes, from the measured throughput.
+4. ``--variants``: on a GPU, the member's training step (small_cnn at 28x28, per-sample C4 augmentation) run other
+   ways: everything on the device with no host syncs, bf16, autocast, NCHW vs channels-last, one CUDA graph per
+   step, ``torch.compile``, larger member groups; member-samples/s and effective TFLOP/s per variant.
+5. ``--ray-config``: a pipeline config (e.g. jobs/configs/ensemble.yaml, fractional GPUs per worker) through Ray
+   Train, as ``equiray ensemble train`` runs it, vs the bare loop over the same member groups on the same device:
+   the whole stage, Ray Train's ``fit()``, and the steady state (rank 0's epochs, timed by their MLflow metrics).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 import tempfile
@@ -109,6 +120,316 @@ def ray_overhead(data_dir: Path, members: int, images: int, epochs: int, size: i
     return bare, pipeline, result
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# GPU variants of the member's training step (``--variants``): the same member (small_cnn, width 16, the stacked
+# members as grouped convolutions in channels-last layout), SGD lr 0.01, batch 32 per member, every member its own
+# data order and its own uniformly random C4 element per sample; what changes is how the step runs.
+#   lib                   the library's ``train_members_epoch`` (fp32; host syncs for the loss and accuracy, the
+#                         augmentation's data-dependent branches)
+#   fast[-fp32]           the same step with everything on the device: data order (argsort of uniform noise per
+#                         member), C4 elements (``torch.randint`` on the GPU), quarter turns as one gather of the
+#                         group's cached pixel permutations, no host syncs
+#   -bf16                 activations and the convolutions' weights in bf16 (fp32 master weights, fp32 loss)
+#   -autocast             ``torch.autocast(bfloat16)`` around the fp32 forward instead (group_norm stays fp32)
+#   -nchw                 contiguous NCHW activations instead of channels-last
+#   -graph                the whole step (gather, augmentation, forward, backward, SGD) captured in one CUDA graph
+#   -compile              the forward + loss through ``torch.compile`` (inductor fuses group_norm + tanh, both ways)
+# A variant is NAME:MEMBERS, e.g. ``fast-bf16-graph:1024``; results (member-samples/s, effective TFLOP/s) go to
+# ``--json`` after every variant, so a run stopped by a timeout keeps what it measured.
+# ------------------------------------------------------------------------------------------------------------------
+def member_train_flops(size: int = 28, width: int = 16, depth: int = 3, in_chans: int = 1) -> float:
+    """Convolution FLOPs of one member-sample's training step (forward + input and weight gradients: 3x the
+    forward; the first layer's input gradient is not needed, counted anyway), full 3x3 kernels as computed."""
+    fwd, c = 0, in_chans
+    for _ in range(depth):
+        fwd += 2 * size * size * width * c * 9
+        c = width
+    return 3.0 * fwd
+
+
+def _member_forward(params: dict, buffers: dict, x: torch.Tensor, n: int, *, dtype: torch.dtype,
+                    channels_last: bool) -> torch.Tensor:
+    """``StackedEnsemble.member_logits`` for small_cnn members on a GPU (the library's ``_small_cnn_grouped``
+    without the CPU's chunking), with the activations' dtype and layout as parameters. ``x``: (N, B, C, H, W)."""
+    import torch.nn.functional as F
+
+    b = x.shape[1]
+    h = x.transpose(0, 1).reshape(b, -1, *x.shape[-2:]).to(dtype)  # (B, N*C, H, W), member-major channels
+    h = h.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    layer = 0
+    while f"features.{layer}.weight" in params:
+        w = params[f"features.{layer}.weight"] * buffers[f"features.{layer}.mask"][:, None, None]
+        h = F.conv2d(h, w.flatten(0, 1).to(dtype), padding=1, groups=n)
+        h = F.group_norm(h, n, params[f"features.{layer + 1}.weight"].flatten().to(dtype),
+                         params[f"features.{layer + 1}.bias"].flatten().to(dtype), eps=1e-5)
+        h = torch.tanh(h)
+        layer += 3
+    feats = h.mean(dim=(-2, -1), dtype=torch.float32).view(b, n, -1).transpose(0, 1)  # (N, B, O)
+    head_w, head_b = params["head.weight"], params["head.bias"]
+    return torch.baddbmm(head_b[:, None, :], feats, head_w.transpose(1, 2))  # (N, B, K), fp32
+
+
+class _DeviceStep:
+    """One training step of ``n`` stacked members with data order, augmentation and optimizer on the device."""
+
+    def __init__(self, n: int, x: torch.Tensor, y: torch.Tensor, *, batch: int, augment: bool, dtype: torch.dtype,
+                 autocast: bool, channels_last: bool, compile: bool, seed: int = 0):
+        import torch.nn.functional as F
+
+        from equiray.ensembles import MemberSpec, build_members
+        from equiray.groups import cyclic
+
+        self.n, self.x, self.y, self.batch, self.augment = n, x, y, batch, augment
+        self.ens = build_members(MemberSpec("small_cnn", {"width": 16}), range(seed, seed + n)).to(x.device)
+        self.params, self.buffers = self.ens.stacked_state()
+        self.opt = torch.optim.SGD(self.ens.parameters(), lr=0.01)
+        self.turns = cyclic(4)._quarter_turns(x.shape[-2], x.shape[-1], x.device)  # (4, H*W), what C4's act gathers
+        self.idx = torch.zeros(n, batch, dtype=torch.long, device=x.device)  # this step's samples (static for graphs)
+        self.loss_sum = torch.zeros((), device=x.device)
+        self.gen = torch.Generator(device=x.device).manual_seed(seed)
+
+        def loss_fn(params, buffers, xb, yb):
+            with torch.autocast(xb.device.type, torch.bfloat16, enabled=autocast):
+                logits = _member_forward(params, buffers, xb, n, dtype=dtype, channels_last=channels_last)
+            return F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="sum") / batch
+
+        self.loss_fn = torch.compile(loss_fn, dynamic=False) if compile else loss_fn
+
+    def epoch_order(self) -> torch.Tensor:
+        """Every member its own random order of the data: ``(steps, N, B)`` sample indices."""
+        steps = len(self.y) // self.batch
+        perm = torch.rand(self.n, len(self.y), device=self.x.device, generator=self.gen).argsort(1)
+        return perm[:, :steps * self.batch].view(self.n, steps, self.batch).transpose(0, 1)
+
+    def step(self) -> None:
+        n, b = self.n, self.batch
+        xb, yb = self.x[self.idx], self.y[self.idx]  # (N, B, C, H, W), (N, B)
+        if self.augment:  # a uniformly random quarter turn per sample, drawn on the GPU (graph-safe RNG)
+            el = torch.randint(4, (n * b,), device=xb.device)
+            c, hw = xb.shape[2], xb.shape[3] * xb.shape[4]
+            flat = xb.reshape(n * b, c, hw)
+            xb = flat.gather(2, self.turns[el].unsqueeze(1).expand(-1, c, -1)).view_as(xb)
+        loss = self.loss_fn(self.params, self.buffers, xb, yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.loss_sum += loss.detach()
+
+
+def _run_variant(spec: str, x: torch.Tensor, y: torch.Tensor, *, batch: int = 32, epochs: int = 2) -> dict:
+    """Train ``spec``'s members ``epochs`` epochs (the first also warms up: cuDNN's autotuning, compilation, graph
+    capture) and time the last with CUDA events; returns the measurement."""
+    name, members = spec.split(":")
+    n = int(members)
+    parts = set(name.split("-"))
+    out = {"variant": name, "members": n, "images": len(y), "batch": batch}
+    size = x.shape[-1]
+    flops = member_train_flops(size)
+    if "lib" in parts:  # the library's own epoch, as ``equiray ensemble train`` runs it
+        equiray_throughput(x[:256], y[:256], n, augment=True, device="cuda")  # warm-up at this size
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        rate = equiray_throughput(x, y, n, augment=True, device="cuda")
+        out.update(member_samples_per_s=rate, seconds=time.perf_counter() - t, tflops=rate * flops / 1e12)
+        return out
+    unknown = parts - {"fast", "fp32", "bf16", "autocast", "nchw", "graph", "compile", "noaug"}
+    if unknown:
+        raise ValueError(f"unknown variant part(s) {sorted(unknown)} in {spec!r}")
+    torch.backends.cudnn.benchmark = True
+    st = _DeviceStep(n, x, y, batch=batch, augment="noaug" not in parts,
+                     dtype=torch.bfloat16 if "bf16" in parts else torch.float32, autocast="autocast" in parts,
+                     channels_last="nchw" not in parts, compile="compile" in parts)
+    graph = None
+    t_setup = time.perf_counter()
+    order = st.epoch_order()
+    warm = min(len(order), 3)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
+        for s in range(warm):
+            st.idx.copy_(order[s])
+            st.step()
+    torch.cuda.current_stream().wait_stream(side)
+    if "graph" in parts:
+        graph = torch.cuda.CUDAGraph()
+        st.opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            st.step()
+    torch.cuda.synchronize()
+    out["setup_s"] = time.perf_counter() - t_setup
+    losses = []
+    for epoch in range(epochs):
+        st.loss_sum.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        order = st.epoch_order()
+        for s in range(len(order)):
+            st.idx.copy_(order[s])
+            if graph is not None:
+                graph.replay()
+            else:
+                st.step()
+        end.record()
+        end.synchronize()
+        losses.append(float(st.loss_sum) / len(order) / n)  # mean member loss
+        ms = start.elapsed_time(end)
+    steps = len(order)
+    rate = n * batch * steps / (ms / 1e3)
+    out.update(member_samples_per_s=rate, seconds=ms / 1e3, step_ms=ms / steps, tflops=rate * flops / 1e12,
+               epoch_losses=losses, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    if not all(math.isfinite(v) for v in losses):
+        out["error"] = "non-finite loss"
+    del st, graph
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def check_member_forward(device: str = "cuda") -> dict:
+    """The bench's forward against the library's ``member_logits``: fp32 exactly the same function, bf16 within its
+    rounding (relative Frobenius error)."""
+    from equiray.ensembles import MemberSpec, build_members
+
+    ens = build_members(MemberSpec("small_cnn", {"width": 16}), range(8)).to(device)
+    xb = torch.rand(8, 32, 1, 28, 28, device=device)
+    params, buffers = ens.stacked_state()
+    with torch.no_grad():
+        ref = ens.member_logits(xb).double()
+        err = {}
+        for name, kw in {"fp32": dict(dtype=torch.float32, channels_last=True),
+                         "fp32-nchw": dict(dtype=torch.float32, channels_last=False),
+                         "bf16": dict(dtype=torch.bfloat16, channels_last=True)}.items():
+            out = _member_forward(params, buffers, xb, 8, **kw).double()
+            err[name] = float((out - ref).norm() / ref.norm())
+    return err
+
+
+def run_variants(specs: list[str], x: torch.Tensor, y: torch.Tensor, json_out: str | None) -> list[dict]:
+    import traceback
+
+    results = [{"check": check_member_forward()}]
+    print(f"forward check (relative error vs the library's member_logits): {results[0]['check']}", flush=True)
+    for spec in specs:
+        t = time.perf_counter()
+        try:
+            r = _run_variant(spec, x, y)
+        except Exception as exc:  # noqa: BLE001 - one variant's failure must not cost the others
+            r = {"variant": spec, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            traceback.print_exc()
+            torch.cuda.empty_cache()
+        r["wall_s"] = time.perf_counter() - t
+        results.append(r)
+        rate = r.get("member_samples_per_s")
+        print(f"variant {spec}: " + (f"{rate:,.0f} member-samples/s, {r['tflops']:.1f} TFLOP/s, "
+                                     f"step {r.get('step_ms', float('nan')):.2f} ms, losses {r.get('epoch_losses')}"
+                                     if rate else r.get("error", "?")) + f"  ({r['wall_s']:.0f} s)", flush=True)
+        if json_out:
+            Path(json_out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ``--ray-config``: a pipeline config (e.g. jobs/configs/ensemble.yaml with --ray-set overrides) through Ray Train,
+# as ``equiray ensemble train --config FILE --set ...`` runs it, vs the bare loop over the same member groups in one
+# process on the same device (no Ray, no checkpoints, no MLflow).
+# ------------------------------------------------------------------------------------------------------------------
+def ray_config_vs_bare(config: str, overrides: list[str], workdir: Path) -> dict:
+    from mlflow import MlflowClient
+
+    import pipelines.ensemble.stage as stage
+    from equiray.config import load_config
+    from equiray.data import read_split, resize
+    from equiray.ensembles import MemberGroup, MemberSpec, member_seed
+    from equiray.groups import get_group
+    from pipelines._ray import init_ray
+    from pipelines.ensemble import EnsembleConfig, run_train
+
+    cfg = load_config(EnsembleConfig, config, overrides=overrides)
+    meta = cfg.data.prepare()
+    gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    size = cfg.data.resize or meta["shape"][0]
+    x, y = read_split(Path(cfg.data.dir).resolve(), "train", limit=cfg.data.max_train)
+    x, y = resize(x, size).to(device), y.to(device)
+    groups, group, epochs = cfg.member_groups(), get_group(cfg.group), cfg.train.epochs
+    per_member_epoch = (len(y) // cfg.train.batch_size) * cfg.train.batch_size
+    work = per_member_epoch * epochs * sum(len(g.members) for g in groups)  # member-samples of the whole run
+    out = {"config": config, "overrides": overrides, "device": str(device),
+           "members": sum(len(g.members) for g in groups), "groups": len(groups),
+           "workers": cfg.scaling.num_workers, "gpus_per_worker": cfg.scaling.gpus_per_worker,
+           "images": len(y), "size": size, "epochs": epochs, "member_samples": work}
+    if gpu:  # CUDA context and cuDNN handles once, before the bare loop is timed (each Ray worker pays its own)
+        equiray_throughput(x[:256].cpu(), y[:256].cpu(), 4, augment=True, device="cuda")
+    epoch_s = []  # (gid, epoch, seconds)
+    t0 = time.perf_counter()
+    for g in groups:
+        setting = cfg.settings[g.setting]
+        spec = MemberSpec(cfg.member.name, cfg.member_kwargs(setting), int(x.shape[1]), meta["num_classes"])
+        grp = MemberGroup.new(spec, [member_seed(cfg.train.seed, m) for m in g.members], init=setting.init,
+                              group=cfg.group, optimizer=cfg.train.optimizer, lr=cfg.train.lr, device=device)
+        for e in range(epochs):
+            _sync(str(device))
+            t = time.perf_counter()
+            grp.train_epoch(x, y, batch_size=cfg.train.batch_size, group=group if setting.augment else None,
+                            device=device)
+            _sync(str(device))
+            epoch_s.append((g.gid, e + 1, time.perf_counter() - t))
+    bare = time.perf_counter() - t0
+    steady = sum(s for _, e, s in epoch_s if e > 1)
+    out.update(bare_s=bare, bare_rate=work / bare, bare_epoch_s=epoch_s)
+    if epochs > 1:
+        out["bare_steady_rate"] = work * (epochs - 1) / epochs / steady
+    print(f"bare loop: {bare:.1f} s, {work / bare:,.0f} member-samples/s", flush=True)
+    del grp, x, y
+    if gpu:
+        torch.cuda.empty_cache()
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    init_ray(num_gpus=torch.cuda.device_count() if gpu else None)
+    timing, fit = {}, stage.fit
+
+    def timed_fit(*a, **k):  # Ray Train's part of the stage: the trainer's fit(), workers' start to last checkpoint
+        t = time.perf_counter()
+        try:
+            return fit(*a, **k)
+        finally:
+            timing["fit_s"] = time.perf_counter() - t
+
+    stage.fit = timed_fit
+    try:
+        t = time.perf_counter()
+        result = run_train(cfg)
+        pipeline = time.perf_counter() - t
+    finally:
+        stage.fit = fit
+    out.update(pipeline_s=pipeline, pipeline_rate=work / pipeline, fit_s=timing.get("fit_s"),
+               train_seconds=result.train_seconds, ratio_pipeline=pipeline / bare, restarts=result.restarts,
+               accuracy=result.accuracy, nodes=sorted({n for ns in result.group_nodes.values() for n in ns}))
+    if timing.get("fit_s"):
+        out.update(fit_rate=work / timing["fit_s"], ratio_fit=timing["fit_s"] / bare)
+    # steady state: rank 0 logs each of its epochs to MLflow as it ends; with every worker holding as many groups,
+    # a round (one epoch of one group per worker, then a checkpoint of all) does 1/rounds of the run's work
+    world = cfg.scaling.num_workers
+    mine = [g for g in groups if g.gid % world == 0]
+    if len(groups) % world == 0 and epochs > 1:
+        stamps = []
+        for g in mine:
+            stamps += [m.timestamp / 1e3 for m in
+                       MlflowClient().get_metric_history(result.run_id, f"train_loss/group{g.gid:05d}")]
+        stamps.sort()
+        rounds = len(mine) * epochs
+        if len(stamps) == rounds:
+            round_s = (stamps[-1] - stamps[0]) / (rounds - 1)
+            out.update(ray_round_s=round_s, ray_steady_rate=work / rounds / round_s)
+            if "bare_steady_rate" in out:
+                out["ratio_steady"] = out["bare_steady_rate"] / out["ray_steady_rate"]
+    print(f"through Ray: {pipeline:.1f} s for the whole stage ({pipeline / bare:.2f}x the bare loop), fit() "
+          f"{timing.get('fit_s', float('nan')):.1f} s; steady state {out.get('ray_steady_rate', float('nan')):,.0f} "
+          f"vs bare {out.get('bare_steady_rate', float('nan')):,.0f} member-samples/s "
+          f"(ratio {out.get('ratio_steady', float('nan')):.2f})", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", default="16",
@@ -124,6 +445,14 @@ def main() -> int:
     parser.add_argument("--ray-epochs", type=int, default=3, help="epochs in that run")
     parser.add_argument("--data-dir", default="data/fashion-mnist")
     parser.add_argument("--out", help="also write the Markdown table to this file")
+    parser.add_argument("--variants", help="GPU: time these variants of the member's training step instead "
+                        "(comma-separated NAME:MEMBERS, e.g. lib:256,fast-bf16-graph:1024; see the code's notes), "
+                        "on --images training images at 28x28")
+    parser.add_argument("--ray-config", metavar="FILE", help="instead: this ensemble config through Ray Train "
+                        "(`equiray ensemble train --config FILE --set ...`) vs the bare loop over its member groups")
+    parser.add_argument("--ray-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for --ray-config, as --set takes it (repeatable)")
+    parser.add_argument("--json", help="with --variants / --ray-config: write the measurements to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     counts = [int(m) for m in args.members.split(",")]
@@ -131,6 +460,22 @@ def main() -> int:
 
     from equiray.data import SourceOptions, prepare, read_split
 
+    if args.ray_config or args.variants:
+        results = {}
+        if args.ray_config:
+            with tempfile.TemporaryDirectory() as tmp:
+                results["ray"] = ray_config_vs_bare(args.ray_config, args.ray_set, Path(tmp))
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        if args.variants:
+            prepare("fashion-mnist", args.data_dir, options=SourceOptions())
+            x, y = read_split(Path(args.data_dir).resolve(), "train", limit=args.images)
+            results["variants"] = run_variants(args.variants.split(","), x.cuda(), y.cuda(),
+                                               args.json and args.json + ".partial")
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+                Path(args.json + ".partial").unlink(missing_ok=True)
+        return 0
     prepare("fashion-mnist", args.data_dir, options=SourceOptions())
     data_dir = Path(args.data_dir).resolve()
     x, y = read_split(data_dir, "train", limit=args.images)

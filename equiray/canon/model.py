@@ -142,9 +142,12 @@ class CanonicalizedModel(nn.Module):
         keep = self.untouched(info)
         if bool(keep.all()):
             return self.upright(x)
-        out = self.backbone(info.inputs)
-        if bool(keep.any()):
-            out = out.index_put((keep.nonzero().squeeze(1),), self.upright(x[keep]).to(out.dtype))
+        if not bool(keep.any()):
+            return self.backbone(info.inputs)
+        turned = self.backbone(info.inputs[~keep])
+        out = turned.new_empty((len(x), *turned.shape[1:]))
+        out[~keep] = turned
+        out[keep] = self.upright(x[keep]).to(out.dtype)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ def run_trial(config: Mapping, *, cfg: CanonConfig, data: tuple[torch.Tensor, ..
     x, y, xt, yt = data
     spec, state = backbone
     model, model_spec = build_variant(variant, spec, state, beta=cfg.train.beta, pose_snap=cfg.train.pose_snap,
-                                      upright_backbone=cfg.train.upright_backbone, seed=cfg.train.seed, canonicalizer_kwargs=cfg.canonicalizers.kwargs(variant.kind))
+                                      upright_backbone=cfg.train.upright_backbone, seed=cfg.train.seed,
+                                      canonicalizer_kwargs=cfg.canonicalizers.kwargs(variant.kind))
     mlflow.set_tracking_uri(sweep.tracking_uri)
     client = mlflow.MlflowClient()
     run = client.create_run(sweep.experiment_id, run_name=variant.name,

@@ -674,3 +674,52 @@ def test_freeze_pose_trains_the_backbone_alone_after_the_pose_epochs():
         assert any(not torch.equal(a, b) for a, b in zip(backbone_before, model.backbone.parameters()))
         assert all(p.requires_grad for p in model.canonicalizer.parameters())
     assert after_pose == {True: True, False: False}
+
+
+def test_one_cycle_schedule_warms_up_then_anneals_each_group_to_its_own_rate():
+    """``lr_schedule="one_cycle"``: every parameter group rises to its own rate over the first 15% of the steps,
+    then falls to near 0 by the last; ``constant`` leaves the rates alone (no hook); an unknown name is an error."""
+    from equiray.canon import lr_scheduler
+
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 3e-2}])
+    assert lr_scheduler(opt, "constant", steps=100) is None
+    step = lr_scheduler(opt, "one_cycle", steps=100)
+    rates = []
+    for i in range(100):
+        rates.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        step(i)
+    rates = torch.tensor(rates)
+    peak = rates.argmax(0)
+    assert (peak >= 13).all() and (peak <= 16).all()
+    assert torch.allclose(rates.max(0).values, torch.tensor([1e-3, 3e-2]), rtol=1e-3)
+    assert (rates[0] < rates.max(0).values / 10).all() and (rates[-1] < rates.max(0).values / 100).all()
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_scheduler(opt, "cosine", steps=10)
+
+
+def test_one_cycle_changes_what_train_variant_learns():
+    """The schedule reaches ``train_variant``: the same seed and data with ``one_cycle`` end at other weights than
+    with ``constant`` (sensitivity), and the pose epochs are not scheduled (the canonicalizer after them is the
+    same)."""
+    from equiray.canon import Variant, train_variant
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 28, 28, generator=g), torch.arange(64) % 10
+    variant = Variant(name="v", kind="equivariant", group="C4", pose="angle", rotations="so2", prior_weight=10.0)
+    backbones, poses = {}, {}
+    for schedule in ("constant", "one_cycle"):
+        torch.manual_seed(0)
+        model = CanonicalizedModel(create_model("resnet8", num_classes=10),
+                                   create_canonicalizer("equivariant", "C4", batch_norm=True), pose="angle")
+
+        def on_epoch(row, model=model, schedule=schedule):
+            if row.get("pose_phase"):
+                poses[schedule] = [p.detach().clone() for p in model.canonicalizer.parameters()]
+
+        train_variant(model, variant, x, y, epochs=2, batch_size=32, lr=1e-3, canon_lr=3e-2, weight_decay=0.0,
+                      pose_epochs=1, freeze_pose=True, lr_schedule=schedule, on_epoch=on_epoch)
+        backbones[schedule] = [p.detach().clone() for p in model.backbone.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(poses["constant"], poses["one_cycle"]))
+    assert any(not torch.allclose(a, b) for a, b in zip(backbones["constant"], backbones["one_cycle"]))

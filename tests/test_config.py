@@ -84,6 +84,9 @@ def test_pipeline_configs_load_and_validate():
         assert isinstance(load_config(cls, path), cls)
     # the demo's defaults live in its dataclasses alone: configs/demo.yaml only overrides (here: nothing)
     assert load_config(DemoConfig, "configs/demo.yaml") == DemoConfig()
+    # the any-angle recipe the demo trains is the one its config file gives `equiray canon sweep`
+    from pipelines.canon import ANY_ANGLE, CanonConfig
+    assert load_config(CanonConfig, "configs/canon_any_angle_fast.yaml") == ANY_ANGLE
     with pytest.raises(ConfigError, match="model.name: unknown model 'resnet-9000'"):
         load_config(PretrainConfig, {"model": {"name": "resnet-9000"}})
     with pytest.raises(ConfigError, match="unknown group"):

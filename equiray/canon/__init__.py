@@ -31,14 +31,14 @@ from equiray.canon.layers import GroupConv, GroupLiftConv
 from equiray.canon.losses import contrastive_loss, identity_rate, prior_loss, straight_through
 from equiray.canon.model import Canonicalization, CanonicalizedModel, canonicalized
 from equiray.canon.pose import Pose, continuous_pose, undo_pose
-from equiray.canon.train import (BACKBONE_MODES, POSES, TRAIN_ROTATIONS, CanonObjective, RandomRotations,
+from equiray.canon.train import (BACKBONE_MODES, LR_SCHEDULES, POSES, TRAIN_ROTATIONS, CanonObjective, RandomRotations,
                                  RotatedCrossEntropy, Variant, build_variant, train_variant,
-                                 variant_optimizer)
+                                 lr_scheduler, variant_optimizer)
 
 __all__ = ["Canonicalization", "Canonicalizer", "EquivariantCanonicalizer", "OptimizedCanonicalizer",
            "Pose", "continuous_pose", "undo_pose", "POSES", "TRAIN_ROTATIONS", "RandomRotations",
            "RotatedCrossEntropy", "CanonicalizedModel", "GroupLiftConv", "GroupConv", "straight_through", "prior_loss",
            "contrastive_loss", "identity_rate", "create_canonicalizer", "list_canonicalizers",
            "register_canonicalizer", "CANONICALIZERS", "canonicalized", "BACKBONE_MODES", "Variant",
-           "CanonObjective", "build_variant", "variant_optimizer", "train_variant", "evaluate_variant",
+           "CanonObjective", "build_variant", "variant_optimizer", "LR_SCHEDULES", "lr_scheduler", "train_variant", "evaluate_variant",
            "Latencies", "paired_latencies"]

@@ -23,7 +23,7 @@ from equiray.errors import EquirayError
 from equiray.groups import get_group
 from equiray.train import Step, cross_entropy, shuffled_batches, train_epoch
 
-__all__ = ["BACKBONE_MODES", "POSES", "TRAIN_ROTATIONS", "RandomRotations", "RotatedCrossEntropy", "Variant",
+__all__ = ["BACKBONE_MODES", "LR_SCHEDULES", "lr_scheduler", "POSES", "TRAIN_ROTATIONS", "RandomRotations", "RotatedCrossEntropy", "Variant",
            "CanonObjective", "PoseObjective", "build_variant", "variant_optimizer", "train_variant"]
 
 BackboneMode = Literal["finetune", "frozen"]
@@ -144,7 +144,7 @@ class CanonObjective:
             logits, info = model.forward_with_info(x)
             prior, target = pose_prior(info, model.group, angle, mirrored, beta=self.prior_beta)
         loss = F.cross_entropy(logits, y)
-        if self.prior_weight:
+        if self.prior_weight and info.scores.requires_grad:  # a frozen canonicalizer: the prior is only reported
             loss = loss + self.prior_weight * prior
         contrast = contrastive_loss(info.embeddings) if info.embeddings is not None else torch.zeros(())
         if info.embeddings is not None and self.contrastive_weight:
@@ -269,7 +269,7 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
                   batch_size: int, lr: float, canon_lr: float, weight_decay: float, prior_beta: float = 1.0,
                   contrastive_weight: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
                   pose_epochs: int = 0, upright_share: float = 0.0, freeze_pose: bool = False,
-                  on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+                  lr_schedule: str = "constant", on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train one variant on the upright images ``(x, y)`` (:class:`CanonObjective` for canonicalized models, the
     task's cross-entropy for the baselines); returns one row of metrics per epoch (also passed to ``on_epoch``).
 
@@ -277,6 +277,8 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
     canonicalized one first trains its canonicalizer alone for ``pose_epochs`` (:class:`PoseObjective`, the
     backbone frozen; those rows carry ``pose_phase: 1``), then the variant as usual for ``epochs`` (with
     ``freeze_pose`` the backbone alone, on inputs the canonicalizer, as the pose epochs left it, turned back).
+    ``lr_schedule`` (those ``epochs``; the pose epochs keep ``canon_lr``): ``constant``, or ``one_cycle`` (each
+    parameter group warms up to its rate over the first 15% of the steps, then anneals to ~0 on a cosine).
 
     Random numbers, in this order: ``torch.manual_seed(seed)`` (dropout), then from a generator seeded with
     ``seed`` every epoch's batch order and, with ``variant.augment``, every batch's group elements.
@@ -310,9 +312,10 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
             part.eval()  # their BatchNorm statistics as they were
 
     augment = get_group(variant.group) if variant.augment else None
+    step = lr_scheduler(opt, lr_schedule, steps=epochs * math.ceil(len(y) / batch_size))
     for epoch in range(len(history), len(history) + epochs):
         stats = train_epoch(model, shuffled_batches(x, y, batch_size, generator=gen), opt, objective=objective,
-                            device=device, augment=augment, padding="zeros", generator=gen,
+                            device=device, augment=augment, padding="zeros", generator=gen, after_step=step,
                             on_train=keep_frozen_statistics if frozen else None)
         row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                "epoch_seconds": stats.seconds}
@@ -326,6 +329,27 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
         model.canonicalizer.requires_grad_(True)
     model.eval()
     return history
+
+
+LR_SCHEDULES = ("constant", "one_cycle")
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, *, steps: int) -> Callable[[int], None] | None:
+    """A :func:`~equiray.train.train_epoch` ``after_step`` hook that moves ``opt``'s rates along ``schedule`` over
+    ``steps`` optimizer steps (None for ``constant``): ``one_cycle`` warms each group up to its own ``lr`` over
+    the first 15% of the steps, then anneals it to ~0 on a cosine."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule is one of {LR_SCHEDULES}, not {schedule!r}")
+    if schedule == "constant" or steps < 1:
+        return None
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps,
+                                                pct_start=0.15)
+
+    def after_step(_step: int) -> None:
+        if sched.last_epoch + 1 < steps:  # the last step leaves the rate at its floor
+            sched.step()
+
+    return after_step
 
 
 def _train_pose(model: CanonicalizedModel, rotations: RandomRotations, x: torch.Tensor, y: torch.Tensor, *,

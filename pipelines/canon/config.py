@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from equiray.canon import BACKBONE_MODES, POSES, TRAIN_ROTATIONS, Variant, list_canonicalizers
+from equiray.canon import BACKBONE_MODES, LR_SCHEDULES, POSES, TRAIN_ROTATIONS, Variant, list_canonicalizers
 from equiray.errors import ConfigError
 from equiray.groups import get_group
 from pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
@@ -125,6 +125,9 @@ class CanonTrain:
     # canonicalized variants, at inference: a copy of the pretrained backbone, as it came, answers for the inputs the
     # canonicalizer leaves untouched (upright ones), the fine-tuned backbone for the others (keeps upright accuracy)
     upright_backbone: bool = False
+    # the rates over `epochs` (the pose epochs keep canon_lr): constant, or one_cycle (a 15% warm-up to lr / canon_lr,
+    # then a cosine to ~0)
+    lr_schedule: str = "constant"
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.canon_lr <= 0:
@@ -136,6 +139,8 @@ class CanonTrain:
             raise ConfigError("train: pose_epochs >= 0; upright_share in [0, 1)")
         if not 0.0 <= self.pose_snap < 45.0:
             raise ConfigError(f"train.pose_snap: degrees in [0, 45), not {self.pose_snap}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule: one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
 
     def total_epochs(self, variant: Variant) -> int:
         """The epochs ``variant`` trains for: a canonicalized one on turned inputs adds ``pose_epochs``."""
@@ -212,3 +217,23 @@ class CanonConfig:
                                            group=group, augment=False, prior_weight=float(w), backbone=mode,
                                            pose=pose, rotations=turns))
         return out
+
+
+# The any-angle recipe the demo trains (issue 18), also `configs/canon_any_angle_fast.yaml`: a D8 canonicalizer that
+# sees the object's layout (the lifting conv's maps pooled 2x2, then 3x3 group convs) reads a continuous pose off
+# O(2)-turned full training data (30% left upright) for `pose_epochs`, then the backbone alone trains on the inputs
+# turned back (freeze_pose) on a one-cycle schedule; a pose within 10 degrees of a quarter turn is snapped to it at
+# inference.
+ANY_ANGLE = CanonConfig(
+    data=DataConfig(max_train=None, max_eval=2000),
+    grid=GridConfig(kind=("equivariant",), group=("D8",), prior_weight=(100.0,), backbone=("finetune",),
+                    pose=("angle",), rotations=("o2",)),
+    baselines=(),
+    canonicalizers=CanonicalizerOptions(equivariant=EquivariantOptions(
+        channels=8, layers=3, kernel_size=5, hidden_kernel_size=3, pool=2, input_size=14, batch_norm=True)),
+    train=CanonTrain(epochs=3, batch_size=128, lr=1e-3, canon_lr=3e-3, pose_epochs=3, upright_share=0.3,
+                     freeze_pose=True, pose_snap=10.0, lr_schedule="one_cycle"),
+    select="so2_accuracy",
+    curve_step=0.0,  # `equiray robust` draws every candidate's curve
+    resources=ResourcesConfig(cpus_per_trial=2),
+    tracking=TrackingConfig("equiray-canon", None, "equiray-canon-any-angle", "champion"))

@@ -3,12 +3,13 @@
 Stages: (1) prepare Fashion-MNIST as Parquet shards; (2) pretrain a backbone with Ray Train, register it as
 ``equiray-backbone@pretrained`` and evaluate it on upright, C4-rotated and corrupted views; (3) augmentation
 ensembles on Ray Train, OSP/KL vs ensemble size; (4) distil the ensemble into one student; (5) canonicalization
-variants around the backbone as Ray Tune trials; (6) a robust fine-tuning search (FTP, TPGM, L2-SP) on Ray Tune;
-(7) Monomial-NFN: a zoo of small CNNs trained on Ray tasks, metanetworks that read their accuracy off the weights,
-and the same for the ensemble's members, used to leave the weakest out of the average; (8) robust: every candidate
-judged upright, at any angle and mirrored, the champion registered as ``equiray-robust@champion``; (9) serve: it
-behind Ray Serve, a few real HTTP requests (upright and rotated test images), the answers printed, the
-endpoint shut down.
+variants around the backbone as Ray Tune trials (the papers' C8 protocol); (6) any angle: a canonicalizer with a
+continuous pose trained on turned and mirrored images (``equiray-canon-any-angle@champion``); (7) a robust
+fine-tuning search (FTP, TPGM, L2-SP) on Ray Tune; (8) Monomial-NFN: a zoo of small CNNs trained on Ray tasks,
+metanetworks that read their accuracy off the weights, and the same for the ensemble's members, used to leave the
+weakest out of the average; (9) robust: every candidate judged upright, at any angle and mirrored, the champion
+registered as ``equiray-robust@champion``; (10) serve: it behind Ray Serve, a few real HTTP requests (upright and
+rotated test images), the answers printed, the endpoint shut down.
 
 Each stage returns its typed result; the next stage and the report read them by attribute.
 
@@ -87,6 +88,14 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoRe
         _reused(can)
         say("\n" + can.table + "\n" + "\n".join(can.verdict))
         out = dataclasses.replace(out, canon=can, tracking_uri=can.tracking_uri)
+    if "any_angle" in cfg.stages:
+        a = cfg.any_angle
+        banner("any_angle", f"any angle: {', '.join(v.name for v in a.variants())}, on {a.data.max_train or 'all'} "
+               f"training images turned at random, as a Ray Tune trial")
+        aa = canon.run_sweep(a, report_dir=report_dir / "any_angle", reuse=cfg.reuse)
+        _reused(aa)
+        say("\n" + aa.table)
+        out = dataclasses.replace(out, any_angle=aa, tracking_uri=aa.tracking_uri)
     if "ftp" in cfg.stages:
         f = cfg.ftp
         banner("ftp", f"robust fine-tuning: {f.search.num_samples} Ray Tune trials over {', '.join(f.space.methods)} "

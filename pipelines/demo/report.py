@@ -96,6 +96,18 @@ O(2)-avg: after a random mirror too. Champion: **{can.champion}**.
 
 {chr(10).join(can.verdict)}
 """)
+    if out.any_angle is not None:
+        a, aa = cfg.any_angle, out.any_angle
+        t = a.train
+        parts.append(f"""## Any angle, any mirror (`{aa.registered}`, version {aa.version})
+{aa.champion}: the canonicalizer reads a continuous pose (any angle, and a mirror) off {a.data.max_train or 'all'}
+training images, each turned by a random angle after a random mirror ({t.upright_share:.0%} left upright), for
+{t.pose_epochs} epochs; then {'the backbone alone' if t.freeze_pose else 'both'} for {t.epochs} epochs on the inputs
+turned back. The first {a.data.max_eval or 'all'} test images; the robust stage judges it on all of them, beside
+every other candidate. Sweep run `{aa.run_id}`.
+
+{aa.table}
+""")
     if out.ftp is not None:
         f, ft = cfg.ftp, out.ftp
         parts.append(f"""## Robust fine-tuning (`{ft.registered}`, version {ft.version})

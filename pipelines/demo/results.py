@@ -25,6 +25,7 @@ class DemoResult:
     ensemble_eval: ensemble.EnsembleEvalResult | None = None
     distill: distill.DistillResult | None = None
     canon: canon.CanonResult | None = None
+    any_angle: canon.CanonResult | None = None
     ftp: ftp.FTPResult | None = None
     nfn: NFNStageResult | None = None
     robust: robust.RobustResult | None = None
@@ -36,7 +37,7 @@ class DemoResult:
     def registered(self) -> list[tuple[str, str]]:
         """``(models:/name@alias, version)`` of every model the demo's stages registered, in stage order."""
         out = []
-        for stage in (self.pretrain, self.ensemble, self.distill, self.canon, self.ftp):
+        for stage in (self.pretrain, self.ensemble, self.distill, self.canon, self.any_angle, self.ftp):
             if stage is not None:
                 out.append((stage.registered, stage.version))
         if self.nfn is not None:

@@ -23,7 +23,8 @@ class RobustConfig:
     """
 
     backbone: str = "models:/equiray-backbone@pretrained"  # the reference of the rule (also judged)
-    # the any-angle recipe (configs/canon_any_angle.yaml) is not trained by the demo: left out until registered
+    # the any-angle recipe: the demo's any_angle stage (configs/canon_any_angle_fast.yaml) or the 15-minute one
+    # (configs/canon_any_angle.yaml) registers it; a candidate not registered is left out, said so
     candidates: tuple[str, ...] = (CANON_SWEEP, "models:/equiray-canon-any-angle@champion", "tta:C8",
                                    "models:/equiray-ensemble@champion", "models:/equiray-student@champion")
     canon_model: str = "models:/equiray-canon@champion"  # whose sweep's variants `canon` stands for

@@ -199,6 +199,8 @@ def test_gpu_fractions_and_bad_configs(tmp_path):
         small_config(tmp_path, baselines=["nope"])
     with pytest.raises(ConfigError):
         small_config(tmp_path, gird={})
+    with pytest.raises(ConfigError, match="train.lr_schedule: one of constant, one_cycle, not 'cosine'"):
+        small_config(tmp_path, train={"lr_schedule": "cosine"})
 
 
 def test_cli_missing_backbone_is_one_clear_error(tmp_path, monkeypatch, capsys):

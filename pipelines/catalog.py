@@ -96,9 +96,11 @@ CATALOG = (
         example_config="configs/demo.yaml",
         description="Prepare Fashion-MNIST, then run every stage at demo scale: pretrain a backbone with Ray Train; "
         "augmentation ensembles and their invariance vs size; distil them into one student; canonicalization "
-        "variants as Ray Tune trials; a robust fine-tuning search (FTP, TPGM, L2-SP); Monomial-NFN metanetworks "
-        "over a zoo of small CNNs and over the ensemble's members; finally serve the ensemble with Ray Serve and "
-        "send it upright and rotated images over HTTP. Every model lands in the MLflow registry; tables and plots "
+        "variants as Ray Tune trials (the papers' C8 protocol); a canonicalizer with a continuous pose trained for "
+        "any angle and a mirror; a robust fine-tuning search (FTP, TPGM, L2-SP); Monomial-NFN metanetworks over a "
+        "zoo of small CNNs and over the ensemble's members; judge every candidate upright, at any angle and "
+        "mirrored, and register the robust champion; finally serve it with Ray Serve and send it upright and "
+        "rotated images over HTTP. Every model lands in the MLflow registry; tables and plots "
         "go to a Markdown report. Choose stages with --set 'stages=[pretrain,canon]'.",
         options=(Option("--fresh", "redo every stage even where the registry already holds its result for this "
                         "config", sets="reuse", value="false"),)),

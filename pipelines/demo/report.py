@@ -97,17 +97,7 @@ O(2)-avg: after a random mirror too. Champion: **{can.champion}**.
 {chr(10).join(can.verdict)}
 """)
     if out.any_angle is not None:
-        a, aa = cfg.any_angle, out.any_angle
-        t = a.train
-        parts.append(f"""## Any angle, any mirror (`{aa.registered}`, version {aa.version})
-{aa.champion}: the canonicalizer reads a continuous pose (any angle, and a mirror) off {a.data.max_train or 'all'}
-training images, each turned by a random angle after a random mirror ({t.upright_share:.0%} left upright), for
-{t.pose_epochs} epochs; then {'the backbone alone' if t.freeze_pose else 'both'} for {t.epochs} epochs on the inputs
-turned back. The first {a.data.max_eval or 'all'} test images; the robust stage judges it on all of them, beside
-every other candidate. Sweep run `{aa.run_id}`.
-
-{aa.table}
-""")
+        parts.append(_any_angle_section(cfg, out.any_angle))
     if out.ftp is not None:
         f, ft = cfg.ftp, out.ftp
         parts.append(f"""## Robust fine-tuning (`{ft.registered}`, version {ft.version})
@@ -167,6 +157,20 @@ down. `equiray serve run --model {srv.model}` keeps it running (README, "Serve a
     tmp.write_text("\n".join(parts))
     os.replace(tmp, path)
     return path
+
+
+def _any_angle_section(cfg: DemoConfig, aa) -> str:
+    """The any-angle recipe: what it trains and its sweep's row."""
+    a, t = cfg.any_angle, cfg.any_angle.train
+    return f"""## Any angle, any mirror (`{aa.registered}`, version {aa.version})
+{aa.champion}: the canonicalizer reads a continuous pose (any angle, and a mirror) off {a.data.max_train or 'all'}
+training images, each turned by a random angle after a random mirror ({t.upright_share:.0%} left upright), for
+{t.pose_epochs} epochs; then {'the backbone alone' if t.freeze_pose else 'both'} for {t.epochs} epochs on the inputs
+turned back. The first {a.data.max_eval or 'all'} test images; the robust stage judges it on all of them, beside
+every other candidate. Sweep run `{aa.run_id}`.
+
+{aa.table}
+"""
 
 
 def _robust_section(cfg: DemoConfig, rb) -> str:

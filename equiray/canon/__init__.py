@@ -31,8 +31,8 @@ from equiray.canon.layers import GroupConv, GroupLiftConv
 from equiray.canon.losses import contrastive_loss, identity_rate, prior_loss, straight_through
 from equiray.canon.model import Canonicalization, CanonicalizedModel, canonicalized
 from equiray.canon.pose import Pose, continuous_pose, undo_pose
-from equiray.canon.train import (BACKBONE_MODES, LR_SCHEDULES, POSES, TRAIN_ROTATIONS, CanonObjective, RandomRotations,
-                                 RotatedCrossEntropy, Variant, build_variant, train_variant,
+from equiray.canon.train import (BACKBONE_MODES, LR_SCHEDULES, POSES, TRAIN_ROTATIONS, CanonObjective,
+                                 RandomRotations, RotatedCrossEntropy, Variant, build_variant, train_variant,
                                  lr_scheduler, variant_optimizer)
 
 __all__ = ["Canonicalization", "Canonicalizer", "EquivariantCanonicalizer", "OptimizedCanonicalizer",
@@ -40,5 +40,6 @@ __all__ = ["Canonicalization", "Canonicalizer", "EquivariantCanonicalizer", "Opt
            "RotatedCrossEntropy", "CanonicalizedModel", "GroupLiftConv", "GroupConv", "straight_through", "prior_loss",
            "contrastive_loss", "identity_rate", "create_canonicalizer", "list_canonicalizers",
            "register_canonicalizer", "CANONICALIZERS", "canonicalized", "BACKBONE_MODES", "Variant",
-           "CanonObjective", "build_variant", "variant_optimizer", "LR_SCHEDULES", "lr_scheduler", "train_variant", "evaluate_variant",
+           "CanonObjective", "build_variant", "variant_optimizer", "LR_SCHEDULES", "lr_scheduler", "train_variant",
+           "evaluate_variant",
            "Latencies", "paired_latencies"]

@@ -15,11 +15,11 @@ variant as ``equiray-canon@champion``.
 
     python -m pipelines.canon sweep --config configs/canon.yaml
 """
-from pipelines.canon.config import (ANY_ANGLE, BASELINES, CanonConfig, CanonicalizerOptions, CanonTrain, EquivariantOptions,
-                                    GridConfig, OptimizedOptions)
+from pipelines.canon.config import (ANY_ANGLE, BASELINES, CanonConfig, CanonicalizerOptions, CanonTrain,
+                                    EquivariantOptions, GridConfig, OptimizedOptions)
 from pipelines.canon.report import plot_variants, results_table, verdict
 from pipelines.canon.stage import CanonResult, CanonSweep, run_sweep
 
-__all__ = ["ANY_ANGLE", "BASELINES", "CanonConfig", "CanonicalizerOptions", "CanonTrain", "EquivariantOptions", "GridConfig",
-           "OptimizedOptions", "CanonResult", "CanonSweep", "run_sweep", "results_table", "verdict",
+__all__ = ["ANY_ANGLE", "BASELINES", "CanonConfig", "CanonicalizerOptions", "CanonTrain", "EquivariantOptions",
+           "GridConfig", "OptimizedOptions", "CanonResult", "CanonSweep", "run_sweep", "results_table", "verdict",
            "plot_variants"]

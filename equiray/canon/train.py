@@ -24,7 +24,8 @@ from equiray.groups import get_group
 from equiray.train import Step, cross_entropy, shuffled_batches, train_epoch
 
 __all__ = ["BACKBONE_MODES", "LR_SCHEDULES", "lr_scheduler", "POSES", "TRAIN_ROTATIONS", "RandomRotations",
-           "RotatedCrossEntropy", "Variant", "CanonObjective", "PoseObjective", "build_variant", "variant_optimizer", "train_variant"]
+           "RotatedCrossEntropy", "Variant", "CanonObjective", "PoseObjective", "build_variant", "variant_optimizer",
+           "train_variant"]
 
 BackboneMode = Literal["finetune", "frozen"]
 BACKBONE_MODES: tuple[BackboneMode, ...] = ("finetune", "frozen")

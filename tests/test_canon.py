@@ -723,3 +723,19 @@ def test_one_cycle_changes_what_train_variant_learns():
         backbones[schedule] = [p.detach().clone() for p in model.backbone.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(poses["constant"], poses["one_cycle"]))
     assert any(not torch.allclose(a, b) for a, b in zip(backbones["constant"], backbones["one_cycle"]))
+
+
+def test_a_canonicalizer_built_under_inference_mode_answers_like_one_built_outside():
+    # a model created or loaded inside torch.inference_mode has parameters without a version counter; the eval-time
+    # caches (expanded filters, folded batch norm) must still key on them
+    kwargs = dict(channels=4, layers=3, kernel_size=5, hidden_kernel_size=3, pool=2, input_size=14, batch_norm=True)
+    torch.manual_seed(0)
+    outside = create_canonicalizer("equivariant", "D8", **kwargs).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        inside = create_canonicalizer("equivariant", "D8", **kwargs).eval()
+        assert next(inside.parameters()).is_inference()
+        got = inside.score(inside.prepare(x))[0]
+        want = outside.score(outside.prepare(x))[0]
+    torch.testing.assert_close(got, want)

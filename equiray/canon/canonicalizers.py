@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from equiray.canon.layers import GroupConv, GroupLiftConv
+from equiray.canon.layers import GroupConv, GroupLiftConv, version_key
 from equiray.errors import EquirayError
 from equiray.groups import Group, get_group
 from equiray.models import create_model
@@ -212,7 +212,7 @@ class EquivariantCanonicalizer(Canonicalizer):
         average as a vector over pixels, a 1x1 last group conv with the mean over its output channels folded in, as
         one (|G|, C*|G|) matrix applied after the pooling, and the lifting conv factored (:meth:`_factored_lift`)."""
         state = [*self.net.parameters(), *self.net.buffers()]
-        key = (size, str(device), dtype, *((t._version, t.data_ptr()) for t in state))
+        key = (size, str(device), dtype, *(version_key(t) for t in state))
         if getattr(self, "_folded_key", None) != key:
             n = self.group.order
             mods = [m for m in self.net if not isinstance(m, (nn.ReLU, nn.Dropout, _GroupAvgPool))]

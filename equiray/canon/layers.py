@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from equiray.errors import EquirayError
 from equiray.groups import Group
 
-__all__ = ["GroupLiftConv", "GroupConv"]
+__all__ = ["GroupLiftConv", "GroupConv", "version_key"]
 
 
 def _steerable_basis(kernel_size: int, group: Group, *, sigma: float = 0.6, max_frequency: int = 3) -> torch.Tensor:
@@ -56,6 +56,13 @@ def _steerable_basis(kernel_size: int, group: Group, *, sigma: float = 0.6, max_
     return (basis / basis[0].flatten(1).norm(dim=1)[None, :, None, None]).float()
 
 
+def version_key(t: torch.Tensor) -> tuple[int, int]:
+    """What identifies ``t``'s current values for a cache: its in-place version counter and storage. Tensors made
+    under ``torch.inference_mode`` (a model built or loaded there) have no counter; for them the storage alone
+    (an in-place change to one, inside inference mode, goes unseen)."""
+    return (-1 if t.is_inference() else t._version), t.data_ptr()
+
+
 class _ExpandedWeightCache:
     """Inference reuses the expanded (|G|-fold) filter bank until the weights change (training rebuilds it every
     step, since the expansion is part of the graph)."""
@@ -63,7 +70,7 @@ class _ExpandedWeightCache:
     def cached(self, build):
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return build()
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, self.weight.dtype)
+        key = (*version_key(self.weight), self.weight.device, self.weight.dtype)
         if getattr(self, "_cache_key", None) != key:
             self._cache_key, self._cache = key, build().detach()
         return self._cache

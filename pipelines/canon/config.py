@@ -222,8 +222,8 @@ class CanonConfig:
 # The any-angle recipe the demo trains (issue 18), also `configs/canon_any_angle_fast.yaml`: a D8 canonicalizer that
 # sees the object's layout (the lifting conv's maps pooled 2x2, then 3x3 group convs) reads a continuous pose off
 # O(2)-turned full training data (30% left upright) for `pose_epochs`, then the backbone alone trains on the inputs
-# turned back (freeze_pose) on a one-cycle schedule; a pose within 10 degrees of a quarter turn is snapped to it at
-# inference.
+# turned back (freeze_pose) on a one-cycle schedule; every input is turned back by its pose as read (no snap: the
+# backbone learned the inputs turned back unsnapped).
 ANY_ANGLE = CanonConfig(
     data=DataConfig(max_train=None, max_eval=2000),
     grid=GridConfig(kind=("equivariant",), group=("D8",), prior_weight=(100.0,), backbone=("finetune",),
@@ -232,7 +232,7 @@ ANY_ANGLE = CanonConfig(
     canonicalizers=CanonicalizerOptions(equivariant=EquivariantOptions(
         channels=8, layers=3, kernel_size=5, hidden_kernel_size=3, pool=2, input_size=14, batch_norm=True)),
     train=CanonTrain(epochs=3, batch_size=128, lr=1e-3, canon_lr=3e-3, pose_epochs=3, upright_share=0.3,
-                     freeze_pose=True, pose_snap=10.0, lr_schedule="one_cycle"),
+                     freeze_pose=True, pose_snap=0.0, lr_schedule="one_cycle"),
     select="so2_accuracy",
     curve_step=0.0,  # `equiray robust` draws every candidate's curve
     resources=ResourcesConfig(cpus_per_trial=2),

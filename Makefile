@@ -13,11 +13,12 @@ FMNIST_DIR  := /usr/share/datasets/fashion-mnist
 STAMP       := $(VENV)/.equiray-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup data clean help
+.PHONY: demo test setup data bench-setup clean help
 
 help:
 	@echo "make demo   - set up and run the demo (equiray demo)"
 	@echo "make test   - set up and run the tests"
+	@echo "make bench-setup - install the benchmarks' peers (equiadapt, torchensemble, nfn) and load generator"
 	@echo "make clean  - remove .venv, data/, reports/, runs/, mlflow.db"
 
 setup: $(STAMP) data
@@ -46,6 +47,14 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The peers BENCHMARKS.md runs against. escnn (equiadapt's networks) goes in without its dependencies: one of them,
+# py3nj, needs a Fortran compiler to build, and only escnn's 3D groups use it (equiadapt's image canonicalizers run
+# on the 2D ones).
+bench-setup: setup
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --no-deps escnn
+	@$(BIN)/python -c "import equiadapt, escnn, torchensemble" && echo "benchmark peers installed"
 
 clean:
 	rm -rf $(VENV) data reports runs mlflow.db mlartifacts .cache .pytest_cache

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="equiray", description="Make pretrained image models robust to rotations, reflections and "
         "distribution shift, at cluster scale (Ray + MLflow).", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"equiray {_version()}")
+    parser.add_argument("-V", "--version", action="version", version=f"equiray {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups = _add_pipelines(sub)

@@ -37,6 +37,13 @@ def test_console_script_is_installed():
     assert subprocess.run([str(script), "--version"], capture_output=True, text=True).stdout.startswith("equiray ")
 
 
+def test_python_dash_m_and_short_version_flag():
+    out = subprocess.run([sys.executable, "-m", "equiray", "-V"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("equiray ")
+    helped = subprocess.run([sys.executable, "-m", "equiray", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "usage: equiray" in helped.stdout
+
+
 def test_unknown_config_key_is_one_clear_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  epochz: 3\n")

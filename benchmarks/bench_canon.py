@@ -177,7 +177,7 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('mlflow.db').resolve()}")
 
-    from equiray.config import load_config, to_dict
+    from equiray.config import load_config
     from equiray.data import SourceOptions, prepare, read_split
     from equiray.canon import Variant, build_variant, train_variant
     from equiray.stats import compare, mean_interval
@@ -189,7 +189,7 @@ def main() -> int:
     backbone, spec, source = pretrained_backbone(x, y)
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
     cfg = load_config(CanonConfig, {"train": {"epochs": args.epochs}})
-    t = to_dict(cfg.train)
+    t = cfg.train.options()  # train_variant's keywords (beta, pose_snap, upright_backbone build the model)
 
     def fresh_backbone():
         from equiray.models import create_model
@@ -215,7 +215,7 @@ def main() -> int:
         v = Variant(name=name, **{**variant, "kind": kind})
         model, model_spec = build_variant(v, spec, state, canonicalizer_kwargs=kwargs, beta=cfg.train.beta,
                                           seed=tr["seed"])  # the canonicalizer's initialisation too, as equiadapt's
-        train_variant(model, v, x, y, **{k: val for k, val in tr.items() if k != "beta"})
+        train_variant(model, v, x, y, **tr)
         record(name, model, start, {"kind": "equiray", "spec": model_spec})
 
     def theirs(name, canon_lr, tr):
@@ -255,7 +255,7 @@ def main() -> int:
     peer = max(peers, key=lambda k: mean(k, "cn_avg_accuracy"))
     bare = ms["bare backbone"]
     lines = [
-        f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_canon.py --train {args.train} "
+        f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_canon.py --train {args.train} --test {args.test} "
         f"--epochs {args.epochs} --seeds {args.seeds}`. Backbone: {source}; C8, prior weight {args.prior_weight:g}, "
         f"fine-tuned backbone, {args.train} upright training images, {args.epochs} epochs, {args.test} test images x "
         f"8 rotations (and at a seeded uniformly random angle, SO(2), then after a random mirror too, O(2)); "

@@ -255,7 +255,8 @@ def main() -> int:
     peer = max(peers, key=lambda k: mean(k, "cn_avg_accuracy"))
     bare = ms["bare backbone"]
     lines = [
-        f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_canon.py --train {args.train} --test {args.test} "
+        f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_canon.py --train {args.train} "
+        f"--test {args.test} "
         f"--epochs {args.epochs} --seeds {args.seeds}`. Backbone: {source}; C8, prior weight {args.prior_weight:g}, "
         f"fine-tuned backbone, {args.train} upright training images, {args.epochs} epochs, {args.test} test images x "
         f"8 rotations (and at a seeded uniformly random angle, SO(2), then after a random mirror too, O(2)); "

@@ -26,7 +26,7 @@ def t_quantile(df: float) -> float:
     d = int(math.floor(df))
     if d <= len(_T975):
         return _T975[d - 1]
-    return 1.96 + 2.4 / d  # within 0.002 of the exact quantile for d > 30
+    return 1.96 + 2.4 / d  # within 0.003 of the exact quantile for d > 30
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ def mean_interval(values: Sequence[float]) -> Interval:
     vals = [float(v) for v in values]
     if not vals:
         raise ValueError("no values: an interval needs at least one run")
+    if any(math.isnan(v) for v in vals):
+        raise ValueError(f"a value is NaN: {vals}")
     n = len(vals)
     mean = sum(vals) / n
     if n < 2:
@@ -76,24 +78,24 @@ def compare(a: Sequence[float], b: Sequence[float], *, paired: bool = True) -> t
     ``paired``: ``a[i]`` and ``b[i]`` come from the same seed, so the per-seed differences carry the comparison
     (their spread excludes what the seed does to both); otherwise Welch's interval for two independent samples.
     """
-    if len(a) < 2 or len(b) < 2:
-        diff = sum(a) / max(len(a), 1) - sum(b) / max(len(b), 1)
-        return Interval(diff, math.nan, math.nan, min(len(a), len(b))), "one run"
+    if paired and len(a) != len(b):
+        raise ValueError(f"paired comparison needs one value per seed on both sides, got {len(a)} and {len(b)}")
+    ia, ib = mean_interval(a), mean_interval(b)  # (validates: at least one value each, no NaN)
+    if ia.n < 2 or ib.n < 2:
+        return Interval(ia.mean - ib.mean, math.nan, math.nan, min(ia.n, ib.n)), "one run"
     if paired:
-        if len(a) != len(b):
-            raise ValueError(f"paired comparison needs one value per seed on both sides, got {len(a)} and {len(b)}")
         d = mean_interval([x - y for x, y in zip(a, b)])
     else:
-        ia, ib = mean_interval(a), mean_interval(b)
         va = (ia.half_width / t_quantile(ia.n - 1)) ** 2  # squared standard errors
         vb = (ib.half_width / t_quantile(ib.n - 1)) ** 2
         se = math.sqrt(va + vb)
         diff = ia.mean - ib.mean
+        n = min(ia.n, ib.n)  # the smaller sample: what limits the comparison
         if se == 0:
-            d = Interval(diff, diff, diff, ia.n + ib.n)
+            d = Interval(diff, diff, diff, n)
         else:
             df = se ** 4 / (va ** 2 / (ia.n - 1) + vb ** 2 / (ib.n - 1))  # Welch-Satterthwaite
             half = t_quantile(max(df, 1.0)) * se
-            d = Interval(diff, diff - half, diff + half, ia.n + ib.n)
+            d = Interval(diff, diff - half, diff + half, n)
     verdict: Verdict = "above" if d.low > 0 else "below" if d.high < 0 else "level"
     return d, verdict

@@ -51,3 +51,17 @@ def test_compare_decides_by_the_interval():
     assert compare([0.9, 0.91, 0.92], [0.5, 0.51, 0.52], paired=False)[1] == "above"
     with pytest.raises(ValueError, match="one value per seed"):
         compare([0.1, 0.2], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="at least one run"):
+        compare([], [0.5], paired=False)
+    with pytest.raises(ValueError, match="NaN"):
+        compare([0.5, float("nan")], [0.5, 0.6])
+
+
+def test_welch_interval_matches_a_reference_case():
+    # a: mean 0.9225, sd 0.02217; b: mean 0.54, sd 0.05292; Welch-Satterthwaite df = 2.53 (scipy), rounded down to 2
+    a, b = [0.9, 0.91, 0.95, 0.93], [0.5, 0.6, 0.52]
+    d, verdict = compare(a, b, paired=False)
+    se = math.sqrt(0.02217 ** 2 / 4 + 0.05292 ** 2 / 3)
+    assert d.mean == pytest.approx(0.3825)
+    assert d.half_width == pytest.approx(4.303 * se, rel=2e-3)
+    assert verdict == "above"

@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     except EquirayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a stage may say what to do next (e.g. resume with --resume)
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -98,6 +98,19 @@ def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "m
     return info.model_uri
 
 
+def end_unfinished_children(tracking_uri_: str, experiment_id: str, parent_run_id: str) -> int:
+    """Mark KILLED the nested runs of ``parent_run_id`` still RUNNING: trials that Ray Tune stopped mid-training on
+    Ctrl+C cannot end their own. A resumed trial reopens its run and ends it FINISHED. Returns how many."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri_)
+    running = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                 "attributes.status = 'RUNNING'")
+    for r in running:
+        client.set_terminated(r.info.run_id, "KILLED")
+    return len(running)
+
+
 def config_hash(config: Any) -> str:
     """A short stable hash of a resolved config (minus the run name), to recognise work already done."""
     import hashlib

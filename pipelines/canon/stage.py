@@ -145,11 +145,12 @@ def run_trials(cfg: CanonConfig, variants: list[Variant], data: tuple[torch.Tens
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent or None),
         run_config=tune.RunConfig(name=name, storage_path=str(Path(cfg.storage_path).resolve()),
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=1)))
+    from pipelines import tracking
     from pipelines._ray import fit_noting_interrupts
 
     grid = fit_noting_interrupts(tuner)
     if grid is None:  # Ctrl+C: Tune stopped the trials; the CLI says "interrupted" and exits 130
-        _end_unfinished_trials(sweep)
+        tracking.end_unfinished_children(sweep.tracking_uri, sweep.experiment_id, sweep.parent_run_id)
         raise KeyboardInterrupt
     errors = [r.error for r in grid if r.error]
     if errors:
@@ -178,13 +179,3 @@ def time_variants(rows: list[dict], bare: nn.Module, batch: torch.Tensor) -> lis
         client.log_metric(r["run_id"], "ms_per_image", ms)
         client.log_metric(r["run_id"], "overhead_vs_backbone", overhead)
     return out
-
-
-def _end_unfinished_trials(sweep: SweepRun) -> None:
-    """Mark the MLflow runs of trials that Tune stopped mid-training KILLED (a stopped trial cannot end its own)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(sweep.tracking_uri)
-    for r in client.search_runs([sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and "
-                                "attributes.status = 'RUNNING'"):
-        client.set_terminated(r.info.run_id, "KILLED")

@@ -102,9 +102,13 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
         log.info("search %s: %d trials, %s, %s scheduler", self.name, cfg.search.num_samples, searcher_name,
                  cfg.search.scheduler)
         grid = fit_noting_interrupts(tuner)
-        if grid is None or len(grid) < cfg.search.num_samples:
-            raise EquirayError(f"the search was interrupted; its state is saved in {self.exp_dir}: continue it with "
-                               "the same command plus --resume (finished trials are not re-run)")
+        resume = (f"its state is saved in {self.exp_dir}: continue it with the same command plus --resume "
+                  "(finished trials are not re-run)")
+        if grid is None:  # Ctrl+C: the runs end KILLED, the CLI prints this after "interrupted: " and exits 130
+            tracking.end_unfinished_children(run.tracking_uri, run.experiment_id, run.run_id)
+            raise KeyboardInterrupt(resume)
+        if len(grid) < cfg.search.num_samples:
+            raise EquirayError(f"the search stopped before every trial ran; {resume}")
         errors = [r.error for r in grid if r.error]
         if errors:
             raise RuntimeError(f"{len(errors)} trials failed; first: {errors[0]}")

@@ -144,7 +144,13 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
     assert finished, "no trial finished before the deadline: " + (proc.stdout.read() if proc.poll() else "")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0, out  # interrupted, not completed
+    assert proc.returncode == 130, out  # interrupted (Ctrl+C), not a mistake (2) or a crash (1)
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and "--resume" in last and "Traceback" not in out, out
+    runs = client.search_runs([client.get_experiment_by_name("test-ftp").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in parents] == ["KILLED"], "the search's own run ends KILLED on Ctrl+C"
+    assert not [r for r in runs if r.info.status == "RUNNING"], "a trial stopped mid-training is left RUNNING"
     first = finished[0]
     epochs_before = len(client.get_metric_history(first.info.run_id, "val_accuracy"))
     assert epochs_before == 6

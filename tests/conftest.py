@@ -14,15 +14,35 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """A real local Ray instance shared by every test that needs one (Ray takes ~20 s to start here)."""
+def _start_shared_ray():
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, num_gpus=0, dashboard_host="127.0.0.1", logging_level="WARNING")
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray instance shared by every test that needs one (Ray takes ~20 s to start here)."""
+    ray = _start_shared_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sole_ray():
+    """For a module that starts a Ray instance of its own (a head, a simulated cluster): the shared instance, if
+    one is up, stops first and comes back afterwards. Two Ray instances on a 2-core machine starve each other:
+    the second one's GCS timed out at startup in CI ("The current node timed out during startup")."""
+    import ray
+
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    yield
+    if was_up:
+        _start_shared_ray()
 
 
 @pytest.fixture

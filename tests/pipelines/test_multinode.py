@@ -1,8 +1,8 @@
 """A multi-node simulation: the ensemble pipeline on a `ray.cluster_utils.Cluster` of three one-CPU nodes on this
 machine spreads its member groups over the nodes, and every member comes back exactly once.
 
-The cluster lives in a subprocess of the test (the session's shared Ray is another instance in this process),
-with a Ray temp dir of its own (RAY_TMPDIR), so nothing else on the machine can find and join it."""
+The cluster lives in a subprocess of the test (the session's shared Ray, stopped meanwhile by `sole_ray`, is
+another instance in this process), with a Ray temp dir of its own (RAY_TMPDIR), so nothing else on the machine can find and join it."""
 import json
 import os
 import shutil
@@ -68,7 +68,7 @@ finally:
 """
 
 
-def test_ensemble_member_groups_spread_over_nodes_and_all_come_back(tmp_path):
+def test_ensemble_member_groups_spread_over_nodes_and_all_come_back(sole_ray, tmp_path):
     (tmp_path / "run.py").write_text(SCRIPT)
     ray_tmp = tempfile.mkdtemp(prefix="eqm-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}

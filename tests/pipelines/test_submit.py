@@ -50,7 +50,7 @@ def _stop_head(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(sole_ray, tmp_path_factory):
     """A Ray head of its own; yields its dashboard URL. Token authentication stays as Ray sets it up (on when
     ~/.ray/auth_token exists); the client side sends the token."""
     root = tmp_path_factory.mktemp("head")

@@ -242,7 +242,7 @@ def _cmd_serve_stop(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from equiray.data import SourceOptions, prepare, read_meta, split_files
+    from equiray.data import SourceOptions, prepare, read_meta, split_files, split_summary
 
     if args.data_command == "prepare":
         opts = SourceOptions(cache_dir=Path(args.cache_dir), download=args.download, val_fraction=args.val_fraction,
@@ -257,7 +257,10 @@ def _cmd_data(args) -> int:
         import pyarrow.parquet as pq
 
         meta = read_meta(args.dir)
+        shards = split_summary(args.dir)  # every shard's footer, and the rows against the metadata
         print(json.dumps(meta, indent=2))
+        for split, (rows, n) in shards.items():
+            print(f"{split} {rows} rows in {n} shard{'' if n == 1 else 's'}")
         print(pq.read_schema(split_files(args.dir, "train")[0]).to_string(show_schema_metadata=False))
         return 0
     raise EquirayError("choose an action: equiray data prepare | info (see equiray data --help)")

@@ -2,13 +2,16 @@
 
 Layout of a prepared dataset directory::
 
-    DIR/dataset.json             source, classes, image shape (H, W, C), rows per split, schema version
+    DIR/_dataset.json            source, classes, image shape (H, W, C), rows per split, schema version
     DIR/train/part-00000.parquet columns: image (binary, raw uint8 H*W*C bytes, row-major HWC), label (int64),
     DIR/val/part-00000.parquet            split (string), index (int64, the row's index in the source's split),
     DIR/test/part-00000.parquet           height, width, channels (int16)
 
-A directory is written to a temporary sibling and renamed into place at the end, so a failure never leaves a
-half-written dataset behind.
+The metadata file's leading underscore makes Parquet readers skip it: pyarrow, Ray Data, DuckDB and Spark read
+the root as one dataset (every split; the ``split`` column tells them apart). A directory is written to a
+temporary sibling and renamed into place at the end, so a failure never leaves a half-written dataset behind; its
+folders and files get the user's umask (readable to others on shared storage when the umask says so). Every read
+checks each shard's footer and the rows per split, so a truncated, corrupt or missing shard is named.
 """
 from __future__ import annotations
 
@@ -29,7 +32,20 @@ from equiray.errors import DataError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-META_FILE = "dataset.json"
+META_FILE = "_dataset.json"
+LEGACY_META_FILE = "dataset.json"  # the name before the Parquet readers' convention was followed; still read
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _shard_error(path, exc: BaseException) -> DataError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DataError(f"{path} is not a readable Parquet shard ({reason}); prepare the dataset again with "
+                     f"--overwrite")
 
 
 def _schema():
@@ -59,6 +75,7 @@ def write_parquet(ds: ImageDataset, out_dir: str | os.PathLike, *, rows_per_shar
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
         h, w, c = ds.shape
         schema = _schema()
         for split in SPLITS:
@@ -122,6 +139,8 @@ def prepare(source: str, out_dir: str | os.PathLike, *, options: SourceOptions =
 
 def read_meta(data_dir: str | os.PathLike) -> dict:
     path = Path(data_dir) / META_FILE
+    if not path.is_file() and (Path(data_dir) / LEGACY_META_FILE).is_file():
+        path = Path(data_dir) / LEGACY_META_FILE
     if not path.is_file():
         raise DataError(f"{data_dir} is not a prepared dataset (no {META_FILE}); run "
                         f"`equiray data prepare SOURCE --out {data_dir}` first")
@@ -132,14 +151,41 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
 
 
 def split_files(data_dir: str | os.PathLike, split: str) -> list[str]:
-    """The Parquet files of one split (sorted), for ``ray.data.read_parquet`` or pyarrow."""
+    """The Parquet files of one split (sorted), for ``ray.data.read_parquet`` or pyarrow. Each file's footer is
+    read (a few kB) and the rows are counted against the metadata, so a truncated or missing shard is named here,
+    before Ray Data or a training loop meets it."""
+    return _checked_files(data_dir, split)[0]
+
+
+def _checked_files(data_dir, split: str) -> tuple[list[str], int]:
+    import pyarrow.parquet as pq
+
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    read_meta(data_dir)
+    meta = read_meta(data_dir)
     files = sorted(str(p) for p in (Path(data_dir) / split).glob("*.parquet"))
     if not files:
         raise DataError(f"{data_dir}/{split} holds no Parquet files; prepare the dataset again with --overwrite")
-    return files
+    rows = 0
+    for f in files:
+        try:
+            rows += pq.read_metadata(f).num_rows
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a broken file
+            raise _shard_error(f, exc) from None
+    expected = meta.get("rows", {}).get(split)
+    if expected is not None and rows != expected:
+        raise DataError(f"{data_dir}/{split} holds {rows} rows in {len(files)} shards, its metadata says "
+                        f"{expected}: a shard is missing or extra; prepare the dataset again with --overwrite")
+    return files, rows
+
+
+def split_summary(data_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """``{split: (rows, shards)}`` after checking every shard of every split (what ``equiray data info`` shows)."""
+    out = {}
+    for split in SPLITS:
+        files, rows = _checked_files(data_dir, split)
+        out[split] = (rows, len(files))
+    return out
 
 
 def decode_images(images, height: int, width: int, channels: int) -> torch.Tensor:
@@ -178,7 +224,10 @@ def read_split(data_dir: str | os.PathLike, split: str, *, limit: int | None = N
     xs, ys = [], []
     n = 0
     for f in split_files(data_dir, split):
-        table = pq.read_table(f)
+        try:
+            table = pq.read_table(f)
+        except Exception as exc:  # noqa: BLE001 - a corrupt page behind a readable footer
+            raise _shard_error(f, exc) from None
         batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
         x, y = decode_batch(batch)
         xs.append(x)
@@ -195,6 +244,9 @@ def iter_batches(data_dir: str | os.PathLike, split: str, batch_size: int) -> It
     import pyarrow.parquet as pq
 
     for f in split_files(data_dir, split):
-        pf = pq.ParquetFile(f)
-        for rb in pf.iter_batches(batch_size=batch_size):
+        try:
+            batches = list(pq.ParquetFile(f).iter_batches(batch_size=batch_size))  # one shard (10k rows) at a time
+        except Exception as exc:  # noqa: BLE001 - a corrupt page behind a readable footer
+            raise _shard_error(f, exc) from None
+        for rb in batches:
             yield decode_batch({name: rb.column(name).to_numpy(zero_copy_only=False) for name in rb.schema.names})

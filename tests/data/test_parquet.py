@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from equiray.data import SourceOptions, load_source, prepare, read_meta, read_split, split_files, write_parquet
-from equiray.data.parquet import decode_images, iter_batches
+from equiray.data.parquet import LEGACY_META_FILE, META_FILE, decode_images, iter_batches
 from equiray.errors import DataError
 
 
@@ -18,7 +18,7 @@ def digits_dir(tmp_path):
 
 
 def test_shards_are_readable_with_pyarrow_alone(digits_dir):
-    meta = json.loads((digits_dir / "dataset.json").read_text())
+    meta = json.loads((digits_dir / META_FILE).read_text())
     assert meta["shape"] == [8, 8, 1] and meta["num_classes"] == 10
     files = split_files(digits_dir, "train")
     assert len(files) == 3  # 1347 rows at 500 per shard
@@ -41,9 +41,9 @@ def test_read_split_and_streaming_agree(digits_dir):
 
 
 def test_prepare_twice_skips_and_refuses_to_clobber(digits_dir):
-    stamp = (digits_dir / "dataset.json").stat().st_mtime_ns
+    stamp = (digits_dir / META_FILE).stat().st_mtime_ns
     prepare("digits", digits_dir)  # same source and options: nothing to do
-    assert (digits_dir / "dataset.json").stat().st_mtime_ns == stamp
+    assert (digits_dir / META_FILE).stat().st_mtime_ns == stamp
     with pytest.raises(DataError, match="--overwrite"):
         prepare("digits", digits_dir, options=SourceOptions(val_fraction=0.3))
     meta = prepare("digits", digits_dir, options=SourceOptions(val_fraction=0.3), overwrite=True)
@@ -55,6 +55,57 @@ def test_not_a_dataset_and_bad_split(tmp_path, digits_dir):
         read_meta(tmp_path)
     with pytest.raises(DataError, match="unknown split"):
         split_files(digits_dir, "holdout")
+
+
+def test_the_prepared_root_is_one_parquet_dataset_for_any_reader(digits_dir):
+    """The metadata file starts with "_", which Parquet readers skip: pyarrow (as DuckDB, Spark and Ray Data do)
+    reads the root as one dataset with every row of every split."""
+    import pyarrow.dataset as pads
+
+    meta = read_meta(digits_dir)
+    table = pads.dataset(digits_dir, format="parquet").to_table(columns=["split", "label"])
+    assert table.num_rows == sum(meta["rows"].values()) == 1797
+    splits = table.column("split").to_pylist()
+    assert {s: splits.count(s) for s in set(splits)} == meta["rows"]
+
+
+def test_a_dataset_prepared_before_the_rename_still_reads(digits_dir):
+    (digits_dir / META_FILE).rename(digits_dir / LEGACY_META_FILE)
+    assert read_meta(digits_dir)["num_classes"] == 10
+    assert read_split(digits_dir, "val")[0].shape[0] == read_meta(digits_dir)["rows"]["val"]
+
+
+def test_folders_follow_the_users_umask(tmp_path):
+    """Shared cluster storage: other users can read a prepared dataset when the umask lets them (mkdtemp alone
+    would leave the root 0700)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        prepare("digits", tmp_path / "d", options=SourceOptions(max_per_split=50))
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "d", tmp_path / "d" / "train", tmp_path / "d" / META_FILE,
+                 *sorted((tmp_path / "d" / "train").iterdir())]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o044 == 0o044, (path, oct(mode))  # group and others may read
+        assert mode & 0o022 == 0, (path, oct(mode))  # and not write
+
+
+def test_a_truncated_shard_is_named(digits_dir):
+    shard = sorted((digits_dir / "train").iterdir())[1]
+    shard.write_bytes(shard.read_bytes()[:-100])  # the footer is gone, as after a copy cut short
+    for read in (lambda: split_files(digits_dir, "train"), lambda: read_split(digits_dir, "train")):
+        with pytest.raises(DataError, match=f"{shard}.*--overwrite"):
+            read()
+    assert read_split(digits_dir, "test")[0].shape[0] == 270  # the other splits are fine
+
+
+def test_a_missing_shard_is_noticed(digits_dir):
+    sorted((digits_dir / "train").iterdir())[2].unlink()
+    with pytest.raises(DataError, match=r"1000 rows in 2 shards.*says 1347"):
+        split_files(digits_dir, "train")
 
 
 def test_write_failure_leaves_no_partial_directory(tmp_path):

@@ -62,6 +62,13 @@ def test_data_prepare_and_info(tmp_path):
     assert "train 1347" in res.stdout
     res = run("data", "info", str(tmp_path / "d"))
     assert res.returncode == 0 and '"num_classes": 10' in res.stdout and "image: binary" in res.stdout
+    assert "test 270 rows in 1 shard" in res.stdout  # every split's shards are checked
+    shard = tmp_path / "d" / "val" / "part-00000.parquet"
+    shard.write_bytes(b"PAR1 not really")
+    res = run("data", "info", str(tmp_path / "d"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert [line for line in res.stderr.splitlines() if line.startswith("error: ")] == [
+        line for line in res.stderr.splitlines() if line.strip()] and str(shard) in res.stderr
 
 
 def test_data_prepare_bad_source_leaves_nothing(tmp_path):

@@ -158,7 +158,7 @@ class Stage(Generic[ConfigT, ResultT]):
             ctx = StageRun(active.info.run_id, run_name, experiment_id, uri, cfg_hash, self.report_dir)
             if resumed is None:
                 tracking.log_config(self.cfg)
-                mlflow.set_tags({"equiray.pipeline": self.pipeline, **self.tags()})
+                mlflow.set_tags({"equiray.pipeline": self.pipeline, **tracking.source_tags(), **self.tags()})
             try:
                 outcome = self.execute(ctx)
             except KeyboardInterrupt:  # Ctrl+C: the run ends KILLED (not FAILED), nothing is registered

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts); equiray trains models
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
 
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` (relative SQLite paths made absolute) or ``sqlite:///<cwd>/mlflow.db``."""
@@ -54,9 +57,12 @@ def setup(experiment: str, uri: str | None = None) -> str:
     try:
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
-            exp_id = mlflow.create_experiment(experiment, artifact_location=_default_artifact_location(uri, experiment))
+            exp_id = mlflow.create_experiment(experiment, artifact_location=_default_artifact_location(uri, experiment),
+                                              tags=EXPERIMENT_KIND)
         else:
             exp_id = exp.experiment_id
+            if not exp.tags.get("mlflow.experimentKind"):  # made by an earlier equiray
+                mlflow.MlflowClient().set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
     except Exception as exc:  # noqa: BLE001 - any store failure gets the same actionable message
         if "Connection" in type(exc).__name__ or "connect" in str(exc).lower():
             raise EquirayError(f"the MLflow tracking server at {uri} does not answer ({exc}); start it or unset "
@@ -78,6 +84,53 @@ def log_config(config: Any) -> None:
     mlflow.log_text(yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
 
 
+def source_tags() -> dict[str, str]:
+    """Where a run's code came from: the git commit of the checkout equiray runs from (MLflow's own
+    ``mlflow.source.git.*`` tags, which it sets only for scripts run from a repository), whether the checkout had
+    uncommitted changes, and the versions of equiray and the libraries that shape a result."""
+    import subprocess
+    import sys
+
+    import mlflow
+    import ray
+
+    import equiray
+
+    tags = {"equiray.version": equiray.__version__, "torch.version": torch.__version__, "ray.version": ray.__version__,
+            "mlflow.version": mlflow.__version__, "python.version": sys.version.split()[0]}
+    repo = Path(equiray.__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") if (repo / ".git").exists() else None
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["equiray.git.dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags["mlflow.source.git.branch"] = branch
+    return tags
+
+
+def signature(spec: Mapping[str, Any]):
+    """The model's MLflow signature from its spec: a float32 batch ``(-1, C, H, W)`` in, ``(-1, classes)`` logits
+    out; None when the spec does not say its input shape."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    shape, classes = spec.get("input_shape"), spec.get("num_classes")
+    if not shape or not classes:
+        return None
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *map(int, shape)), "images")]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(classes)), "logits")]))
+
+
 def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "model") -> str:
     """Log ``model`` (built by ``equiray.create_model(**spec)``) to the active run; returns its model URI."""
     import mlflow
@@ -91,7 +144,7 @@ def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "m
         weights = Path(tmp) / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         info = mlflow.pytorch.log_model(
-            model, name=name, serialization_format="pickle",
+            model, name=name, serialization_format="pickle", signature=signature(spec),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "equiray"],
             extra_files=[str(spec_path), str(weights)],
         )

@@ -1,5 +1,6 @@
 """The pretraining pipeline end to end: real Ray Train on a real local Ray, real MLflow SQLite store."""
 import dataclasses
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -12,6 +13,8 @@ from pipelines import tracking
 from pipelines.pretrain import PretrainConfig, ScalingConfig, run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,8 @@ def test_run_logs_config_curves_and_registry_alias(pretrained):
     assert str(mv.version) == result.version
     assert mv.tags["run_id"] == result.run_id and mv.tags["test_accuracy"] == f"{result.accuracy['upright']:.4f}"
     assert run_.data.tags["equiray.pipeline"] == "pretrain" and run_.data.tags["equiray.data"] == "digits"
+    assert run_.data.tags["torch.version"]  # which code made it
+    assert "mlflow.source.git.commit" in run_.data.tags or not (REPO / ".git").exists()
     # rotations are a real shift for a model trained upright
     rot = [v for k, v in result.accuracy.items() if k.startswith("rot:")]
     assert max(rot) < result.accuracy["upright"]

@@ -11,7 +11,10 @@ weakest out of the average; (9) robust: every candidate judged upright, at any a
 registered as ``equiray-robust@champion``; (10) serve: it behind Ray Serve, a few real HTTP requests (upright and
 rotated test images), the answers printed, the endpoint shut down.
 
-Each stage returns its typed result; the next stage and the report read them by attribute.
+Each stage returns its typed result; the next stage and the report read them by attribute. The demo itself is one
+MLflow run (experiment ``equiray-demo``): its config, the report and plots as artifacts, each stage's minutes as
+metrics, a tag per stage naming that stage's run (and the stage's run tagged back with the demo's); it ends KILLED
+on Ctrl+C and FAILED on an error, like every stage's run.
 
     equiray demo [--config configs/demo.yaml] [--set pretrain.train.epochs=1]
 """
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 
 from equiray.config import to_dict
-from pipelines import canon, distill, ensemble, ftp, nfn, pretrain, robust
+from pipelines import canon, distill, ensemble, ftp, nfn, pretrain, robust, tracking
 from pipelines._ray import say
 from pipelines.demo.config import STAGES, DemoConfig
 from pipelines.demo.report import backbone_table, write_report
@@ -41,7 +44,67 @@ def _reused(result) -> None:
         say(f"    reused {result.registered} version {result.version} (same config; --fresh retrains)")
 
 
+EXPERIMENT = "equiray-demo"
+
+
+class _DemoRun:
+    """The demo's own MLflow run, made through the client (each stage starts its own active run meanwhile)."""
+
+    def __init__(self, cfg: DemoConfig):
+        import mlflow
+        import yaml
+
+        uri = tracking.tracking_uri()
+        experiment_id = tracking.setup(EXPERIMENT, uri)
+        self.client = mlflow.MlflowClient(uri)
+        self.run_id = self.client.create_run(
+            experiment_id, run_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"equiray.pipeline": "demo", **tracking.source_tags(),
+                  "mlflow.note.content": "equiray demo: every stage at demo scale; the report and plots are this "
+                                         "run's artifacts, the tags equiray.run.<stage> name each stage's run"},
+        ).info.run_id
+        self.client.log_text(self.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+
+    def finish(self, out: DemoResult, report_dir: Path) -> None:
+        for stage, result in _stage_results(out):
+            run_id = getattr(result, "run_id", "")
+            if run_id:
+                self.client.set_tag(self.run_id, f"equiray.run.{stage}", run_id)
+                self.client.set_tag(run_id, "equiray.demo_run", self.run_id)
+        for stage, sec in out.stage_seconds:
+            self.client.log_metric(self.run_id, f"minutes_{stage}", sec / 60)
+        if out.robust is not None and out.robust.champion:
+            self.client.set_tag(self.run_id, "equiray.robust_champion", out.robust.champion)
+        self.client.log_artifacts(self.run_id, str(report_dir), "report")
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def _stage_results(out: DemoResult):
+    for field in dataclasses.fields(out):
+        value = getattr(out, field.name)
+        if isinstance(value, NFNStageResult):
+            yield from (("nfn", value.train), ("nfn_members", value.members), ("nfn_selection", value.selection))
+        elif value is not None and hasattr(value, "run_id"):
+            yield field.name, value
+
+
 def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoResult:
+    demo_run = _DemoRun(cfg)
+    try:
+        out = _run(cfg, demo_run, report_dir=report_dir)
+    except KeyboardInterrupt:
+        demo_run.end("KILLED")
+        raise
+    except BaseException:
+        demo_run.end("FAILED")
+        raise
+    return out
+
+
+def _run(cfg: DemoConfig, demo_run: _DemoRun, *, report_dir: str | os.PathLike) -> DemoResult:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -128,9 +191,12 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoRe
     elapsed = time.perf_counter() - t0
     marks = [*began.values(), time.perf_counter()]
     out = dataclasses.replace(out, stage_seconds=tuple((k, b - a) for k, a, b in zip(began, marks, marks[1:])))
+    out = dataclasses.replace(out, demo_run_id=demo_run.run_id, tracking_uri=out.tracking_uri or tracking.tracking_uri())
     report = write_report(report_dir / "demo.md", cfg, meta, out, elapsed)
+    demo_run.finish(out, report_dir)
     say(f"\nreport:   {report.resolve()}")
     say(f"mlflow:   {out.tracking_uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {out.tracking_uri})")
+    say(f"run:      experiment {EXPERIMENT}, run {demo_run.run_id} (the report, plots and a tag per stage's run)")
     for uri, version in out.registered():
         say(f"model:    {uri} (version {version})")
     say(f"finished in {elapsed / 60:.1f} min")

@@ -27,9 +27,10 @@ def backbone_table(pre: PretrainResult, group: str) -> str:
 def write_report(path: Path, cfg: DemoConfig, meta: dict, out: DemoResult, seconds: float) -> Path:
     """A Markdown report with the tables and the plots (written next to it)."""
     tracking = out.tracking_uri
+    demo_run = f", the demo's run `{out.demo_run_id}` (experiment `equiray-demo`)" if out.demo_run_id else ""
     parts = [f"""# equiray demo report
 
-Generated {time.strftime('%Y-%m-%d %H:%M:%S')} in {seconds / 60:.1f} min. MLflow: `{tracking}`.
+Generated {time.strftime('%Y-%m-%d %H:%M:%S')} in {seconds / 60:.1f} min. MLflow: `{tracking}`{demo_run}.
 
 ## 1. Data
 `{meta['source']}` as Parquet shards in `{cfg.pretrain.data.dir}`: {', '.join(f"{s} {n}" for s, n in meta['rows'].items())}

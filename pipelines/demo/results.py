@@ -20,6 +20,7 @@ class NFNStageResult:
 @dataclass(frozen=True, kw_only=True)
 class DemoResult:
     tracking_uri: str = ""
+    demo_run_id: str = ""  # the demo's own MLflow run (experiment equiray-demo)
     pretrain: pretrain.PretrainResult | None = None
     ensemble: ensemble.EnsembleTrainResult | None = None
     ensemble_eval: ensemble.EnsembleEvalResult | None = None

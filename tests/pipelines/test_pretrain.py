@@ -111,3 +111,23 @@ def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):
     assert "models:/equiray-backbone@pretrained" in report and "| upright test" in report
     assert "![pretrain_views](pretrain_views.png)" in report and (tmp_path / "reports" / "pretrain_views.png").is_file()
     assert f"{result.accuracy['upright'] * 100:7.2f}%" in printed and "report:" in printed
+    # the demo is one MLflow run of its own: the report as an artifact, tagged with each stage's run and back
+    client = mlflow.MlflowClient(uri)
+    demo = client.get_run(out.demo_run_id)
+    assert demo.info.status == "FINISHED" and demo.data.tags["equiray.run.pretrain"] == result.run_id
+    assert client.get_run(result.run_id).data.tags["equiray.demo_run"] == out.demo_run_id
+    assert {a.path for a in client.list_artifacts(out.demo_run_id, "report")} >= {"report/demo.md",
+                                                                                 "report/pretrain_views.png"}
+    assert "minutes_pretrain" in demo.data.metrics and out.demo_run_id in report
+    # Ctrl+C in a stage ends the demo's run KILLED (and reaches the CLI, which exits 130)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        mp.setattr("pipelines.pretrain.run", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(DemoConfig(pretrain=cfg, reuse=True, stages=("pretrain",)), report_dir=tmp_path / "again")
+    runs = client.search_runs([demo.info.experiment_id], order_by=["attributes.start_time DESC"])
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]

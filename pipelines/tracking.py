@@ -41,6 +41,16 @@ def tracking_uri() -> str:
     return uri
 
 
+def require_store(uri: str) -> str:
+    """``uri`` for a command that only reads (serving, evaluating a run): a SQLite store that does not exist is an
+    error, not a new empty ``mlflow.db`` left in whatever directory the command ran from."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        where = uri[len("sqlite:///"):]
+        raise EquirayError(f"no MLflow store at {where}: run from the directory where `equiray demo` (or the "
+                           "pipeline) ran, or set MLFLOW_TRACKING_URI to its store")
+    return uri
+
+
 def _default_artifact_location(uri: str, experiment: str) -> str | None:
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])

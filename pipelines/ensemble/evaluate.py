@@ -77,7 +77,7 @@ def run_eval(cfg: EnsembleConfig, *, run_id: str | None = None, report_dir: str 
 
     from pipelines import tracking
 
-    uri = tracking.tracking_uri()
+    uri = tracking.require_store(tracking.tracking_uri())  # reads a run: no new empty store
     tracking.setup(cfg.tracking.experiment, uri)
     run_id = find_train_run(cfg.tracking.experiment, run_id)
     metanet = None

@@ -18,6 +18,17 @@ def find_train_run(experiment: str, run_id: str | None = None) -> str:
     import mlflow
 
     if run_id is not None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = mlflow.MlflowClient().get_run(run_id)
+        except MlflowException:
+            raise EquirayError(f"no run {run_id!r} in {mlflow.get_tracking_uri()}; `equiray ensemble eval` without "
+                               "--run-id takes the latest finished ensemble train run") from None
+        if run.data.tags.get("equiray.pipeline") != "ensemble-train":
+            raise EquirayError(f"run {run_id} is not an `equiray ensemble train` run (it is "
+                               f"{run.data.tags.get('equiray.pipeline', 'not equiray')}'s); pass one that is, or "
+                               "leave --run-id out for the latest")
         return run_id
     exp = mlflow.get_experiment_by_name(experiment)
     runs = [] if exp is None else mlflow.search_runs(

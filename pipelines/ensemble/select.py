@@ -88,7 +88,7 @@ def run_select(cfg: EnsembleConfig, *, run_id: str | None = None, ensembles: dic
 
     from pipelines import tracking
 
-    uri = tracking.tracking_uri()
+    uri = tracking.require_store(tracking.tracking_uri())  # reads a run: no new empty store
     tracking.setup(cfg.tracking.experiment, uri)
     run_id = find_train_run(cfg.tracking.experiment, run_id)
     metanet, meta_spec = metanet or tracking.load_model(cfg.eval.nfn_model)  # (model, spec) already loaded?

@@ -43,7 +43,7 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None) -> ModelRef:
 
     from pipelines import tracking
 
-    tracking_uri = tracking_uri or tracking.tracking_uri()
+    tracking_uri = tracking.require_store(tracking_uri or tracking.tracking_uri())
     if uri.startswith("runs:/"):
         return ModelRef(uri, uri, run_id=uri[len("runs:/"):].split("/", 1)[0])
     if not uri.startswith("models:/") or len(uri) <= len("models:/"):

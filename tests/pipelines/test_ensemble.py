@@ -85,6 +85,19 @@ def test_registered_ensemble_is_the_mean_of_its_members(trained):
     torch.testing.assert_close(pickled(x), model(x))
 
 
+def test_eval_of_a_run_that_is_not_there_is_one_clear_error(trained, tmp_path, monkeypatch):
+    from equiray.errors import EquirayError
+
+    cfg, result, uri, root = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(EquirayError, match="no run 'nosuchrun'.*without --run-id"):
+        run_eval(cfg, run_id="nosuchrun", report_dir=tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}")
+    with pytest.raises(EquirayError, match="no MLflow store at"):
+        run_eval(cfg, report_dir=tmp_path)
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_eval_curves_plot_and_table(trained, tmp_path):
     cfg, result, uri, root = trained
     with pytest.MonkeyPatch.context() as mp:

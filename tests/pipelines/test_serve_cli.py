@@ -73,6 +73,20 @@ def test_unknown_model_is_one_error_line_and_exit_2(registry):
                       "no registered model 'nope'", "t-student")
 
 
+def test_no_store_here_is_one_error_line_and_leaves_no_mlflow_db(tmp_path, monkeypatch, capsys):
+    """`serve run` from a directory without the demo's store: one line saying where the store should be, and no
+    new empty mlflow.db left behind."""
+    from pipelines.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code = main(["serve", "run", "--model", "models:/equiray-robust@champion"])
+    out = capsys.readouterr()
+    assert_user_error(subprocess.CompletedProcess([], code, out.out, out.err), "no MLflow store at", str(tmp_path / "mlflow.db"), "MLFLOW_TRACKING_URI")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, words", [
     (["run", "--model", "models:/t-student@nope"], ["t-student has no alias 'nope'", "@champion"]),
     (["run", "--model", "models:/t-student/7"], ["no version '7'"]),

@@ -72,7 +72,10 @@ def setup(experiment: str, uri: str | None = None) -> str:
         else:
             exp_id = exp.experiment_id
             if not exp.tags.get("mlflow.experimentKind"):  # made by an earlier equiray
-                mlflow.MlflowClient().set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
+                try:
+                    mlflow.MlflowClient().set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
+                except Exception as exc:  # noqa: BLE001 - cosmetic (the UI's view); a read-only server may refuse
+                    log.warning("could not tag experiment %s with its kind: %s", experiment, exc)
     except Exception as exc:  # noqa: BLE001 - any store failure gets the same actionable message
         if "Connection" in type(exc).__name__ or "connect" in str(exc).lower():
             raise EquirayError(f"the MLflow tracking server at {uri} does not answer ({exc}); start it or unset "
@@ -111,8 +114,9 @@ def source_tags() -> dict[str, str]:
     repo = Path(equiray.__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        try:  # GIT_OPTIONAL_LOCKS=0: `git status` leaves the user's index alone
+            res = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                                 env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
         except (OSError, subprocess.SubprocessError):
             return None
         return res.stdout.strip() if res.returncode == 0 else None
@@ -120,7 +124,8 @@ def source_tags() -> dict[str, str]:
     commit = git("rev-parse", "HEAD") if (repo / ".git").exists() else None
     if commit:
         tags["mlflow.source.git.commit"] = commit
-        tags["equiray.git.dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+        status = git("status", "--porcelain", "--untracked-files=no")
+        tags["equiray.git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
         branch = git("rev-parse", "--abbrev-ref", "HEAD")
         if branch and branch != "HEAD":
             tags["mlflow.source.git.branch"] = branch

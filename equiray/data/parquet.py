@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -34,12 +34,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 META_FILE = "_dataset.json"
 LEGACY_META_FILE = "dataset.json"  # the name before the Parquet readers' convention was followed; still read
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _shard_error(path, exc: BaseException) -> DataError:
@@ -73,9 +67,11 @@ def write_parquet(ds: ImageDataset, out_dir: str | os.PathLike, *, rows_per_shar
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # not tempfile.mkdtemp: that makes the folder 0700, unreadable to others on shared storage; mkdir applies the
+    # user's umask
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(0o777)
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
         h, w, c = ds.shape
         schema = _schema()
         for split in SPLITS:
@@ -244,9 +240,12 @@ def iter_batches(data_dir: str | os.PathLike, split: str, batch_size: int) -> It
     import pyarrow.parquet as pq
 
     for f in split_files(data_dir, split):
-        try:
-            batches = list(pq.ParquetFile(f).iter_batches(batch_size=batch_size))  # one shard (10k rows) at a time
-        except Exception as exc:  # noqa: BLE001 - a corrupt page behind a readable footer
-            raise _shard_error(f, exc) from None
-        for rb in batches:
+        batches = pq.ParquetFile(f).iter_batches(batch_size=batch_size)
+        while True:
+            try:
+                rb = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - a corrupt page behind a readable footer
+                raise _shard_error(f, exc) from None
             yield decode_batch({name: rb.column(name).to_numpy(zero_copy_only=False) for name in rb.schema.names})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from pipelines.demo.config import STAGES, DemoConfig
 from pipelines.demo.report import backbone_table, write_report
 from pipelines.demo.results import DemoResult, NFNStageResult
 from pipelines.demo.serving import serve_stage
+
+log = logging.getLogger(__name__)
 
 
 def _banner(step: int, total: int, text: str) -> None:
@@ -50,9 +53,8 @@ EXPERIMENT = "equiray-demo"
 class _DemoRun:
     """The demo's own MLflow run, made through the client (each stage starts its own active run meanwhile)."""
 
-    def __init__(self, cfg: DemoConfig):
+    def __init__(self):
         import mlflow
-        import yaml
 
         uri = tracking.tracking_uri()
         experiment_id = tracking.setup(EXPERIMENT, uri)
@@ -63,9 +65,22 @@ class _DemoRun:
                   "mlflow.note.content": "equiray demo: every stage at demo scale; the report and plots are this "
                                          "run's artifacts, the tags equiray.run.<stage> name each stage's run"},
         ).info.run_id
+
+    def log_config(self, cfg: DemoConfig) -> None:
+        import yaml
+
         self.client.log_text(self.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
 
     def finish(self, out: DemoResult, report_dir: Path) -> None:
+        """Link the stages' runs, log the minutes and the report, end FINISHED. The stages' own results are safe
+        by now: a failure here is a warning, not a failed demo."""
+        try:
+            self._link(out, report_dir)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("the demo's MLflow run %s misses its links or report: %s", self.run_id, exc)
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def _link(self, out: DemoResult, report_dir: Path) -> None:
         for stage, result in _stage_results(out):
             run_id = getattr(result, "run_id", "")
             if run_id:
@@ -76,7 +91,6 @@ class _DemoRun:
         if out.robust is not None and out.robust.champion:
             self.client.set_tag(self.run_id, "equiray.robust_champion", out.robust.champion)
         self.client.log_artifacts(self.run_id, str(report_dir), "report")
-        self.client.set_terminated(self.run_id, "FINISHED")
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
@@ -92,8 +106,9 @@ def _stage_results(out: DemoResult):
 
 
 def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoResult:
-    demo_run = _DemoRun(cfg)
+    demo_run = _DemoRun()
     try:
+        demo_run.log_config(cfg)
         out = _run(cfg, demo_run, report_dir=report_dir)
     except KeyboardInterrupt:
         demo_run.end("KILLED")
@@ -101,6 +116,9 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoRe
     except BaseException:
         demo_run.end("FAILED")
         raise
+    demo_run.finish(out, Path(report_dir))
+    say(f"run:      experiment {EXPERIMENT}, run {demo_run.run_id} (the report, plots and a tag per stage's run)")
+    say(f"finished in {out.seconds / 60:.1f} min")
     return out
 
 
@@ -193,13 +211,10 @@ def _run(cfg: DemoConfig, demo_run: _DemoRun, *, report_dir: str | os.PathLike) 
     out = dataclasses.replace(out, stage_seconds=tuple((k, b - a) for k, a, b in zip(began, marks, marks[1:])))
     out = dataclasses.replace(out, demo_run_id=demo_run.run_id, tracking_uri=out.tracking_uri or tracking.tracking_uri())
     report = write_report(report_dir / "demo.md", cfg, meta, out, elapsed)
-    demo_run.finish(out, report_dir)
     say(f"\nreport:   {report.resolve()}")
     say(f"mlflow:   {out.tracking_uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {out.tracking_uri})")
-    say(f"run:      experiment {EXPERIMENT}, run {demo_run.run_id} (the report, plots and a tag per stage's run)")
     for uri, version in out.registered():
         say(f"model:    {uri} (version {version})")
-    say(f"finished in {elapsed / 60:.1f} min")
     return dataclasses.replace(out, report=str(report), seconds=elapsed)
 
 

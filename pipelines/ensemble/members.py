@@ -23,8 +23,8 @@ def find_train_run(experiment: str, run_id: str | None = None) -> str:
         try:
             run = mlflow.MlflowClient().get_run(run_id)
         except MlflowException:
-            raise EquirayError(f"no run {run_id!r} in {mlflow.get_tracking_uri()}; `equiray ensemble eval` without "
-                               "--run-id takes the latest finished ensemble train run") from None
+            raise EquirayError(f"no run {run_id!r} in {mlflow.get_tracking_uri()}; leave the run id out to take the "
+                               "latest finished `equiray ensemble train` run (without --run-id)") from None
         if run.data.tags.get("equiray.pipeline") != "ensemble-train":
             raise EquirayError(f"run {run_id} is not an `equiray ensemble train` run (it is "
                                f"{run.data.tags.get('equiray.pipeline', 'not equiray')}'s); pass one that is, or "

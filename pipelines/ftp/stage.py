@@ -102,12 +102,13 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
         log.info("search %s: %d trials, %s, %s scheduler", self.name, cfg.search.num_samples, searcher_name,
                  cfg.search.scheduler)
         grid = fit_noting_interrupts(tuner)
-        resume = (f"its state is saved in {self.exp_dir}: continue it with the same command plus --resume "
-                  "(finished trials are not re-run)")
+        resume = (f"its state is saved in {self.exp_dir}: continue it with the same `equiray ftp tune` command plus "
+                  "--resume (in `equiray demo`: --set ftp.resume=true); finished trials are not re-run")
         if grid is None:  # Ctrl+C: the runs end KILLED, the CLI prints this after "interrupted: " and exits 130
             tracking.end_unfinished_children(run.tracking_uri, run.experiment_id, run.run_id)
             raise KeyboardInterrupt(resume)
         if len(grid) < cfg.search.num_samples:
+            tracking.end_unfinished_children(run.tracking_uri, run.experiment_id, run.run_id)
             raise EquirayError(f"the search stopped before every trial ran; {resume}")
         errors = [r.error for r in grid if r.error]
         if errors:
@@ -118,9 +119,9 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
         client = mlflow.MlflowClient()
         for r in result.rows:  # trials ASHA stopped early never reached their own end: finished, said so (KILLED
             if r.epochs < cfg.train.epochs:  # reads as a failure in MLflow's UI; Ctrl+C is what ends a run KILLED)
-                client.set_tags(r.run_id, {"equiray.stopped_early": f"after epoch {r.epochs} (ASHA)",
-                                           "mlflow.note.content": f"stopped early by ASHA after epoch {r.epochs} "
-                                                                  f"of {cfg.train.epochs}: a weaker trial, not a fault"})
+                client.set_tag(r.run_id, "equiray.stopped_early", f"after epoch {r.epochs} (ASHA)")
+                client.set_tag(r.run_id, "mlflow.note.content", f"stopped early by ASHA after epoch {r.epochs} of "
+                                                                f"{cfg.train.epochs}: a weaker trial, not a fault")
                 client.set_terminated(r.run_id, "FINISHED")
         best = result.champion
         return Outcome(result, model_uri, tags={"method": best.method, "run_id": best.run_id,

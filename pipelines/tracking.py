@@ -44,16 +44,20 @@ def tracking_uri() -> str:
 def require_store(uri: str) -> str:
     """``uri`` for a command that only reads (serving, evaluating a run): a SQLite store that does not exist is an
     error, not a new empty ``mlflow.db`` left in whatever directory the command ran from."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        where = uri[len("sqlite:///"):]
-        raise EquirayError(f"no MLflow store at {where}: run from the directory where `equiray demo` (or the "
+    db = _sqlite_file(uri)
+    if db is not None and not db.is_file():
+        raise EquirayError(f"no MLflow store at {db}: run from the directory where `equiray demo` (or the "
                            "pipeline) ran, or set MLFLOW_TRACKING_URI to its store")
     return uri
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def _default_artifact_location(uri: str, experiment: str) -> str | None:
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+    db = _sqlite_file(uri)
+    if db is not None:
         return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
     return None  # a server decides
 

@@ -81,11 +81,9 @@ class _DemoRun:
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def _link(self, out: DemoResult, report_dir: Path) -> None:
-        for stage, result in _stage_results(out):
-            run_id = getattr(result, "run_id", "")
-            if run_id:
-                self.client.set_tag(self.run_id, f"equiray.run.{stage}", run_id)
-                self.client.set_tag(run_id, "equiray.demo_run", self.run_id)
+        for stage, run_id in out.stage_runs():
+            self.client.set_tag(self.run_id, f"equiray.run.{stage}", run_id)
+            self.client.set_tag(run_id, "equiray.demo_run", self.run_id)
         for stage, sec in out.stage_seconds:
             self.client.log_metric(self.run_id, f"minutes_{stage}", sec / 60)
         if out.robust is not None and out.robust.champion:
@@ -94,15 +92,6 @@ class _DemoRun:
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
-
-
-def _stage_results(out: DemoResult):
-    for field in dataclasses.fields(out):
-        value = getattr(out, field.name)
-        if isinstance(value, NFNStageResult):
-            yield from (("nfn", value.train), ("nfn_members", value.members), ("nfn_selection", value.selection))
-        elif value is not None and hasattr(value, "run_id"):
-            yield field.name, value
 
 
 def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoResult:

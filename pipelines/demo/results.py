@@ -1,6 +1,7 @@
 """What the demo returns: every stage's typed result, as the report reads them."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from pipelines import canon, distill, ensemble, ftp, nfn, pretrain, robust
@@ -34,6 +35,16 @@ class DemoResult:
     report: str = ""
     seconds: float = 0.0
     stage_seconds: tuple[tuple[str, float], ...] = ()  # (stage, wall seconds) in the order they ran
+
+    def stage_runs(self) -> list[tuple[str, str]]:
+        """``(stage, MLflow run id)`` of every stage that ran, the NFN stage's parts each under its own name."""
+        out = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            parts = ([("nfn", value.train), ("nfn_members", value.members), ("nfn_selection", value.selection)]
+                     if isinstance(value, NFNStageResult) else [(field.name, value)])
+            out += [(name, part.run_id) for name, part in parts if getattr(part, "run_id", "")]
+        return out
 
     def registered(self) -> list[tuple[str, str]]:
         """``(models:/name@alias, version)`` of every model the demo's stages registered, in stage order."""

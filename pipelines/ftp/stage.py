@@ -104,11 +104,11 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
         grid = fit_noting_interrupts(tuner)
         resume = (f"its state is saved in {self.exp_dir}: continue it with the same `equiray ftp tune` command plus "
                   "--resume (in `equiray demo`: --set ftp.resume=true); finished trials are not re-run")
-        if grid is None:  # Ctrl+C: the runs end KILLED, the CLI prints this after "interrupted: " and exits 130
+        if grid is None or len(grid) < cfg.search.num_samples:  # the trials Tune stopped cannot end their runs
             tracking.end_unfinished_children(run.tracking_uri, run.experiment_id, run.run_id)
+        if grid is None:  # Ctrl+C: the CLI prints this after "interrupted: " and exits 130
             raise KeyboardInterrupt(resume)
         if len(grid) < cfg.search.num_samples:
-            tracking.end_unfinished_children(run.tracking_uri, run.experiment_id, run.run_id)
             raise EquirayError(f"the search stopped before every trial ran; {resume}")
         errors = [r.error for r in grid if r.error]
         if errors:

@@ -55,6 +55,8 @@ bench-setup: setup
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m pip install --quiet --no-deps escnn
 	@$(BIN)/python -c "import equiadapt, escnn, torchensemble" && echo "benchmark peers installed"
+	@command -v hey >/dev/null || apt-get install -y hey || sudo apt-get install -y hey || { \
+	  echo "bench_serve.py needs the load generator hey: apt-get install hey"; exit 1; }
 
 clean:
 	rm -rf $(VENV) data reports runs mlflow.db mlartifacts .cache .pytest_cache

@@ -1,24 +1,25 @@
-"""Online serving under load: the ensemble vs its distilled student, dynamic batching on vs off, on loopback.
+"""Online serving under load: equiray's endpoint against the server a user would write instead, on loopback.
 
-    .venv/bin/python benchmarks/bench_serve.py                      # the full run: 10,000 requests per cell
-    .venv/bin/python benchmarks/bench_serve.py --requests 500 --concurrency 1,32   # a quick check
-    .venv/bin/python benchmarks/bench_serve.py --requests 10000 --concurrency 32 --noop   # + the HTTP path alone
+    make bench-setup                                     # installs `hey`, the load generator (a C-speed Go binary)
+    .venv/bin/python benchmarks/bench_serve.py            # equiray (direct ingress, proxy) vs FastAPI, 3 repeats
+    .venv/bin/python benchmarks/bench_serve.py --requests 1000 --repeats 1        # a quick look
+    .venv/bin/python benchmarks/bench_serve.py --ensemble-vs-student --noop       # the issue-7 study (below)
     python benchmarks/bench_serve.py --model-only --fresh --device cuda   # the replica's work on a GPU node
 
-For each model (``models:/equiray-ensemble@champion``, ``models:/equiray-student@champion`` from the registry in
-``MLFLOW_TRACKING_URI`` / ``./mlflow.db``; ``equiray demo`` registers both) and batching on / off, the app is
-deployed with ``pipelines.serve.deploy`` (one replica, the settings of ``configs/serve.yaml``) and a closed-loop
-load generator (asyncio + aiohttp, in this process) keeps ``C`` clients busy, each sending its next request as
-soon as the previous one is answered, until ``--requests`` requests are answered. Every request is one real
-Fashion-MNIST test image as a raw ``image/png`` body (cycling through 64 of them). Reported per cell:
-throughput (answered requests per second), p50 and p99 latency, errors (any non-200 answer or failed
-connection). Then the ratios the serving design is judged by: batching on vs off at each concurrency, student vs
-ensemble (batching on) at each concurrency; and, to read them, the replica's own work without HTTP (decode,
-resize, forward) at batch 1 and at the maximum batch size: batching can only save what a forward pass of one
-image costs beyond its share of a full batch, and no model is served faster than the HTTP path allows.
+The default run (issue 19) serves one registered model (``--model``, default ``models:/equiray-robust@champion``
+from the registry in ``MLFLOW_TRACKING_URI`` / ``./mlflow.db``; ``equiray demo`` registers it) three ways and loads
+each with ``hey`` at ``--clients`` concurrent clients: equiray's endpoint as ``equiray serve run`` starts it (the
+replica's own port, direct ingress), the same deployment through Serve's proxy, and ``benchmarks/fastapi_peer.py``
+(FastAPI + uvicorn, one process, no batching, the model loaded with ``mlflow.pytorch.load_model``). Two request
+shapes: one raw PNG per request, and 16 PNGs per multipart request. The three servers take turns, ``--repeats``
+times, so drift on the machine falls on all of them; ratios are taken per repeat and reported as a mean with a
+95% interval. Beside them, the ceiling: the replica's own work without HTTP (decode, resize, forward) at batch 1
+and 16. Server, load generator and Ray share the machine's cores: on 2 cores, absolute numbers are lower bounds.
 
-The load generator, Serve's HTTP proxy and the replica share this machine's cores: on a 2-core machine the
-client takes a real share of the CPU, so absolute numbers are lower bounds for a replica on its own node.
+``--ensemble-vs-student`` runs the earlier study instead: for each of ``models:/equiray-ensemble@champion`` and
+``models:/equiray-student@champion``, batching on and off, a closed-loop asyncio client at each concurrency
+(answered requests per second, p50, p99, errors), and the ratios batching on / off and student / ensemble;
+``--noop`` adds a no-op deployment on the same proxy (the HTTP path's own ceiling).
 """
 from __future__ import annotations
 
@@ -157,11 +158,161 @@ def model_alone(model, spec: dict, bodies: list[bytes], batch: int, *, device: s
     return out
 
 
+# ------------------------------------------------------------------------------------ equiray vs a peer server
+def multipart(bodies: list[bytes]) -> tuple[bytes, str]:
+    """``bodies`` as one multipart/form-data body of PNG files, and its Content-Type."""
+    boundary = "equiraybench7f3a"
+    parts = [b"--" + boundary.encode() + b"\r\nContent-Disposition: form-data; name=\"files\"; filename=\"" +
+             f"{i}.png".encode() + b"\"\r\nContent-Type: image/png\r\n\r\n" + body + b"\r\n"
+             for i, body in enumerate(bodies)]
+    return b"".join(parts) + b"--" + boundary.encode() + b"--\r\n", f"multipart/form-data; boundary={boundary}"
+
+
+def hey(url: str, body: bytes, ctype: str, *, requests: int, clients: int) -> dict:
+    """``requests`` POSTs of ``body`` at ``clients`` concurrent connections with ``hey``: req/s, p50, p99 (ms),
+    errors (non-200 answers and failed connections)."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("hey") is None:
+        raise SystemExit("error: the load generator `hey` is not installed: `make bench-setup` (or apt-get install "
+                         "hey) installs it")
+    with tempfile.NamedTemporaryFile(suffix=".body") as f:
+        f.write(body)
+        f.flush()
+        out = subprocess.run(["hey", "-n", str(requests), "-c", str(clients), "-m", "POST", "-T", ctype, "-D",
+                              f.name, "-t", "60", url], capture_output=True, text=True, check=True).stdout
+
+    def number(pattern: str) -> float:
+        m = re.search(pattern, out)
+        return float(m.group(1)) if m else float("nan")
+
+    ok = sum(int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out) if code == "200")
+    return {"rps": number(r"Requests/sec:\s+([\d.]+)"), "p50": 1000 * number(r"50%+ in ([\d.]+) secs"),
+            "p99": 1000 * number(r"99%+ in ([\d.]+) secs"), "errors": requests - ok}
+
+
+def start_peer(uri: str, port: int, probe: bytes):
+    """``benchmarks/fastapi_peer.py`` serving ``uri`` on ``port``, once it answers a PNG."""
+    import subprocess
+
+    import requests as http
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "fastapi_peer.py"), "--model", uri, "--port",
+                             str(port)], cwd=ROOT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"error: the FastAPI peer exited with status {proc.returncode} before answering")
+        try:
+            if http.post(f"http://127.0.0.1:{port}/v1/predict", data=probe, headers={"Content-Type": "image/png"},
+                         timeout=5).status_code == 200:
+                return proc
+        except http.ConnectionError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("error: the FastAPI peer did not answer within 180 s")
+
+
+def vs_peer(args) -> str:
+    """equiray (direct ingress, proxy) against the FastAPI peer on the same model and load; the table."""
+    import socket
+
+    from ray import serve
+
+    from equiray.config import load_config
+    from equiray.stats import mean_interval
+    from pipelines import tracking
+    from pipelines.serve import ServeConfig, deploy
+
+    bodies = test_pngs(args.data_dir)
+    model, spec = tracking.load_model(args.model)
+    alone = model_alone(model, spec, bodies, 16)
+    shapes = {1: (bodies[0], "image/png"), 16: multipart(bodies[:16])}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        peer_port = sock.getsockname()[1]
+    cfg = load_config(ServeConfig, {"model": args.model, "port": 0, "app_name": "bench", "ingress": "direct"})
+    t0 = time.perf_counter()
+    ep = deploy(cfg)
+    if ep["ingress"] != "direct":
+        raise SystemExit("error: direct ingress did not come up (is RAY_ADDRESS set to a cluster without it?)")
+    peer = start_peer(args.model, peer_port, bodies[0])
+    servers = {"equiray (direct ingress)": ep["url"], "equiray (Serve proxy)": ep["proxy_url"],
+               "FastAPI + uvicorn": f"http://127.0.0.1:{peer_port}"}
+    runs: dict = {(name, n): [] for name in servers for n in shapes}
+    try:
+        for n, (body, ctype) in shapes.items():  # warm every server up on both shapes first
+            for url in servers.values():
+                hey(url + "/v1/predict", body, ctype, requests=200, clients=args.clients)
+        for r in range(args.repeats):
+            for n, (body, ctype) in shapes.items():
+                for name, url in servers.items():
+                    res = hey(url + "/v1/predict", body, ctype, requests=args.requests // (4 if n > 1 else 1),
+                              clients=args.clients)
+                    res["ips"] = res["rps"] * n
+                    runs[(name, n)].append(res)
+                    print(f"repeat {r + 1}/{args.repeats}  {n:2d} image(s)/request  {name:26s} {res['rps']:7.1f} "
+                          f"req/s  p99 {res['p99']:6.1f} ms  errors {res['errors']}", flush=True)
+    finally:
+        peer.terminate()
+        peer.wait(30)
+        serve.shutdown()
+    minutes = (time.perf_counter() - t0) / 60
+    peer_name = "FastAPI + uvicorn"
+    lines = [f"Serving `{args.model}` (version {ep['version']}) on {machine()}: `hey`, {args.clients} clients, "
+             f"{args.requests} requests of one PNG / {args.requests // 4} of 16 PNGs per cell, {args.repeats} "
+             f"repeats taking turns, mean and 95% interval over repeats; {minutes:.1f} min in all. equiray: "
+             f"one replica, one torch thread, batching max 32 / 5 ms; the peer: one process, no batching, one torch "
+             f"thread.", "",
+             "| server | images / request | req/s | images/s | p50 (ms) | p99 (ms) | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for (name, n), rs in runs.items():
+        rps, p50, p99 = (mean_interval([r[k] for r in rs]) for k in ("rps", "p50", "p99"))
+        lines.append(f"| {name} | {n} | {rps.format(0)} | {rps.mean * n:.0f} | {p50.format(1)} | {p99.format(1)} | "
+                     f"{sum(r['errors'] for r in rs)} |")
+    lines += ["", f"| ratio to the FastAPI peer (per repeat) | throughput, 1 image | p99, 1 image | images/s, 16 "
+              "images |", "|---|---|---|---|"]
+    verdicts = {}
+    for name in servers:
+        if name == peer_name:
+            continue
+        cells = []
+        for n, key, goal, better in ((1, "rps", 0.8, "high"), (1, "p99", 1.5, "low"), (16, "ips", 0.8, "high")):
+            ratio = mean_interval([a[key] / b[key] for a, b in zip(runs[(name, n)], runs[(peer_name, n)])])
+            met = ratio.low >= goal if better == "high" else ratio.high <= goal
+            if ratio.n < 2:
+                met_word = "one run"
+            else:
+                met_word = "met" if met else ("not met" if (ratio.high < goal if better == "high" else
+                                                            ratio.low > goal) else "level with the goal")
+            shown = f"{ratio.mean:.2f}x" + (f" [{ratio.low:.2f}, {ratio.high:.2f}]" if ratio.n > 1 else "")
+            cells.append(f"{shown} ({'>=' if better == 'high' else '<='} {goal}x: {met_word})")
+            verdicts[(name, key)] = met_word
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"The ceiling, the replica's own work without HTTP (decode + resize + forward, one torch thread): "
+              f"{alone[1]:.0f} images/s at batch 1, {alone[16]:.0f} at batch 16. Over HTTP, single-image requests "
+              f"reach {mean_interval([r['rps'] for r in runs[('equiray (direct ingress)', 1)]]).mean / alone[1]:.0%} "
+              f"of the batch-1 ceiling with equiray's endpoint and "
+              f"{mean_interval([r['rps'] for r in runs[(peer_name, 1)]]).mean / alone[1]:.0%} with the peer."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models:/equiray-robust@champion",
+                        help="the model served by equiray and by the FastAPI peer (default run)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default run; default 32)")
+    parser.add_argument("--repeats", type=int, default=3, help="turns each server takes (default run; default 3)")
+    parser.add_argument("--ensemble-vs-student", action="store_true",
+                        help="the issue-7 study: ensemble vs student, batching on vs off, asyncio client")
     parser.add_argument("--ensemble", default="models:/equiray-ensemble@champion")
     parser.add_argument("--student", default="models:/equiray-student@champion")
-    parser.add_argument("--requests", type=int, default=10_000, help="answered requests per cell (default 10,000)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per cell (default 3,000 in the default run, 10,000 in the study)")
     parser.add_argument("--concurrency", default="1,8,32", help="concurrent clients, comma-separated")
     parser.add_argument("--warmup", type=int, default=100, help="unrecorded requests before each cell")
     parser.add_argument("--max-batch-size", type=int, default=32)
@@ -176,6 +327,12 @@ def main() -> int:
                         help="with --model-only: untrained models of the demo's shapes instead of the registry's")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
+    if not (args.model_only or args.ensemble_vs_student):
+        args.requests = args.requests or 3000
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        emit(vs_peer(args), args.out)
+        return 0
+    args.requests = args.requests or 10_000
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.fresh and not args.model_only:
         parser.error("--fresh needs --model-only (the HTTP benchmark serves registered models)")

@@ -134,9 +134,11 @@ class Detailed:
     pose_deg: torch.Tensor | None = None
 
 
-def predict_detailed(model: nn.Module, x: torch.Tensor) -> Detailed:
+def predict_detailed(model: nn.Module, x: torch.Tensor, *, temperature: float = 1.0) -> Detailed:
     """One forward pass of ``model`` on ``x`` (B, C, H, W). An ensemble runs all its members in one vectorized
-    call (:meth:`~equiray.ensembles.StackedEnsemble.member_logits`) and averages them, as its ``forward`` does."""
+    call (:meth:`~equiray.ensembles.StackedEnsemble.member_logits`) and averages them, as its ``forward`` does.
+    ``probabilities`` are ``softmax(logits / temperature)`` (a calibrated model's fitted temperature; after the
+    members are averaged for an ensemble); ``logits`` stay as the model returned them."""
     from equiray.canon import CanonicalizedModel
     from equiray.ensembles import StackedEnsemble
 
@@ -151,7 +153,7 @@ def predict_detailed(model: nn.Module, x: torch.Tensor) -> Detailed:
             element, pose = info.element, info.degrees(model.group)
         else:
             logits = model(x)
-        return Detailed(logits, logits.float().softmax(-1), disagreement, element, pose)
+        return Detailed(logits, (logits.float() / temperature).softmax(-1), disagreement, element, pose)
 
 
 def describe_element(group, element: int) -> dict:

@@ -12,6 +12,21 @@ from equiray.errors import EquirayError
 
 log = logging.getLogger(__name__)
 
+# What Ray Serve reads from the environment when a local Ray starts (its controller and replicas inherit it):
+# direct ingress (a replica takes HTTP on its own port; the proxy hop caps a 2-core machine near 250 req/s), no
+# drain period on stop (it gives an external load balancer time to deregister a replica; a local endpoint has none)
+# and no quarantine of a stopped replica's port (the same: only HAProxy needs it). A value already in the
+# environment wins; a cluster that RAY_ADDRESS names serves the way it was started (cluster.yaml sets the same).
+SERVE_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+             "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+
+
+def local_ray_env(extra: dict[str, str] | None = None) -> None:
+    """Set :data:`SERVE_ENV` (and ``extra``) in this process's environment, where not set already, before a
+    local Ray starts."""
+    for key, value in {**SERVE_ENV, **(extra or {})}.items():
+        os.environ.setdefault(key, value)
+
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS`` or start a local Ray; a no-op when Ray is already up."""
@@ -30,6 +45,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if address is None:
         # "local", never None: ray.init(address=None) would join any `ray start` cluster on this machine
         address = "local"
+        local_ray_env()
         # The dashboard also serves the State API that Ray Train's controller polls: keep it on.
         kwargs = {"num_cpus": num_cpus, "num_gpus": num_gpus, "dashboard_host": "127.0.0.1"}
         log.info("starting a local Ray instance (set RAY_ADDRESS to use a cluster)")

@@ -192,6 +192,9 @@ CATALOG = (
                  Option("--host", "interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)",
                         sets="host"),
                  Option("--port", "HTTP port (default 8000; 0 picks a free one)", sets="port", type=int),
+                 Option("--ingress", "direct (default): the replica answers on --port itself, Serve's proxy beside "
+                        "it on proxy_port; proxy: every request through Serve's proxy on --port (several replicas "
+                        "behind one address)", sets="ingress", choices=("direct", "proxy")),
                  Option("--serve-config", "Serve config YAML (as for `serve deploy`): replicas, autoscaling, "
                         "ray_actor_options of the EquirayModel deployment", sets="serve_config", metavar="FILE"),
                  Option("--no-batching", "run every request on its own (batch.enabled=false)", sets="batch.enabled",

@@ -150,6 +150,11 @@ def signature(spec: Mapping[str, Any]):
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(classes)), "logits")]))
 
 
+# A registered version's softmax temperature (temperature scaling, equiray.calibration): the endpoint divides the
+# model's logits by it before the softmax; absent means 1 (uncalibrated)
+TEMPERATURE_TAG = "equiray.temperature"
+
+
 def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "model") -> str:
     """Log ``model`` (built by ``equiray.create_model(**spec)``) to the active run; returns its model URI."""
     import mlflow

@@ -17,7 +17,10 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 def _start_shared_ray():
     import ray
 
+    from pipelines._ray import local_ray_env
+
     if not ray.is_initialized():
+        local_ray_env()  # as every local Ray equiray starts: Serve with direct ingress
         ray.init(address="local", num_cpus=2, num_gpus=0, dashboard_host="127.0.0.1", logging_level="WARNING")
     return ray
 

@@ -10,7 +10,7 @@ from equiray.data.views import apply_view
 from equiray.groups import get_group
 from equiray.train import accuracy, predict
 
-__all__ = ["FULL", "curve_views", "grid_angles", "judge"]
+__all__ = ["CALIBRATION_VIEW", "FULL", "calibrate_model", "curve_views", "grid_angles", "judge"]
 
 
 FULL = ("upright", "reflect", "so2", "o2")  # on the whole test set
@@ -55,3 +55,30 @@ def judge(uri: str, x: torch.Tensor, y: torch.Tensor, *, cn_group: str, angles: 
     return {"upright_accuracy": full["upright"], "mirrored_accuracy": full["reflect"], "so2_accuracy": full["so2"],
             "o2_accuracy": full["o2"], "cn_avg_accuracy": sum(grid) / len(grid),
             **{f"accuracy_angle_{a:g}": fixed[float(a)] for a in angles}}
+
+
+CALIBRATION_VIEW = "o2"  # the temperature is fitted on images as they really come: any angle, sometimes mirrored
+
+
+@torch.no_grad()
+def calibrate_model(uri: str, val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], *,
+                    seed: int, batch_size: int) -> dict[str, float]:
+    """Temperature scaling for the registered model ``uri``: ``T`` fitted on the validation split under a seeded
+    random pose per image (:data:`CALIBRATION_VIEW`), then ECE (15 bins) and NLL before / after on the test split,
+    upright and at a random angle (SO(2)). Keys ``temperature``, ``{view}_{ece,nll}_{before,after}``."""
+    from equiray.calibration import calibrate
+    from pipelines import tracking
+
+    model, spec = tracking.load_model(uri)
+    size = spec.get("input_shape", val[0].shape[1:])[-1]
+
+    def logits(images: torch.Tensor, view: str) -> torch.Tensor:
+        return predict(model, resize(apply_view(images, view, seed=seed), size), batch_size=batch_size)
+
+    t = calibrate(logits(val[0], CALIBRATION_VIEW), val[1]).temperature
+    out = {"temperature": t}
+    for view in ("upright", "so2"):
+        c = calibrate(logits(test[0], view), test[1], temperature=t)
+        out |= {f"{view}_ece_before": c.ece_before, f"{view}_ece_after": c.ece_after,
+                f"{view}_nll_before": c.nll_before, f"{view}_nll_after": c.nll_after}
+    return out

@@ -11,6 +11,13 @@ The API (``/docs`` and ``/openapi.json`` describe it):
   ``{"b64": ...}`` images). Answers ``{"predictions": [...]}``, one object per image: ``label``,
   ``class_index``, ``probabilities``; an ensemble's ``disagreement``; a canonicalizer's ``group_element``.
 * ``GET /healthz``, ``GET /v1/model`` (name, version, alias, the metrics of the run that registered it).
+* ``/docs`` (Swagger UI) and ``/redoc`` work offline: their scripts are served by the endpoint, not a CDN.
+
+Where requests arrive: with ``ingress: direct`` (the default) the replica takes HTTP itself, on ``port`` (Ray
+Serve's direct ingress, switched on when equiray starts a local Ray); Serve's proxy listens beside it on
+``proxy_port``. The proxy hop is what capped the endpoint near 250 requests/s on 2 cores. Several replicas on one
+node take ``port``, ``port+1``, ...; one address in front of all of them is the proxy's (``ingress: proxy``, what
+``jobs/configs/serve.yaml`` uses on the cluster) or a load balancer's.
 
 How it is built: the driver resolves the registry alias to a concrete version and hands it to the replicas as
 Serve's ``user_config``; ``reconfigure`` loads it pickle-free (``spec.json`` + safetensors through

@@ -4,9 +4,11 @@ and the decoding of a request into images (raw PNG/JPEG body, multipart files, J
 import base64
 import binascii
 import json
+from typing import AsyncIterator
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Request
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -29,7 +31,10 @@ class ErrorResponse(BaseModel):
 class Prediction(BaseModel):
     label: str = Field(description="the predicted class name")
     class_index: int
-    probabilities: dict[str, float] = Field(description="softmax of the model's logits, per class name")
+    confidence: float = Field(description="the predicted class's probability")
+    abstain: bool = Field(description="confidence below the endpoint's min_confidence (never, when it is 0)")
+    probabilities: dict[str, float] = Field(description="softmax of the model's logits divided by its fitted "
+                                            "temperature (calibrated; 1 for an uncalibrated model), per class name")
     disagreement: float | None = Field(None, description="ensembles: share of members whose own top class "
                                        "differs from the ensemble's")
     group_element: dict | None = Field(None, description="canonicalized models: the pose the input was turned "
@@ -55,6 +60,8 @@ class ModelInfo(BaseModel):
     classes: list[str]
     group: str | None
     members: int | None
+    temperature: float
+    min_confidence: float
     metrics: dict[str, float | None]
     tags: dict[str, str]
     batching: dict
@@ -78,7 +85,9 @@ ERRORS = {400: {"model": ErrorResponse, "description": "the input is not a usabl
            413: {"model": ErrorResponse, "description": "payload, image or batch too large"},
            415: {"model": ErrorResponse, "description": "unsupported Content-Type"}}
 
-api = FastAPI(title="equiray", version="1", description="Rotation-robust image classifiers from the equiray "
+# FastAPIOffline: /docs (Swagger UI) and /redoc load their scripts from the package, not from a CDN, so the
+# documentation works on a machine without internet (a cluster head, an air-gapped server)
+api = FastAPIOffline(title="equiray", version="1", description="Rotation-robust image classifiers from the equiray "
               "registry (augmentation ensembles, distilled students, canonicalized backbones), served by Ray Serve.")
 
 
@@ -108,16 +117,37 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            if int(declared) > limit:
-                raise HTTPProblem(413, "payload_too_large", f"the body is {int(declared)} bytes; at most {limit}")
+            size = int(declared)
         except ValueError:
             raise HTTPProblem(400, "bad_request", f"Content-Length {declared!r} is not a number") from None
+        if size > limit:
+            await _discard(request.stream(), DRAIN_FACTOR * limit)
+            raise HTTPProblem(413, "payload_too_large", f"the body is {size} bytes; at most {limit}")
     body = bytearray()
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         body += chunk
         if len(body) > limit:
+            await _discard(stream, DRAIN_FACTOR * limit - len(body))
             raise HTTPProblem(413, "payload_too_large", f"the body is over {limit} bytes")
     return bytes(body)
+
+
+DRAIN_FACTOR = 8  # an oversized body up to this many times the limit is read (and dropped) before the 413
+
+
+async def _discard(stream: AsyncIterator[bytes], at_most: int) -> None:
+    """Read what is left of the body without keeping it: a server that answers before the client has sent its
+    whole body closes a connection the client is still writing to, and the client sees a reset instead of the
+    413 (what a 16 MB body got). Bodies beyond ``at_most`` are cut off there."""
+    seen = 0
+    try:
+        async for chunk in stream:
+            seen += len(chunk)
+            if seen > at_most:
+                return
+    except Exception:  # noqa: BLE001 - the stream was consumed already, or the client went away: nothing to drain
+        return
 
 
 async def decode_images(request: Request, ctype: str, body: bytes, *, in_chans: int,

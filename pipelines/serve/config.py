@@ -8,6 +8,7 @@ from typing import Any
 from equiray.errors import ConfigError
 
 DEPLOYMENT = "EquirayModel"  # the deployment's name in a Serve config's `deployments:` list
+INGRESS = ("direct", "proxy")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class ServeConfig:
     model: str = "models:/equiray-robust@champion"  # models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/PATH
     host: str = "127.0.0.1"  # 0.0.0.0 exposes the endpoint to the network: only behind your own auth
     port: int = 8000  # 0: any free port
+    # direct: the replica takes HTTP itself on `port` (a second replica on the same node on port+1, ...), Serve's
+    # proxy listens on `proxy_port` beside it; proxy: every request goes through Serve's proxy on `port`, which
+    # balances over all replicas on all nodes (what several replicas behind one address need). Direct ingress is
+    # switched on when Ray starts: a cluster that RAY_ADDRESS names serves the way it was started (cluster.yaml).
+    ingress: str = "direct"
+    proxy_port: int = 0  # ingress: direct only; 0: any free port
     app_name: str = "equiray"
     route_prefix: str = "/"
     # a Serve config file (the format `serve deploy` takes): the `EquirayModel` deployment's replicas,
@@ -50,15 +57,27 @@ class ServeConfig:
     serve_config: str | None = None
     batch: BatchConfig = BatchConfig()
     limits: LimitsConfig = LimitsConfig()
+    # an answer whose top probability (after the model's fitted temperature) is below this says "abstain": true
+    min_confidence: float = 0.0
     torch_threads: int = 1  # per replica (0: torch's default, all cores)
     access_log: bool = False  # one log line per request from each replica (costly at thousands of requests/s)
     device: str = "auto"  # auto: cuda when the replica was given a GPU (ray_actor_options.num_gpus), else cpu
 
     def __post_init__(self):
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port: {self.port} is not a TCP port (0 picks a free one)")
+        for key in ("port", "proxy_port"):
+            if not 0 <= getattr(self, key) <= 65535:
+                raise ConfigError(f"{key}: {getattr(self, key)} is not a TCP port (0 picks a free one)")
+        if self.ingress not in INGRESS:
+            raise ConfigError(f"ingress: {self.ingress!r} is not one of {', '.join(INGRESS)} (direct: the replica "
+                              "answers on its own port, fastest; proxy: through Serve's proxy, for several replicas "
+                              "behind one address)")
+        if self.ingress == "direct" and self.port and self.port == self.proxy_port:
+            raise ConfigError(f"proxy_port: {self.proxy_port} is the replica's own port with ingress: direct; "
+                              "choose another (0 picks a free one)")
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        if not 0 <= self.min_confidence <= 1:
+            raise ConfigError(f"min_confidence: a probability in [0, 1], not {self.min_confidence}")
         if self.torch_threads < 0:
             raise ConfigError("torch_threads: >= 0 (0: torch's default)")
 

@@ -19,6 +19,7 @@ from equiray.inference import BadInput, describe_element, predict_detailed, to_m
 from pipelines.serve.api import (ERRORS, PREDICT_BODY, HTTPProblem, ModelInfo, PredictResponse, api, content_type,
                                  decode_images, read_body)
 from pipelines.serve.config import DEPLOYMENT, LimitsConfig
+from pipelines.tracking import TEMPERATURE_TAG
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Loaded:
     group: Any
     info: dict
     device: torch.device
+    temperature: float = 1.0  # the registered version's fitted softmax temperature (1: uncalibrated)
 
 
 def load(user_config: dict, device: torch.device) -> Loaded:
@@ -52,23 +54,27 @@ def load(user_config: dict, device: torch.device) -> Loaded:
             "canonicalized" if isinstance(model, CanonicalizedModel) else "model")
     group = model.group if isinstance(model, CanonicalizedModel) else None
     classes = [str(c) for c in (spec.get("classes") or range(spec["num_classes"]))]
+    temperature = float(ref["tags"].get(TEMPERATURE_TAG, 1.0))
     info = {"name": ref["name"], "version": ref["version"], "alias": ref["alias"], "uri": ref["uri"],
             "run_id": ref["run_id"], "kind": kind, "input_shape": list(spec["input_shape"]), "classes": classes,
             "group": group.name if group is not None else spec.get("group"),
             "members": model.num_members if kind == "ensemble" else None,
             "metrics": ref["metrics"], "tags": {k: str(v) for k, v in ref["tags"].items()},
+            "temperature": temperature, "min_confidence": user_config.get("min_confidence", 0.0),
             "batching": user_config["batch"], "limits": user_config["limits"]}
-    return Loaded(model, tuple(spec["input_shape"]), classes, group, info, device)
+    return Loaded(model, tuple(spec["input_shape"]), classes, group, info, device, temperature)
 
 
 def _predictions(loaded: Loaded, images: list[torch.Tensor]) -> list[dict]:
     x = to_model_input(images, loaded.input_shape).to(loaded.device)  # (B, C, H, W)
-    out = predict_detailed(loaded.model, x)
+    out = predict_detailed(loaded.model, x, temperature=loaded.temperature)
     probs = out.probabilities.cpu().tolist()
+    floor = loaded.info["min_confidence"]
     rows = []
     for i, p in enumerate(probs):
         k = max(range(len(p)), key=p.__getitem__)
-        row = {"label": loaded.classes[k], "class_index": k, "probabilities": dict(zip(loaded.classes, p))}
+        row = {"label": loaded.classes[k], "class_index": k, "confidence": p[k], "abstain": p[k] < floor,
+               "probabilities": dict(zip(loaded.classes, p))}
         if out.disagreement is not None:
             row["disagreement"] = float(out.disagreement[i])
         if out.element is not None:
@@ -79,7 +85,7 @@ def _predictions(loaded: Loaded, images: list[torch.Tensor]) -> list[dict]:
 
 
 # Serve serializes the class where it is decorated: everything it uses is defined above it or imported.
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=64, graceful_shutdown_timeout_s=30,
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=64, graceful_shutdown_timeout_s=5,
                   max_constructor_retry_count=3, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class EquirayModel:
@@ -106,6 +112,7 @@ class EquirayModel:
                 loaded = await loop.run_in_executor(None, load, user_config, self._device)
             else:
                 loaded = dataclasses.replace(self._loaded, info={**self._loaded.info, "batching": user_config["batch"],
+                                                                 "min_confidence": user_config.get("min_confidence", 0.0),
                                                                  "limits": user_config["limits"]})
             batch = user_config["batch"]
             self._predict_batched.set_max_batch_size(batch["max_batch_size"])

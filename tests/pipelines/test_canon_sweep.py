@@ -181,6 +181,12 @@ def test_robust_champion_judges_every_variant_the_same_way_and_is_what_serve_loa
     mv = mlflow.MlflowClient(uri).get_model_version_by_alias("equiray-robust", "champion")
     assert mv.source == best["uri"] and mv.tags["candidate"] == best["name"]
     assert mv.tags["rule_met"] == str(met).lower() and (root / "robust" / "robust_angles.png").exists()
+    # calibrated: a temperature fitted on the validation split, stored with the version, that lowers the NLL at
+    # any angle on the test split (what the endpoint's probabilities are divided by)
+    t = float(mv.tags["equiray.temperature"])
+    assert t > 0 and t != 1.0
+    assert float(mv.tags["calibration.so2_nll_after"]) <= float(mv.tags["calibration.so2_nll_before"])
+    assert any(line.startswith("calibration: temperature") for line in robust.verdict)
     model, _ = tracking.load_model("models:/equiray-robust@champion")
     with torch.no_grad():
         acc = float((model(x).argmax(-1) == y).float().mean())

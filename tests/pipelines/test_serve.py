@@ -4,8 +4,10 @@ same models run offline in this process."""
 import base64
 import io
 import json
+import re
 import threading
 import time
+from urllib.parse import urljoin
 
 import mlflow
 import numpy as np
@@ -38,11 +40,11 @@ def build(spec: dict, seed: int) -> torch.nn.Module:
                         **spec["kwargs"]).eval()
 
 
-def register(model, spec, name: str, *, metrics: dict) -> str:
+def register(model, spec, name: str, *, metrics: dict, tags: dict | None = None) -> str:
     with mlflow.start_run():
         mlflow.log_metrics(metrics)
         uri = tracking.log_model(model, spec, name="model")
-    return tracking.register(uri, name, "champion")
+    return tracking.register(uri, name, "champion", tags=tags)
 
 
 def images(n: int, seed: int) -> np.ndarray:
@@ -84,7 +86,8 @@ def served(ray_session, tmp_path_factory):
     cfg = load_config(ServeConfig, {"model": "models:/t-ensemble@champion", "port": 0,
                                     "batch": {"max_batch_size": 8, "wait_timeout_s": 0.01}})
     ep = deploy(cfg)
-    yield {"url": ep["url"], "cfg": cfg, "ensemble": ens, "spec": spec, "tracking_uri": uri, "port": ep["port"]}
+    yield {"url": ep["url"], "cfg": cfg, "ensemble": ens, "spec": spec, "tracking_uri": uri, "port": ep["port"],
+           "ep": ep}
     serve.shutdown()
     mp.undo()
 
@@ -115,6 +118,16 @@ def test_png_body_matches_the_offline_model(served):
     body = res.json()
     assert body["model"] == "t-ensemble" and body["version"] == "1"
     check_against(served["ensemble"], imgs, body["predictions"], ensemble=True)
+
+
+def test_the_replica_answers_on_its_own_port_and_through_the_proxy_alike(served):
+    ep = served["ep"]
+    assert ep["ingress"] == "direct" and ep["replica_urls"] == [ep["url"]] and ep["url"] != ep["proxy_url"]
+    imgs = images(1, seed=11)
+    answers = [post(u, data=png(imgs[0]), headers={"Content-Type": "image/png"}) for u in (ep["url"], ep["proxy_url"])]
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert answers[0].json() == answers[1].json()
+    check_against(served["ensemble"], imgs, answers[0].json()["predictions"], ensemble=True)
 
 
 def test_multipart_files_and_jpeg(served):
@@ -170,8 +183,16 @@ def test_model_info_health_and_docs(served):
     assert {"/v1/predict", "/v1/model", "/healthz"} <= set(schema["paths"])
     content = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert {"image/png", "image/jpeg", "multipart/form-data", "application/json"} <= set(content)
-    docs = requests.get(url + "/docs", timeout=30)
-    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    for page, script in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = requests.get(url + page, timeout=30)
+        assert html.status_code == 200 and script in html.text
+        # offline: nothing the page loads comes from another host (Swagger UI and ReDoc are served from here)
+        assert re.findall(r"(?:src|href)=[\"'](https?:|//)", html.text) == [], html.text
+        assets = re.findall(r"(?:src|href)=[\"']([^\"']+)", html.text)
+        assert any(a.endswith(script) for a in assets), assets
+        for asset in assets:
+            got = requests.get(urljoin(url + "/", asset), timeout=30)
+            assert got.status_code == 200 and len(got.content) > 1000, asset
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -208,6 +229,9 @@ BAD = {
     "oversized payload": (dict(data=b"\0" * (8 * 2**20 + 1), headers={"Content-Type": "image/png"}), 413,
                           "at most"),
     "too many images": (dict(json={"instances": [[[0.5]]] * 65}), 413, "at most 64"),
+    # 16 MB: answered with a 413, not a connection reset (the body is drained before the answer)
+    "16 MB json": (dict(data=b'{"instances": [[' + b"0.5," * (4 * 2**20) + b'0.5]]}',
+                        headers={"Content-Type": "application/json"}), 413, "at most"),
 }
 
 
@@ -279,6 +303,42 @@ def test_promoting_a_new_version_swaps_it_without_dropping_requests(served):
     assert info["version"] == "2" and info["metrics"] == {"test_accuracy": 0.75}
 
 
+def test_a_calibrated_version_answers_with_its_temperature_and_abstains_below_min_confidence(served):
+    from ray import serve
+
+    spec = {"name": "small_cnn", "in_chans": 1, "num_classes": 10, "input_shape": [1, SIZE, SIZE],
+            "classes": CLASSES, "kwargs": {"width": 4}}
+    model = build(spec, seed=5)
+    register(model, spec, "t-calibrated", metrics={"upright_accuracy": 0.5},
+             tags={tracking.TEMPERATURE_TAG: "2.5"})
+    imgs = images(16, seed=12)
+    _, x = offline(model, imgs)
+    with torch.no_grad():
+        expected = (model(x) / 2.5).softmax(-1)  # not softmax(logits): the registered temperature applies
+    floor = float(expected.max(-1).values.median())  # half of this batch falls below it
+    cfg = load_config(ServeConfig, {"model": "models:/t-calibrated@champion", "app_name": "cal",
+                                    "route_prefix": "/cal", "min_confidence": floor, "batch": {"enabled": False}})
+    ep = deploy(cfg)
+    try:
+        res = post(ep["url"], files=[("files", (f"{i}.png", png(im), "image/png")) for i, im in enumerate(imgs)])
+        assert res.status_code == 200, res.text
+        preds = res.json()["predictions"]
+        for p, e in zip(preds, expected):
+            got = torch.tensor([p["probabilities"][c] for c in CLASSES])
+            assert torch.allclose(got, e, atol=1e-5) and p["confidence"] == pytest.approx(float(e.max()), abs=1e-5)
+            assert p["class_index"] == int(e.argmax())
+        assert [p["abstain"] for p in preds] == (expected.max(-1).values < floor).tolist()
+        assert {p["abstain"] for p in preds} == {True, False}
+        info = requests.get(ep["url"] + "/v1/model", timeout=30).json()
+        assert info["temperature"] == 2.5 and info["min_confidence"] == pytest.approx(floor)
+    finally:
+        serve.delete("cal")
+    # an uncalibrated version (no tag) keeps temperature 1 and never abstains at the default min_confidence 0
+    plain = post(served["url"], data=png(imgs[0]), headers={"Content-Type": "image/png"}).json()["predictions"][0]
+    assert plain["abstain"] is False
+    assert requests.get(served["url"] + "/v1/model", timeout=30).json()["temperature"] == 1.0
+
+
 # ------------------------------------------------------------------------------------------------ canonicalizer
 def test_canonicalized_model_reports_the_chosen_group_element(served):
     from ray import serve
@@ -293,7 +353,8 @@ def test_canonicalized_model_reports_the_chosen_group_element(served):
                                     "route_prefix": "/canon", "batch": {"enabled": False}})
     ep = deploy(cfg)  # a second app beside the first, on the same proxy
     try:
-        assert ep["url"] == served["url"] + "/canon"
+        assert ep["proxy_url"] == served["ep"]["proxy_url"] + "/canon"  # the same proxy ...
+        assert ep["url"] != served["url"] + "/canon" and ep["url"].endswith("/canon")  # ... its own replica port
         imgs = images(3, seed=8)
         rotated = np.stack([np.rot90(im, k) for k, im in enumerate(imgs, 1)])
         batch = np.concatenate([imgs, rotated])

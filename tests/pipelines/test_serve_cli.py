@@ -93,6 +93,9 @@ def test_no_store_here_is_one_error_line_and_leaves_no_mlflow_db(tmp_path, monke
     (["run", "--model", "equiray-ensemble"], ["models:/NAME@ALIAS"]),
     (["run", "--set", "batch.max_batch_sise=4"], ["unknown config key 'batch.max_batch_sise'", "max_batch_size"]),
     (["run", "--model", "models:/t-student@champion", "--detach"], ["RAY_ADDRESS"]),
+    (["run", "--model", "models:/t-student@champion", "--set", "ingress=haproxy"], ["ingress: 'haproxy'", "direct"]),
+    (["run", "--model", "models:/t-student@champion", "--port", "8123", "--set", "proxy_port=8123"],
+     ["proxy_port: 8123", "the replica's own port"]),
     ([], ["equiray serve run"]),
     (["stop"], ["RAY_ADDRESS"]),
 ])

@@ -37,6 +37,7 @@ examples:
   equiray nfn train --config configs/nfn_train.yaml
   equiray serve run --model models:/equiray-ensemble@champion   # HTTP endpoint (Ray Serve), Ctrl+C stops
   equiray models list
+  equiray models export --format onnx --out robust.onnx        # the robust champion for onnxruntime
   equiray submit jobs/pretrain.yaml --follow       # a job spec to the cluster at RAY_ADDRESS (or --address)
   equiray jobs list | status ID | logs ID [--follow] | stop ID
 
@@ -117,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="models_command", metavar="ACTION")
     ml = msub.add_parser("list", help="equiray's own models (and timm's with --timm PATTERN)")
     ml.add_argument("--timm", metavar="PATTERN", help="also list timm models matching PATTERN, e.g. 'resnet*'")
+    me = msub.add_parser(
+        "export", help="a registered model as an ONNX or TorchScript file, checked against PyTorch",
+        description="Trace a registered model (its logits; the registered softmax temperature, classes and input "
+        "shape go with it as metadata) to ONNX (opset 17, for onnxruntime, TensorRT, ...) or TorchScript (libtorch), "
+        "then run the file on test images, upright and at a random pose, beside the PyTorch model: it is kept only "
+        "if their probabilities agree within the tolerance.")
+    me.add_argument("--model", default="models:/equiray-robust@champion",
+                    help="registry URI (default models:/equiray-robust@champion)")
+    me.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    me.add_argument("--out", required=True, metavar="FILE", help="where to write it, e.g. robust.onnx")
+    me.add_argument("--images", type=int, default=256, help="test images checked, each upright and turned (256)")
+    me.add_argument("--tolerance", type=float, default=1e-4,
+                    help="largest difference of probabilities allowed (default 1e-4)")
     return parser
 
 
@@ -270,7 +284,12 @@ def _cmd_models(args) -> int:
     from equiray.models import list_models
 
     if not args.models_command:
-        raise EquirayError("choose an action: equiray models list")
+        raise EquirayError("choose an action: equiray models list | export")
+    if args.models_command == "export":
+        from pipelines.export import export
+
+        export(args.model, args.out, format=args.format, images=args.images, tolerance=args.tolerance)
+        return 0
     names = list_models()
     if args.timm:
         import timm

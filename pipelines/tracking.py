@@ -199,6 +199,21 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def version_tags(uri: str) -> dict[str, str]:
+    """The tags of the registry version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (e.g. its
+    :data:`TEMPERATURE_TAG`)."""
+    from mlflow import MlflowClient
+
+    name, _, rest = uri[len("models:/"):].partition("@")
+    client = MlflowClient()
+    if rest:
+        mv = client.get_model_version_by_alias(name, rest)
+    else:
+        name, version = uri[len("models:/"):].rsplit("/", 1)
+        mv = client.get_model_version(name, version)
+    return dict(mv.tags or {})
+
+
 def registry_version(uri: str) -> str:
     """The concrete registry version behind a ``models:/name@alias`` URI (so a new upstream model is new work)."""
     from mlflow import MlflowClient

@@ -78,12 +78,27 @@ def continuous_pose(scores: torch.Tensor, group: Group, *, beta: float = 1.0) ->
     return Pose(torch.atan2(vy, vx), mirrored, torch.sqrt(vx * vx + vy * vy))
 
 
+def _rot90(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``torch.rot90(x, k, dims=(-2, -1))`` from flips and a transpose (operations ONNX has)."""
+    if k == 1:
+        return x.flip(-1).transpose(-2, -1)
+    if k == 2:
+        return x.flip(-1).flip(-2)
+    return x.transpose(-2, -1).flip(-1)
+
+
 def undo_pose(x: torch.Tensor, pose: Pose, *, padding: str = "zeros") -> torch.Tensor:
     """The canonical input ``c(x)^-1 . x``: rotate each image back by its angle, then undo its mirror (the group's
     element ``r^k m^s`` mirrors first and rotates second). Quarter turns move pixels exactly (no resampling)."""
     back = rotate(x, -pose.angle.to(x.dtype), padding=padding)
     turns = torch.round(pose.angle / (math.pi / 2))
     exact = (pose.angle - turns * (math.pi / 2)).abs() < 1e-6  # a quarter turn (a snapped pose): move pixels exactly
-    if exact.any():
+    if torch.jit.is_tracing():  # exported: every image's quarter turn in the graph, whatever the example's poses
+        quarter = (-turns).long() % 4
+        turned = x
+        for q in (1, 2, 3):
+            turned = torch.where((quarter == q)[:, None, None, None], _rot90(x, q), turned)
+        back = torch.where(exact[:, None, None, None], turned, back)
+    elif exact.any():
         back = torch.where(exact[:, None, None, None], cyclic(4).act(x, (-turns).long() % 4), back)
     return torch.where(pose.mirrored[:, None, None, None], back.flip(-1), back)

@@ -10,7 +10,7 @@ The default run (issue 19) serves one registered model (``--model``, default ``m
 from the registry in ``MLFLOW_TRACKING_URI`` / ``./mlflow.db``; ``equiray demo`` registers it) three ways and loads
 each with ``hey`` at ``--clients`` concurrent clients: equiray's endpoint as ``equiray serve run`` starts it (the
 replica's own port, direct ingress), the same deployment through Serve's proxy, and ``benchmarks/fastapi_peer.py``
-(FastAPI + uvicorn, one process, no batching, the model loaded with ``mlflow.pytorch.load_model``). Two request
+(FastAPI + uvicorn, one process, no batching, the model loaded with ``mlflow.pyfunc.load_model``). Two request
 shapes: one raw PNG per request, and 16 PNGs per multipart request. The three servers take turns, ``--repeats``
 times, so drift on the machine falls on all of them; ratios are taken per repeat and reported as a mean with a
 95% interval. Beside them, the ceiling: the replica's own work without HTTP (decode, resize, forward) at batch 1

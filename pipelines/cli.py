@@ -216,7 +216,6 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for noisy in ("alembic", "mlflow", "urllib3", "filelock", "ray", "timm", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice: chosen on purpose
 
 
 def _cmd_pipeline(p: Pipeline, args) -> int:

@@ -4,10 +4,11 @@ Default store: MLflow 3's own default, a SQLite file ``mlflow.db`` in the workin
 absolute URI in the driver (Ray workers change directory) with artifacts beside it in ``mlartifacts/``.
 ``MLFLOW_TRACKING_URI`` points everything at a server instead.
 
-Models are logged twice over, on purpose: an ``mlflow.pytorch`` model (pickle format, so
-``mlflow.pytorch.load_model`` returns an ``nn.Module`` with ``.eval()``), and ``equiray/spec.json`` +
-``equiray/weights.safetensors``, which :func:`load_model` rebuilds with ``equiray.create_model`` without
-unpickling anything (the path serving uses).
+Models are logged as MLflow pyfuncs on raw images (:mod:`equiray.pyfunc`: ``mlflow.pyfunc.load_model(uri)
+.predict(DataFrame({"image": [png_bytes]}))`` and ``mlflow models serve`` answer labels and probabilities), with
+equiray's code and pinned requirements; their artifacts ``spec.json`` + ``weights.safetensors`` are what
+:func:`load_model` rebuilds an ``nn.Module`` from with ``equiray.create_model``, without unpickling anything (the
+path serving uses).
 """
 from __future__ import annotations
 
@@ -137,17 +138,30 @@ def source_tags() -> dict[str, str]:
 
 
 def signature(spec: Mapping[str, Any]):
-    """The model's MLflow signature from its spec: a float32 batch ``(-1, C, H, W)`` in, ``(-1, classes)`` logits
-    out; None when the spec does not say its input shape."""
-    import numpy as np
+    """The pyfunc's MLflow signature from the model's spec: a column ``image`` of PNG/JPEG bytes in; ``label``,
+    ``class_index``, ``confidence`` and one probability column per class out; a ``temperature`` parameter
+    (default 1). None when the spec does not say its input shape."""
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     shape, classes = spec.get("input_shape"), spec.get("num_classes")
     if not shape or not classes:
         return None
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *map(int, shape)), "images")]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(classes)), "logits")]))
+    names = [str(c) for c in (spec.get("classes") or range(int(classes)))]
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("long", "class_index"), ColSpec("double", "confidence"),
+                        *(ColSpec("double", c) for c in names)]),
+        params=ParamSchema([ParamSpec("temperature", "double", 1.0)]))
+
+
+def requirements() -> list[str]:
+    """What a logged model needs installed, pinned to the versions it was made with (equiray itself travels with
+    it as code)."""
+    from importlib.metadata import version
+
+    return [f"torch=={torch.__version__.split('+')[0]}", *(f"{p}=={version(p)}" for p in
+            ("timm", "safetensors", "pillow", "numpy", "pandas"))]
 
 
 # A registered version's softmax temperature (temperature scaling, equiray.calibration): the endpoint divides the
@@ -156,10 +170,13 @@ TEMPERATURE_TAG = "equiray.temperature"
 
 
 def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "model") -> str:
-    """Log ``model`` (built by ``equiray.create_model(**spec)``) to the active run; returns its model URI."""
-    import mlflow
-    import mlflow.pytorch
+    """Log ``model`` (built by ``equiray.create_model(**spec)``) to the active run as an MLflow pyfunc that takes
+    raw images (:class:`equiray.pyfunc.ImageClassifier`; equiray's code travels with it, the requirements are
+    pinned); returns its model URI."""
+    import mlflow.pyfunc
     from safetensors.torch import save_file
+
+    import equiray
 
     model = model.cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,11 +184,10 @@ def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "m
         spec_path.write_text(json.dumps(dict(spec), indent=2))
         weights = Path(tmp) / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-        info = mlflow.pytorch.log_model(
-            model, name=name, serialization_format="pickle", signature=signature(spec),
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "equiray"],
-            extra_files=[str(spec_path), str(weights)],
-        )
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=str(Path(equiray.__file__).parent / "_pyfunc_model.py"), artifacts={"spec": str(spec_path), "weights": str(weights)},
+            code_paths=[str(Path(equiray.__file__).parent)], pip_requirements=requirements(),
+            signature=signature(spec))
     return info.model_uri
 
 

@@ -9,7 +9,6 @@ fraction each, from ``resources``).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -40,7 +39,6 @@ def run_trial(config: Mapping, *, cfg: CanonConfig, data: tuple[torch.Tensor, ..
 
     from pipelines import tracking
 
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice: chosen on purpose
     variant = Variant(**config["variant"])
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")

@@ -48,7 +48,6 @@ def _trial(config: dict, *, ctx: TrialContext) -> None:
     import ray
     import ray.tune
 
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     for noisy in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" once per epoch and trial
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = ctx.cfg

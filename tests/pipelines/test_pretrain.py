@@ -40,7 +40,7 @@ def pretrained(ray_session, tmp_path_factory):
 def test_registered_backbone_loads_back_and_gives_the_reported_accuracy(pretrained):
     result, cfg, uri = pretrained
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model("models:/equiray-backbone@pretrained")
+    model = mlflow.pyfunc.load_model("models:/equiray-backbone@pretrained").unwrap_python_model().model
     x, y = read_split(result.data_dir, "test")
     acc = accuracy(predict(model, x), y)
     assert acc == pytest.approx(result.accuracy["upright"], abs=1e-6)

@@ -1,9 +1,10 @@
 """MLflow as its users expect it: experiments in the model-training view, runs that say which code made them,
-models with a signature."""
+models that are pyfuncs on raw images, with a signature and pinned requirements."""
 import subprocess
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 
 from equiray.models import create_model
@@ -33,14 +34,83 @@ def test_source_tags_name_the_commit_and_the_versions():
     assert tags["equiray.version"] and tags["mlflow.version"] == mlflow.__version__
 
 
-def test_logged_models_carry_their_input_and_output_shapes(mlflow_store):
+def test_logged_models_are_pyfuncs_on_raw_images_with_a_signature_and_pinned_requirements(mlflow_store):
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
     tracking.setup("t-sig", mlflow_store)
-    spec = {"name": "small_cnn", "in_chans": 1, "num_classes": 10, "kwargs": {"width": 4}, "input_shape": [1, 14, 14]}
+    spec = {"name": "small_cnn", "in_chans": 1, "num_classes": 10, "kwargs": {"width": 4}, "input_shape": [1, 14, 14],
+            "classes": [f"c{k}" for k in range(10)]}
     with mlflow.start_run():
         uri = tracking.log_model(create_model("small_cnn", in_chans=1, num_classes=10, width=4), spec)
-    sig = mlflow.models.get_model_info(uri).signature
-    assert sig.inputs.inputs[0].shape == (-1, 1, 14, 14) and sig.outputs.inputs[0].shape == (-1, 10)
-    assert tracking.signature({**spec, "input_shape": [3, 32, 32]}).inputs.inputs[0].shape == (-1, 3, 32, 32)
+    info = mlflow.models.get_model_info(uri)
+    assert list(info.flavors) == ["python_function"]
+    assert info.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"  # not unpickled
+    sig = info.signature
+    assert sig.inputs.input_names() == ["image"] and str(sig.inputs.inputs[0].type) == "DataType.binary"
+    assert sig.outputs.input_names() == ["label", "class_index", "confidence", *spec["classes"]]
+    assert sig.params.params[0].name == "temperature" and sig.params.params[0].default == 1.0
     assert tracking.signature({k: v for k, v in spec.items() if k != "input_shape"}) is None
+    reqs = mlflow.pyfunc.get_model_dependencies(uri)
+    pinned = [line.strip() for line in open(reqs) if line.strip() and not line.startswith("mlflow")]
+    assert pinned and all("==" in line for line in pinned), pinned  # every requirement pinned
+    assert not any(line.startswith("equiray") for line in pinned)  # its code travels with the model instead
+    buf = io.BytesIO()
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(buf, "PNG")
+    answer = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [buf.getvalue()] * 2}))
+    assert list(answer.columns[:3]) == ["label", "class_index", "confidence"] and len(answer) == 2
+    assert answer[spec["classes"]].sum(axis=1).round(5).tolist() == [1.0, 1.0]
     model, _ = tracking.load_model(uri)  # and the model still loads back
     assert model(torch.zeros(2, 1, 14, 14)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_raw_image_as_documented_by_mlflow(mlflow_store, tmp_path):
+    """`mlflow models serve` (MLflow's own scoring server) on a logged equiray model: a base64 PNG in a
+    dataframe_split, as MLflow documents binary columns, gets labels and probabilities."""
+    import base64
+    import io
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    import requests
+    from PIL import Image
+
+    tracking.setup("t-mms", mlflow_store)
+    spec = {"name": "small_cnn", "in_chans": 1, "num_classes": 10, "kwargs": {"width": 4}, "input_shape": [1, 14, 14]}
+    with mlflow.start_run():
+        tracking.register(tracking.log_model(create_model("small_cnn", width=4), spec), "t-mms", "champion")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": mlflow_store}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/t-mms@champion",
+                             "--env-manager", "local", "-p", str(port)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((28, 28), 120, np.uint8)).save(buf, "PNG")
+    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]}}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                res = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=30)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, "mlflow models serve did not come up"
+                time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert res.status_code == 200, res.text
+    (answer,) = res.json()["predictions"]
+    assert answer["label"] == str(answer["class_index"]) and 0 < answer["confidence"] <= 1
+    assert sum(answer[str(k)] for k in range(10)) == pytest.approx(1.0, abs=1e-5)

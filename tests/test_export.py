@@ -75,6 +75,7 @@ def test_a_registered_model_whose_export_differs_is_refused_and_nothing_is_writt
     full = {"name": "canonicalized", "in_chans": 1, "num_classes": 10, "input_shape": [1, 14, 14], "kwargs": spec}
     good = {"name": "small_cnn", "in_chans": 1, "num_classes": 10, "input_shape": [1, 14, 14],
             "kwargs": {"width": 4}, "classes": list("abcdefghij")}
+    tracking.setup("t-export", mlflow_store)
     torch.manual_seed(0)
     with mlflow.start_run():
         tracking.register(tracking.log_model(create_model(**DISCRETE), full), "t-discrete", "champion")

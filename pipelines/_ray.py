@@ -21,10 +21,9 @@ SERVE_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_M
              "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
-def local_ray_env(extra: dict[str, str] | None = None) -> None:
-    """Set :data:`SERVE_ENV` (and ``extra``) in this process's environment, where not set already, before a
-    local Ray starts."""
-    for key, value in {**SERVE_ENV, **(extra or {})}.items():
+def local_ray_env() -> None:
+    """Set :data:`SERVE_ENV` in this process's environment, where not set already, before a local Ray starts."""
+    for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
 
 

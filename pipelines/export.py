@@ -51,7 +51,7 @@ def export(uri: str, out: str | os.PathLike, *, format: str, images: int = 256, 
     x, what = _check_images(data_dir, images, shape)
     version = tracking.registry_version(uri) if uri.startswith("models:/") else uri
     meta = {"equiray_model": version, "input_shape": list(shape), "classes": spec.get("classes"),
-            "temperature": float(tracking.version_tags(uri).get(tracking.TEMPERATURE_TAG, 1.0))
+            "temperature": float(tracking.model_version(uri).tags.get(tracking.TEMPERATURE_TAG, 1.0))
             if uri.startswith("models:/") else 1.0, "output": "logits (B, K); softmax(logits / temperature)"}
     partial = out.with_name(f".{out.name}.partial")
     try:

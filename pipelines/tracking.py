@@ -215,19 +215,15 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def version_tags(uri: str) -> dict[str, str]:
-    """The tags of the registry version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (e.g. its
-    :data:`TEMPERATURE_TAG`)."""
+def model_version(uri: str):
+    """The registry version (MLflow's ``ModelVersion``: tags, source, run) behind ``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION``; MLflow's exception when there is none."""
     from mlflow import MlflowClient
 
-    name, _, rest = uri[len("models:/"):].partition("@")
-    client = MlflowClient()
-    if rest:
-        mv = client.get_model_version_by_alias(name, rest)
-    else:
-        name, version = uri[len("models:/"):].rsplit("/", 1)
-        mv = client.get_model_version(name, version)
-    return dict(mv.tags or {})
+    ref = uri[len("models:/"):]
+    if "@" in ref:
+        return MlflowClient().get_model_version_by_alias(*ref.split("@", 1))
+    return MlflowClient().get_model_version(*ref.rsplit("/", 1))
 
 
 def registry_version(uri: str) -> str:

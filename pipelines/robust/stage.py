@@ -209,14 +209,13 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
 
 def _version(uri: str):
     """The registry version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; LookupError if absent."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from pipelines import tracking
 
     ref = uri[len("models:/"):]
     try:
-        if "@" in ref:
-            return MlflowClient().get_model_version_by_alias(*ref.split("@", 1))
-        return MlflowClient().get_model_version(*ref.rsplit("/", 1))
+        return tracking.model_version(uri)
     except MlflowException:
         name = ref.split("@")[0].split("/")[0]
         hint = {"equiray-ensemble": "equiray ensemble train", "equiray-student": "equiray distill",

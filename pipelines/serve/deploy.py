@@ -95,7 +95,6 @@ def user_config(cfg: ServeConfig, ref: ModelRef) -> dict:
             "batch": to_dict(cfg.batch), "limits": to_dict(cfg.limits), "min_confidence": cfg.min_confidence}
 
 
-
 def code_version() -> str:
     """The deployment's code version: equiray's version and the serving code's own hash. Serve replaces replicas
     only when it changes; a redeploy that changes only the model (``user_config``) reconfigures them in place,

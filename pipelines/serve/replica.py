@@ -34,7 +34,6 @@ class Loaded:
     group: Any
     info: dict
     device: torch.device
-    temperature: float = 1.0  # the registered version's fitted softmax temperature (1: uncalibrated)
 
 
 def load(user_config: dict, device: torch.device) -> Loaded:
@@ -54,20 +53,20 @@ def load(user_config: dict, device: torch.device) -> Loaded:
             "canonicalized" if isinstance(model, CanonicalizedModel) else "model")
     group = model.group if isinstance(model, CanonicalizedModel) else None
     classes = [str(c) for c in (spec.get("classes") or range(spec["num_classes"]))]
-    temperature = float(ref["tags"].get(TEMPERATURE_TAG, 1.0))
     info = {"name": ref["name"], "version": ref["version"], "alias": ref["alias"], "uri": ref["uri"],
             "run_id": ref["run_id"], "kind": kind, "input_shape": list(spec["input_shape"]), "classes": classes,
             "group": group.name if group is not None else spec.get("group"),
             "members": model.num_members if kind == "ensemble" else None,
             "metrics": ref["metrics"], "tags": {k: str(v) for k, v in ref["tags"].items()},
-            "temperature": temperature, "min_confidence": user_config.get("min_confidence", 0.0),
+            # the registered version's fitted softmax temperature (1: uncalibrated)
+            "temperature": float(ref["tags"].get(TEMPERATURE_TAG, 1.0)), "min_confidence": user_config.get("min_confidence", 0.0),
             "batching": user_config["batch"], "limits": user_config["limits"]}
-    return Loaded(model, tuple(spec["input_shape"]), classes, group, info, device, temperature)
+    return Loaded(model, tuple(spec["input_shape"]), classes, group, info, device)
 
 
 def _predictions(loaded: Loaded, images: list[torch.Tensor]) -> list[dict]:
     x = to_model_input(images, loaded.input_shape).to(loaded.device)  # (B, C, H, W)
-    out = predict_detailed(loaded.model, x, temperature=loaded.temperature)
+    out = predict_detailed(loaded.model, x, temperature=loaded.info["temperature"])
     probs = out.probabilities.cpu().tolist()
     floor = loaded.info["min_confidence"]
     rows = []

@@ -1,6 +1,8 @@
 """The CLI as a user runs it: a real subprocess, real exit codes, no tracebacks for user mistakes."""
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -35,6 +37,19 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "equiray"
     assert script.exists(), "pip install -e . should have installed the `equiray` console script"
     assert subprocess.run([str(script), "--version"], capture_output=True, text=True).stdout.startswith("equiray ")
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line_and_130():
+    """The console script imports torch, Ray and MLflow for a few seconds before the command runs: Ctrl+C then
+    ends as it does during a command, not with the import machinery's traceback."""
+    script = Path(sys.executable).parent / "equiray"
+    proc = subprocess.Popen([str(script), "models", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(0.5)  # the interpreter is up, the imports are not done (they take seconds)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines() == ["interrupted"], err
 
 
 def test_python_dash_m_and_short_version_flag():
@@ -125,7 +140,7 @@ def test_shipped_configs_load_with_their_pipelines_config_class():
 
 
 def test_the_cli_is_a_leaf():
-    """Nothing imports pipelines.cli but the packages' `python -m` entry points; the CLI resolves no module names
+    """Nothing imports pipelines.cli but the entry points (`python -m`, the console script); the CLI resolves no module names
     from strings."""
     import ast
 
@@ -137,7 +152,7 @@ def test_the_cli_is_a_leaf():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n == "pipelines.cli" or n.startswith("pipelines.cli.") for n in names):
                 importers.append(path.relative_to(root))
-    assert all(p.name == "__main__.py" for p in importers), importers
+    assert all(p.name in ("__main__.py", "_entry.py") for p in importers), importers
     assert "importlib" not in (root / "pipelines" / "cli.py").read_text()
 
 

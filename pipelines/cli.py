@@ -336,9 +336,11 @@ def _cmd_submit(args) -> int:
 def _cmd_jobs(args) -> int:
     if args.jobs_command == "list":
         rows = jobs.list_jobs(address=args.address)
+        where = f"{jobs.resolve_address(args.address)} ({jobs.address_origin(args.address)})"
         if not rows:
-            print(f"no jobs on {jobs.resolve_address(args.address)}")
+            print(f"no jobs on {where}")
             return 0
+        print(f"jobs on {where}")
         print(f"{'ID':<46} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
         for j in rows:
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"

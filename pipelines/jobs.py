@@ -227,6 +227,17 @@ def resolve_address(address: str | None = None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
+def address_origin(address: str | None = None) -> str:
+    """Where :func:`resolve_address` took the address from, as a user reads it: without ``--address`` or
+    ``RAY_ADDRESS`` the default port answers for whichever Ray listens there, a forwarded cluster or a local one."""
+    if address:
+        return "--address"
+    if os.environ.get("RAY_ADDRESS"):
+        return "RAY_ADDRESS"
+    return ("the default: the dashboard `ray dashboard cluster.yaml` forwards, or a Ray started on this machine; "
+            "--address or RAY_ADDRESS names a cluster")
+
+
 def auth_headers() -> dict[str, str]:
     """The ``Authorization`` header for a cluster with token authentication (Ray 2.59+), from the places Ray
     itself reads the token; empty when there is none or ``RAY_AUTH_MODE=disabled``."""

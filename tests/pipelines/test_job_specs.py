@@ -201,3 +201,17 @@ def test_without_an_address_a_pipeline_starts_its_own_ray(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # inside a Ray job: Ray sets it to the job's cluster
     _ray.init_ray()
     assert calls[-1]["address"] == "10.0.0.1:6379" and "num_cpus" not in calls[-1]
+
+
+def test_the_address_says_where_it_came_from(monkeypatch):
+    """`equiray jobs list` names the cluster it asked and why that one: without --address or RAY_ADDRESS the
+    default port may be a local Ray, not the cluster."""
+    from pipelines import jobs
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert jobs.resolve_address() == jobs.DEFAULT_ADDRESS
+    assert "default" in jobs.address_origin() and "RAY_ADDRESS" in jobs.address_origin()
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert (jobs.resolve_address(), jobs.address_origin()) == ("http://head:8265", "RAY_ADDRESS")
+    assert (jobs.resolve_address("http://other:8265"), jobs.address_origin("http://other:8265")) == \
+        ("http://other:8265", "--address")

@@ -131,7 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--images", type=int, default=256, help="test images checked, each upright and turned (256)")
     me.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest difference of probabilities allowed (default 1e-4)")
+    comp = sub.add_parser(
+        "completion", help="print a shell completion script (bash, zsh, tcsh)",
+        description="Print a completion script for equiray's commands, actions and options (files for --config, "
+        "--out and job specs). It is static, so a TAB answers at once, not after equiray's imports.",
+        epilog="examples:\n  eval \"$(equiray completion bash)\"     # this shell; add it to ~/.bashrc to keep it\n"
+        "  equiray completion bash > ~/.local/share/bash-completion/completions/equiray\n"
+        "  equiray completion zsh > ~/.zfunc/_equiray          # a folder on $fpath",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    comp.add_argument("shell", choices=SHELLS)
+    comp.set_defaults(handler=_cmd_completion)
     return parser
+
+
+SHELLS = ("bash", "zsh", "tcsh")
+FILE_OPTIONS = ("--config", "--out", "--report-dir")  # options whose value is a path: completed as files
+
+
+def _cmd_completion(args) -> int:
+    import shtab
+
+    parser = build_parser()
+    for action in _all_actions(parser):
+        if set(action.option_strings) & set(FILE_OPTIONS) or action.dest in ("spec", "dir"):
+            action.complete = shtab.DIRECTORY if action.dest in ("dir", "report_dir") else shtab.FILE
+    sys.stdout.write(shtab.complete(parser, shell=args.shell))
+    return 0
+
+
+def _all_actions(parser: argparse.ArgumentParser):
+    """Every argument of ``parser`` and of its subcommands, depth first."""
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # an alias maps to the same parser
+                yield from _all_actions(child)
 
 
 def _add_serve_stop(serve_actions) -> None:

@@ -52,6 +52,30 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_130():
     assert "Traceback" not in err and err.strip().splitlines() == ["interrupted"], err
 
 
+def test_completion_script_completes_commands_actions_options_and_files(tmp_path):
+    res = run("completion", "bash")
+    assert res.returncode == 0
+    (tmp_path / "equiray.bash").write_text(res.stdout)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "pretrain-big.yaml").write_text("{}")
+    probe = """source equiray.bash
+comp() { COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMP_LINE="$*"; COMP_POINT=${#COMP_LINE}; COMPREPLY=()
+         _shtab_equiray; echo "${COMPREPLY[*]}"; }
+comp equiray pre
+comp equiray canon ""
+comp equiray serve ""
+comp equiray pretrain --co
+comp equiray pretrain --config configs/pre
+comp equiray models export --format ""
+"""
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.stdout.splitlines() == ["pretrain", "sweep", "run stop", "--config", "configs/pretrain-big.yaml",
+                                       "onnx torchscript"], out.stderr
+    zsh = run("completion", "zsh")
+    assert zsh.returncode == 0 and zsh.stdout.startswith("#compdef equiray")
+    assert run("completion", "fish").returncode == 2  # not a shell it writes for: argparse's usage error
+
+
 def test_python_dash_m_and_short_version_flag():
     out = subprocess.run([sys.executable, "-m", "equiray", "-V"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("equiray ")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, Mapping, TypeVar
 
 from pipelines import tracking
-from pipelines._common import TrackingConfig
+from pipelines._common import DataConfig, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,16 @@ class Stage(Generic[ConfigT, ResultT]):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ the template
+    def log_inputs(self) -> None:
+        """The dataset the stage read, as its run's dataset inputs (a config with a ``data`` section)."""
+        data = getattr(self.cfg, "data", None)
+        if not isinstance(data, DataConfig):
+            return
+        try:
+            tracking.log_data_inputs(data.dir, limits={"train": data.max_train, "test": data.max_eval})
+        except Exception as exc:  # noqa: BLE001 - the inputs are a record; the stage's result stands without them
+            log.warning("could not log the dataset inputs of %s: %s", data.dir, exc)
+
     @property
     def registered(self) -> str:
         return f"models:/{self.tracking.registered_model}@{self.tracking.alias}"
@@ -164,6 +174,7 @@ class Stage(Generic[ConfigT, ResultT]):
             except KeyboardInterrupt:  # Ctrl+C: the run ends KILLED (not FAILED), nothing is registered
                 mlflow.end_run("KILLED")
                 raise
+            self.log_inputs()
             result = outcome.result
             if outcome.model_uri is not None:
                 version = tracking.register(outcome.model_uri, self.tracking.registered_model, self.tracking.alias,

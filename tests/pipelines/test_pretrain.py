@@ -68,6 +68,8 @@ def test_run_logs_config_curves_and_registry_alias(pretrained):
     assert run_.data.tags["equiray.pipeline"] == "pretrain" and run_.data.tags["equiray.data"] == "digits"
     assert run_.data.tags["torch.version"]  # which code made it
     assert "mlflow.source.git.commit" in run_.data.tags or not (REPO / ".git").exists()
+    # the data it read, as MLflow's dataset inputs (the stage template logs them for every pipeline)
+    assert {i.dataset.name for i in run_.inputs.dataset_inputs} == {"digits/train", "digits/val", "digits/test"}
     # rotations are a real shift for a model trained upright
     rot = [v for k, v in result.accuracy.items() if k.startswith("rot:")]
     assert max(rot) < result.accuracy["upright"]

@@ -114,3 +114,29 @@ def test_mlflow_models_serve_answers_a_raw_image_as_documented_by_mlflow(mlflow_
     (answer,) = res.json()["predictions"]
     assert answer["label"] == str(answer["class_index"]) and 0 < answer["confidence"] <= 1
     assert sum(answer[str(k)] for k in range(10)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_stage_lists_its_dataset_splits_as_the_runs_inputs(mlflow_store, tmp_path):
+    from equiray.data import SourceOptions, prepare
+
+    prepare("digits", tmp_path / "d", options=SourceOptions(seed=0))
+    prepare("digits", tmp_path / "e", options=SourceOptions(seed=1))  # the same source, split another way
+    tracking.setup("t-inputs", mlflow_store)
+    with mlflow.start_run() as run:
+        assert tracking.log_data_inputs(tmp_path / "d", limits={"train": 100, "test": None}) == 3
+    with mlflow.start_run() as other:
+        assert tracking.log_data_inputs(tmp_path / "e") == 3
+        assert tracking.log_data_inputs(tmp_path / "nothing-here") == 0
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    by_name = {i.dataset.name: i for i in inputs}
+    assert set(by_name) == {"digits/train", "digits/val", "digits/test"}
+    tags = {name: {t.key: t.value for t in i.tags} for name, i in by_name.items()}
+    assert [tags[f"digits/{s}"]["mlflow.data.context"] for s in ("train", "val", "test")] == \
+        ["training", "validation", "evaluation"]
+    assert tags["digits/train"]["equiray.rows_used"] == "100" and int(tags["digits/train"]["equiray.rows"]) > 100
+    assert tags["digits/test"]["equiray.rows_used"] == tags["digits/test"]["equiray.rows"]
+    train = by_name["digits/train"].dataset
+    assert train.source_type == "local" and str(tmp_path / "d" / "train") in train.source
+    assert "image" in train.schema and "label" in train.schema
+    digests = {i.dataset.digest for i in mlflow.get_run(other.info.run_id).inputs.dataset_inputs}
+    assert len(digests) == 1 and digests != {train.digest}  # another split of the data is another dataset

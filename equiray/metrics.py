@@ -3,7 +3,8 @@
 - **OSP** (orbit same predictions): for each input, how many of the ``|G|`` transformed copies ``g.x`` get the
   same predicted class as ``x`` itself (identity included, so the maximum is ``|G|``), averaged over inputs.
 - **Symmetric KL** between the softmax outputs for ``x`` and ``g.x``: ``KL(p||q) + KL(q||p)``, averaged over
-  the non-identity elements ``g`` and the inputs.
+  the non-identity elements ``g`` and the inputs (``kl``). The paper's code averages over all ``|G|`` elements,
+  the identity's zero included (``kl_all``: ``(|G| - 1) / |G|`` times ``kl``, 3/4 for C4); tables say which.
 
 Ensembles are measured from *orbit logits*: every member's logits on every transformed copy, computed once,
 ``(N, |G|, B, K)``; an ensemble of a subset of members is the mean of their logits.
@@ -39,20 +40,27 @@ def osp(logits: torch.Tensor) -> torch.Tensor:
     return (pred == pred[..., :1, :]).float().sum(-2).mean(-1)
 
 
-def symmetric_kl(logits: torch.Tensor) -> torch.Tensor:
-    """Mean symmetric KL between outputs on ``x`` and ``g.x`` over non-identity ``g`` and inputs -> ``(...)``."""
-    if logits.shape[-3] < 2:
+def symmetric_kl(logits: torch.Tensor, *, over: str = "others") -> torch.Tensor:
+    """Mean symmetric KL between outputs on ``x`` and ``g.x`` over the inputs and, ``over="others"``, the
+    non-identity ``g`` (equiray's ``kl``) or, ``over="all"``, every ``g`` including the identity (the paper's
+    code) -> ``(...)``."""
+    if over not in ("others", "all"):
+        raise ValueError(f"over: 'others' or 'all', not {over!r}")
+    size = logits.shape[-3]
+    if size < 2:
         return torch.zeros(logits.shape[:-3])
     logp = F.log_softmax(logits, dim=-1)  # (..., |G|, B, K)
     ref, rest = logp[..., :1, :, :], logp[..., 1:, :, :]
     kl = ((ref.exp() - rest.exp()) * (ref - rest)).sum(-1)  # KL(p||q) + KL(q||p) = sum (p - q)(log p - log q)
-    return kl.mean(dim=(-2, -1))
+    mean = kl.mean(dim=(-2, -1))
+    return mean * (size - 1) / size if over == "all" else mean
 
 
 def invariance(logits: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
     """OSP, symmetric KL and (with labels) upright and orbit-averaged accuracy of one model's orbit logits
     ``(|G|, B, K)``."""
-    out = {"osp": float(osp(logits)), "kl": float(symmetric_kl(logits)), "orbit_size": logits.shape[-3]}
+    out = {"osp": float(osp(logits)), "kl": float(symmetric_kl(logits)),
+           "kl_all": float(symmetric_kl(logits, over="all")), "orbit_size": logits.shape[-3]}
     if labels is not None:
         correct = (logits.argmax(-1) == labels).float()  # (|G|, B)
         out["accuracy"] = float(correct[0].mean())

@@ -25,10 +25,13 @@ def test_members_are_the_models_they_were_built_from(gen):
     torch.testing.assert_close(ens.member_logits(x), torch.stack([m(x) for m in members]))
 
 
-def test_vectorized_training_is_independent_training():
-    """One optimizer over stacked members == each member trained alone on its own batches."""
+@pytest.mark.parametrize("spec", [SPEC, MemberSpec("nf_cnn", {"width": 4, "input_size": 8})],
+                         ids=["small_cnn", "nf_cnn"])
+def test_vectorized_training_is_independent_training(spec):
+    """One optimizer over stacked members == each member trained alone on its own batches (small_cnn by its
+    grouped-conv path, nf_cnn by vmap)."""
     x, y = torch.rand(64, 1, 8, 8), torch.randint(10, (64,))
-    ens = build_members(SPEC, [11, 12, 13])
+    ens = build_members(spec, [11, 12, 13])
     singles = [ens.subset([i]) for i in range(3)]
     opt = torch.optim.SGD(ens.parameters(), lr=0.1)
     train_members_epoch(ens, x, y, opt, batch_size=16, group=cyclic(4),
@@ -176,3 +179,25 @@ def test_unknown_member_optimizer_is_a_clear_error():
 
     with pytest.raises(EquirayError, match="member optimizer"):
         MemberGroup.new(SPEC, [0], optimizer="lion")
+
+
+def test_the_papers_network_stacks_and_its_asymmetric_support_starts_on_the_cross(gen):
+    """nf_cnn members train vectorized like equiray's own (no running statistics: vmap == each member alone);
+    the paper's invariant init on its asymmetric support keeps the 4-tap cross and zeroes the corner."""
+    core = symmetric_core(SUPPORTS["cross_corner"], cyclic(4))
+    assert torch.equal(core, torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    spec = MemberSpec("nf_cnn", {"width": 4, "support": "cross_corner", "input_size": 12})
+    ens = build_members(spec, range(3), init="invariant", group="C4").double()
+    drawn = build_members(spec, range(3)).double()
+    for name, w in ens.stacked_state()[0].items():
+        if name.startswith("convs"):
+            assert torch.all(w[..., 0, 0] == 0) and torch.all(w[..., 0, 1] != 0)
+            assert torch.all(dict(drawn.stacked_state()[0])[name][..., 0, 0] != 0)  # sensitivity: default init
+    x = torch.rand(2, 1, 12, 12, generator=gen, dtype=torch.float64)
+    params = ens.stacked_state()[0]
+    alone = []
+    for i in range(3):
+        member = spec.build().double()
+        member.load_state_dict({n: t[i] for n, t in params.items()})
+        alone.append(member(x))
+    torch.testing.assert_close(ens.member_logits(x), torch.stack(alone))

@@ -37,6 +37,21 @@ def test_osp_and_kl_by_hand():
     assert float(symmetric_kl(logits)) == pytest.approx(expected)
 
 
+def test_kl_normalizations_known_answer():
+    """|G| = 4, one input: x and its first turn agree, the other two turns each differ by a known KL. equiray's
+    kl is the mean over the 3 non-identity turns, the paper's over all 4 (the identity's 0 included)."""
+    a, b = [3.0, 0.0, 0.0], [0.0, 3.0, 0.0]
+    logits = torch.tensor([[a], [a], [b], [b]])
+    p, q = torch.softmax(torch.tensor(a), -1), torch.softmax(torch.tensor(b), -1)
+    d = float(((p - q) * (p.log() - q.log())).sum())
+    assert float(symmetric_kl(logits)) == pytest.approx(2 * d / 3)
+    assert float(symmetric_kl(logits, over="all")) == pytest.approx(2 * d / 4)
+    m = invariance(logits)
+    assert m["kl_all"] == pytest.approx(m["kl"] * 3 / 4)
+    with pytest.raises(ValueError, match="over"):
+        symmetric_kl(logits, over="some")
+
+
 def test_bootstrap_curve_of_members_averaging_out(gen):
     """Members = an invariant signal + independent non-invariant noise: the mean's KL falls with size."""
     n, g, b = 200, 4, 50

@@ -107,3 +107,48 @@ def test_orbit_averaging_is_invariant_to_its_group_and_only_to_it():
             assert torch.allclose(net(torch.rot90(x, k, (-2, -1))), out, atol=1e-5)
         assert (net(x.flip(-1)) - out).abs().max() > 1e-3
         assert (out - backbone(x).log_softmax(-1)).abs().max() > 1e-3
+
+
+def test_the_papers_network_has_its_structure_and_10480_weights():
+    """nf_cnn is Nordenfors & Flinth's experiment net: 3 bias-free convs (5-tap supports), two 2x2 average pools,
+    tanh, LayerNorm over positions without affine, a flattened linear head without bias; N(0, 1) weights."""
+    from equiray.models import PaperCNN, effective_parameters
+
+    torch.manual_seed(0)
+    for support in ("symmetric", "cross_corner"):
+        net = create_model("nf_cnn", support=support)
+        assert isinstance(net, PaperCNN) and effective_parameters(net) == 10_480
+        assert net.head.bias is None and net.head.in_features == 16 * 7 * 7
+        assert all(c.bias is None and torch.equal(c.weight * c.mask, c.weight) for c in net.convs)
+        assert not any(isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) for m in net.modules())  # no affine
+        assert net.head.weight.std().item() == pytest.approx(1.0, abs=0.05)  # N(0, 1), not PyTorch's default
+    assert effective_parameters(create_model("small_cnn", support="symmetric")) == 2_906  # equiray's compact one
+    assert effective_parameters(create_model("nf_cnn", input_size=12)) == 2_640 + 16 * 3 * 3 * 10
+    with pytest.raises(EquirayError, match="multiple of 4"):
+        create_model("nf_cnn", input_size=14)
+    # the paper's asymmetric support: the plus's four arms and a corner, no centre
+    assert SUPPORTS["cross_corner"].sum() == 5 and SUPPORTS["cross_corner"][1, 1] == 0
+    assert not torch.equal(torch.rot90(SUPPORTS["cross_corner"], 1), SUPPORTS["cross_corner"])
+
+
+def _c4_projected(net):
+    """``net`` with every conv kernel and the head's per-position map averaged over the four quarter turns."""
+    with torch.no_grad():
+        for conv in net.convs:
+            conv.weight.copy_(sum(torch.rot90(conv.weight, k, dims=(-2, -1)) for k in range(4)) / 4)
+        w = net.head.weight.view(net.head.out_features, -1, 7, 7)
+        net.head.weight.copy_((sum(torch.rot90(w, k, dims=(-2, -1)) for k in range(4)) / 4).flatten(1))
+    return net
+
+
+def test_the_papers_network_with_c4_invariant_weights_is_c4_invariant(gen):
+    """Equivariance: every layer commutes with rot90 once its weights are rot90-invariant (the pools, tanh and
+    the per-map LayerNorm do by construction), so the net is invariant; sensitivity: with its drawn weights it
+    is not."""
+    torch.manual_seed(1)
+    net = create_model("nf_cnn", support="symmetric").double()
+    x = torch.rand(5, 1, 28, 28, generator=gen, dtype=torch.float64)
+    turned = torch.rot90(x, 1, dims=(-2, -1))
+    assert (net(turned) - net(x)).abs().max() > 1e-2
+    net = _c4_projected(net)
+    torch.testing.assert_close(net(turned), net(x))

@@ -3,7 +3,7 @@ from equiray.models._registry import create_model, is_model, list_models, regist
 from equiray.models import small as _small  # noqa: F401  (registers equiray's own models)
 from equiray.models import orbit as _orbit  # noqa: F401
 from equiray.models.orbit import OrbitAveraged
-from equiray.models.small import SmallCNN, MaskedConv2d, SUPPORTS
+from equiray.models.small import SmallCNN, PaperCNN, MaskedConv2d, SUPPORTS, effective_parameters
 
-__all__ = ["create_model", "is_model", "list_models", "register_model", "SmallCNN", "MaskedConv2d", "SUPPORTS",
-           "OrbitAveraged"]
+__all__ = ["create_model", "is_model", "list_models", "register_model", "SmallCNN", "PaperCNN", "MaskedConv2d",
+           "SUPPORTS", "OrbitAveraged", "effective_parameters"]

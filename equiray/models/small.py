@@ -11,14 +11,18 @@ import torch.nn.functional as F
 from equiray.errors import EquirayError
 from equiray.models._registry import register_model
 
-Support = Literal["full", "symmetric", "asymmetric"]
+Support = Literal["full", "symmetric", "asymmetric", "cross_corner"]
 
 # 3x3 filter supports. "symmetric" (plus shape) and "full" are closed under rot90 and flips, so the set of
-# layers the net can express is closed under C4/D4 (condition (a) of the paper's theorem); "asymmetric" is not.
+# layers the net can express is closed under C4/D4 (condition (a) of the paper's theorem); the other two are not.
+# "asymmetric" is equiray's (six taps; its symmetric core is the centre tap alone); "cross_corner" is the paper's
+# (the four arms of the plus and the top-left corner, no centre: five taps, as many as "symmetric"; its symmetric
+# core, where an invariant initialisation keeps its weights, is the 4-tap cross).
 SUPPORTS: dict[str, torch.Tensor] = {
     "full": torch.ones(3, 3),
     "symmetric": torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]),
     "asymmetric": torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),
+    "cross_corner": torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
 }
 
 
@@ -49,6 +53,8 @@ def fast_tanh(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32 and x.device.type == "cpu":
         if torch.is_grad_enabled() and x.requires_grad:
             return _SigmoidTanh.apply(x)
+        if torch.is_grad_enabled():  # e.g. under vmap, where a tensor's requires_grad does not show: out of place
+            return torch.sigmoid(x * 2) * 2 - 1
         return torch.sigmoid(x * 2).mul_(2).sub_(1)  # no backward: plain ops (which TorchScript can trace)
     return torch.tanh(x)
 
@@ -77,10 +83,11 @@ class MaskedConv2d(nn.Conv2d):
 
 
 class SmallCNN(nn.Module):
-    """Three bias-free 3x3 conv layers with ``width`` channels, each followed by a normalisation over the whole
-    feature map (LayerNorm as GroupNorm(1, C): per-channel affine, so it commutes with rotations) and tanh;
-    then a global average pool and a linear head. No BatchNorm running statistics, so members train under
-    ``torch.func.vmap``.
+    """equiray's compact ensemble member: three bias-free 3x3 conv layers with ``width`` channels at full
+    resolution, each followed by GroupNorm(1, C) (a normalisation over all channels and positions, with a
+    per-channel affine, so it commutes with rotations) and tanh; then a global average pool and a linear head with
+    a bias (2,906 parameters at width 16 on the symmetric support, any input size). No BatchNorm running statistics, so members train under
+    ``torch.func.vmap``. The paper's own network is :class:`PaperCNN`.
     """
 
     def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 16, depth: int = 3,
@@ -102,6 +109,54 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(-2, -1)))  # (B, C, H, W) -> (B, C) -> (B, classes)
 
 
+class PaperCNN(nn.Module):
+    """The network of Nordenfors & Flinth's experiment (their reference code's ``omegaCNN``): three bias-free 3x3
+    convs of ``width`` channels on a filter support, the first two each followed by a 2x2 average pool, each by
+    tanh and a LayerNorm over the feature map's positions without affine (per sample and channel); the last map
+    flattened into a linear layer without bias. Every weight starts N(0, 1) (zero outside the support). At 28x28
+    and width 16: 10,480 weights on a 5-tap support (2,640 in the convs, 7,840 in the head). The head reads
+    positions, not a pooled vector, so the net is not invariant by construction; the set of heads is closed under
+    the group (a full linear map), as the theorem needs.
+    """
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 16, support: Support = "symmetric",
+                 input_size: int = 28):
+        super().__init__()
+        if input_size % 4:
+            raise EquirayError(f"nf_cnn: input_size must be a multiple of 4 (two 2x2 pools), not {input_size}")
+        self.convs = nn.ModuleList([MaskedConv2d(in_chans, width, support), MaskedConv2d(width, width, support),
+                                    MaskedConv2d(width, width, support)])
+        self.head = nn.Linear(width * (input_size // 4) ** 2, num_classes, bias=False)
+        with torch.no_grad():
+            for conv in self.convs:
+                nn.init.normal_(conv.weight).mul_(conv.mask)
+            nn.init.normal_(self.head.weight)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i < 2:
+                x = F.avg_pool2d(x, 2)
+            x = fast_tanh(x)
+            x = F.layer_norm(x, x.shape[-2:])
+        return self.head(x.flatten(-3))
+
+
+def effective_parameters(model: nn.Module) -> int:
+    """Trainable weights, counting a masked conv's kernel only on its support (the paper's count)."""
+    total = 0
+    for module in model.modules():
+        own = [p for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if isinstance(module, MaskedConv2d):
+            total += int(module.mask.count_nonzero()) * module.in_channels * module.out_channels
+            own = [p for p in own if p is not module.weight]
+        total += sum(p.numel() for p in own)
+    return total
+
+
 def _no_hub_weights(name: str, pretrained: bool) -> None:
     if pretrained:
         raise EquirayError(f"{name} has no hub weights; its pretrained weights come from an equiray pipeline "
@@ -111,9 +166,18 @@ def _no_hub_weights(name: str, pretrained: bool) -> None:
 @register_model
 def small_cnn(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool = False, width: int = 16,
               depth: int = 3, support: Support = "full") -> nn.Module:
-    """The ensemble member of Nordenfors & Flinth (3 x 16-channel 3x3 convs, tanh, LayerNorm, avg pool)."""
+    """equiray's compact augmentation-ensemble member (:class:`SmallCNN`: 3 x 16-channel 3x3 convs with
+    GroupNorm and tanh, global average pool, linear head); the paper's network is ``nf_cnn``."""
     _no_hub_weights("small_cnn", pretrained)
     return SmallCNN(in_chans, num_classes, width=width, depth=depth, support=support)
+
+
+@register_model
+def nf_cnn(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool = False, width: int = 16,
+           support: Support = "symmetric", input_size: int = 28) -> nn.Module:
+    """Nordenfors & Flinth's experiment network (:class:`PaperCNN`; 10,480 weights at 28x28 on a 5-tap support)."""
+    _no_hub_weights("nf_cnn", pretrained)
+    return PaperCNN(in_chans, num_classes, width=width, support=support, input_size=input_size)
 
 
 @register_model

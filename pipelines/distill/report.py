@@ -9,7 +9,7 @@ METRIC_PREFIX = {TEACHER: "teacher", STUDENT: "student"}  # the MLflow metrics o
 
 def distill_table(rows: Mapping[str, Mapping[str, float]], group: str) -> str:
     lines = [f"| model | accuracy | {group}-orbit accuracy | OSP (max {next(iter(rows.values()))['orbit_size']}) "
-             "| sym. KL | ms / image |", "|---|---|---|---|---|---|"]
+             "| sym. KL (g != e) | ms / image |", "|---|---|---|---|---|---|"]
     for who, m in rows.items():
         lines.append(f"| {who} | {m['accuracy'] * 100:.1f}% | {m['orbit_accuracy'] * 100:.1f}% | {m['osp']:.3f} | "
                      f"{m['kl']:.4f} | {m['ms_per_image']:.3f} |")

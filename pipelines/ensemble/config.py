@@ -12,7 +12,7 @@ from pipelines._common import DataConfig, ScalingConfig, TrackingConfig
 @dataclass(frozen=True)
 class SettingConfig:
     name: str
-    support: Literal["full", "symmetric", "asymmetric"] = "symmetric"
+    support: Literal["full", "symmetric", "asymmetric", "cross_corner"] = "symmetric"  # equiray.models.SUPPORTS
     augment: bool = True
     init: Literal["default", "invariant"] = "default"
 
@@ -27,7 +27,9 @@ DEFAULT_SETTINGS = (
 
 @dataclass(frozen=True)
 class MemberConfig:
-    name: str = "small_cnn"  # small_cnn (Nordenfors & Flinth's net) or any model without BatchNorm
+    # small_cnn (equiray's compact member), nf_cnn (the paper's network: configs/ensemble_paper.yaml) or any
+    # model without BatchNorm
+    name: str = "small_cnn"
     kwargs: dict[str, Any] = field(default_factory=lambda: {"width": 16})
 
 

@@ -12,9 +12,9 @@ tag).
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 __all__ = ["ImageClassifier"]
 
@@ -39,9 +39,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.model.eval()
         self.classes = [str(c) for c in (spec.get("classes") or range(spec["num_classes"]))]
 
-    def predict(self, context, model_input: Any, params: dict | None = None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        # the hint is one MLflow takes as it is (a list[...] hint would make it infer a schema; none, warn)
         from equiray.inference import decode_image, predict_detailed, to_model_input
 
         if isinstance(model_input, pd.DataFrame):

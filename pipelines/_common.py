@@ -9,7 +9,7 @@ import torch
 
 from equiray.data import resize
 from equiray.errors import ConfigError
-from pipelines._ray import say
+from pipelines._ray import say, verbose
 
 
 @dataclass(frozen=True)
@@ -147,15 +147,42 @@ def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, st
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(Path(storage_path).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            # the controller's worker-group lines and the workers' checkpoint lines only with -v
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all" if split_data else [],
                                             execution_options=ingest_options()),
     )
-    result = trainer.fit()
+    result = _fit_interruptibly(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"{run_name} ended without a checkpoint: {result.error}")
     return result
+
+
+def _fit_interruptibly(trainer):
+    """``trainer.fit()`` on a helper thread, waited for here. On the main thread Ray Train V2 installs a SIGINT
+    handler of its own (it aborts the run, then the process exits with status 1 and prints nothing, and the handler
+    stays installed after fit); on another thread it does not, so Ctrl+C raises KeyboardInterrupt here as anywhere
+    else in equiray: the stage ends its MLflow run KILLED, the CLI says `interrupted` and exits 130, and the run's
+    Train controller and workers, actors of this process's Ray job, end with it."""
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it was
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -21,19 +21,65 @@ SERVE_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_M
              "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
+# A local Ray runs on one machine, which no cloud preempts: Ray Train's preemption watcher (an actor per run, and a
+# core-worker error line about its restart policy) has nothing to watch there. Clusters keep it.
+LOCAL_ENV = {**SERVE_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def local_ray_env() -> None:
-    """Set :data:`SERVE_ENV` in this process's environment, where not set already, before a local Ray starts."""
-    for key, value in SERVE_ENV.items():
+    """Set :data:`LOCAL_ENV` in this process's environment, where not set already, before a local Ray starts."""
+    for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
 
 
+# The libraries' loggers that print progress of their own at INFO (Ray Train's checkpoints and reports, the
+# Train controller's worker-group lines, Ray Data's datasets, Tune, Serve's controller and proxy): at WARNING
+# unless -v. "" is the root logger: Ray Train V2 logs its reports under a logger named by its file's path.
+QUIET_LOGGERS = ("", "ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow", "urllib3", "filelock")
+
+
+def verbose() -> bool:
+    """Whether the user asked for the libraries' own lines (``equiray -v``: debug logging)."""
+    return logging.getLogger("pipelines").isEnabledFor(logging.DEBUG)
+
+
+def quiet_logging(*, root: bool = False) -> None:
+    """The libraries' INFO lines off in this process (the driver's, when not verbose); ``root``: the root logger
+    too (a worker, where equiray's own progress goes through :func:`say`, not logging)."""
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data configures its logger on import
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new console output prints tables at any verbosity
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its logger on import
+    for name in QUIET_LOGGERS:
+        if name or root:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def quiet_worker() -> None:
+    """The job's ``worker_process_setup_hook``: every Ray worker process of a pipeline (Train workers and
+    controller, Tune trials, Data coordinators, Serve actors) runs it before anything else."""
+    import importlib.util
+
+    quiet_logging(root=True)
+    # Ray Train V2 logs each report under a logger named by its module's file path, below its own configuration
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    # Ray Data warns that its progress bars are off, which the pipelines chose (they print their own progress)
+    logging.getLogger("ray.data._internal.progress").addFilter(
+        lambda record: "Progress bars disabled" not in record.getMessage())
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Connect to ``address`` / ``RAY_ADDRESS`` or start a local Ray; a no-op when Ray is already up."""
+    """Connect to ``address`` / ``RAY_ADDRESS`` or start a local Ray; a no-op when Ray is already up. Unless
+    verbose, the libraries' INFO lines are silenced here and in the job's workers (:func:`quiet_logging`)."""
     import ray
 
     if ray.is_initialized():
         quiet_data_progress()
         return
+    quiet = not verbose()
+    if quiet:
+        quiet_logging()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith(("http://", "https://")):
@@ -51,7 +97,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     else:
         log.info("connecting to the Ray cluster at %s", address)  # inside a Ray job: the job's own cluster
     try:
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True, **kwargs)
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True,
+                 runtime_env={"worker_process_setup_hook": quiet_worker} if quiet else None, **kwargs)
     except ConnectionError as exc:
         raise EquirayError(f"no Ray cluster answers at {address!r} ({exc}); start one (`ray start --head`) or "
                            "unset RAY_ADDRESS to run locally") from None
@@ -65,6 +112,19 @@ def quiet_data_progress() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
+
+
+_CLUSTER_LOGGED: set[str] = set()
+
+
+def log_cluster_once() -> None:
+    """``Ray: 2 CPUs, ...`` in the log, once per cluster this process runs on (a demo's stages share one)."""
+    import ray
+
+    key = ray.get_runtime_context().gcs_address if ray.is_initialized() else ""
+    if key not in _CLUSTER_LOGGED:
+        _CLUSTER_LOGGED.add(key)
+        log.info("Ray: %s", cluster_summary())
 
 
 def cluster_summary() -> str:

@@ -248,6 +248,7 @@ def _version() -> str:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")  # mlflow reads it on import
     for noisy in ("alembic", "mlflow", "urllib3", "filelock", "ray", "timm", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

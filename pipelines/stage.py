@@ -146,7 +146,7 @@ class Stage(Generic[ConfigT, ResultT]):
     def run(self) -> ResultT:
         import mlflow
 
-        from pipelines._ray import cluster_summary, init_ray
+        from pipelines._ray import init_ray, log_cluster_once
 
         uri = tracking.tracking_uri()
         experiment_id = tracking.setup(self.tracking.experiment, uri)
@@ -162,7 +162,7 @@ class Stage(Generic[ConfigT, ResultT]):
                                            registered=self.registered, model_uri=mv.source)
         resumed = self.resumed_run()
         init_ray()
-        log.info("Ray: %s", cluster_summary())
+        log_cluster_once()
         run_name = self.tracking.run_name or self.default_run_name()
         with mlflow.start_run(run_id=resumed, run_name=None if resumed else run_name) as active:
             ctx = StageRun(active.info.run_id, run_name, experiment_id, uri, cfg_hash, self.report_dir)

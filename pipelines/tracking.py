@@ -12,10 +12,15 @@ path serving uses).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
+import re
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -153,7 +158,6 @@ def source_tags() -> dict[str, str]:
     ``mlflow.source.git.*`` tags, which it sets only for scripts run from a repository), whether the checkout had
     uncommitted changes, and the versions of equiray and the libraries that shape a result."""
     import subprocess
-    import sys
 
     import mlflow
     import ray
@@ -230,10 +234,15 @@ def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "m
         spec_path.write_text(json.dumps(dict(spec), indent=2))
         weights = Path(tmp) / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=str(Path(equiray.__file__).parent / "_pyfunc_model.py"), artifacts={"spec": str(spec_path), "weights": str(weights)},
-            code_paths=[str(Path(equiray.__file__).parent)], pip_requirements=requirements(),
-            signature=signature(spec))
+        with warnings.catch_warnings():
+            # the signature is given (image bytes in): MLflow's advice to add an input example (which it would run
+            # through the model at logging time) says nothing a user can act on (its message starts with a colour)
+            warnings.filterwarnings("ignore", message=r".*An input example was not provided")
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=str(Path(equiray.__file__).parent / "_pyfunc_model.py"),
+                artifacts={"spec": str(spec_path), "weights": str(weights)},
+                code_paths=[str(Path(equiray.__file__).parent)], pip_requirements=requirements(),
+                signature=signature(spec))
     return info.model_uri
 
 
@@ -334,7 +343,14 @@ def register(model_uri: str, name: str, alias: str, *, tags: Mapping[str, Any] |
     import mlflow
     from mlflow import MlflowClient
 
-    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # MLflow prints its registry steps; equiray says it in one line below
+            mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    finally:
+        chatter = re.compile(r"Successfully registered model|Registered model .* already exists|Created version ")
+        sys.stderr.write("".join(line for line in said.getvalue().splitlines(keepends=True)
+                                 if not chatter.match(line)))
     MlflowClient().set_registered_model_alias(name, alias, mv.version)
     log.info("registered %s version %s as %s@%s", model_uri, mv.version, name, alias)
     return str(mv.version)

@@ -125,7 +125,7 @@ def prepare(source: str, out_dir: str | os.PathLike, *, options: SourceOptions =
         except DataError:
             meta = None
         if meta and meta.get("source") == source and meta.get("options") == options_meta:
-            log.info("%s already prepared in %s; skipping", source, out)
+            log.debug("%s already prepared in %s; skipping", source, out)
             return meta
         raise DataError(f"{out} already exists and holds something else; pass --overwrite to replace it")
     ds = load_source(source, options)

@@ -32,6 +32,8 @@ def write_report(path: Path, cfg: DemoConfig, meta: dict, out: DemoResult, secon
 
 Generated {time.strftime('%Y-%m-%d %H:%M:%S')} in {seconds / 60:.1f} min. MLflow: `{tracking}`{demo_run}.
 
+{_summary_section(out)}
+{_environment_section()}
 ## 1. Data
 `{meta['source']}` as Parquet shards in `{cfg.pretrain.data.dir}`: {', '.join(f"{s} {n}" for s, n in meta['rows'].items())}
 images of shape {tuple(meta['shape'])} (H, W, C), {meta['num_classes']} classes.
@@ -190,6 +192,63 @@ ms per image on a batch of {r.latency_batch} on this machine, next to the backbo
 {chr(10).join(rb.verdict)}
 
 {curve}"""
+
+
+def _summary_section(out: DemoResult) -> str:
+    """What the demo trained and serves, in a few lines, and where each stage's run is."""
+    lines = ["## Summary"]
+    rb = out.robust
+    if rb is not None and rb.rows:
+        best = next((r for r in rb.rows if r["name"] == rb.champion), None)
+        if best is not None:
+            bb = rb.backbone
+            lines.append(
+                f"**Served by default: `{rb.registered}`** (version {rb.version}, the candidate `{rb.champion}`): "
+                f"{100 * best['upright_accuracy']:.2f}% upright, {100 * best['so2_accuracy']:.2f}% at a random angle "
+                f"(SO(2)), {100 * best['o2_accuracy']:.2f}% after a random mirror too (O(2)) on the test set, one "
+                f"seed; the upright-trained backbone reads {100 * bb['upright_accuracy']:.2f}% / "
+                f"{100 * bb['so2_accuracy']:.2f}% / {100 * bb['o2_accuracy']:.2f}%. "
+                + ("It keeps the backbone's upright accuracy within the rule's tolerance." if rb.rule_met else
+                   "No candidate kept the backbone's upright accuracy within the rule's tolerance: it is the best "
+                   "SO(2) of all."))
+    if out.serve is not None:
+        lines.append(f"The Serve endpoint answered {out.serve.requests} HTTP requests with `{out.serve.model}` "
+                     f"(version {out.serve.version}) in {out.serve.seconds:.1f} s.")
+    runs = dict(out.stage_runs())
+    registered = out.registered()
+    if registered:
+        lines += ["", "| model registered | version | made by the run |", "|---|---:|---|"]
+        stage_of = {}
+        for stage in ("pretrain", "ensemble", "distill", "canon", "any_angle", "ftp", "robust"):
+            result = getattr(out, stage)
+            if result is not None:
+                stage_of[result.registered] = stage
+        if out.nfn is not None:
+            for stage, part in (("nfn", out.nfn.train), ("nfn_members", out.nfn.members)):
+                if part is not None:
+                    stage_of[part.registered] = stage
+        for uri, version in registered:
+            stage = stage_of.get(uri, "")
+            lines.append(f"| `{uri}` | {version} | {stage} `{runs.get(stage, '-')}` |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _environment_section() -> str:
+    """The code and the machine behind the numbers (the stage runs carry the same as tags)."""
+    import os
+    import platform
+
+    from pipelines.tracking import source_tags
+
+    tags = source_tags()
+    commit = tags.get("mlflow.source.git.commit")
+    code = (f"commit `{commit[:12]}`" + (" with uncommitted changes" if tags.get("equiray.git.dirty") == "true" else "")
+            if commit else "not a git checkout")
+    return (f"Environment: equiray {tags['equiray.version']} ({code}); Python {tags['python.version']}, torch "
+            f"{tags['torch.version']}, Ray {tags['ray.version']}, MLflow {tags['mlflow.version']}; "
+            f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs. Seeds: each stage's config "
+            "(`train.seed`, 0 unless set; the robust views' `seed`).\n")
 
 
 def _costs_section(stage_seconds, seconds: float) -> str:

@@ -77,7 +77,7 @@ def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> Z
     import ray
 
     from equiray.data import read_split
-    from pipelines._ray import cluster_summary, init_ray, say
+    from pipelines._ray import init_ray, log_cluster_once, say
 
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
@@ -98,7 +98,7 @@ def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> Z
     rng = np.random.default_rng(cfg.seed)
     hps = [cfg.space.sample(rng) for _ in range(cfg.nets)]
     init_ray()
-    log.info("Ray: %s", cluster_summary())
+    log_cluster_once()
     task = ray.remote(_train_chunk).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None)
     data_ref = ray.put(data)
     # Nets with similar training fractions share a chunk: a vectorized chunk runs as many steps as its longest net.

@@ -16,7 +16,7 @@ from ray import serve
 
 from equiray.config import load_config, to_dict
 from equiray.errors import ConfigError, EquirayError
-from pipelines._ray import say
+from pipelines._ray import say, verbose
 from pipelines.serve.config import DEPLOYMENT, ServeConfig, deployment_options
 from pipelines.serve.replica import EquirayModel
 
@@ -113,7 +113,9 @@ def code_version() -> str:
 
 def build_application(cfg: ServeConfig, ref: ModelRef, options: dict | None = None):
     options = dict(options or {})
-    options.setdefault("logging_config", {"enable_access_log": cfg.access_log})
+    # the replica's own INFO lines (and access lines, which Serve logs at INFO) only when asked for
+    options.setdefault("logging_config", {"enable_access_log": cfg.access_log,
+                                          "log_level": "INFO" if cfg.access_log or verbose() else "WARNING"})
     try:
         deployment = EquirayModel.options(user_config=user_config(cfg, ref), **options)
         # serve.run gives every deploy a random code version, so Serve replaced the replica on each model swap:
@@ -170,7 +172,8 @@ def _start_http(cfg: ServeConfig, port: int) -> tuple[str, int]:
         except Exception:  # noqa: BLE001 - a private API; fall back to the configured address
             return cfg.host, cfg.port
     port = _check_port(cfg.host, port)
-    serve.start(http_options={"host": cfg.host, "port": port})
+    serve.start(http_options={"host": cfg.host, "port": port},
+                logging_config={"log_level": "INFO" if verbose() else "WARNING"})  # the controller's and proxy's
     return cfg.host, port
 
 

@@ -266,3 +266,40 @@ def to_plain(cfg):
     from equiray.config import to_dict
 
     return to_dict(cfg)
+
+
+def test_a_run_prints_equirays_lines_not_the_libraries(ray_session, tmp_path):
+    """Ray Train (pretrain: its workers, controller, Ray Data) and Tune (a sweep: trials, tables) as a user runs
+    them: fewer than 5% of the lines they print are the libraries' own (issue 20; the demo's log read 44%)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from logfilter import library_lines
+
+    root = Path(__file__).resolve().parents[2]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register_backbone(tmp_path / "digits", uri)
+    sweep = to_plain(small_config(tmp_path, train={"epochs": 1, "batch_size": 64}, grid={
+        "kind": ["equivariant"], "group": ["C4"], "prior_weight": [0, 100], "backbone": ["finetune"]}))
+    (tmp_path / "canon.yaml").write_text(yaml.safe_dump(sweep))
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump({
+        "data": {"source": "digits", "dir": str(tmp_path / "digits")},
+        "model": {"name": "small_cnn", "kwargs": {"width": 8}}, "train": {"epochs": 2, "batch_size": 64},
+        "scaling": {"cpus_per_worker": 0.5}, "tracking": {"experiment": "test-quiet"},
+        "storage_path": str(tmp_path / "runs")}))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
+           "PYTHONPATH": str(root)}
+    printed = ""
+    for args in (["pipelines.pretrain", "--config", "pretrain.yaml"],
+                 ["pipelines.canon", "sweep", "--config", "canon.yaml"]):
+        res = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        printed += res.stdout + res.stderr
+    found, total = library_lines(printed)
+    assert total > 20  # the runs said what they did: epochs, tables, what was registered
+    assert len(found) < 0.05 * total, f"{len(found)} of {total} lines are the libraries':\n" + "\n".join(found)

@@ -111,6 +111,11 @@ def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert out.pretrain.reused and out.report.endswith("demo.md")
     assert "models:/equiray-backbone@pretrained" in report and "| upright test" in report
+    # the summary at the top: what was registered and by which run; the code and the machine behind it
+    summary = report.split("## Summary", 1)[1].split("## 1. Data", 1)[0]
+    assert f"| `models:/equiray-backbone@pretrained` | {out.pretrain.version} | pretrain `{out.pretrain.run_id}` |" \
+        in summary
+    assert "Environment: equiray " in summary and f"torch {torch.__version__}" in summary
     assert "![pretrain_views](pretrain_views.png)" in report and (tmp_path / "reports" / "pretrain_views.png").is_file()
     assert f"{result.accuracy['upright'] * 100:7.2f}%" in printed and "report:" in printed
     # the demo is one MLflow run of its own: the report as an artifact, tagged with each stage's run and back
@@ -133,3 +138,41 @@ def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):
             run_demo(DemoConfig(pretrain=cfg, reuse=True, stages=("pretrain",)), report_dir=tmp_path / "again")
     runs = client.search_runs([demo.info.experiment_id], order_by=["attributes.start_time DESC"])
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+
+
+def test_ctrl_c_mid_training_is_one_line_130_and_a_killed_run(ray_session, tmp_path):
+    """SIGINT while Ray Train's workers are in an epoch: `interrupted` and exit 130, no traceback, the stage's MLflow
+    run KILLED (not FAILED, not RUNNING), nothing registered."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump({
+        "data": {"source": "digits", "dir": str(tmp_path / "digits")},
+        "model": {"name": "small_cnn", "kwargs": {"width": 8}}, "train": {"epochs": 500, "batch_size": 64},
+        "scaling": {"cpus_per_worker": 0.5}, "tracking": {"experiment": "test-interrupt"},
+        "storage_path": str(tmp_path / "runs")}))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.pretrain", "--config", "pretrain.yaml"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = mlflow.MlflowClient(uri)
+    deadline, training = time.time() + 240, False
+    while time.time() < deadline and proc.poll() is None and not training:
+        exp = client.get_experiment_by_name("test-interrupt")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        training = any(client.get_metric_history(r.info.run_id, "train_loss") for r in runs)
+        time.sleep(0.5)
+    assert training, proc.communicate()[1] if proc.poll() is not None else "no epoch before the deadline"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err, err
+    exp = client.get_experiment_by_name("test-interrupt")
+    assert {r.info.status for r in client.search_runs([exp.experiment_id])} == {"KILLED"}
+    assert not client.search_registered_models()

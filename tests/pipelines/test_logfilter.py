@@ -1,0 +1,31 @@
+"""The filter the quiet-logs test counts library lines with: it must catch what the demo printed before."""
+from logfilter import library_lines
+
+# lines of a demo log from before the libraries were quieted (2026-12-06), and equiray's own
+LIBRARY_LINES = """\
+(RayTrainWorker pid=19761) Checkpoint successfully created at: Checkpoint(filesystem=local, path=/runs/x)
+(TrainController pid=19646) Requesting resources: {'CPU': 1.0} * 1
+(SplitCoordinator pid=1) ✔️  Dataset train_0359_0 execution finished in 8.90 seconds
+/x/.venv/lib/python3.11/site-packages/mlflow/pyfunc/__init__.py:3344: UserWarning: An input example was not provided.
+  color_warning(
+Registered model 'equiray-backbone' already exists. Creating a new version of this model...
+│ Search algorithm                 BasicVariantGenerator  │
+(ServeReplica:equiray:EquirayModel pid=23606) INFO 2026-12-06 03:50:01,123 equiray_EquirayModel abc replica.py:1 -- ok
+2026-12-06 03:36:18,266 INFO worker.py:1 -- Started a local Ray instance.
+View detailed results here: /work/main/runs/canon-sweep-20261206-034142
+"""
+EQUIRAY_LINES = """\
+=== [2/10] pretrain: resnet8 on upright data with Ray Train, 3 epochs
+(RayTrainWorker pid=19761) [pretrain] epoch 1/3  loss 0.4782  train acc 0.8278  val acc 0.8638  (21 s, 2535 samples/s)
+(_trial pid=22885) [ftp] finetune epoch 1/6  loss 1.356  ID val 0.782  OOD mean 0.524  (1.8 s)
+| pretrained backbone            | accuracy |
+registered models:/m-f8d21f4f2f454a989bdefd98e42caa09 version 2 as equiray-backbone@pretrained
+Ray: 2 CPUs, 0 GPUs on 1 node(s)
+"""
+
+
+def test_the_filter_tells_library_lines_from_equirays():
+    found, total = library_lines(LIBRARY_LINES)
+    assert total == 10 and len(found) == 10, set(LIBRARY_LINES.splitlines()) - set(found)
+    found, total = library_lines(EQUIRAY_LINES + "\n\n")
+    assert total == 6 and found == []

@@ -28,6 +28,10 @@ def library_lines(text: str) -> tuple[list[str], int]:
         if not line.strip():
             continue
         total += 1
+        if line.startswith("(raylet)"):  # Ray's node daemon: never equiray's
+            found.append(line)
+            after_warning = False
+            continue
         m = RAY_PREFIX.match(line)
         body = m.group(2) if m else line
         if m:

@@ -86,8 +86,8 @@ class SmallCNN(nn.Module):
     """equiray's compact ensemble member: three bias-free 3x3 conv layers with ``width`` channels at full
     resolution, each followed by GroupNorm(1, C) (a normalisation over all channels and positions, with a
     per-channel affine, so it commutes with rotations) and tanh; then a global average pool and a linear head with
-    a bias (2,906 parameters at width 16 on the symmetric support, any input size). No BatchNorm running statistics, so members train under
-    ``torch.func.vmap``. The paper's own network is :class:`PaperCNN`.
+    a bias (2,906 parameters at width 16 on the symmetric support, any input size). No BatchNorm running
+    statistics, so members train under ``torch.func.vmap``. The paper's own network is :class:`PaperCNN`.
     """
 
     def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 16, depth: int = 3,
@@ -149,7 +149,7 @@ def effective_parameters(model: nn.Module) -> int:
     """Trainable weights, counting a masked conv's kernel only on its support (the paper's count)."""
     total = 0
     for module in model.modules():
-        own = [p for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if isinstance(module, MaskedConv2d):
             total += int(module.mask.count_nonzero()) * module.in_channels * module.out_channels
             own = [p for p in own if p is not module.weight]

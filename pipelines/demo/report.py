@@ -215,21 +215,10 @@ def _summary_section(out: DemoResult) -> str:
         lines.append(f"The Serve endpoint answered {out.serve.requests} HTTP requests with `{out.serve.model}` "
                      f"(version {out.serve.version}) in {out.serve.seconds:.1f} s.")
     runs = dict(out.stage_runs())
-    registered = out.registered()
+    registered = out.registered_by_stage()
     if registered:
         lines += ["", "| model registered | version | made by the run |", "|---|---:|---|"]
-        stage_of = {}
-        for stage in ("pretrain", "ensemble", "distill", "canon", "any_angle", "ftp", "robust"):
-            result = getattr(out, stage)
-            if result is not None:
-                stage_of[result.registered] = stage
-        if out.nfn is not None:
-            for stage, part in (("nfn", out.nfn.train), ("nfn_members", out.nfn.members)):
-                if part is not None:
-                    stage_of[part.registered] = stage
-        for uri, version in registered:
-            stage = stage_of.get(uri, "")
-            lines.append(f"| `{uri}` | {version} | {stage} `{runs.get(stage, '-')}` |")
+        lines += [f"| `{uri}` | {version} | {stage} `{runs.get(stage, '-')}` |" for stage, uri, version in registered]
     lines.append("")
     return "\n".join(lines)
 

@@ -48,12 +48,14 @@ class DemoResult:
 
     def registered(self) -> list[tuple[str, str]]:
         """``(models:/name@alias, version)`` of every model the demo's stages registered, in stage order."""
-        out = []
-        for stage in (self.pretrain, self.ensemble, self.distill, self.canon, self.any_angle, self.ftp):
-            if stage is not None:
-                out.append((stage.registered, stage.version))
+        return [(uri, version) for _, uri, version in self.registered_by_stage()]
+
+    def registered_by_stage(self) -> list[tuple[str, str, str]]:
+        """``(stage, models:/name@alias, version)`` of every registered model, in stage order (the names
+        :meth:`stage_runs` gives their runs)."""
+        parts = [(name, getattr(self, name)) for name in ("pretrain", "ensemble", "distill", "canon", "any_angle",
+                                                            "ftp")]
         if self.nfn is not None:
-            out += [(r.registered, r.version) for r in (self.nfn.train, self.nfn.members) if r is not None]
-        if self.robust is not None:
-            out.append((self.robust.registered, self.robust.version))
-        return out
+            parts += [("nfn", self.nfn.train), ("nfn_members", self.nfn.members)]
+        parts.append(("robust", self.robust))
+        return [(name, r.registered, r.version) for name, r in parts if r is not None]

@@ -223,35 +223,19 @@ def test_ctrl_c_stops_the_sweep_with_one_line_and_ends_its_run(ray_session, tmp_
     """SIGINT to a sweep running as its own driver on the shared Ray, once a trial is training: Tune stops the
     trials, the command prints `interrupted` (no traceback), exits 130 and leaves no MLflow run RUNNING (the
     sweep's, and every started trial's, KILLED)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     import yaml
 
-    root = Path(__file__).resolve().parents[2]
+    from drivers import driver_env, interrupt_once_training, start
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register_backbone(tmp_path / "digits", uri)
     raw = to_plain(small_config(tmp_path, train={"epochs": 50, "batch_size": 16}, grid={
         "kind": ["equivariant"], "group": ["C4"], "prior_weight": [0], "backbone": ["finetune"]}))
     (tmp_path / "canon.yaml").write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
-           "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.canon", "sweep", "--config", str(tmp_path / "canon.yaml")],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(["pipelines.canon", "sweep", "--config", str(tmp_path / "canon.yaml")], cwd=tmp_path,
+                 env=driver_env(ray_session, uri))
+    err = interrupt_once_training(proc, uri, "test-canon")
     client = mlflow.MlflowClient(uri)
-    deadline, training = time.time() + 240, False
-    while time.time() < deadline and proc.poll() is None and not training:
-        exp = client.get_experiment_by_name("test-canon")
-        runs = client.search_runs([exp.experiment_id]) if exp else []
-        training = any(client.get_metric_history(r.info.run_id, "train_loss") for r in runs)
-        time.sleep(0.5)
-    assert training, proc.communicate()[1] if proc.poll() is not None else "no epoch before the deadline"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
     exp = client.get_experiment_by_name("test-canon")
@@ -271,16 +255,14 @@ def to_plain(cfg):
 def test_a_run_prints_equirays_lines_not_the_libraries(ray_session, tmp_path):
     """Ray Train (pretrain: its workers, controller, Ray Data) and Tune (a sweep: trials, tables) as a user runs
     them: fewer than 5% of the lines they print are the libraries' own (issue 20; the demo's log read 44%)."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     import yaml
 
+    from drivers import driver_env
     from logfilter import library_lines
 
-    root = Path(__file__).resolve().parents[2]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register_backbone(tmp_path / "digits", uri)
     sweep = to_plain(small_config(tmp_path, train={"epochs": 1, "batch_size": 64}, grid={
@@ -291,8 +273,7 @@ def test_a_run_prints_equirays_lines_not_the_libraries(ray_session, tmp_path):
         "model": {"name": "small_cnn", "kwargs": {"width": 8}}, "train": {"epochs": 2, "batch_size": 64},
         "scaling": {"cpus_per_worker": 0.5}, "tracking": {"experiment": "test-quiet"},
         "storage_path": str(tmp_path / "runs")}))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
-           "PYTHONPATH": str(root)}
+    env = driver_env(ray_session, uri)
     printed = ""
     for args in (["pipelines.pretrain", "--config", "pretrain.yaml"],
                  ["pipelines.canon", "sweep", "--config", "canon.yaml"]):

@@ -1,7 +1,6 @@
 """The robust fine-tuning search end to end on the shared local Ray: real Ray Tune trials with ASHA and a searcher,
 nested MLflow runs, a champion in the registry, and an interrupted search resumed without re-running finished
 trials."""
-import os
 import signal
 import subprocess
 import sys
@@ -16,11 +15,11 @@ from equiray.config import load_config
 from equiray.errors import ConfigError, EquirayError
 from pipelines import tracking
 from pipelines.ftp import FTPConfig, load_task, run_tune
+
+from drivers import driver_env
 from test_canon_sweep import register_backbone
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def small_config(root: Path, **over) -> dict:
@@ -124,11 +123,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
                        resources={"cpus_per_trial": 0.5, "max_concurrent": 1}, train={"epochs": 6, "batch_size": 16})
     raw["name"] = "interrupted"
     cfg_file.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
-           "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.ftp", "tune", "--config", str(cfg_file)], cwd=tmp_path,
-                            env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=driver_env(ray_session, uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     client = mlflow.MlflowClient(uri)
     deadline = time.time() + 240
     finished = []

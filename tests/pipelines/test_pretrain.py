@@ -143,13 +143,9 @@ def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):
 def test_ctrl_c_mid_training_is_one_line_130_and_a_killed_run(ray_session, tmp_path):
     """SIGINT while Ray Train's workers are in an epoch: `interrupted` and exit 130, no traceback, the stage's MLflow
     run KILLED (not FAILED, not RUNNING), nothing registered."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import yaml
+
+    from drivers import driver_env, interrupt_once_training, start
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump({
@@ -157,20 +153,9 @@ def test_ctrl_c_mid_training_is_one_line_130_and_a_killed_run(ray_session, tmp_p
         "model": {"name": "small_cnn", "kwargs": {"width": 8}}, "train": {"epochs": 500, "batch_size": 64},
         "scaling": {"cpus_per_worker": 0.5}, "tracking": {"experiment": "test-interrupt"},
         "storage_path": str(tmp_path / "runs")}))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.pretrain", "--config", "pretrain.yaml"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(["pipelines.pretrain", "--config", "pretrain.yaml"], cwd=tmp_path, env=driver_env(ray_session, uri))
+    err = interrupt_once_training(proc, uri, "test-interrupt")
     client = mlflow.MlflowClient(uri)
-    deadline, training = time.time() + 240, False
-    while time.time() < deadline and proc.poll() is None and not training:
-        exp = client.get_experiment_by_name("test-interrupt")
-        runs = client.search_runs([exp.experiment_id]) if exp else []
-        training = any(client.get_metric_history(r.info.run_id, "train_loss") for r in runs)
-        time.sleep(0.5)
-    assert training, proc.communicate()[1] if proc.poll() is not None else "no epoch before the deadline"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err, err
     exp = client.get_experiment_by_name("test-interrupt")

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
-import json, socket, sys
+import json, random, socket, sys
 from pathlib import Path
 
 import ray
@@ -30,10 +30,23 @@ from pipelines.ensemble import EnsembleConfig, run_train
 root = Path(sys.argv[1])
 
 
+issued = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # below the kernel's ephemeral range, above Ray's worker ports, never twice: a port bind(0) hands out can be
+    # taken again before the node binds it (see test_submit's _free_port)
+    while True:
+        port = random.randrange(20000, 32000)
+        if port in issued:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        issued.add(port)
+        return port
 
 
 # head + two workers, one CPU each: each Train worker (1 CPU) needs a node to itself, the third node's CPU is

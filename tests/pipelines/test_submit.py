@@ -2,6 +2,7 @@
 its own temp dir and ports), started and stopped by this module: a real pipeline job succeeds, a failing one is
 reported with its log, a running one is stopped."""
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,10 +29,27 @@ class Head(NamedTuple):
     mlflow_uri: str  # the tracking URI in the head's environment
 
 
+_ISSUED: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768-60999) and above Ray's worker ports (10002-19999), never
+    the same one twice. A port the OS hands out for bind(0) can be taken again, between this pick and the head's
+    bind, by any process on the machine that binds port 0 or connects, the head's own Ray processes among them;
+    then the dashboard URL answers with another server's bytes (the CI failure of stop 30)."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32000)
+        if port in _ISSUED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ISSUED.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def _stop_head(proc: subprocess.Popen) -> None:
@@ -82,9 +100,12 @@ def head(sole_ray, tmp_path_factory):
             try:
                 jobs.client(url)
                 break
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception as exc:  # noqa: BLE001 - not up yet
                 if time.monotonic() > deadline:
-                    raise
+                    logs = sorted(temp_dir.glob("session_latest/logs/dashboard*.log"))
+                    tails = "".join(f"\n--- {f.name}:\n{f.read_text(errors='replace')[-1500:]}" for f in logs)
+                    raise RuntimeError(f"the test's Ray head did not answer at {url} in 120 s ({exc}); "
+                                       f"head.log:\n{(root / 'head.log').read_text()[-1500:]}{tails}") from None
                 time.sleep(1)
         yield Head(url, gcs, env["MLFLOW_TRACKING_URI"])
     finally:

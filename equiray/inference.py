@@ -122,10 +122,11 @@ class Detailed:
     """A batch's predictions with what the model can say about them.
 
     ``logits`` (B, K) are what the model's ``forward`` returns; ``probabilities`` their softmax (B, K);
-    ``disagreement`` (B,), ensembles only: the share of members whose own top class differs from the ensemble's;
-    ``element`` (B,), canonicalized models only: the group element each input was turned back from;
-    ``pose_deg`` (B,), canonicalized models only: the angle each input was turned back by, in degrees in
-    [0, 360) counter-clockwise (the continuous angle with ``pose="angle"``, else the element's rotation)."""
+    ``disagreement`` (B,), ensembles and mixtures only: the share of members whose own top class differs from the
+    whole's; ``element`` (B,), canonicalized models (and mixtures with a canonicalized member) only: the group
+    element each input was turned back from; ``pose_deg`` (B,), the same models only: the angle each input was
+    turned back by, in degrees in [0, 360) counter-clockwise (the continuous angle with ``pose="angle"``, else the
+    element's rotation)."""
 
     logits: torch.Tensor
     probabilities: torch.Tensor
@@ -141,6 +142,7 @@ def predict_detailed(model: nn.Module, x: torch.Tensor, *, temperature: float = 
     members are averaged for an ensemble); ``logits`` stay as the model returned them."""
     from equiray.canon import CanonicalizedModel
     from equiray.ensembles import StackedEnsemble
+    from equiray.models import Mixture
 
     disagreement = element = pose = None
     with torch.inference_mode():
@@ -151,6 +153,18 @@ def predict_detailed(model: nn.Module, x: torch.Tensor, *, temperature: float = 
         elif isinstance(model, CanonicalizedModel):
             logits, info = model.forward_with_info(x)
             element, pose = info.element, info.degrees(model.group)
+        elif isinstance(model, Mixture):  # each member once; a canonicalized member tells its pose
+            member_logp = []
+            for m in model.members:
+                if isinstance(m, CanonicalizedModel) and pose is None:
+                    out, info = m.forward_with_info(x)
+                    element, pose = info.element, info.degrees(m.group)
+                else:
+                    out = m(x)
+                member_logp.append(out.float().log_softmax(-1))
+            members = torch.stack(member_logp)  # (N, B, K)
+            logits = model.mix(members)
+            disagreement = (members.argmax(-1) != logits.argmax(-1)).float().mean(0)
         else:
             logits = model(x)
         return Detailed(logits, (logits.float() / temperature).softmax(-1), disagreement, element, pose)

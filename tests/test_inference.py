@@ -88,3 +88,27 @@ def test_canonicalized_model_reports_its_element(gen):
         _, info = model.forward_with_info(x)
     assert torch.equal(out.element, info.element) and out.disagreement is None
     assert describe_element(model.group, 3) == {"index": 3, "group": "C4", "rotation_deg": 270.0, "reflection": False}
+
+
+def test_mixture_reports_its_canonicalized_members_pose_and_the_members_disagreement(gen):
+    """A mixture answers what its forward answers; its canonicalized member tells the pose (as that member alone
+    would); the disagreement is the share of members whose top class differs from the mixture's."""
+    from equiray.models import Mixture
+
+    torch.manual_seed(0)
+    canon = create_model("canonicalized", backbone="small_cnn", backbone_kwargs={"width": 4},
+                         canonicalizer="equivariant", canonicalizer_kwargs={"channels": 4}, group="C4",
+                         pose="angle").eval()
+    plain = create_model("small_cnn", width=4).eval()
+    mix = Mixture([plain, canon], [0.3, 0.7]).eval()
+    x = torch.rand(8, 1, 14, 14, generator=gen)
+    out = predict_detailed(mix, x)
+    alone = predict_detailed(canon, x)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, mix(x))
+        tops = torch.stack([plain(x).argmax(-1), canon(x).argmax(-1)])
+    torch.testing.assert_close(out.pose_deg, alone.pose_deg)
+    assert torch.equal(out.element, alone.element)
+    torch.testing.assert_close(out.disagreement, (tops != out.logits.argmax(-1)).float().mean(0))
+    # sensitivity: members that disagree somewhere (else the disagreement could be a constant 0)
+    assert out.disagreement.max() > 0

@@ -152,3 +152,56 @@ def test_the_papers_network_with_c4_invariant_weights_is_c4_invariant(gen):
     assert (net(turned) - net(x)).abs().max() > 1e-2
     net = _c4_projected(net)
     torch.testing.assert_close(net(turned), net(x))
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' that answers the same logits for every input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.logits.expand(x.shape[0], -1)
+
+
+def test_mixture_is_the_weighted_mean_of_the_members_probabilities():
+    """Known answer: members sure of different classes, mixed 3:1, give probabilities 0.75 / 0.25 (up to the
+    members' own softmax); the output is a log-probability (its softmax is itself)."""
+    from equiray.models import Mixture
+
+    a, b = _Fixed([20.0, 0.0, 0.0]), _Fixed([0.0, 20.0, 0.0])
+    out = Mixture([a, b], [3, 1])(torch.zeros(2, 1, 4, 4))
+    torch.testing.assert_close(out.exp(), torch.tensor([[0.75, 0.25, 0.0]] * 2, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2, dtype=torch.float64))
+    # sensitivity: other weights, another answer; equal weights by default
+    torch.testing.assert_close(Mixture([a, b])(torch.zeros(1, 1, 4, 4)).exp()[0, :2],
+                               torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_mixture_by_name_averages_real_members_and_rebuilds_from_its_spec(gen):
+    """``create_model("mixture", members=...)`` averages its members' softmax as a hand-written average does, and a
+    second build from the same spec with the first's weights answers the same (how a registered model reloads)."""
+    torch.manual_seed(0)
+    spec = {"members": [{"name": "small_cnn", "kwargs": {"width": 4}}, {"name": "resnet8"}], "weights": [0.6, 0.4]}
+    mix = create_model("mixture", **spec).eval()
+    x = torch.rand(3, 1, 28, 28, generator=gen)
+    with torch.no_grad():
+        by_hand = 0.6 * mix.members[0](x).softmax(-1) + 0.4 * mix.members[1](x).softmax(-1)
+        torch.testing.assert_close(mix(x).exp(), by_hand)
+        again = create_model("mixture", **spec).eval()
+        assert not torch.allclose(again(x), mix(x))  # drawn afresh: different until loaded
+        again.load_state_dict(mix.state_dict())
+        torch.testing.assert_close(again(x), mix(x))
+
+
+def test_mixture_rejects_what_it_cannot_mix():
+    from equiray.errors import ConfigError
+    from equiray.models import Mixture
+
+    with pytest.raises(ConfigError, match="at least one member"):
+        Mixture([])
+    with pytest.raises(ConfigError, match="one non-negative weight per member"):
+        Mixture([_Fixed([0.0]), _Fixed([1.0])], [1.0])
+    with pytest.raises(ConfigError, match="not all 0"):
+        Mixture([_Fixed([0.0])], [0.0])

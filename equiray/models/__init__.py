@@ -2,8 +2,10 @@
 from equiray.models._registry import create_model, is_model, list_models, register_model
 from equiray.models import small as _small  # noqa: F401  (registers equiray's own models)
 from equiray.models import orbit as _orbit  # noqa: F401
+from equiray.models import mixture as _mixture  # noqa: F401
+from equiray.models.mixture import Mixture
 from equiray.models.orbit import OrbitAveraged
 from equiray.models.small import SmallCNN, PaperCNN, MaskedConv2d, SUPPORTS, effective_parameters
 
 __all__ = ["create_model", "is_model", "list_models", "register_model", "SmallCNN", "PaperCNN", "MaskedConv2d",
-           "SUPPORTS", "OrbitAveraged", "effective_parameters"]
+           "SUPPORTS", "OrbitAveraged", "Mixture", "effective_parameters"]

@@ -28,7 +28,8 @@ def verdict(rows: Sequence[Mapping], group: str) -> list[str]:
     """The papers' shape, checked on these numbers: vanilla collapses on rotated inputs, augmentation pays in
     upright accuracy, canonicalization without the prior pays in upright accuracy, with the prior keeps both."""
     by = {r["name"]: r for r in rows}
-    plain = next((r for r in rows if r["kind"] == "none" and not r["augment"]), None)
+    plain = next((r for r in rows if r["kind"] == "none" and not r["augment"]
+                  and r.get("rotations", "none") == "none"), None)
     aug = next((r for r in rows if r["kind"] == "none" and r["augment"]), None)
     out = []
 

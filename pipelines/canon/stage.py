@@ -82,6 +82,9 @@ class CanonSweep(Stage[CanonConfig, CanonResult]):
             raise ConfigError(f"data has {data[0].shape[1]} channels but {cfg.backbone} takes {spec['in_chans']}")
         rows = run_trials(cfg, cfg.variants(), data, (spec, {k: v.cpu() for k, v in bare.state_dict().items()}),
                           SweepRun(run.tracking_uri, run.experiment_id, run.run_id), name=run.run_name)
+        if cfg.mix:
+            rows.append(mixture_row(cfg, rows, data[2], data[3], SweepRun(run.tracking_uri, run.experiment_id,
+                                                                          run.run_id)))
         rows = time_variants(rows, bare, data[2][:cfg.latency_batch])
         table = results_table(rows, cfg.eval_group)
         best = max(rows, key=lambda r: (r[cfg.select], r["upright_accuracy"]))
@@ -160,6 +163,55 @@ def run_trials(cfg: CanonConfig, variants: list[Variant], data: tuple[torch.Tens
                                        or k in ("identity_rate", "run_id", "model_uri")}} for r in grid]
     order = {v.name: i for i, v in enumerate(variants)}
     return sorted(rows, key=lambda r: order[r["name"]])
+
+
+def mixture_row(cfg: CanonConfig, rows: list[dict], x: torch.Tensor, y: torch.Tensor, sweep: SweepRun) -> dict:
+    """The mixture of the best canonicalized variant and the best baseline (by ``cfg.select``), judged as the
+    trials judge a variant (here, on the driver: no training) and logged as a model in a run of its own nested
+    under the sweep's; its row as the trials' rows read."""
+    import mlflow
+
+    from equiray.canon import evaluate_variant
+    from equiray.models import Mixture
+    from pipelines import tracking
+    from pipelines._ray import say
+
+    def best(canonicalized: bool) -> dict:
+        return max((r for r in rows if (r["kind"] != "none") == canonicalized),
+                   key=lambda r: (r[cfg.select], r["upright_accuracy"]))
+
+    members = [best(True), best(False)]
+    weights = [cfg.mix_weight, 1.0 - cfg.mix_weight]
+    loaded = [tracking.load_model(r["model_uri"]) for r in members]
+    model = Mixture([m for m, _ in loaded], weights)
+    first = loaded[0][1]
+    spec = {**{k: first[k] for k in ("in_chans", "num_classes", "classes", "input_shape", "data") if k in first},
+            "name": "mixture", "kwargs": {
+                "members": [{"name": s["name"], "kwargs": dict(s.get("kwargs", {}))} for _, s in loaded],
+                "weights": weights}}
+    name = f"mixture: {members[0]['name']} ({weights[0]:g}) + {members[1]['name']} ({weights[1]:g})"
+    say(f"[canon] {name}: judged on the test views")
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
+    metrics = evaluate_variant(model, x, y, cfg.eval_group, angles=cfg.curve_angles())
+    metrics.pop("identity_rate", None)
+    client = mlflow.MlflowClient()
+    run = client.create_run(sweep.experiment_id, run_name="mixture", tags={
+        "mlflow.parentRunId": sweep.parent_run_id, "equiray.pipeline": "canon", "equiray.variant": name,
+        **{f"member_{i}": r["name"] for i, r in enumerate(members)},
+        **{f"member_{i}_model_uri": r["model_uri"] for i, r in enumerate(members)}})
+    try:
+        for k, v in metrics.items():
+            client.log_metric(run.info.run_id, k, float(v))
+        with mlflow.start_run(run_id=run.info.run_id, nested=True):
+            model_uri = tracking.log_model(model, spec, name="model")
+    except BaseException:
+        client.set_terminated(run.info.run_id, "KILLED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    canon = members[0]
+    return {"name": name, "kind": "mixture", "group": canon["group"], "augment": False,
+            "prior_weight": canon["prior_weight"], "backbone": canon["backbone"], "pose": canon.get("pose"),
+            "rotations": canon.get("rotations"), **metrics, "run_id": run.info.run_id, "model_uri": model_uri}
 
 
 def time_variants(rows: list[dict], bare: nn.Module, batch: torch.Tensor) -> list[dict]:

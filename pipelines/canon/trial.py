@@ -56,7 +56,7 @@ def run_trial(config: Mapping, *, cfg: CanonConfig, data: tuple[torch.Tensor, ..
     for k, v in dataclasses.asdict(variant).items():
         client.log_param(run_id, f"variant.{k}", v)
     try:
-        train_variant(model, variant, x, y, **cfg.train.options(), device=device,
+        train_variant(model, variant, x, y, **cfg.train.options(variant), device=device,
                       on_epoch=_epoch_logger(client, run_id, variant, cfg.train.total_epochs(variant)))
         metrics = evaluate_variant(model, xt, yt, cfg.eval_group, device=device, angles=cfg.curve_angles())
         for k, v in metrics.items():

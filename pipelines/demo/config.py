@@ -42,15 +42,15 @@ class NFNDemo:
 @dataclass(frozen=True)
 class DemoConfig:
     pretrain: PretrainConfig = PretrainConfig(train=TrainConfig(epochs=3), data=DataConfig())
-    # the demo's 15 minutes on 2 CPUs make room for the any-angle recipe: 12 members per ensemble setting (24 in
-    # configs/ensemble.yaml), the canonicalizers with the prior only (configs/canon.yaml: with and without), 6 FTP
-    # trials
-    ensemble: EnsembleConfig = EnsembleConfig(members=12, members_per_group=6)
+    # the demo's 15 minutes on 2 CPUs make room for the any-angle recipe, its baseline and their mixture: 8 members
+    # per ensemble setting (24 in configs/ensemble.yaml), the canonicalizers with the prior only (configs/canon.yaml:
+    # with and without), 4 FTP trials
+    ensemble: EnsembleConfig = EnsembleConfig(members=8, members_per_group=4)
     distill: DistillConfig = DistillConfig()
     # the robust stage draws every candidate's curve
     canon: CanonConfig = CanonConfig(grid=GridConfig(prior_weight=(100.0,)), curve_step=0)
     any_angle: CanonConfig = ANY_ANGLE  # the any-angle recipe (configs/canon_any_angle_fast.yaml), a robust candidate
-    ftp: FTPConfig = FTPConfig(search=FTPSearch(num_samples=6, grace_period=2), train=FTPTrain(epochs=6))
+    ftp: FTPConfig = FTPConfig(search=FTPSearch(num_samples=4, grace_period=2), train=FTPTrain(epochs=6))
     nfn: NFNDemo = NFNDemo()
     # without tta:C8 (the backbone averaged over eight turns costs 8x to judge; `equiray robust` judges it) and the
     # curve on 500 images: the demo's 15 minutes

@@ -165,12 +165,20 @@ down. `equiray serve run --model {srv.model}` keeps it running (README, "Serve a
 def _any_angle_section(cfg: DemoConfig, aa) -> str:
     """The any-angle recipe: what it trains and its sweep's row."""
     a, t = cfg.any_angle, cfg.any_angle.train
-    return f"""## Any angle, any mirror (`{aa.registered}`, version {aa.version})
-{aa.champion}: the canonicalizer reads a continuous pose (any angle, and a mirror) off {a.data.max_train or 'all'}
+    recipe = next((v.name for v in a.variants() if v.canonicalized), aa.champion)
+    beside = ""
+    if a.baselines:
+        beside = (f" Beside it, on the same turned inputs, the backbone fine-tuned alone for "
+                  f"{t.baseline_epochs or t.epochs} epochs ({', '.join(v.name for v in a.variants() if not v.canonicalized)})")
+        beside += (f", and the mixture of the two: their class probabilities averaged, {a.mix_weight:g} on the "
+                   "canonicalized one (the canonicalizer misreads some upright images, the baseline is weaker at odd "
+                   "angles: they err on different images)." if a.mix else ".")
+    return f"""## Any angle, any mirror (`{aa.registered}`, version {aa.version}: {aa.champion})
+{recipe}: the canonicalizer reads a continuous pose (any angle, and a mirror) off {a.data.max_train or 'all'}
 training images, each turned by a random angle after a random mirror ({t.upright_share:.0%} left upright), for
 {t.pose_epochs} epochs; then {'the backbone alone' if t.freeze_pose else 'both'} for {t.epochs} epochs on the inputs
-turned back. The first {a.data.max_eval or 'all'} test images; the robust stage judges it on all of them, beside
-every other candidate. Sweep run `{aa.run_id}`.
+turned back.{beside} The first {a.data.max_eval or 'all'} test images; the robust stage judges every row on all of
+them, beside every other candidate. Sweep run `{aa.run_id}`.
 
 {aa.table}
 """

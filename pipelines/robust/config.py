@@ -7,7 +7,9 @@ from equiray.errors import ConfigError
 from equiray.groups import get_group
 from pipelines._common import DataConfig, TrackingConfig
 
-CANON_SWEEP = "canon"  # a candidate entry: every variant of the sweep behind `canon_model`
+CANON_SWEEP = "canon"  # a candidate entry: every variant of the sweep behind `canon_model`; canon:URI: of the
+#                        sweep behind that registered model (e.g. canon:models:/equiray-canon-any-angle@champion)
+ANY_ANGLE_SWEEP = "canon:models:/equiray-canon-any-angle@champion"
 TTA = "tta:"  # a candidate entry: tta:GROUP, the backbone averaged over GROUP's orbit at test time
 
 
@@ -25,7 +27,8 @@ class RobustConfig:
     backbone: str = "models:/equiray-backbone@pretrained"  # the reference of the rule (also judged)
     # the any-angle recipe: the demo's any_angle stage (configs/canon_any_angle_fast.yaml) or the 15-minute one
     # (configs/canon_any_angle.yaml) registers it; a candidate not registered is left out, said so
-    candidates: tuple[str, ...] = (CANON_SWEEP, "models:/equiray-canon-any-angle@champion", "tta:C8",
+    # (canon:...: the recipe, and its baseline and their mixture when its sweep trained them)
+    candidates: tuple[str, ...] = (CANON_SWEEP, ANY_ANGLE_SWEEP, "tta:C8",
                                    "models:/equiray-ensemble@champion", "models:/equiray-student@champion")
     canon_model: str = "models:/equiray-canon@champion"  # whose sweep's variants `canon` stands for
     upright_tolerance: float = 1.0  # accuracy points
@@ -44,9 +47,10 @@ class RobustConfig:
         for c in self.candidates:
             if c.startswith(TTA):
                 get_group(c[len(TTA):])
-            elif c != CANON_SWEEP and not c.startswith(("models:/", "runs:/")):
+            elif c != CANON_SWEEP and not c.startswith(("models:/", "runs:/", f"{CANON_SWEEP}:models:/")):
                 raise ConfigError(f"candidates: {c!r} is not models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH, "
-                                  f"{CANON_SWEEP!r} (every variant of the canon sweep) or tta:GROUP (the backbone "
+                                  f"{CANON_SWEEP!r} (every variant of the canon sweep), {CANON_SWEEP}:models:/NAME@ALIAS "
+                                  "(every variant of the sweep that registered it) or tta:GROUP (the backbone "
                                   "averaged over the group's orbit at test time, e.g. tta:C8)")
         if self.upright_tolerance < 0:
             raise ConfigError(f"upright_tolerance: accuracy points >= 0, not {self.upright_tolerance}")

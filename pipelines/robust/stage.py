@@ -82,7 +82,14 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
                     out.append(Candidate(f"backbone + {group} test-time averaging", "",
                                          f"{entry}:{tracking.registry_version(self.cfg.backbone)}", tta=group))
                     continue
-                out.extend(self._canon_variants() if entry == CANON_SWEEP else [_registered(entry)])
+                if entry == CANON_SWEEP:
+                    out.extend(self._canon_variants(self.cfg.canon_model))
+                elif entry.startswith(f"{CANON_SWEEP}:"):
+                    uri = entry[len(CANON_SWEEP) + 1:]
+                    name = uri[len("models:/"):].split("@")[0].split("/")[0]
+                    out.extend(self._canon_variants(uri, prefix=f"{name}: "))
+                else:
+                    out.append(_registered(entry))
             except LookupError as exc:
                 missing.append(str(exc))
         for m in missing:
@@ -91,17 +98,19 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
             raise ConfigError("no candidate is registered: " + "; ".join(missing))
         return tuple(out)
 
-    def _canon_variants(self) -> list[Candidate]:
+    def _canon_variants(self, model: str, *, prefix: str = "canon: ") -> list[Candidate]:
+        """Every variant of the sweep that registered ``model`` (its ``sweep_run_id`` tag), named ``prefix`` +
+        the variant's name."""
         import mlflow
 
-        mv = _version(self.cfg.canon_model)
+        mv = _version(model)
         run_id = mv.tags.get("sweep_run_id")
         if not run_id:
-            raise LookupError(f"{self.cfg.canon_model} names no sweep run (sweep_run_id tag)")
+            raise LookupError(f"{model} names no sweep run (sweep_run_id tag)")
         with __import__("tempfile").TemporaryDirectory() as tmp:
             rows = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="variants.json",
                                                                        dst_path=tmp)).read())
-        return [Candidate(f"canon: {r['name']}", r["model_uri"], r["model_uri"]) for r in rows]
+        return [Candidate(f"{prefix}{r['name']}", r["model_uri"], r["model_uri"]) for r in rows]
 
     def check(self) -> None:
         from pipelines import tracking

@@ -35,11 +35,13 @@ class Prediction(BaseModel):
     abstain: bool = Field(description="confidence below the endpoint's min_confidence (never, when it is 0)")
     probabilities: dict[str, float] = Field(description="softmax of the model's logits divided by its fitted "
                                             "temperature (calibrated; 1 for an uncalibrated model), per class name")
-    disagreement: float | None = Field(None, description="ensembles: share of members whose own top class "
-                                       "differs from the ensemble's")
-    group_element: dict | None = Field(None, description="canonicalized models: the pose the input was turned "
-                                       "back from (index, group, rotation_deg, reflection)")
-    pose_deg: float | None = Field(None, description="canonicalized models: the angle the input was turned back by, "
+    disagreement: float | None = Field(None, description="ensembles and mixtures: share of members whose own top "
+                                       "class differs from the whole's")
+    group_element: dict | None = Field(None, description="canonicalized models (and mixtures with a canonicalized "
+                                       "member): the pose the input was turned back from (index, group, "
+                                       "rotation_deg, reflection)")
+    pose_deg: float | None = Field(None, description="canonicalized models (and mixtures with a canonicalized "
+                                   "member): the angle the input was turned back by, "
                                    "degrees counter-clockwise in [0, 360) (continuous for a continuous pose)")
 
 

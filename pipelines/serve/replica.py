@@ -42,6 +42,7 @@ def load(user_config: dict, device: torch.device) -> Loaded:
 
     from equiray.canon import CanonicalizedModel
     from equiray.ensembles import StackedEnsemble
+    from equiray.models import Mixture
     from pipelines import tracking
 
     mlflow.set_tracking_uri(user_config["tracking_uri"])
@@ -49,14 +50,17 @@ def load(user_config: dict, device: torch.device) -> Loaded:
     model, spec = tracking.load_model(ref["load_uri"], device=device)
     if "input_shape" not in spec:
         raise EquirayError(f"{ref['uri']}: its spec has no input_shape, so inputs cannot be sized for it")
-    kind = ("ensemble" if isinstance(model, StackedEnsemble) else
+    kind = ("ensemble" if isinstance(model, StackedEnsemble) else "mixture" if isinstance(model, Mixture) else
             "canonicalized" if isinstance(model, CanonicalizedModel) else "model")
-    group = model.group if isinstance(model, CanonicalizedModel) else None
+    # the group of the canonicalized model, or of a mixture's canonicalized member (whose pose the answers carry)
+    canon = next((m for m in (model.members if kind == "mixture" else [model])
+                  if isinstance(m, CanonicalizedModel)), None)
+    group = canon.group if canon is not None else None
     classes = [str(c) for c in (spec.get("classes") or range(spec["num_classes"]))]
     info = {"name": ref["name"], "version": ref["version"], "alias": ref["alias"], "uri": ref["uri"],
             "run_id": ref["run_id"], "kind": kind, "input_shape": list(spec["input_shape"]), "classes": classes,
             "group": group.name if group is not None else spec.get("group"),
-            "members": model.num_members if kind == "ensemble" else None,
+            "members": model.num_members if kind == "ensemble" else len(model.members) if kind == "mixture" else None,
             "metrics": ref["metrics"], "tags": {k: str(v) for k, v in ref["tags"].items()},
             # the registered version's fitted softmax temperature (1: uncalibrated)
             "temperature": float(ref["tags"].get(TEMPERATURE_TAG, 1.0)), "min_confidence": user_config.get("min_confidence", 0.0),

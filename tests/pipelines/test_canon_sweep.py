@@ -207,6 +207,51 @@ def test_gpu_fractions_and_bad_configs(tmp_path):
         small_config(tmp_path, gird={})
     with pytest.raises(ConfigError, match="train.lr_schedule: one of constant, one_cycle, not 'cosine'"):
         small_config(tmp_path, train={"lr_schedule": "cosine"})
+    with pytest.raises(ConfigError, match="mix: true mixes the best canonicalized variant with the best baseline"):
+        small_config(tmp_path, baselines=[], mix=True)
+    with pytest.raises(ConfigError, match="mix_weight"):
+        small_config(tmp_path, mix=True, mix_weight=1.0)
+    with pytest.raises(ConfigError, match="baseline_epochs >= 1"):
+        small_config(tmp_path, train={"baseline_epochs": 0})
+
+
+def test_a_mixture_of_the_best_canonicalized_variant_and_the_best_baseline(ray_session, tmp_path, monkeypatch):
+    """`mix: true`: the sweep also judges the probability mixture of its best canonicalized variant and its best
+    baseline, as a run of its own nested under the sweep's with the model logged; loaded back it is that
+    mixture of the two members' models; the baseline trains its own `baseline_epochs`."""
+    from equiray.models import Mixture
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    register_backbone(tmp_path / "digits", uri)
+    cfg = small_config(tmp_path, baselines=["o2"], grid={"kind": ["equivariant"], "group": ["C4"],
+                                                         "prior_weight": [100], "backbone": ["finetune"]},
+                       train={"epochs": 1, "batch_size": 64, "baseline_epochs": 2, "upright_share": 0.3},
+                       mix=True, mix_weight=0.7, curve_step=0.0, select="so2_accuracy",
+                       tracking={"experiment": "test-canon-mix", "registered_model": "test-canon-mix"})
+    result = run_sweep(cfg, report_dir=tmp_path / "report")
+    baseline, canon, mix = result.rows
+    assert mix["kind"] == "mixture" and mix["name"] == (f"mixture: {canon['name']} (0.7) + {baseline['name']} "
+                                                        "(0.3)")
+    assert mix["ms_per_image"] > 0 and 0.0 <= mix["so2_accuracy"] <= 1.0
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(mix["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == result.run_id
+    assert run.data.tags["member_0_model_uri"] == canon["model_uri"]
+    assert run.data.tags["member_1_model_uri"] == baseline["model_uri"]
+    assert len(client.get_metric_history(baseline["run_id"], "train_loss")) == 2  # baseline_epochs
+    assert len(client.get_metric_history(canon["run_id"], "train_loss")) == 1
+    mlflow.set_tracking_uri(uri)
+    model, spec = tracking.load_model(mix["model_uri"])
+    members = [tracking.load_model(r["model_uri"])[0] for r in (canon, baseline)]
+    assert isinstance(model, Mixture) and spec["name"] == "mixture" and spec["kwargs"]["weights"] == pytest.approx([0.7, 0.3])
+    x, y = read_split(tmp_path / "digits", "test", limit=cfg.data.max_eval)
+    with torch.no_grad():
+        by_hand = 0.7 * members[0](x).softmax(-1) + 0.3 * members[1](x).softmax(-1)
+        torch.testing.assert_close(model(x).exp(), by_hand)
+        assert float((model(x).argmax(-1) == y).float().mean()) == pytest.approx(mix["upright_accuracy"], abs=1e-6)
+    best = max(result.rows, key=lambda r: (r["so2_accuracy"], r["upright_accuracy"]))
+    assert result.champion == best["name"]
 
 
 def test_cli_missing_backbone_is_one_clear_error(tmp_path, monkeypatch, capsys):

@@ -4,13 +4,13 @@ Both start from the registered backbone and see the full training split turned b
 random mirror (the recipe's ``upright_share`` of them left upright): the recipe (``configs/canon_any_angle_fast.yaml``,
 what ``make demo`` trains: a D8 canonicalizer's continuous pose, then the backbone on the inputs turned back) and
 the plainest peer, the backbone fine-tuned on the turned images (AdamW, one-cycle to ``--baseline-lr``, as many
-epochs as the recipe trains in all). Every seed trains both (seed s seeds the batch order and the rotation draws of
+epochs as the recipe trains in all), and the two mixed in probability (what the demo serves: ``mix: true``). Every seed trains both (seed s seeds the batch order and the rotation draws of
 both, paired in the comparison); the test views are fixed (seed 0), so the intervals say what a retraining
 changes. Judged on the full test set upright, at a uniformly random angle (SO(2)) and after a random mirror too
 (O(2)); the verdicts come from the intervals (:mod:`equiray.stats`).
 
     .venv/bin/python benchmarks/bench_any_angle.py [--seeds 3] [--config configs/canon_any_angle_fast.yaml]
-        [--baseline-lr 2e-3] [--out table.md]
+        [--baseline-lr 2e-3] [--mix-weight 0.5] [--out table.md]
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/canon_any_angle_fast.yaml", help="the recipe (a canon config)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (>= 2 for an interval)")
     parser.add_argument("--baseline-lr", type=float, default=2e-3, help="the augmentation baseline's peak rate")
+    parser.add_argument("--mix-weight", type=float, default=0.5,
+                        help="the recipe's share of the mixture's probabilities (the other: the baseline's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-train", type=int, help="train on the first N images only (a quick check of the script)")
     parser.add_argument("--max-eval", type=int, help="judge on the first N test images only")
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     from equiray.canon import Variant, build_variant, train_variant
     from equiray.config import load_config
     from equiray.data.views import apply_view
+    from equiray.models import Mixture
     from equiray.stats import compare, mean_interval
     from equiray.train import accuracy, predict
     from pipelines import tracking
@@ -79,23 +82,31 @@ def main(argv=None) -> int:
     baseline = Variant(name="fine-tune + O(2) augmentation", kind="none", group=recipe.group, prior_weight=0.0,
                        backbone="finetune", rotations="o2")
     total = cfg.train.total_epochs(recipe)
-    base_train = dataclasses.replace(cfg.train, epochs=total, lr=args.baseline_lr, pose_epochs=0, freeze_pose=False)
+    base_train = dataclasses.replace(cfg.train, baseline_epochs=total, baseline_lr=args.baseline_lr, pose_epochs=0,
+                                     freeze_pose=False)
     results: dict[str, list[dict]] = {"backbone": [judge(backbone)]}
     started, runs = time.perf_counter(), 2 * args.seeds
+    mixture = f"mixture: the two, their probabilities averaged ({args.mix_weight:g} on the recipe)"
     for seed in range(args.seeds):
+        trained: dict[str, torch.nn.Module] = {}
         for variant, train in ((recipe, cfg.train), (baseline, base_train)):
             t = dataclasses.replace(train, seed=seed)
             model, _ = build_variant(variant, spec, state, beta=t.beta, pose_snap=t.pose_snap,
                                      upright_backbone=t.upright_backbone and variant.canonicalized, seed=seed,
                                      canonicalizer_kwargs=cfg.canonicalizers.kwargs(variant.kind)
                                      if variant.canonicalized else None)
-            train_variant(model, variant, x, y, **t.options())
+            train_variant(model, variant, x, y, **t.options(variant))
             row = judge(model)
             results.setdefault(variant.name, []).append(row)
+            trained[variant.name] = model
             done = len([r for k, rs in results.items() if k != "backbone" for r in rs])
             eta = (time.perf_counter() - started) / done * (runs - done)
             print(f"[{done}/{runs}] seed {seed} {variant.name}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS)
                   + f" (ETA {eta / 60:.1f} min)", file=sys.stderr, flush=True)
+        # the mixture the demo serves (`mix: true`): this seed's recipe and baseline, no training of its own
+        row = judge(Mixture([trained[recipe.name], trained[baseline.name]], [args.mix_weight, 1 - args.mix_weight]))
+        results.setdefault(mixture, []).append(row)
+        print(f"seed {seed} {mixture}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS), file=sys.stderr, flush=True)
 
     def cells(name):
         ivs = [mean_interval([r[v] for r in results[name]]) for v in VIEWS]
@@ -104,7 +115,7 @@ def main(argv=None) -> int:
     bb = results["backbone"][0]
     lines = [
         f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_any_angle.py --seeds {args.seeds} "
-        f"--config {args.config} --baseline-lr {args.baseline_lr:g}"
+        f"--config {args.config} --baseline-lr {args.baseline_lr:g} --mix-weight {args.mix_weight:g}"
         f"{f' --max-train {args.max_train}' if args.max_train else ''}"
         f"{f' --max-eval {args.max_eval}' if args.max_eval else ''}`. Backbone: {cfg.backbone}; {len(x):,} training "
         f"images turned by a random angle after a random mirror ({cfg.train.upright_share:.0%} left upright); "
@@ -114,22 +125,26 @@ def main(argv=None) -> int:
         f"| backbone, upright-trained (no seeds) | {bb['upright']:.2f} | {bb['so2']:.2f} | {bb['o2']:.2f} |",
         f"| {recipe.name} (the recipe, {total} epochs in all) | " + " | ".join(cells(recipe.name)) + " |",
         f"| {baseline.name} ({total} epochs, one-cycle to {args.baseline_lr:g}) | "
-        + " | ".join(cells(baseline.name)) + " |", "",
+        + " | ".join(cells(baseline.name)) + " |",
+        f"| {mixture} | " + " | ".join(cells(mixture)) + " |", "",
         "| comparison | upright | SO(2) | O(2) |", "|---|---|---|---|"]
-    diffs = [compare([r[v] for r in results[recipe.name]], [r[v] for r in results[baseline.name]]) for v in VIEWS]
-    lines.append("| recipe - augmentation (paired by seed) | "
-                 + " | ".join(f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]: {verdict}" for d, verdict in diffs)
-                 + " |")
-    goal = []
-    for v in VIEWS:
-        iv = mean_interval([r[v] for r in results[recipe.name]])
-        verdict = ("one run" if iv.n < 2 else "above" if iv.low > GOALS[v] else "below" if iv.high < GOALS[v]
-                   else "level")
-        goal.append(f"{iv.mean - GOALS[v]:+.2f} vs {GOALS[v]:g}: {verdict}")
-    lines.append("| recipe against the issue's goal | " + " | ".join(goal) + " |")
-    rule = mean_interval([r["upright"] - bb["upright"] for r in results[recipe.name]])
-    lines.append(f"| recipe upright - backbone upright (the champion rule: within 1 point) | "
-                 f"{rule.mean:+.2f} [{rule.low:+.2f}, {rule.high:+.2f}] | | |")
+    for label, a, b in (("recipe - augmentation", recipe.name, baseline.name), ("mixture - recipe", mixture, recipe.name),
+                        ("mixture - augmentation", mixture, baseline.name)):
+        diffs = [compare([r[v] for r in results[a]], [r[v] for r in results[b]]) for v in VIEWS]
+        lines.append(f"| {label} (paired by seed) | "
+                     + " | ".join(f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]: {verdict}" for d, verdict in diffs)
+                     + " |")
+    for label, name in (("recipe", recipe.name), ("mixture", mixture)):
+        goal = []
+        for v in VIEWS:
+            iv = mean_interval([r[v] for r in results[name]])
+            verdict = ("one run" if iv.n < 2 else "above" if iv.low > GOALS[v] else "below" if iv.high < GOALS[v]
+                       else "level")
+            goal.append(f"{iv.mean - GOALS[v]:+.2f} vs {GOALS[v]:g}: {verdict}")
+        lines.append(f"| {label} against the issue's goal | " + " | ".join(goal) + " |")
+        rule = mean_interval([r["upright"] - bb["upright"] for r in results[name]])
+        lines.append(f"| {label} upright - backbone upright (the champion rule: within 1 point) | "
+                     f"{rule.mean:+.2f} [{rule.low:+.2f}, {rule.high:+.2f}] | | |")
     emit("\n".join(lines), args.out)
     return 0
 

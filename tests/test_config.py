@@ -87,6 +87,9 @@ def test_pipeline_configs_load_and_validate():
     # the any-angle recipe the demo trains is the one its config file gives `equiray canon sweep`
     from pipelines.canon import ANY_ANGLE, CanonConfig
     assert load_config(CanonConfig, "configs/canon_any_angle_fast.yaml") == ANY_ANGLE
+    # configs/robust.yaml says it holds the built-in defaults
+    from pipelines.robust import RobustConfig
+    assert load_config(RobustConfig, "configs/robust.yaml") == RobustConfig()
     with pytest.raises(ConfigError, match="model.name: unknown model 'resnet-9000'"):
         load_config(PretrainConfig, {"model": {"name": "resnet-9000"}})
     with pytest.raises(ConfigError, match="unknown group"):

@@ -156,12 +156,13 @@ class CanonTrain:
             return self.baseline_epochs or self.epochs
         return (self.pose_epochs if variant.rotations != "none" else 0) + self.epochs
 
-    def options(self, variant: Variant) -> dict[str, Any]:
+    def options(self, variant: Variant | None = None) -> dict[str, Any]:
         """Keyword arguments of :func:`equiray.canon.train_variant` for ``variant`` (``beta``, ``pose_snap``,
-        ``upright_backbone`` build the model instead; a baseline takes ``baseline_epochs`` / ``baseline_lr``)."""
+        ``upright_backbone`` build the model instead; a baseline takes ``baseline_epochs`` / ``baseline_lr``; no
+        variant: a canonicalized one's)."""
         model = ("beta", "pose_snap", "upright_backbone", "baseline_epochs", "baseline_lr")
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in model}
-        if not variant.canonicalized:
+        if variant is not None and not variant.canonicalized:
             out["epochs"] = self.baseline_epochs or self.epochs
             out["lr"] = self.baseline_lr or self.lr
         return out

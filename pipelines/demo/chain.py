@@ -160,8 +160,10 @@ def _run(cfg: DemoConfig, demo_run: _DemoRun, *, report_dir: str | os.PathLike) 
         out = dataclasses.replace(out, canon=can, tracking_uri=can.tracking_uri)
     if "any_angle" in cfg.stages:
         a = cfg.any_angle
-        banner("any_angle", f"any angle: {', '.join(v.name for v in a.variants())}, on {a.data.max_train or 'all'} "
-               f"training images turned at random, as a Ray Tune trial")
+        variants = a.variants()
+        banner("any_angle", f"any angle: {'; '.join(v.name for v in variants)}, on {a.data.max_train or 'all'} "
+               f"training images turned at random, as Ray Tune trial{'s' if len(variants) > 1 else ''}"
+               + ("; then the two mixed in probability" if a.mix else ""))
         aa = canon.run_sweep(a, report_dir=report_dir / "any_angle", reuse=cfg.reuse)
         _reused(aa)
         say("\n" + aa.table)
@@ -182,7 +184,8 @@ def _run(cfg: DemoConfig, demo_run: _DemoRun, *, report_dir: str | os.PathLike) 
     if "robust" in cfg.stages:
         r = cfg.robust
         banner("robust", f"robust champion: the candidates judged upright, at any angle and mirrored, one Ray task "
-               f"each; the best SO(2) within {r.upright_tolerance:g} point of the backbone's upright accuracy")
+               f"each; the best SO(2) within {r.upright_tolerance:g} point of the backbone's upright accuracy (within "
+               f"{r.so2_level:g} of it: level, the better upright wins)")
         rb = robust.run(r, report_dir=report_dir, reuse=cfg.reuse)
         _reused(rb)
         say("\n" + rb.table + "\n" + "\n".join(rb.verdict))

@@ -192,7 +192,8 @@ def _robust_section(cfg: DemoConfig, rb) -> str:
 Every candidate judged the same way (`equiray robust`): the test set upright, mirrored, at a uniformly random
 angle per image (SO(2)) and after a random mirror too (O(2)); the {r.cn_group} grid and the curve (every
 {r.curve_step:g} degrees) read the first {r.curve_images} test images. The rule: the best SO(2) accuracy among the
-candidates whose upright accuracy is within {r.upright_tolerance:g} point of the backbone's. Accuracies in %;
+candidates whose upright accuracy is within {r.upright_tolerance:g} point of the backbone's; SO(2) accuracies within
+{r.so2_level:g} point of the best count as level (one seed's noise), and the better upright of those wins. Accuracies in %;
 ms per image on a batch of {r.latency_batch} on this machine, next to the backbone.
 
 {rb.table}

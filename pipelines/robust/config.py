@@ -20,7 +20,8 @@ class RobustConfig:
     an accuracy-vs-angle curve) and register the champion as ``equiray-robust@champion``.
 
     The rule: among the candidates whose upright accuracy is within ``upright_tolerance`` points of the
-    backbone's, the best SO(2) accuracy. When none keeps the upright accuracy, the best SO(2) accuracy overall
+    backbone's, the best SO(2) accuracy; those within ``so2_level`` points of it count as level, and the better
+    upright of them wins. When none keeps the upright accuracy, the best SO(2) accuracy overall
     is registered and the verdict says the rule was not met.
     """
 
@@ -32,6 +33,9 @@ class RobustConfig:
                                    "models:/equiray-ensemble@champion", "models:/equiray-student@champion")
     canon_model: str = "models:/equiray-canon@champion"  # whose sweep's variants `canon` stands for
     upright_tolerance: float = 1.0  # accuracy points
+    # SO(2) accuracies within this many points of the best count as level (one seed's noise); the better upright of
+    # those wins
+    so2_level: float = 0.5
     data: DataConfig = DataConfig()  # max_eval None: the full test set
     cn_group: str = "C8"  # the papers' protocol: the mean over the group's rotated copies
     curve_step: float = 15.0  # degrees between the curve's angles (0: no curve)
@@ -52,8 +56,9 @@ class RobustConfig:
                                   f"{CANON_SWEEP!r} (every variant of the canon sweep), {CANON_SWEEP}:models:/NAME@ALIAS "
                                   "(every variant of the sweep that registered it) or tta:GROUP (the backbone "
                                   "averaged over the group's orbit at test time, e.g. tta:C8)")
-        if self.upright_tolerance < 0:
-            raise ConfigError(f"upright_tolerance: accuracy points >= 0, not {self.upright_tolerance}")
+        if self.upright_tolerance < 0 or self.so2_level < 0:
+            raise ConfigError(f"upright_tolerance, so2_level: accuracy points >= 0, not {self.upright_tolerance}, "
+                              f"{self.so2_level}")
         get_group(self.cn_group)
         if self.curve_step < 0 or self.curve_images < 1 or self.batch_size < 1 or self.latency_batch < 1:
             raise ConfigError("curve_step >= 0 (0: no curve); curve_images, batch_size, latency_batch >= 1")

@@ -145,11 +145,11 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
         scores = _judge_all(everyone, x, y, cfg, run.tracking_uri, costs=[r["ms_per_image"] for r in timed])
         rows = [{**t, **s} for t, s in zip(timed, scores)]
         backbone, rows = rows[0], rows[1:]
-        best, met = champion(rows, backbone["upright_accuracy"], cfg.upright_tolerance)
+        best, met = champion(rows, backbone["upright_accuracy"], cfg.upright_tolerance, level=cfg.so2_level)
         table = results_table(rows, backbone=backbone, cn_group=cfg.cn_group, champion_name=best["name"],
                               tolerance=cfg.upright_tolerance)
         lines = verdict(rows, backbone=backbone, champion_row=best, rule_met=met, tolerance=cfg.upright_tolerance,
-                        images=len(y), curve_images=min(cfg.curve_images, len(y)))
+                        images=len(y), curve_images=min(cfg.curve_images, len(y)), level=cfg.so2_level)
         plot = plot_angle_curves([backbone, *rows], self.report_dir, name="robust_angles.png",
                                  title="accuracy vs rotation angle, every candidate")
         mlflow.log_text(table, "candidates.md")
@@ -212,7 +212,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
                                 tolerance=cfg.upright_tolerance),
             verdict=tuple(verdict(rows, backbone=backbone, champion_row=best, rule_met=met,
                                   tolerance=cfg.upright_tolerance, images=cfg.data.max_eval or 10_000,
-                                  curve_images=cfg.curve_images)),
+                                  curve_images=cfg.curve_images, level=cfg.so2_level)),
             plots=(str(plot),), plot=str(plot))
 
 

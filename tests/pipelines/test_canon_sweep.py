@@ -168,7 +168,7 @@ def test_robust_champion_judges_every_variant_the_same_way_and_is_what_serve_loa
         "backbone + C4 test-time averaging"]
     tta = robust.rows[-1]  # the backbone averaged over C4: invariant to quarter turns, as the canonicalizers
     assert tta["accuracy_angle_90"] == tta["accuracy_angle_0"]
-    best, met = champion(robust.rows, robust.backbone["upright_accuracy"], 1.0)
+    best, met = champion(robust.rows, robust.backbone["upright_accuracy"], 1.0, level=rcfg.so2_level)
     assert robust.champion == best["name"] and robust.rule_met == met
     x, y = read_split(root / "digits", "test", limit=200)
     for r in robust.rows[:-1]:  # the same upright test set the sweep judged on: the same upright accuracy
@@ -211,6 +211,11 @@ def test_gpu_fractions_and_bad_configs(tmp_path):
         small_config(tmp_path, baselines=[], mix=True)
     with pytest.raises(ConfigError, match="mix_weight"):
         small_config(tmp_path, mix=True, mix_weight=1.0)
+    from pipelines.robust import RobustConfig
+
+    with pytest.raises(ConfigError, match="canon:models:/NAME@ALIAS"):
+        load_config(RobustConfig, {"candidates": ["canon:equiray-canon"]})
+    assert load_config(RobustConfig, {"candidates": ["canon:models:/x@y"]}).candidates == ("canon:models:/x@y",)
     with pytest.raises(ConfigError, match="baseline_epochs >= 1"):
         small_config(tmp_path, train={"baseline_epochs": 0})
 
@@ -252,6 +257,18 @@ def test_a_mixture_of_the_best_canonicalized_variant_and_the_best_baseline(ray_s
         assert float((model(x).argmax(-1) == y).float().mean()) == pytest.approx(mix["upright_accuracy"], abs=1e-6)
     best = max(result.rows, key=lambda r: (r["so2_accuracy"], r["upright_accuracy"]))
     assert result.champion == best["name"]
+    # `equiray robust` with canon:URI judges every row of the sweep behind URI, the mixture among them, the same way
+    from pipelines.robust import RobustConfig, run as run_robust
+
+    rcfg = load_config(RobustConfig, {
+        "backbone": "models:/test-backbone@pretrained", "candidates": ["canon:models:/test-canon-mix@champion"],
+        "data": {"source": "digits", "dir": str(tmp_path / "digits"), "max_eval": 200}, "cn_group": "C4",
+        "curve_step": 0.0, "curve_images": 100, "latency_batch": 32,
+        "tracking": {"experiment": "test-robust-mix", "registered_model": "test-robust-mix"}})
+    robust = run_robust(rcfg, report_dir=tmp_path / "robust")
+    assert [r["name"] for r in robust.rows] == [f"test-canon-mix: {r['name']}" for r in result.rows]
+    for judged, swept_row in zip(robust.rows, result.rows):  # the same upright test images: the same accuracy
+        assert judged["upright_accuracy"] == pytest.approx(swept_row["upright_accuracy"], abs=1e-6)
 
 
 def test_cli_missing_backbone_is_one_clear_error(tmp_path, monkeypatch, capsys):

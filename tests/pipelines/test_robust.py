@@ -23,6 +23,19 @@ def test_the_best_so2_among_those_that_keep_the_upright_accuracy():
     assert met and best["name"] == "canon-b"  # only 90.0 is within half a point
 
 
+def test_so2_accuracies_within_the_level_margin_are_level_and_the_better_upright_wins():
+    """One seed's SO(2) differences of a few tenths are noise: a candidate 0.2 points under the best SO(2) but 1.5
+    over it upright wins at level 0.5, not at level 0 (nor when it is 0.6 under)."""
+    rows = [row("recipe", 0.889, 0.8737), row("mixture", 0.904, 0.8717), row("far", 0.905, 0.85)]
+    assert champion(rows, backbone_upright=0.897, tolerance=1.0, level=0.5)[0]["name"] == "mixture"
+    assert champion(rows, backbone_upright=0.897, tolerance=1.0)[0]["name"] == "recipe"
+    rows[1] = row("mixture", 0.904, 0.8677)
+    assert champion(rows, backbone_upright=0.897, tolerance=1.0, level=0.5)[0]["name"] == "recipe"
+    # the level applies among the candidates that keep the upright accuracy, not to one that does not
+    rows = [row("recipe", 0.889, 0.8737), row("low", 0.80, 0.8736)]
+    assert champion(rows, backbone_upright=0.897, tolerance=1.0, level=0.5)[0]["name"] == "recipe"
+
+
 def test_no_candidate_keeps_the_upright_accuracy_the_best_so2_is_registered_and_said_so():
     rows = [row("a", 0.80, 0.70), row("b", 0.82, 0.75)]
     best, met = champion(rows, backbone_upright=0.90, tolerance=1.0)

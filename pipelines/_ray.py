@@ -67,6 +67,16 @@ def quiet_worker() -> None:
     # Ray Data warns that its progress bars are off, which the pipelines chose (they print their own progress)
     logging.getLogger("ray.data._internal.progress").addFilter(
         lambda record: "Progress bars disabled" not in record.getMessage())
+    # Ray Train's controller tells the autoscaler what it needs; on a busy 2-core machine the first request can time
+    # out, and Ray logs it with a 20-line traceback and "safe to ignore if transient": one line is enough
+    logging.getLogger("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client").addFilter(
+        _without_traceback)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter that keeps the record and drops its traceback (the message alone is printed)."""
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:

@@ -30,3 +30,36 @@ def test_the_filter_tells_library_lines_from_equirays():
     assert total == 11 and len(found) == 11, set(LIBRARY_LINES.splitlines()) - set(found)
     found, total = library_lines(EQUIRAY_LINES + "\n\n")
     assert total == 6 and found == []
+
+
+def test_a_transient_autoscaler_warning_prints_one_line_without_its_traceback():
+    """Ray Train's 'Failed to send resource request' (a GetTimeoutError on a busy machine) keeps its line and loses
+    its 20-line traceback in the pipelines' workers."""
+    import io
+    import logging
+
+    from pipelines._ray import _without_traceback
+
+    logger = logging.getLogger("equiray.test.autoscaler")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    def warn():
+        try:
+            raise TimeoutError("Get timed out: some object(s) not ready.")
+        except TimeoutError:
+            logger.warning("Failed to send resource request for train-1.", exc_info=True)
+
+    try:
+        warn()
+        assert "Traceback" in stream.getvalue()  # without the filter: the traceback
+        stream.seek(0)
+        stream.truncate()
+        logger.addFilter(_without_traceback)
+        warn()
+        assert stream.getvalue().splitlines() == ["Failed to send resource request for train-1."]
+    finally:
+        logger.removeHandler(handler)
+        logger.filters.clear()

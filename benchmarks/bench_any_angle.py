@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             row = judge(model)
             results.setdefault(variant.name, []).append(row)
             trained[variant.name] = model
-            done = len([r for k, rs in results.items() if k != "backbone" for r in rs])
+            done = len([r for k, rs in results.items() if k not in ("backbone", mixture) for r in rs])
             eta = (time.perf_counter() - started) / done * (runs - done)
             print(f"[{done}/{runs}] seed {seed} {variant.name}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS)
                   + f" (ETA {eta / 60:.1f} min)", file=sys.stderr, flush=True)

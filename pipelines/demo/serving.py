@@ -72,18 +72,18 @@ def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> ServeStageResult:
 
 
 def _answers_table(answers: dict[int, list[dict]], y: torch.Tensor, names: list[str]) -> str:
-    """One row per image: the label and confidence at each angle, and the model's own extra (the ensemble's
-    disagreement or the canonicalizer's pose in degrees) per angle."""
+    """One row per image: the label and confidence at each angle, and the model's own extras per angle (an
+    ensemble's or a mixture's member disagreement, a canonicalizer's pose in degrees; a mixture has both)."""
     first = answers[0][0]
-    extra = "disagreement" if "disagreement" in first else "pose_deg" if "pose_deg" in first else None
-    head = ["image", "true label", *[f"{deg} deg" for deg in answers]] + ([f"{extra} (0 / 90 / 180 / 270)"] if extra else [])
+    extras = [k for k in ("disagreement", "pose_deg") if k in first]
+    angles = " / ".join(str(deg) for deg in answers)
+    head = ["image", "true label", *[f"{deg} deg" for deg in answers]] + [f"{k} ({angles})" for k in extras]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i in range(len(y)):
         cells = [f"test {i}", names[int(y[i])]]
         cells += [f"{a[i]['label']} ({a[i]['probabilities'][a[i]['label']] * 100:.0f}%)" for a in answers.values()]
-        if extra == "disagreement":
-            cells.append(" / ".join(f"{a[i]['disagreement']:.2f}" for a in answers.values()))
-        elif extra == "pose_deg":
-            cells.append(" / ".join(f"{a[i]['pose_deg']:.0f}" for a in answers.values()))
+        for k in extras:
+            cells.append(" / ".join(f"{a[i][k]:.2f}" if k == "disagreement" else f"{a[i][k]:.0f}"
+                                    for a in answers.values()))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -71,6 +71,20 @@ def quiet_worker() -> None:
     # out, and Ray logs it with a 20-line traceback and "safe to ignore if transient": one line is enough
     logging.getLogger("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client").addFilter(
         _without_traceback)
+    # Ray stops idle workers with SIGTERM; its handler raises SystemExit, and when that lands inside a garbage
+    # collector callback Python prints it as an "Exception ignored in ..." traceback: the worker was meant to exit
+    sys.unraisablehook = _quiet_exit_hook(sys.unraisablehook)
+
+
+def _quiet_exit_hook(previous):
+    """An unraisable-exception hook that stays silent on SystemExit (a worker told to exit) and passes anything
+    else to ``previous``."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, SystemExit):
+            return
+        previous(unraisable)
+
+    return hook
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:

@@ -219,6 +219,12 @@ def requirements() -> list[str]:
 TEMPERATURE_TAG = "equiray.temperature"
 
 
+def _not_signature_inference(record: logging.LogRecord) -> bool:
+    """Drops MLflow's 'Failed to infer model signature' warning: :func:`log_model` gives the signature, and MLflow
+    still tries the pyfunc's type hints first and warns that they say nothing."""
+    return not record.getMessage().startswith("Failed to infer model signature")
+
+
 def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "model") -> str:
     """Log ``model`` (built by ``equiray.create_model(**spec)``) to the active run as an MLflow pyfunc that takes
     raw images (:class:`equiray.pyfunc.ImageClassifier`; equiray's code travels with it, the requirements are
@@ -228,6 +234,9 @@ def log_model(model: torch.nn.Module, spec: Mapping[str, Any], *, name: str = "m
 
     import equiray
 
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    if _not_signature_inference not in pyfunc_log.filters:
+        pyfunc_log.addFilter(_not_signature_inference)
     model = model.cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "spec.json"

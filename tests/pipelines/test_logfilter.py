@@ -63,3 +63,31 @@ def test_a_transient_autoscaler_warning_prints_one_line_without_its_traceback():
     finally:
         logger.removeHandler(handler)
         logger.filters.clear()
+
+
+def test_a_worker_told_to_exit_prints_no_ignored_exception_and_other_ones_still_print():
+    import sys
+    import types
+
+    from pipelines._ray import _quiet_exit_hook
+
+    seen = []
+    hook = _quiet_exit_hook(seen.append)
+    exit_ = types.SimpleNamespace(exc_value=SystemExit(1))
+    other = types.SimpleNamespace(exc_value=ValueError("a real one"))
+    hook(exit_)
+    hook(other)
+    assert seen == [other]
+    assert sys.unraisablehook is not hook  # the test installed nothing
+
+
+def test_mlflows_signature_inference_warning_is_dropped_and_nothing_else():
+    import logging
+
+    from pipelines.tracking import _not_signature_inference
+
+    def record(msg):
+        return logging.LogRecord("mlflow.pyfunc", logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not _not_signature_inference(record("Failed to infer model signature: Type hint <input: ...>"))
+    assert _not_signature_inference(record("Failed to log model: disk full"))

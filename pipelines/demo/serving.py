@@ -83,7 +83,7 @@ def _answers_table(answers: dict[int, list[dict]], y: torch.Tensor, names: list[
         cells = [f"test {i}", names[int(y[i])]]
         cells += [f"{a[i]['label']} ({a[i]['probabilities'][a[i]['label']] * 100:.0f}%)" for a in answers.values()]
         for k in extras:
-            cells.append(" / ".join(f"{a[i][k]:.2f}" if k == "disagreement" else f"{a[i][k]:.0f}"
-                                    for a in answers.values()))
+            cells.append(" / ".join(f"{a[i][k]:.2f}" if k == "disagreement" else f"{round(a[i][k]) % 360}"
+                                    for a in answers.values()))  # a pose of 359.6 degrees reads 0
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ def _answer(label, p, **extras):
 def test_the_served_answers_table_shows_every_extra_the_model_gives():
     """A mixture answers with both its members' disagreement and its canonicalized member's pose: both columns; a
     plain model: neither."""
-    mixed = {d: [_answer("Trouser", 0.97, disagreement=0.5 if d == 90 else 0.0, pose_deg=float(d))]
+    mixed = {d: [_answer("Trouser", 0.97, disagreement=0.5 if d == 90 else 0.0, pose_deg=float(d) or 359.6)]
              for d in (0, 90, 180, 270)}
     table = _answers_table(mixed, torch.tensor([1]), ["Top", "Trouser"])
     head, _, row = table.splitlines()

@@ -191,7 +191,6 @@ def mixture_row(cfg: CanonConfig, rows: list[dict], x: torch.Tensor, y: torch.Te
                 "weights": weights}}
     name = f"mixture: {members[0]['name']} ({weights[0]:g}) + {members[1]['name']} ({weights[1]:g})"
     say(f"[canon] {name}: judged on the test views")
-    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
     metrics = evaluate_variant(model, x, y, cfg.eval_group, angles=cfg.curve_angles())
     metrics.pop("identity_rate", None)
     client = mlflow.MlflowClient()

@@ -86,8 +86,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
                     out.extend(self._canon_variants(self.cfg.canon_model))
                 elif entry.startswith(f"{CANON_SWEEP}:"):
                     uri = entry[len(CANON_SWEEP) + 1:]
-                    name = uri[len("models:/"):].split("@")[0].split("/")[0]
-                    out.extend(self._canon_variants(uri, prefix=f"{name}: "))
+                    out.extend(self._canon_variants(uri, prefix=f"{_model_name(uri)}: "))
                 else:
                     out.append(_registered(entry))
             except LookupError as exc:
@@ -222,15 +221,19 @@ def _version(uri: str):
 
     from pipelines import tracking
 
-    ref = uri[len("models:/"):]
     try:
         return tracking.model_version(uri)
     except MlflowException:
-        name = ref.split("@")[0].split("/")[0]
+        name = _model_name(uri)
         hint = {"equiray-ensemble": "equiray ensemble train", "equiray-student": "equiray distill",
                 "equiray-canon": "equiray canon sweep", "equiray-ftp": "equiray ftp tune",
                 "equiray-canon-any-angle": "equiray canon sweep --config configs/canon_any_angle.yaml"}.get(name)
         raise LookupError(f"{uri} is not registered" + (f" (`{hint}` makes it)" if hint else "")) from None
+
+
+def _model_name(uri: str) -> str:
+    """The registered model's name in ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    return uri[len("models:/"):].split("@")[0].split("/")[0]
 
 
 def _registered(uri: str) -> Candidate:

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
-import json, random, socket, sys
+import json, sys
 from pathlib import Path
 
 import ray
@@ -26,32 +26,13 @@ from ray.cluster_utils import Cluster
 
 from equiray.config import load_config
 from pipelines.ensemble import EnsembleConfig, run_train
+from ports import free_port  # tests/pipelines/ports.py
 
 root = Path(sys.argv[1])
 
-
-issued = set()
-
-
-def free_port():
-    # below the kernel's ephemeral range, above Ray's worker ports, never twice: a port bind(0) hands out can be
-    # taken again before the node binds it (see test_submit's _free_port)
-    while True:
-        port = random.randrange(20000, 32000)
-        if port in issued:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        issued.add(port)
-        return port
-
-
 # head + two workers, one CPU each: each Train worker (1 CPU) needs a node to itself, the third node's CPU is
 # left for Ray Data's read tasks
-# ports picked by the OS, not Ray's defaults (52365, ...), which another Ray on this machine may hold
+# free ports of our own, not Ray's defaults (52365, ...), which another Ray on this machine may hold
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
     "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
@@ -85,7 +66,8 @@ def test_ensemble_member_groups_spread_over_nodes_and_all_come_back(sole_ray, tm
     (tmp_path / "run.py").write_text(SCRIPT)
     ray_tmp = tempfile.mkdtemp(prefix="eqm-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO),
+    env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(Path(__file__).parent)]),  # the script imports ports
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -2,10 +2,8 @@
 its own temp dir and ports), started and stopped by this module: a real pipeline job succeeds, a failing one is
 reported with its log, a running one is stopped."""
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ import yaml
 
 from pipelines import jobs
 from pipelines.cli import main
+from ports import free_port as _free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -28,28 +27,6 @@ class Head(NamedTuple):
     gcs_port: int
     mlflow_uri: str  # the tracking URI in the head's environment
 
-
-_ISSUED: set[int] = set()
-
-
-def _free_port() -> int:
-    """A free port below the kernel's ephemeral range (32768-60999) and above Ray's worker ports (10002-19999), never
-    the same one twice. A port the OS hands out for bind(0) can be taken again, between this pick and the head's
-    bind, by any process on the machine that binds port 0 or connects, the head's own Ray processes among them;
-    then the dashboard URL answers with another server's bytes (the CI failure of stop 30)."""
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.randrange(20000, 32000)
-        if port in _ISSUED:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _ISSUED.add(port)
-        return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 def _stop_head(proc: subprocess.Popen) -> None:

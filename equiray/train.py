@@ -33,12 +33,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class Step:
-    """One batch's outcome: ``loss`` is minimised and reported, ``logits`` give the running accuracy,
-    ``metrics`` are further batch means reported as epoch means (e.g. ``{"prior": ..., "identity_rate": ...}``)."""
+    """One batch's outcome: ``loss`` is minimised and reported, ``logits`` give the running accuracy against
+    ``labels`` (the batch's own when None; set them when the logits read only part of the batch), ``metrics`` are
+    further batch means reported as epoch means (e.g. ``{"prior": ..., "identity_rate": ...}``)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
     metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    labels: torch.Tensor | None = None
 
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], Step]
@@ -53,7 +55,7 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
 @dataclass(frozen=True)
 class EpochStats:
     loss: float  # sample-weighted mean of the objective's loss (without the regularizer)
-    accuracy: float  # training accuracy of the logits the objective returned
+    accuracy: float  # training accuracy of the logits the objective returned (on the labels they answer)
     samples: int
     seconds: float
     metrics: Mapping[str, float] = field(default_factory=dict)  # sample-weighted means of Step.metrics
@@ -80,7 +82,7 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
     if on_train is not None:
         on_train(model)
     start = time.perf_counter()
-    total_loss, correct, n = 0.0, 0, 0
+    total_loss, correct, n, read = 0.0, 0, 0, 0
     sums: dict[str, float] = {}
     for step, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -94,13 +96,15 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
         if after_step is not None:
             after_step(step)
         total_loss += float(out.loss.detach()) * len(y)
-        correct += int((out.logits.detach().argmax(-1) == y).sum())
+        labels = y if out.labels is None else out.labels
+        correct += int((out.logits.detach().argmax(-1) == labels).sum())
+        read += len(labels)
         for k, v in out.metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
         n += len(y)
     if n == 0:
         raise ValueError("train_epoch got no batches")
-    return EpochStats(total_loss / n, correct / n, n, time.perf_counter() - start,
+    return EpochStats(total_loss / n, correct / max(read, 1), n, time.perf_counter() - start,
                       {k: v / n for k, v in sums.items()})
 
 

@@ -739,3 +739,40 @@ def test_a_canonicalizer_built_under_inference_mode_answers_like_one_built_outsi
         got = inside.score(inside.prepare(x))[0]
         want = outside.score(outside.prepare(x))[0]
     torch.testing.assert_close(got, want)
+
+
+def test_pose_objective_reads_the_backbone_on_a_sample_and_the_epoch_counts_those_labels():
+    """The pose phase's reported accuracy: the backbone reads the first ``accuracy_sample`` canonical inputs (the
+    same logits as on the whole batch's first rows), and :func:`train_epoch` scores them against their own labels,
+    not the batch's."""
+    from equiray.canon.train import PoseObjective, RandomRotations
+    from equiray.train import Step, train_epoch
+
+    torch.manual_seed(0)
+    model = CanonicalizedModel(create_model("resnet8", num_classes=10), create_canonicalizer("equivariant", "C4"),
+                               pose="angle").eval()
+    x, y = torch.rand(12, 1, 28, 28), torch.arange(12) % 10
+
+    def step(sample: int) -> Step:
+        with torch.no_grad():
+            return PoseObjective(RandomRotations(torch.Generator().manual_seed(3)), accuracy_sample=sample)(model, x, y)
+
+    part, whole = step(5), step(0)
+    assert part.logits.shape == (5, 10) and torch.equal(part.labels, y[:5])
+    assert whole.logits.shape == (12, 10) and torch.equal(whole.labels, y)
+    assert torch.allclose(part.logits, whole.logits[:5], atol=1e-5)
+    assert torch.equal(part.loss, whole.loss)  # the pose loss is the whole batch's either way
+
+    # an objective whose logits answer class 0 on its first two rows only: those two rows are what it scores
+    head = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        head.weight.zero_(), head.bias.copy_(torch.tensor([1.0, 0.0]))
+
+    def first_two(m, xb, yb):
+        logits = m(xb)
+        return Step(logits.sum() * 0, logits[:2], labels=yb[:2])
+
+    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    batches = [(torch.zeros(4, 3), labels[:4]), (torch.zeros(4, 3), labels[4:])]
+    stats = train_epoch(head, batches, torch.optim.SGD(head.parameters(), lr=0.0), objective=first_two)
+    assert stats.accuracy == 1.0 and stats.samples == 8  # the batches' own labels would read 0.5

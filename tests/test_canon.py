@@ -1,4 +1,5 @@
 """Canonicalizers: equivariance of the scores and layers, invariance of the wrapped model, and sensitivity twins."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -776,3 +777,47 @@ def test_pose_objective_reads_the_backbone_on_a_sample_and_the_epoch_counts_thos
     batches = [(torch.zeros(4, 3), labels[:4]), (torch.zeros(4, 3), labels[4:])]
     stats = train_epoch(head, batches, torch.optim.SGD(head.parameters(), lr=0.0), objective=first_two)
     assert stats.accuracy == 1.0 and stats.samples == 8  # the batches' own labels would read 0.5
+
+
+def test_fast_layout_trains_as_the_default_layout_and_hands_back_contiguous_weights():
+    """``fast_layout`` (channels-last weights on a CPU while training) changes the speed, not the training: a
+    variant trained inside it ends with the weights the default layout gives (to float tolerance), contiguous again
+    (safetensors saves nothing else); inside, the conv weights are channels-last."""
+    from safetensors.torch import save
+
+    from equiray.canon import Variant, train_variant
+    from equiray.train import fast_layout
+
+    # float64: AdamW turns float32's rounding differences between the two layouts' kernels (1e-7) into steps of
+    # up to the rate on near-zero gradients; in float64 any difference is the layout's doing
+    x, y = torch.rand(48, 1, 28, 28, dtype=torch.float64), torch.arange(48) % 10
+    variant = Variant(name="b", kind="none", group="C4", rotations="so2")
+
+    def trained(layout: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = create_model("resnet8", num_classes=10).double()
+        if layout:
+            train_variant(model, variant, x, y, epochs=2, batch_size=16, lr=1e-3, canon_lr=0.0, weight_decay=0.0)
+        else:  # the same steps with the layout left alone
+            import equiray.canon.train as ct
+            keep = ct.fast_layout
+            ct.fast_layout = lambda m, d: contextlib.nullcontext(m)
+            try:
+                train_variant(model, variant, x, y, epochs=2, batch_size=16, lr=1e-3, canon_lr=0.0, weight_decay=0.0)
+            finally:
+                ct.fast_layout = keep
+        return model
+
+    fast, plain = trained(True), trained(False)
+    torch.manual_seed(0)
+    start = create_model("resnet8", num_classes=10).double()
+    moved = [k for k, v in plain.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
+    assert moved  # it trained
+    for k, v in fast.state_dict().items():
+        assert v.is_contiguous(), k
+        assert torch.allclose(v, plain.state_dict()[k], atol=1e-9), k
+    save(fast.state_dict())  # raises on a non-contiguous tensor
+    conv = next(m for m in fast.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
+    with fast_layout(fast, "cpu"):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert conv.weight.is_contiguous()

@@ -21,7 +21,7 @@ from equiray.canon.losses import contrastive_loss, prior_loss
 from equiray.canon.model import CanonicalizedModel
 from equiray.errors import EquirayError
 from equiray.groups import get_group
-from equiray.train import Step, cross_entropy, shuffled_batches, train_epoch
+from equiray.train import Step, cross_entropy, fast_layout, shuffled_batches, train_epoch
 
 __all__ = ["BACKBONE_MODES", "LR_SCHEDULES", "lr_scheduler", "POSES", "TRAIN_ROTATIONS", "RandomRotations",
            "RotatedCrossEntropy", "Variant", "CanonObjective", "PoseObjective", "build_variant", "variant_optimizer",
@@ -291,47 +291,49 @@ def train_variant(model: nn.Module, variant: Variant, x: torch.Tensor, y: torch.
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
-    canon = isinstance(model, CanonicalizedModel)
-    rotations = None
-    if variant.rotations != "none":  # its own generator: the batch order stays the upright variants'
-        rotations = RandomRotations(torch.Generator().manual_seed(seed * 7919 + 1), mirror=variant.rotations == "o2",
-                                    upright_share=upright_share)
-    history = []
-    if canon and rotations is not None and pose_epochs:
-        history = _train_pose(model, rotations, x, y, epochs=pose_epochs, batch_size=batch_size, canon_lr=canon_lr,
-                              weight_decay=weight_decay, prior_beta=prior_beta,
-                              contrastive_weight=contrastive_weight, generator=gen, device=device, on_epoch=on_epoch)
-    freeze_canon = canon and freeze_pose and bool(history)
-    opt = variant_optimizer(model, variant, lr=lr, canon_lr=canon_lr, weight_decay=weight_decay,
-                            freeze_canonicalizer=freeze_canon)
-    if canon:
-        objective = CanonObjective(variant.prior_weight, prior_beta, contrastive_weight, rotations)
-    else:
-        objective = RotatedCrossEntropy(rotations) if rotations is not None else cross_entropy
-    backbone = _backbone(model)
-
-    frozen = ([backbone] if variant.frozen else []) + ([model.canonicalizer] if freeze_canon else [])
-
-    def keep_frozen_statistics(_model: nn.Module) -> None:
-        for part in frozen:
-            part.eval()  # their BatchNorm statistics as they were
-
-    augment = get_group(variant.group) if variant.augment else None
-    step = lr_scheduler(opt, lr_schedule, steps=epochs * math.ceil(len(y) / batch_size))
-    for epoch in range(len(history), len(history) + epochs):
-        stats = train_epoch(model, shuffled_batches(x, y, batch_size, generator=gen), opt, objective=objective,
-                            device=device, augment=augment, padding="zeros", generator=gen, after_step=step,
-                            on_train=keep_frozen_statistics if frozen else None)
-        row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-               "epoch_seconds": stats.seconds}
+    with fast_layout(model, device):  # channels-last weights on a CPU while it trains
+        canon = isinstance(model, CanonicalizedModel)
+        rotations = None
+        if variant.rotations != "none":  # its own generator: the batch order stays the upright variants'
+            rotations = RandomRotations(torch.Generator().manual_seed(seed * 7919 + 1),
+                                        mirror=variant.rotations == "o2", upright_share=upright_share)
+        history = []
+        if canon and rotations is not None and pose_epochs:
+            history = _train_pose(model, rotations, x, y, epochs=pose_epochs, batch_size=batch_size,
+                                  canon_lr=canon_lr, weight_decay=weight_decay, prior_beta=prior_beta,
+                                  contrastive_weight=contrastive_weight, generator=gen, device=device,
+                                  on_epoch=on_epoch)
+        freeze_canon = canon and freeze_pose and bool(history)
+        opt = variant_optimizer(model, variant, lr=lr, canon_lr=canon_lr, weight_decay=weight_decay,
+                                freeze_canonicalizer=freeze_canon)
         if canon:
-            row.update(train_prior_loss=stats.metrics["prior"], train_identity_rate=stats.metrics["identity_rate"],
-                       train_contrastive=stats.metrics["contrastive"])
-        history.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-    if freeze_canon:
-        model.canonicalizer.requires_grad_(True)
+            objective = CanonObjective(variant.prior_weight, prior_beta, contrastive_weight, rotations)
+        else:
+            objective = RotatedCrossEntropy(rotations) if rotations is not None else cross_entropy
+        backbone = _backbone(model)
+
+        frozen = ([backbone] if variant.frozen else []) + ([model.canonicalizer] if freeze_canon else [])
+
+        def keep_frozen_statistics(_model: nn.Module) -> None:
+            for part in frozen:
+                part.eval()  # their BatchNorm statistics as they were
+
+        augment = get_group(variant.group) if variant.augment else None
+        step = lr_scheduler(opt, lr_schedule, steps=epochs * math.ceil(len(y) / batch_size))
+        for epoch in range(len(history), len(history) + epochs):
+            stats = train_epoch(model, shuffled_batches(x, y, batch_size, generator=gen), opt, objective=objective,
+                                device=device, augment=augment, padding="zeros", generator=gen, after_step=step,
+                                on_train=keep_frozen_statistics if frozen else None)
+            row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                   "epoch_seconds": stats.seconds}
+            if canon:
+                row.update(train_prior_loss=stats.metrics["prior"], train_identity_rate=stats.metrics["identity_rate"],
+                           train_contrastive=stats.metrics["contrastive"])
+            history.append(row)
+            if on_epoch is not None:
+                on_epoch(row)
+        if freeze_canon:
+            model.canonicalizer.requires_grad_(True)
     model.eval()
     return history
 

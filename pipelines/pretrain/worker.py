@@ -49,9 +49,11 @@ def train(cfg: PretrainConfig, args: WorkerArgs) -> None:
     worker_threads(cfg.scaling.torch_threads)
     t = cfg.train
     torch.manual_seed(t.seed + rank)
-    model = ray.train.torch.prepare_model(build_model(cfg.model, in_chans=args.in_chans,
-                                                      num_classes=args.num_classes))
     device = ray.train.torch.get_device()
+    net = build_model(cfg.model, in_chans=args.in_chans, num_classes=args.num_classes)
+    if device.type == "cpu":  # oneDNN's convolutions run faster on channels-last weights (equiray.train.fast_layout)
+        net.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(net)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
     start_epoch = resume_from_checkpoint(model, device, optimizer=opt, scheduler=sched)

@@ -255,9 +255,9 @@ class CanonConfig:
 # recipe loses upright images to the canonicalizer's misreadings, the baseline loses turned ones; mixed, they keep
 # the backbone's upright accuracy and the recipe's at any angle (session 19: 90.3 / 87.1 / 86.9 upright / SO(2) /
 # O(2) against the recipe's 88.6 / 86.7 / 86.4 and the baseline's 90.2 / 82.1 / 81.6, full test set, one seed).
-# 6 channels a group element (8 before, session 20): the pose epochs 31 s instead of 47 in the demo, the recipe's
-# 0.06 ms / image cheaper; one seed read 88.3 / 86.3 / 86.8, mixed 90.3 / 87.0 / 86.9, against 8 channels' 88.8 /
-# 86.8 / 87.0 and 90.4 / 86.9 / 86.9 the same day (level: seed-to-seed spread is ~0.5).
+# 6 channels a group element (8 before, session 20), to keep the demo in its 15 minutes: the pose epochs 31 s
+# instead of 47 in the demo, the mixture 0.284 ms / image instead of 0.436; over 3 seeds the mixture reads 90.07 /
+# 86.70 / 86.42 against 8 channels' 90.38 / 86.97 / 86.89 (session 19, another backbone: BENCHMARKS.md).
 ANY_ANGLE = CanonConfig(
     data=DataConfig(max_train=None, max_eval=2000),
     grid=GridConfig(kind=("equivariant",), group=("D8",), prior_weight=(100.0,), backbone=("finetune",),

@@ -10,7 +10,11 @@ changes. Judged on the full test set upright, at a uniformly random angle (SO(2)
 (O(2)); the verdicts come from the intervals (:mod:`equiray.stats`).
 
     .venv/bin/python benchmarks/bench_any_angle.py [--seeds 3] [--config configs/canon_any_angle_fast.yaml]
-        [--baseline-lr 2e-3] [--mix-weight 0.5] [--out table.md]
+        [--baseline-lr 2e-3] [--mix-weight 0.5] [--tta D16/D8,D1 [--tta ,D1 ...]] [--out table.md]
+
+``--tta RECIPE,BASELINE`` (repeatable) also judges the mixture with its members averaged at test time (``GROUP`` or
+``GROUP/SUBGROUP``: one copy per coset, :class:`equiray.models.OrbitAveraged`; empty: that member as it is),
+paired with the plain mixture on the same trained members.
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-lr", type=float, default=2e-3, help="the augmentation baseline's peak rate")
     parser.add_argument("--mix-weight", type=float, default=0.5,
                         help="the recipe's share of the mixture's probabilities (the other: the baseline's)")
+    parser.add_argument("--tta", action="append", default=[], help="RECIPE,BASELINE test-time averaging of the mixture's members, each GROUP or "
+                        "GROUP/SUBGROUP or empty (e.g. D16/D8,D1: the recipe also at the half step of its D8 grid, "
+                        "the baseline also mirrored)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-train", type=int, help="train on the first N images only (a quick check of the script)")
     parser.add_argument("--max-eval", type=int, help="judge on the first N test images only")
@@ -47,7 +54,9 @@ def main(argv=None) -> int:
     from equiray.canon import Variant, build_variant, train_variant
     from equiray.config import load_config
     from equiray.data.views import apply_view
-    from equiray.models import Mixture
+    from equiray.errors import ConfigError
+    from equiray.models import Mixture, averaged
+    from equiray.models.orbit import parse_orbit
     from equiray.stats import compare, mean_interval
     from equiray.train import accuracy, predict
     from pipelines import tracking
@@ -84,9 +93,24 @@ def main(argv=None) -> int:
     total = cfg.train.total_epochs(recipe)
     base_train = dataclasses.replace(cfg.train, baseline_epochs=total, baseline_lr=args.baseline_lr, pose_epochs=0,
                                      freeze_pose=False)
+    ttas = []  # (recipe's, baseline's) test-time averaging, one pair per --tta
+    for text in args.tta:
+        pair = [t.strip() or None for t in text.split(",")]
+        try:
+            if len(pair) != 2:
+                raise ConfigError("two entries, RECIPE,BASELINE (e.g. D16/D8,D1)")
+            for t in pair:
+                parse_orbit(t)
+        except ConfigError as e:
+            print(f"error: --tta {text!r}: {e}", file=sys.stderr)
+            return 2
+        ttas.append(tuple(pair))
+
     results: dict[str, list[dict]] = {"backbone": [judge(backbone)]}
     started, runs = time.perf_counter(), 2 * args.seeds
     mixture = f"mixture: the two, their probabilities averaged ({args.mix_weight:g} on the recipe)"
+    tta_names = {t: f"mixture, members averaged at test time (recipe: {t[0] or 'as is'}, baseline: {t[1] or 'as is'})"
+                 for t in ttas}
     for seed in range(args.seeds):
         trained: dict[str, torch.nn.Module] = {}
         for variant, train in ((recipe, cfg.train), (baseline, base_train)):
@@ -99,7 +123,7 @@ def main(argv=None) -> int:
             row = judge(model)
             results.setdefault(variant.name, []).append(row)
             trained[variant.name] = model
-            done = len([r for k, rs in results.items() if k not in ("backbone", mixture) for r in rs])
+            done = len([r for k, rs in results.items() if k not in ("backbone", mixture, *tta_names.values()) for r in rs])
             eta = (time.perf_counter() - started) / done * (runs - done)
             print(f"[{done}/{runs}] seed {seed} {variant.name}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS)
                   + f" (ETA {eta / 60:.1f} min)", file=sys.stderr, flush=True)
@@ -107,6 +131,13 @@ def main(argv=None) -> int:
         row = judge(Mixture([trained[recipe.name], trained[baseline.name]], [args.mix_weight, 1 - args.mix_weight]))
         results.setdefault(mixture, []).append(row)
         print(f"seed {seed} {mixture}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS), file=sys.stderr, flush=True)
+        for tta, tta_name in tta_names.items():
+            mixed = Mixture([averaged(trained[recipe.name], tta[0]), averaged(trained[baseline.name], tta[1])],
+                            [args.mix_weight, 1 - args.mix_weight])
+            row = judge(mixed)
+            results.setdefault(tta_name, []).append(row)
+            print(f"seed {seed} {tta_name}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS), file=sys.stderr,
+                  flush=True)
 
     def cells(name):
         ivs = [mean_interval([r[v] for r in results[name]]) for v in VIEWS]
@@ -116,6 +147,7 @@ def main(argv=None) -> int:
     lines = [
         f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_any_angle.py --seeds {args.seeds} "
         f"--config {args.config} --baseline-lr {args.baseline_lr:g} --mix-weight {args.mix_weight:g}"
+        f"{''.join(f' --tta {t}' for t in args.tta)}"
         f"{f' --max-train {args.max_train}' if args.max_train else ''}"
         f"{f' --max-eval {args.max_eval}' if args.max_eval else ''}`. Backbone: {cfg.backbone}; {len(x):,} training "
         f"images turned by a random angle after a random mirror ({cfg.train.upright_share:.0%} left upright); "
@@ -126,15 +158,18 @@ def main(argv=None) -> int:
         f"| {recipe.name} (the recipe, {total} epochs in all) | " + " | ".join(cells(recipe.name)) + " |",
         f"| {baseline.name} ({total} epochs, one-cycle to {args.baseline_lr:g}) | "
         + " | ".join(cells(baseline.name)) + " |",
-        f"| {mixture} | " + " | ".join(cells(mixture)) + " |", "",
+        f"| {mixture} | " + " | ".join(cells(mixture)) + " |",
+        *(f"| {n} | " + " | ".join(cells(n)) + " |" for n in tta_names.values()), "",
         "| comparison | upright | SO(2) | O(2) |", "|---|---|---|---|"]
     for label, a, b in (("recipe - augmentation", recipe.name, baseline.name), ("mixture - recipe", mixture, recipe.name),
-                        ("mixture - augmentation", mixture, baseline.name)):
+                        ("mixture - augmentation", mixture, baseline.name),
+                        *((f"{n} - mixture", n, mixture) for n in tta_names.values())):
         diffs = [compare([r[v] for r in results[a]], [r[v] for r in results[b]]) for v in VIEWS]
         lines.append(f"| {label} (paired by seed) | "
                      + " | ".join(f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]: {verdict}" for d, verdict in diffs)
                      + " |")
-    for label, name in (("recipe", recipe.name), ("mixture", mixture)):
+    for label, name in (("recipe", recipe.name), ("mixture", mixture),
+                        *((n, n) for n in tta_names.values())):
         goal = []
         for v in VIEWS:
             iv = mean_interval([r[v] for r in results[name]])

@@ -140,7 +140,7 @@ def predict_detailed(model: nn.Module, x: torch.Tensor, *, temperature: float = 
     call (:meth:`~equiray.ensembles.StackedEnsemble.member_logits`) and averages them, as its ``forward`` does.
     ``probabilities`` are ``softmax(logits / temperature)`` (a calibrated model's fitted temperature; after the
     members are averaged for an ensemble); ``logits`` stay as the model returned them."""
-    from equiray.canon import CanonicalizedModel
+    from equiray.canon import canonicalized_in
     from equiray.ensembles import StackedEnsemble
     from equiray.models import Mixture
 
@@ -150,15 +150,15 @@ def predict_detailed(model: nn.Module, x: torch.Tensor, *, temperature: float = 
             members = model.member_logits(x)  # (N, B, K)
             logits = members.mean(0)  # (B, K)
             disagreement = (members.argmax(-1) != logits.argmax(-1)).float().mean(0)  # (B,)
-        elif isinstance(model, CanonicalizedModel):
+        elif (canon := canonicalized_in(model)) is not None:  # (or a test-time average of one)
             logits, info = model.forward_with_info(x)
-            element, pose = info.element, info.degrees(model.group)
+            element, pose = info.element, info.degrees(canon.group)
         elif isinstance(model, Mixture):  # each member once; a canonicalized member tells its pose
             member_logp = []
             for m in model.members:
-                if isinstance(m, CanonicalizedModel) and pose is None:
+                if (canon := canonicalized_in(m)) is not None and pose is None:
                     out, info = m.forward_with_info(x)
-                    element, pose = info.element, info.degrees(m.group)
+                    element, pose = info.element, info.degrees(canon.group)
                 else:
                     out = m(x)
                 member_logp.append(out.float().log_softmax(-1))

@@ -109,6 +109,62 @@ def test_orbit_averaging_is_invariant_to_its_group_and_only_to_it():
         assert (out - backbone(x).log_softmax(-1)).abs().max() > 1e-3
 
 
+def test_averaging_over_cosets_equals_the_whole_orbit_for_a_backbone_invariant_to_the_subgroup():
+    """OrbitAveraged(net, G, modulo=H): one copy per coset of H. For a net already invariant to H (here itself a
+    C4 average) that is the whole D4 average at 2 passes instead of 8, so it is invariant to mirrors and quarter
+    turns; around a net that is not H-invariant it is not (the subgroup's invariance is the backbone's to bring)."""
+    from equiray.errors import ConfigError
+    from equiray.groups import get_group
+    from equiray.models import OrbitAveraged, averaged
+    from equiray.models.orbit import coset_representatives, parse_orbit
+
+    assert coset_representatives(get_group("C16"), get_group("C8")).tolist() == [0, 1]  # 0 and 22.5 degrees
+    assert coset_representatives(get_group("D4"), get_group("C4")).tolist() == [0, 4]  # upright and mirrored
+    assert coset_representatives(get_group("D4"), get_group("C2")).tolist() == [0, 1, 4, 5]
+    assert coset_representatives(get_group("D8")).tolist() == list(range(16))
+    for bad in ("C8/D4", "C4/C8", "C8/C3"):
+        with pytest.raises(ConfigError, match="is not a subgroup"):
+            parse_orbit(bad)
+    assert parse_orbit("d16/d8") == ("D16", "D8") and parse_orbit("D1") == ("D1", None) and parse_orbit("") is None
+
+    torch.manual_seed(0)
+    net = create_model("small_cnn", width=4).eval()
+    c4 = OrbitAveraged(net, "C4")
+    whole, by_coset = OrbitAveraged(net, "D4"), OrbitAveraged(c4, "D4", modulo="C4")
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        out = by_coset(x)
+        torch.testing.assert_close(out, whole(x), atol=1e-5, rtol=1e-5)
+        for turned in (x.flip(-1), torch.rot90(x, 1, (-2, -1)), torch.rot90(x.flip(-1), 3, (-2, -1))):
+            torch.testing.assert_close(by_coset(turned), out, atol=1e-5, rtol=1e-5)
+        assert (out - c4(x)).abs().max() > 1e-4  # the mirror copy counts (10x the tolerance above)
+        bare = OrbitAveraged(net, "D4", modulo="C4")  # not C4-invariant inside: not D4-invariant outside
+        assert (bare(torch.rot90(x, 1, (-2, -1))) - bare(x)).abs().max() > 1e-4
+        assert averaged(net, "") is net and isinstance(averaged(net, "D1"), OrbitAveraged)
+
+
+def test_an_averaged_canonicalized_model_tells_the_pose_of_the_inputs_as_they_came():
+    """forward_with_info through OrbitAveraged: the averaged logits, and the canonicalizer's decision on the input
+    itself (not on the other copies), batch-sized; the serving path (predict_detailed) reports that pose."""
+    from equiray.canon import canonicalized_in
+    from equiray.inference import predict_detailed
+    from equiray.models import Mixture, OrbitAveraged
+
+    torch.manual_seed(0)
+    canon = create_model("canonicalized", backbone="small_cnn", backbone_kwargs={"width": 4},
+                         canonicalizer_kwargs={"channels": 4}, group="C8", pose="angle").eval()
+    avg = OrbitAveraged(canon, "C16", modulo="C8")
+    x = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        out, info = avg.forward_with_info(x)
+        own = canon.forward_with_info(x)[1]
+        torch.testing.assert_close(out, avg(x))
+        assert torch.equal(info.element, own.element) and info.scores.shape == own.scores.shape
+        assert canonicalized_in(avg) is canon and canonicalized_in(create_model("small_cnn")) is None
+        served = predict_detailed(Mixture([avg, create_model("small_cnn", width=4).eval()]), x)
+        assert torch.equal(served.element, own.element) and served.pose_deg.shape == (6,)
+
+
 def test_the_papers_network_has_its_structure_and_10480_weights():
     """nf_cnn is Nordenfors & Flinth's experiment net: 3 bias-free convs (5-tap supports), two 2x2 average pools,
     tanh, LayerNorm over positions without affine, a flattened linear head without bias; N(0, 1) weights."""

@@ -29,7 +29,7 @@ from equiray.canon.canonicalizers import (CANONICALIZERS, Canonicalizer, Equivar
 from equiray.canon.evaluate import Latencies, evaluate_variant, paired_latencies
 from equiray.canon.layers import GroupConv, GroupLiftConv
 from equiray.canon.losses import contrastive_loss, identity_rate, prior_loss, straight_through
-from equiray.canon.model import Canonicalization, CanonicalizedModel, canonicalized
+from equiray.canon.model import Canonicalization, CanonicalizedModel, canonicalized, canonicalized_in
 from equiray.canon.pose import Pose, continuous_pose, undo_pose
 from equiray.canon.train import (BACKBONE_MODES, LR_SCHEDULES, POSES, TRAIN_ROTATIONS, CanonObjective,
                                  RandomRotations, RotatedCrossEntropy, Variant, build_variant, train_variant,
@@ -39,7 +39,7 @@ __all__ = ["Canonicalization", "Canonicalizer", "EquivariantCanonicalizer", "Opt
            "Pose", "continuous_pose", "undo_pose", "POSES", "TRAIN_ROTATIONS", "RandomRotations",
            "RotatedCrossEntropy", "CanonicalizedModel", "GroupLiftConv", "GroupConv", "straight_through", "prior_loss",
            "contrastive_loss", "identity_rate", "create_canonicalizer", "list_canonicalizers",
-           "register_canonicalizer", "CANONICALIZERS", "canonicalized", "BACKBONE_MODES", "Variant",
+           "register_canonicalizer", "CANONICALIZERS", "canonicalized", "canonicalized_in", "BACKBONE_MODES", "Variant",
            "CanonObjective", "build_variant", "variant_optimizer", "LR_SCHEDULES", "lr_scheduler", "train_variant",
            "evaluate_variant",
            "Latencies", "paired_latencies"]

@@ -24,7 +24,7 @@ from equiray.canon.pose import continuous_pose, undo_pose
 from equiray.groups import Group, OutputKind
 from equiray.models import create_model, register_model
 
-__all__ = ["Canonicalization", "CanonicalizedModel", "canonicalized"]
+__all__ = ["Canonicalization", "CanonicalizedModel", "canonicalized", "canonicalized_in"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +152,16 @@ class CanonicalizedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_info(x)[0]
+
+
+def canonicalized_in(model: nn.Module) -> CanonicalizedModel | None:
+    """The canonicalized model ``model`` is, or that it averages at test time (an ``OrbitAveraged`` around one:
+    its ``forward_with_info`` then says the pose of the inputs as they came); else None."""
+    from equiray.models import OrbitAveraged
+
+    if isinstance(model, OrbitAveraged):
+        model = model.backbone
+    return model if isinstance(model, CanonicalizedModel) else None
 
 
 @register_model

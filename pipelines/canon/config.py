@@ -11,6 +11,7 @@ from typing import Any
 from equiray.canon import BACKBONE_MODES, LR_SCHEDULES, POSES, TRAIN_ROTATIONS, Variant, list_canonicalizers
 from equiray.errors import ConfigError
 from equiray.groups import get_group
+from equiray.models.orbit import parse_orbit
 from pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
 
 # plain fine-tuning; with random group augmentation; with a uniform random angle per image (and a random mirror)
@@ -198,6 +199,11 @@ class CanonConfig:
     # different images (the canonicalizer misreads some upright ones; the baseline is weaker at odd angles)
     mix: bool = False
     mix_weight: float = 0.5
+    # the mixture's members averaged at test time, [canonicalized, baseline], each a group G (every element) or
+    # G/H (one copy per coset of a subgroup H the member is already invariant to) or "" (as it is): e.g.
+    # [D16/D8, D1] reads a D8-canonicalized member also at the half step of its grid (22.5 degrees) and the
+    # baseline also mirrored; [] or ["", ""]: neither
+    mix_tta: tuple[str, ...] = ()
 
     def __post_init__(self):
         for b in self.baselines:
@@ -210,6 +216,13 @@ class CanonConfig:
             raise ConfigError(f"select: one of {', '.join(SELECTABLE)}")
         if not 0.0 < self.mix_weight < 1.0:
             raise ConfigError(f"mix_weight: the canonicalized member's share of the mixture, in (0, 1), not {self.mix_weight}")
+        if self.mix_tta and len(self.mix_tta) != 2:
+            raise ConfigError(f"mix_tta: two entries, [canonicalized member, baseline member], each G, G/H or \"\" "
+                              f"(e.g. [D16/D8, D1]), not {list(self.mix_tta)}")
+        for orbit in self.mix_tta:
+            parse_orbit(orbit)
+        if self.mix_tta and not self.mix:
+            raise ConfigError("mix_tta averages the mixture's members at test time; set mix: true (or drop mix_tta)")
         if self.mix:
             variants = self.variants()
             if not any(v.canonicalized for v in variants) or not any(not v.canonicalized for v in variants):

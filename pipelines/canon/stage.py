@@ -172,7 +172,8 @@ def mixture_row(cfg: CanonConfig, rows: list[dict], x: torch.Tensor, y: torch.Te
     import mlflow
 
     from equiray.canon import evaluate_variant
-    from equiray.models import Mixture
+    from equiray.models import Mixture, averaged
+    from equiray.models.orbit import parse_orbit
     from pipelines import tracking
     from pipelines._ray import say
 
@@ -182,14 +183,28 @@ def mixture_row(cfg: CanonConfig, rows: list[dict], x: torch.Tensor, y: torch.Te
 
     members = [best(True), best(False)]
     weights = [cfg.mix_weight, 1.0 - cfg.mix_weight]
+    orbits = [parse_orbit(o) for o in cfg.mix_tta] or [None, None]
     loaded = [tracking.load_model(r["model_uri"]) for r in members]
-    model = Mixture([m for m, _ in loaded], weights)
+    model = Mixture([averaged(m, cfg.mix_tta[i] if cfg.mix_tta else None) for i, (m, _) in enumerate(loaded)],
+                    weights)
     first = loaded[0][1]
+
+    def member_spec(s: dict, orbit: tuple[str, str | None] | None) -> dict:
+        own = {"name": s["name"], "kwargs": dict(s.get("kwargs", {}))}
+        if orbit is None:
+            return own
+        return {"name": "orbit_averaged", "kwargs": {"backbone": own["name"], "backbone_kwargs": own["kwargs"],
+                                                     "group": orbit[0], "modulo": orbit[1]}}
+
     spec = {**{k: first[k] for k in ("in_chans", "num_classes", "classes", "input_shape", "data") if k in first},
             "name": "mixture", "kwargs": {
-                "members": [{"name": s["name"], "kwargs": dict(s.get("kwargs", {}))} for _, s in loaded],
-                "weights": weights}}
-    name = f"mixture: {members[0]['name']} ({weights[0]:g}) + {members[1]['name']} ({weights[1]:g})"
+                "members": [member_spec(s, o) for (_, s), o in zip(loaded, orbits)], "weights": weights}}
+
+    def label(r: dict, w: float, orbit: tuple[str, str | None] | None) -> str:
+        tta = "" if orbit is None else f", averaged over {orbit[0]}{f'/{orbit[1]}' if orbit[1] else ''}"
+        return f"{r['name']} ({w:g}{tta})"
+
+    name = "mixture: " + " + ".join(label(r, w, o) for r, w, o in zip(members, weights, orbits))
     say(f"[canon] {name}: judged on the test views")
     metrics = evaluate_variant(model, x, y, cfg.eval_group, angles=cfg.curve_angles())
     metrics.pop("identity_rate", None)

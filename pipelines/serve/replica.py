@@ -40,7 +40,7 @@ def load(user_config: dict, device: torch.device) -> Loaded:
     """Rebuild the version named in ``user_config`` without unpickling (``spec.json`` + safetensors)."""
     import mlflow
 
-    from equiray.canon import CanonicalizedModel
+    from equiray.canon import canonicalized_in
     from equiray.ensembles import StackedEnsemble
     from equiray.models import Mixture
     from pipelines import tracking
@@ -51,10 +51,10 @@ def load(user_config: dict, device: torch.device) -> Loaded:
     if "input_shape" not in spec:
         raise EquirayError(f"{ref['uri']}: its spec has no input_shape, so inputs cannot be sized for it")
     kind = ("ensemble" if isinstance(model, StackedEnsemble) else "mixture" if isinstance(model, Mixture) else
-            "canonicalized" if isinstance(model, CanonicalizedModel) else "model")
+            "canonicalized" if canonicalized_in(model) is not None else "model")
     # the group of the canonicalized model, or of a mixture's canonicalized member (whose pose the answers carry)
-    canon = next((m for m in (model.members if kind == "mixture" else [model])
-                  if isinstance(m, CanonicalizedModel)), None)
+    canon = next((c for m in (model.members if kind == "mixture" else [model])
+                  if (c := canonicalized_in(m)) is not None), None)
     group = canon.group if canon is not None else None
     classes = [str(c) for c in (spec.get("classes") or range(spec["num_classes"]))]
     info = {"name": ref["name"], "version": ref["version"], "alias": ref["alias"], "uri": ref["uri"],

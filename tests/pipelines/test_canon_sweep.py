@@ -211,6 +211,14 @@ def test_gpu_fractions_and_bad_configs(tmp_path):
         small_config(tmp_path, baselines=[], mix=True)
     with pytest.raises(ConfigError, match="mix_weight"):
         small_config(tmp_path, mix=True, mix_weight=1.0)
+    with pytest.raises(ConfigError, match="mix_tta: two entries"):
+        small_config(tmp_path, baselines=["o2"], mix=True, mix_tta=["D1"])
+    with pytest.raises(ConfigError, match="C3 is not a subgroup of C8"):
+        small_config(tmp_path, baselines=["o2"], mix=True, mix_tta=["C8/C3", ""])
+    with pytest.raises(ConfigError, match="unknown group 'X2'"):
+        small_config(tmp_path, baselines=["o2"], mix=True, mix_tta=["", "X2"])
+    with pytest.raises(ConfigError, match="set mix: true"):
+        small_config(tmp_path, baselines=["o2"], mix_tta=["", "D1"])
     from pipelines.robust import RobustConfig
 
     with pytest.raises(ConfigError, match="canon:models:/NAME@ALIAS"):
@@ -223,8 +231,9 @@ def test_gpu_fractions_and_bad_configs(tmp_path):
 def test_a_mixture_of_the_best_canonicalized_variant_and_the_best_baseline(ray_session, tmp_path, monkeypatch):
     """`mix: true`: the sweep also judges the probability mixture of its best canonicalized variant and its best
     baseline, as a run of its own nested under the sweep's with the model logged; loaded back it is that
-    mixture of the two members' models; the baseline trains its own `baseline_epochs`."""
-    from equiray.models import Mixture
+    mixture of the two members' models, each averaged at test time as `mix_tta` says (the C4-canonicalized one
+    also at 45 degrees, the baseline also mirrored); the baseline trains its own `baseline_epochs`."""
+    from equiray.models import Mixture, OrbitAveraged
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -232,12 +241,12 @@ def test_a_mixture_of_the_best_canonicalized_variant_and_the_best_baseline(ray_s
     cfg = small_config(tmp_path, baselines=["o2"], grid={"kind": ["equivariant"], "group": ["C4"],
                                                          "prior_weight": [100], "backbone": ["finetune"]},
                        train={"epochs": 1, "batch_size": 64, "baseline_epochs": 2, "upright_share": 0.3},
-                       mix=True, mix_weight=0.7, curve_step=0.0, select="so2_accuracy",
+                       mix=True, mix_weight=0.7, mix_tta=["C8/C4", "D1"], curve_step=0.0, select="so2_accuracy",
                        tracking={"experiment": "test-canon-mix", "registered_model": "test-canon-mix"})
     result = run_sweep(cfg, report_dir=tmp_path / "report")
     baseline, canon, mix = result.rows
-    assert mix["kind"] == "mixture" and mix["name"] == (f"mixture: {canon['name']} (0.7) + {baseline['name']} "
-                                                        "(0.3)")
+    assert mix["kind"] == "mixture" and mix["name"] == (f"mixture: {canon['name']} (0.7, averaged over C8/C4) + "
+                                                        f"{baseline['name']} (0.3, averaged over D1)")
     assert mix["ms_per_image"] > 0 and 0.0 <= mix["so2_accuracy"] <= 1.0
     client = mlflow.MlflowClient(uri)
     run = client.get_run(mix["run_id"])
@@ -251,8 +260,12 @@ def test_a_mixture_of_the_best_canonicalized_variant_and_the_best_baseline(ray_s
     members = [tracking.load_model(r["model_uri"])[0] for r in (canon, baseline)]
     assert isinstance(model, Mixture) and spec["name"] == "mixture" and spec["kwargs"]["weights"] == pytest.approx([0.7, 0.3])
     x, y = read_split(tmp_path / "digits", "test", limit=cfg.data.max_eval)
+    assert [type(m) for m in model.members] == [OrbitAveraged, OrbitAveraged]
     with torch.no_grad():
-        by_hand = 0.7 * members[0](x).softmax(-1) + 0.3 * members[1](x).softmax(-1)
+        at_45 = get_group("C8").act(x, 1, padding="zeros")
+        canon_avg = (members[0](x).softmax(-1) + members[0](at_45).softmax(-1)) / 2
+        base_avg = (members[1](x).softmax(-1) + members[1](x.flip(-1)).softmax(-1)) / 2
+        by_hand = 0.7 * canon_avg + 0.3 * base_avg
         torch.testing.assert_close(model(x).exp(), by_hand)
         assert float((model(x).argmax(-1) == y).float().mean()) == pytest.approx(mix["upright_accuracy"], abs=1e-6)
     best = max(result.rows, key=lambda r: (r["so2_accuracy"], r["upright_accuracy"]))

@@ -1,5 +1,8 @@
 """The canonicalization sweep end to end: variants as real Ray Tune trials on the shared local Ray, nested MLflow
 runs in a real SQLite store, the champion registered and loaded back without unpickling."""
+import signal
+import time
+
 import mlflow
 import pytest
 import torch
@@ -319,6 +322,40 @@ def test_ctrl_c_stops_the_sweep_with_one_line_and_ends_its_run(ray_session, tmp_
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and len(runs) > 1, statuses  # the sweep's run and the trials that had started
     assert set(statuses.values()) == {"KILLED"}, statuses
+
+
+def test_ctrl_c_in_the_robust_selection_ends_its_run_and_registers_nothing(ray_session, tmp_path):
+    """SIGINT to `equiray robust` while its Ray tasks judge the candidates (the backbone and its test-time averages,
+    read along a 1-degree curve so the judging lasts): one `interrupted` line and no traceback, exit 130, its MLflow
+    run KILLED, no champion registered, nothing in the report folder (issue 20)."""
+    import yaml
+
+    from drivers import driver_env, start
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register_backbone(tmp_path / "digits", uri)
+    (tmp_path / "robust.yaml").write_text(yaml.safe_dump({
+        "backbone": "models:/test-backbone@pretrained", "candidates": ["tta:C8", "tta:D8", "tta:D16"],
+        "data": {"source": "digits", "dir": str(tmp_path / "digits")}, "cn_group": "C4", "curve_step": 1.0,
+        "curve_images": 360, "tracking": {"experiment": "test-robust-int", "registered_model": "test-robust-int"}}))
+    proc = start(["pipelines.robust", "--config", "robust.yaml", "--report-dir", "report"], cwd=tmp_path,
+                 env=driver_env(ray_session, uri))
+    client = mlflow.MlflowClient(uri)
+    deadline, started = time.time() + 180, False
+    while time.time() < deadline and proc.poll() is None and not started:
+        exp = client.get_experiment_by_name("test-robust-int")
+        started = bool(exp and client.search_runs([exp.experiment_id]))
+        time.sleep(0.5)
+    assert started, proc.communicate()[1] if proc.poll() is not None else "no run before the deadline"
+    time.sleep(3)  # into the judging: the Ray tasks read the candidates on every view
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err, err
+    exp = client.get_experiment_by_name("test-robust-int")
+    assert {r.info.status for r in client.search_runs([exp.experiment_id])} == {"KILLED"}
+    assert not [m for m in client.search_registered_models() if m.name == "test-robust-int"]
+    assert not any(tmp_path.glob("report/*"))  # no plot, no table
 
 
 def to_plain(cfg):

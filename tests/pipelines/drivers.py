@@ -20,10 +20,11 @@ def driver_env(ray_session, tracking_uri: str) -> dict[str, str]:
             "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(ROOT)}
 
 
-def start(args: list[str], *, cwd, env: dict[str, str]) -> subprocess.Popen:
-    """``python -m ARGS`` (e.g. ``pipelines.pretrain --config f.yaml``), its output captured as text."""
+def start(args: list[str], *, cwd, env: dict[str, str], merged: bool = False) -> subprocess.Popen:
+    """``python -m ARGS`` (e.g. ``pipelines.pretrain --config f.yaml``), its output captured as text (``merged``:
+    standard error into standard output, in the order written)."""
     return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True)
 
 
 def interrupt_once_training(proc: subprocess.Popen, tracking_uri: str, experiment: str, *,
@@ -39,3 +40,47 @@ def interrupt_once_training(proc: subprocess.Popen, tracking_uri: str, experimen
     assert training, proc.communicate()[1] if proc.poll() is not None else "no epoch before the deadline"
     proc.send_signal(signal.SIGINT)
     return proc.communicate(timeout=120)[1]
+
+
+def interrupt_after_line(proc: subprocess.Popen, marker: str, *, timeout: float = 240) -> str:
+    """Read ``proc``'s output (started ``merged``) as it comes; on the first line that holds ``marker``, send
+    SIGINT; wait for the end. Returns all the output (the marker line among it)."""
+    import threading
+
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while not seen.is_set() and proc.poll() is None and time.time() < deadline:
+        seen.wait(0.2)
+    if seen.is_set():
+        proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    assert seen.is_set(), f"no line with {marker!r} before the end or the deadline:\n{''.join(lines)}"
+    return "".join(lines)
+
+
+def interrupt_once_running(proc: subprocess.Popen, tracking_uri: str, experiment: str, *, settle: float = 3.0,
+                           timeout: float = 180) -> str:
+    """Wait until ``experiment`` holds a run, ``settle`` seconds more (into the stage's work), send SIGINT, wait for
+    the end; returns stderr (or all the output, started ``merged``)."""
+    client = mlflow.MlflowClient(tracking_uri)
+    deadline, started = time.time() + timeout, False
+    while time.time() < deadline and proc.poll() is None and not started:
+        exp = client.get_experiment_by_name(experiment)
+        started = bool(exp and client.search_runs([exp.experiment_id]))
+        time.sleep(0.5)
+    assert started, proc.communicate()[1] if proc.poll() is not None else "no run before the deadline"
+    time.sleep(settle)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return err if err is not None else out

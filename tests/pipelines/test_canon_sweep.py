@@ -1,8 +1,5 @@
 """The canonicalization sweep end to end: variants as real Ray Tune trials on the shared local Ray, nested MLflow
 runs in a real SQLite store, the champion registered and loaded back without unpickling."""
-import signal
-import time
-
 import mlflow
 import pytest
 import torch
@@ -330,7 +327,7 @@ def test_ctrl_c_in_the_robust_selection_ends_its_run_and_registers_nothing(ray_s
     run KILLED, no champion registered, nothing in the report folder (issue 20)."""
     import yaml
 
-    from drivers import driver_env, start
+    from drivers import driver_env, interrupt_once_running, start
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register_backbone(tmp_path / "digits", uri)
@@ -340,16 +337,8 @@ def test_ctrl_c_in_the_robust_selection_ends_its_run_and_registers_nothing(ray_s
         "curve_images": 360, "tracking": {"experiment": "test-robust-int", "registered_model": "test-robust-int"}}))
     proc = start(["pipelines.robust", "--config", "robust.yaml", "--report-dir", "report"], cwd=tmp_path,
                  env=driver_env(ray_session, uri))
+    err = interrupt_once_running(proc, uri, "test-robust-int")
     client = mlflow.MlflowClient(uri)
-    deadline, started = time.time() + 180, False
-    while time.time() < deadline and proc.poll() is None and not started:
-        exp = client.get_experiment_by_name("test-robust-int")
-        started = bool(exp and client.search_runs([exp.experiment_id]))
-        time.sleep(0.5)
-    assert started, proc.communicate()[1] if proc.poll() is not None else "no run before the deadline"
-    time.sleep(3)  # into the judging: the Ray tasks read the candidates on every view
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err, err
     exp = client.get_experiment_by_name("test-robust-int")

@@ -200,3 +200,54 @@ def test_metanetwork_options_are_typed_and_named_as_registered(tmp_path):
         train_cfg(tmp_path, metanetworks={"statnn": {"mlp_hidden": ["wide"]}})
     with pytest.raises(ConfigError, match="at least one"):
         train_cfg(tmp_path, metanetworks={})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_while_the_zoo_trains_leaves_no_zoo_and_no_temporary_folder(ray_session, tmp_path):
+    """SIGINT to `equiray nfn zoo` once its Ray tasks have trained a first chunk: one `interrupted` line, no
+    traceback, exit 130; neither the zoo folder nor its temporary sibling is left (issue 20)."""
+    import yaml
+
+    from drivers import driver_env, interrupt_after_line, start
+
+    cfg = small(tmp_path, nets=400, nets_per_task=2, epochs=3)
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(to_plain(cfg)))
+    proc = start(["pipelines.nfn", "zoo", "--config", "zoo.yaml"], cwd=tmp_path,
+                 env=driver_env(ray_session, f"sqlite:///{tmp_path / 'mlflow.db'}"), merged=True)
+    err = interrupt_after_line(proc, "nets trained")
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err, err
+    assert not (tmp_path / "zoo").exists() and not list(tmp_path.glob(".zoo-*"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_while_metanetworks_train_ends_every_run_and_registers_nothing(relu_zoo, ray_session, tmp_path):
+    """SIGINT to `equiray nfn train` while its Ray tasks fit the metanetworks: one `interrupted` line, exit 130,
+    the stage's MLflow run KILLED (none RUNNING), nothing registered, nothing in the report folder (issue 20)."""
+    import mlflow
+    import yaml
+
+    from drivers import driver_env, interrupt_once_running, start
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = train_cfg(relu_zoo.out, epochs=5000, tracking={"experiment": "test-nfn-int",
+                                                         "registered_model": "test-nfn-int"})
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(to_plain(cfg)))
+    proc = start(["pipelines.nfn", "train", "--config", "train.yaml", "--report-dir", "report"], cwd=tmp_path,
+                 env=driver_env(ray_session, uri))
+    err = interrupt_once_running(proc, uri, "test-nfn-int")  # the fits out on Ray tasks by then
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err, err
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("test-nfn-int")
+    assert exp and {r.info.status for r in client.search_runs([exp.experiment_id])} == {"KILLED"}
+    assert not client.search_registered_models()
+    assert not any(tmp_path.glob("report/*"))
+
+
+def to_plain(cfg):
+    from equiray.config import to_dict
+
+    return to_dict(cfg)

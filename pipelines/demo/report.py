@@ -172,7 +172,8 @@ def _any_angle_section(cfg: DemoConfig, aa) -> str:
                   f"{t.baseline_epochs or t.epochs} epochs ({', '.join(v.name for v in a.variants() if not v.canonicalized)})")
         beside += (f", and the mixture of the two: their class probabilities averaged, {a.mix_weight:g} on the "
                    "canonicalized one (the canonicalizer misreads some upright images, the baseline is weaker at odd "
-                   "angles: they err on different images)." if a.mix else ".")
+                   "angles: they err on different images)" + (_tta_words(a.mix_tta) if a.mix_tta else "") + "."
+                   if a.mix else ".")
     return f"""## Any angle, any mirror (`{aa.registered}`, version {aa.version}: {aa.champion})
 {recipe}: the canonicalizer reads a continuous pose (any angle, and a mirror) off {a.data.max_train or 'all'}
 training images, each turned by a random angle after a random mirror ({t.upright_share:.0%} left upright), for
@@ -182,6 +183,28 @@ them, beside every other candidate. Sweep run `{aa.run_id}`.
 
 {aa.table}
 """
+
+
+def _tta_words(mix_tta) -> str:
+    """How the mixture's members are read at test time, in words."""
+    from equiray.models.orbit import coset_representatives, parse_orbit
+    from equiray.groups import get_group
+
+    def pose(g, e: int) -> str:
+        turn, mirror = int(g.rotation(e)) * 360 / g.n, int(g.reflection(e))
+        said = ([f"turned {turn:g} deg"] if turn else []) + (["mirrored"] if mirror else [])
+        return " and ".join(said) or "as it came"
+
+    def words(orbit: str) -> str:
+        parsed = parse_orbit(orbit)
+        if parsed is None:
+            return "as it came"
+        g = get_group(parsed[0])
+        reps = coset_representatives(g, get_group(parsed[1]) if parsed[1] else None).tolist()
+        return f"{', '.join(pose(g, e) for e in reps[:-1])} and {pose(g, reps[-1])} ({orbit})"
+
+    return (f"; at test time the members also read transformed copies of every input, each member's probabilities "
+            f"averaged over its copies: the canonicalized one {words(mix_tta[0])}, the baseline {words(mix_tta[1])}")
 
 
 def _robust_section(cfg: DemoConfig, rb) -> str:

@@ -16,6 +16,14 @@ SPECS = {
     "canonicalized D8 angle": dict(name="canonicalized", in_chans=1, num_classes=10, backbone="small_cnn",
                                    backbone_kwargs={"width": 4}, canonicalizer="equivariant",
                                    canonicalizer_kwargs={"channels": 4}, group="D8", pose="angle"),
+    # the robust champion's kind: that recipe and a plain net mixed, each averaged at test time over a few poses
+    "mixture of test-time averages": dict(name="mixture", in_chans=1, num_classes=10, weights=[0.5, 0.5], members=[
+        {"name": "orbit_averaged", "kwargs": {
+            "backbone": "canonicalized", "group": "D16", "modulo": "D8", "backbone_kwargs": dict(
+                backbone="small_cnn", backbone_kwargs={"width": 4}, canonicalizer="equivariant",
+                canonicalizer_kwargs={"channels": 4}, group="D8", pose="angle")}},
+        {"name": "orbit_averaged", "kwargs": {"backbone": "small_cnn", "backbone_kwargs": {"width": 4},
+                                              "group": "D1"}}]),
 }
 # a pose picked among the group's elements is applied with data-dependent indexing that a trace fixes to the
 # example's poses (and rot90, which ONNX lacks): it is refused, with what went wrong

@@ -46,6 +46,14 @@ def verdict(fits: list[MetanetworkFit]) -> tuple[str, ...]:
     return tuple(lines)
 
 
+def panel_range(true: list[float]) -> tuple[float, float]:
+    """A scatter panel's axes (both the same): the true accuracies' range and 5% of it either side, so predictions
+    far outside it (an unfit metanetwork's, 1e7 on a rescaled zoo) do not squash every point into a corner."""
+    lo, hi = min(true), max(true)
+    pad = 0.05 * (hi - lo) or 1.0
+    return lo - pad, hi + pad
+
+
 def scatter(fits: list[MetanetworkFit], report_dir) -> Path:
     """``nfn_scatter.png`` in ``report_dir`` (or a temporary folder): one panel per (zoo, metanetwork)."""
     import matplotlib
@@ -58,12 +66,23 @@ def scatter(fits: list[MetanetworkFit], report_dir) -> Path:
     fig, axes = plt.subplots(len(zoos), len(names), figsize=(3.6 * len(names), 3.4 * len(zoos)), squeeze=False)
     for f in fits:
         ax = axes[zoos.index(f.zoo)][names.index(f.name)]
-        ax.scatter(f.true, f.pred, s=14, alpha=0.8)
-        lo, hi = min(f.true + f.pred), max(f.true + f.pred)
+        true, pred = [100 * t for t in f.true], [100 * p for p in f.pred]
+        lo, hi = panel_range(true)
+        shown = [min(max(p, lo), hi) for p in pred]  # off the chart: drawn at its edge, in red
+        off = [p != q for p, q in zip(pred, shown)]
+        ax.scatter([t for t, o in zip(true, off) if not o], [q for q, o in zip(shown, off) if not o], s=14, alpha=0.8)
+        if any(off):
+            ax.scatter([t for t, o in zip(true, off) if o], [q for q, o in zip(shown, off) if o], s=14, marker="x",
+                       color="tab:red")
+            worst = max((p for p, o in zip(pred, off) if o), key=abs)
+            ax.text(0.03, 0.97, f"{sum(off)} of {len(pred)} predictions off the chart (x, at its edge; up to "
+                    f"{worst:.3g}%)", transform=ax.transAxes, va="top", fontsize=7, color="tab:red", wrap=True)
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
         ax.set_title(f"{f.name}, {f.zoo} zoo: tau {f.test_tau:.3f}", fontsize=9)
-        ax.set_xlabel("true test accuracy")
-        ax.set_ylabel("predicted")
+        ax.set_xlabel("true test accuracy (%)")
+        ax.set_ylabel("predicted test accuracy (%)")
     fig.suptitle("Held-out nets: accuracy predicted from weights", fontsize=10)
     fig.tight_layout()
     out_dir = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="equiray-plots-"))

@@ -247,6 +247,35 @@ def test_ctrl_c_while_metanetworks_train_ends_every_run_and_registers_nothing(re
     assert not any(tmp_path.glob("report/*"))
 
 
+def test_the_scatter_keeps_its_axes_on_the_true_accuracies_when_a_metanetwork_explodes(tmp_path, monkeypatch):
+    """A panel's axes span the true accuracies (in %), not an unfit metanetwork's 1e7 predictions (which left the
+    scaled STATNN panel empty to the eye, issue 20); the points off the chart are counted on the panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipelines.nfn.metanet import MetanetworkFit
+    from pipelines.nfn.report import panel_range, scatter
+
+    true = [0.2, 0.35, 0.5, 0.62]
+    fit = MetanetworkFit(name="statnn", zoo="scaled", options={}, params=1, history=[], best_epoch=0, val_tau=0.1,
+                         test_tau=0.1, seconds=1.0, mean=0.0, std=1.0, pred=[0.3, 1.2e5, -4e4, 0.6], true=true)
+    lo, hi = panel_range([100 * t for t in true])
+    assert lo == pytest.approx(20 - 2.1) and hi == pytest.approx(62 + 2.1)
+    shown = []
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *a, **k):
+        shown.extend((ax.get_ylim(), [t.get_text() for t in ax.texts]) for ax in fig.axes)
+        return real_savefig(fig, *a, **k)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
+    assert scatter([fit], tmp_path).stat().st_size > 0
+    (ylim, texts), = shown
+    assert ylim == pytest.approx((lo, hi)) and texts and texts[0].startswith("2 of 4 predictions off the chart")
+
+
 def to_plain(cfg):
     from equiray.config import to_dict
 

@@ -123,6 +123,23 @@ def parse_view(spec: str) -> tuple[str, tuple]:
                     f"CORRUPTION:SEVERITY with CORRUPTION in {', '.join(CORRUPTIONS)} and SEVERITY 1..5")
 
 
+def describe_view(spec: str) -> str:
+    """A view as a person reads it on a plot: ``rot:C4:1`` -> ``turned 90 deg``, ``noise:3`` -> ``noise, severity 3``,
+    ``so2`` -> ``random angle``."""
+    kind, args = parse_view(spec)
+    if kind == "rot":
+        group, element = args
+        turn = int(group.rotation(element)) * 360 / group.n
+        said = ([f"turned {turn:g} deg"] if turn else []) + (["mirrored"] if int(group.reflection(element)) else [])
+        return ", ".join(said) or "upright"
+    if kind == "angle":
+        return f"turned {args[0]:g} deg"
+    if kind in CORRUPTIONS:
+        return f"{kind}, severity {args[0]}"
+    return {"upright": "upright", "reflect": "mirrored", "so2": "random angle",
+            "o2": "random angle, mirrored half the time"}[kind]
+
+
 def apply_view(x: torch.Tensor, spec: str, *, seed: int = 0) -> torch.Tensor:
     """The view ``spec`` of a whole split ``x`` (``(N, C, H, W)``, values in [0, 1]); deterministic."""
     kind, args = parse_view(spec)

@@ -49,12 +49,21 @@ def plots(curves: Sequence[Mapping[str, float]], acc: Mapping[str, float], out_d
         paths.append(out_dir / "pretrain_curves.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    from matplotlib.patches import Patch
+
+    from equiray.data.views import describe_view
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     names = list(acc)
-    colors = ["tab:green" if n == "upright" else "tab:red" if n.startswith("rot") else "tab:orange" for n in names]
-    ax.bar(range(len(names)), [acc[n] for n in names], color=colors)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set(ylim=(0, 1), ylabel="test accuracy", title=f"pretrained backbone: upright vs {group}-rotated vs corrupted")
+    kinds = {"upright": ("tab:green", "upright"), "rot": ("tab:red", f"{group}-rotated"),
+             "other": ("tab:orange", "corrupted")}
+    kind = ["upright" if n == "upright" else "rot" if n.startswith("rot") else "other" for n in names]
+    bars = ax.bar(range(len(names)), [100 * acc[n] for n in names], color=[kinds[k][0] for k in kind])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(names)), [describe_view(n) for n in names], rotation=30, ha="right")
+    ax.set(ylim=(0, 110), ylabel="test accuracy (%)", title=f"pretrained backbone: upright vs {group}-rotated vs corrupted")
+    ax.legend(handles=[Patch(color=kinds[k][0], label=kinds[k][1]) for k in dict.fromkeys(kind)], fontsize=8,
+              loc="upper center", ncols=3, frameon=False)
     fig.tight_layout()
     paths.append(out_dir / "pretrain_views.png")
     fig.savefig(paths[-1], dpi=110)

@@ -124,3 +124,12 @@ def test_accuracy_curve_is_periodic_for_an_invariant_model(gen):
         assert inv[f"angle:{d}"] == pytest.approx(inv[f"angle:{d + 90}"], abs=0.011)
         assert inv[f"angle:{d}"] == pytest.approx(inv[f"angle:{d + 180}"], abs=0.011)
     assert max(abs(plain[f"angle:{d}"] - plain[f"angle:{d + 90}"]) for d in (0, 30, 60)) > 0.1
+
+
+def test_views_are_described_in_words_for_plots():
+    from equiray.data.views import describe_view
+
+    assert [describe_view(v) for v in ("upright", "rot:C4:1", "rot:D4:5", "rot:D4:4", "angle:22.5", "noise:3",
+                                       "so2", "reflect")] == [
+        "upright", "turned 90 deg", "turned 90 deg, mirrored", "mirrored", "turned 22.5 deg", "noise, severity 3",
+        "random angle", "mirrored"]

@@ -78,13 +78,16 @@ def plot_variants(rows: Sequence[Mapping], group: str, out_dir: Path | None) -> 
 
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix="equiray-plots-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = plt.subplots(figsize=(9, 3.9))
     idx = range(len(rows))
-    ax.bar([i - 0.2 for i in idx], [r["upright_accuracy"] for r in rows], 0.4, label="upright")
-    ax.bar([i + 0.2 for i in idx], [r["cn_avg_accuracy"] for r in rows], 0.4, label=f"{group}-avg")
+    for offset, key, label in ((-0.2, "upright_accuracy", "upright"), (0.2, "cn_avg_accuracy", f"{group}-avg")):
+        bars = ax.bar([i + offset for i in idx], [100 * r[key] for r in rows], 0.4, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(list(idx), [r["name"] for r in rows], rotation=25, ha="right", fontsize=8)
-    ax.set(ylim=(0, 1), ylabel="test accuracy", title="canonicalization variants: upright vs rotated accuracy")
-    ax.legend(loc="lower right")
+    # headroom above 100 for the legend, so it covers no bar
+    ax.set(ylim=(0, 118), yticks=range(0, 101, 20), ylabel="test accuracy (%)",
+           title="canonicalization variants: upright vs rotated accuracy")
+    ax.legend(loc="upper center", ncols=2, frameon=False, fontsize=8)
     fig.tight_layout()
     path = out_dir / "canon_variants.png"
     fig.savefig(path, dpi=110)

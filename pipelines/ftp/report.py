@@ -69,13 +69,13 @@ def plot_trials(rows: Sequence[TrialRow], pretrained: Mapping[str, float], out_d
     for method in METHOD_ORDER:
         mine = [r for r in rows if r.method == method]
         if mine:
-            ax.scatter([r.id_test_accuracy for r in mine], [r.ood_mean_accuracy for r in mine],
+            ax.scatter([100 * r.id_test_accuracy for r in mine], [100 * r.ood_mean_accuracy for r in mine],
                        c=colors[method], label=method, alpha=0.8, s=[18 + 12 * r.epochs for r in mine])
     views = list(rows[0].ood) if rows else []
     if views:
-        ax.scatter([pretrained["id_test"]], [sum(pretrained[v] for v in views) / len(views)], marker="*", s=220,
+        ax.scatter([100 * pretrained["id_test"]], [100 * sum(pretrained[v] for v in views) / len(views)], marker="*", s=220,
                    c="black", label="pretrained, no fine-tuning")
-    ax.set(xlabel="ID test accuracy (target domain)", ylabel="OOD accuracy (mean over shifts)",
+    ax.set(xlabel="ID test accuracy, target domain (%)", ylabel="OOD accuracy, mean over shifts (%)",
            title="robust fine-tuning trials (marker size: epochs run before ASHA)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

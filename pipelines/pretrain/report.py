@@ -41,9 +41,9 @@ def plots(curves: Sequence[Mapping[str, float]], acc: Mapping[str, float], out_d
         ep = [c["epoch"] + 1 for c in curves]
         ax[0].plot(ep, [c["train_loss"] for c in curves], marker="o")
         ax[0].set(xlabel="epoch", ylabel="train loss", title="loss")
-        ax[1].plot(ep, [c["train_accuracy"] for c in curves], marker="o", label="train")
-        ax[1].plot(ep, [c["val_accuracy"] for c in curves], marker="o", label="val")
-        ax[1].set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+        ax[1].plot(ep, [100 * c["train_accuracy"] for c in curves], marker="o", label="train")
+        ax[1].plot(ep, [100 * c["val_accuracy"] for c in curves], marker="o", label="validation")
+        ax[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
         ax[1].legend()
         fig.tight_layout()
         paths.append(out_dir / "pretrain_curves.png")

@@ -10,10 +10,14 @@ from equiray.data.views import apply_view
 from equiray.groups import get_group
 from equiray.train import accuracy, predict
 
-__all__ = ["CALIBRATION_VIEW", "FULL", "calibrate_model", "curve_views", "grid_angles", "judge"]
+__all__ = ["CALIBRATION_TEST_VIEWS", "CALIBRATION_VIEW", "FULL", "TEST_LOGITS", "calibrate_model", "curve_views",
+           "grid_angles", "judge"]
 
 
 FULL = ("upright", "reflect", "so2", "o2")  # on the whole test set
+CALIBRATION_VIEW = "o2"  # the temperature is fitted on images as they really come: any angle, sometimes mirrored
+CALIBRATION_TEST_VIEWS = ("upright", "so2")  # where ECE / NLL are reported before and after
+TEST_LOGITS = "test_logits"  # judge()'s key: {view: (N, K) logits} of CALIBRATION_TEST_VIEWS
 
 
 def grid_angles(cn_group: str) -> tuple[float, ...]:
@@ -32,7 +36,9 @@ def judge(uri: str, x: torch.Tensor, y: torch.Tensor, *, cn_group: str, angles: 
           seed: int, batch_size: int, tracking_uri: str, threads: int = 1) -> dict[str, float]:
     """The accuracies of the registered model ``uri`` on ``(x, y)``: ``upright_accuracy``, ``mirrored_accuracy``,
     ``so2_accuracy``, ``o2_accuracy`` (seeded random views, the whole split), and on the first ``curve_images``:
-    ``accuracy_angle_{deg}`` (the curve) and ``cn_avg_accuracy`` (the mean over the ``cn_group``'s rotations).
+    ``accuracy_angle_{deg}`` (the curve) and ``cn_avg_accuracy`` (the mean over the ``cn_group``'s rotations);
+    under :data:`TEST_LOGITS` the logits of the views calibration reads on the test split (so the champion's are not
+    computed twice).
     Every view is made at the data's resolution (pad, rotate, crop), then resized to the model's input, as the
     endpoint does."""
     import mlflow
@@ -44,28 +50,31 @@ def judge(uri: str, x: torch.Tensor, y: torch.Tensor, *, cn_group: str, angles: 
     model, spec = tracking.load_model(uri)
     size = spec.get("input_shape", x.shape[1:])[-1]
 
-    def acc(view: str, images: torch.Tensor, labels: torch.Tensor) -> float:
-        seen = resize(apply_view(images, view, seed=seed), size)
-        return accuracy(predict(model, seen, batch_size=batch_size), labels)
+    def logits(view: str, images: torch.Tensor) -> torch.Tensor:
+        return predict(model, resize(apply_view(images, view, seed=seed), size), batch_size=batch_size)
 
-    full = {view: acc(view, x, y) for view in FULL}
+    def acc(view: str, images: torch.Tensor, labels: torch.Tensor) -> float:
+        return accuracy(logits(view, images), labels)
+
+    kept = {view: logits(view, x) for view in CALIBRATION_TEST_VIEWS}
+    full = {view: accuracy(kept[view], y) if view in kept else acc(view, x, y) for view in FULL}
     xc, yc = x[:curve_images], y[:curve_images]
     fixed = {float(view.split(":")[1]): acc(view, xc, yc) for view in curve_views(cn_group, angles)}
     grid = [fixed[a] for a in grid_angles(cn_group)]
     return {"upright_accuracy": full["upright"], "mirrored_accuracy": full["reflect"], "so2_accuracy": full["so2"],
             "o2_accuracy": full["o2"], "cn_avg_accuracy": sum(grid) / len(grid),
-            **{f"accuracy_angle_{a:g}": fixed[float(a)] for a in angles}}
+            **{f"accuracy_angle_{a:g}": fixed[float(a)] for a in angles}, TEST_LOGITS: kept}
 
 
-CALIBRATION_VIEW = "o2"  # the temperature is fitted on images as they really come: any angle, sometimes mirrored
 
 
 @torch.no_grad()
 def calibrate_model(uri: str, val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], *,
-                    seed: int, batch_size: int) -> dict[str, float]:
+                    seed: int, batch_size: int, test_logits: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Temperature scaling for the registered model ``uri``: ``T`` fitted on the validation split under a seeded
     random pose per image (:data:`CALIBRATION_VIEW`), then ECE (15 bins) and NLL before / after on the test split,
-    upright and at a random angle (SO(2)). Keys ``temperature``, ``{view}_{ece,nll}_{before,after}``."""
+    upright and at a random angle (SO(2)). Keys ``temperature``, ``{view}_{ece,nll}_{before,after}``.
+    ``test_logits``: the model's logits on those test views already (:func:`judge` returns them), else computed."""
     from equiray.calibration import calibrate
     from pipelines import tracking
 
@@ -77,8 +86,9 @@ def calibrate_model(uri: str, val: tuple[torch.Tensor, torch.Tensor], test: tupl
 
     t = calibrate(logits(val[0], CALIBRATION_VIEW), val[1]).temperature
     out = {"temperature": t}
-    for view in ("upright", "so2"):
-        c = calibrate(logits(test[0], view), test[1], temperature=t)
+    for view in CALIBRATION_TEST_VIEWS:
+        seen = test_logits[view] if test_logits is not None else logits(test[0], view)
+        c = calibrate(seen, test[1], temperature=t)
         out |= {f"{view}_ece_before": c.ece_before, f"{view}_ece_after": c.ece_after,
                 f"{view}_nll_before": c.nll_before, f"{view}_nll_after": c.nll_after}
     return out

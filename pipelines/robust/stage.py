@@ -15,6 +15,7 @@ from equiray.config import to_dict
 from equiray.data import resize
 from equiray.errors import ConfigError
 from pipelines.robust.config import CANON_SWEEP, TTA, RobustConfig
+from pipelines.robust.evaluate import TEST_LOGITS
 from pipelines.robust.report import champion, results_table, verdict
 from pipelines.stage import Outcome, Stage, StageResult, StageRun
 from pipelines.tracking import TEMPERATURE_TAG
@@ -142,6 +143,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
         # last task to end is a cheap one (two cores: the demo's stage took 2.3 minutes judging in list order)
         timed = _timed([{"name": c.name, "uri": c.uri} for c in everyone], x[:cfg.latency_batch])
         scores = _judge_all(everyone, x, y, cfg, run.tracking_uri, costs=[r["ms_per_image"] for r in timed])
+        test_logits = {c.name: s.pop(TEST_LOGITS) for c, s in zip(everyone, scores)}
         rows = [{**t, **s} for t, s in zip(timed, scores)]
         backbone, rows = rows[0], rows[1:]
         best, met = champion(rows, backbone["upright_accuracy"], cfg.upright_tolerance, level=cfg.so2_level)
@@ -155,7 +157,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
         mlflow.log_text(json.dumps({"backbone": backbone, "rows": rows, "rule_met": met}, indent=2), "candidates.json")
         if plot is not None:
             mlflow.log_artifact(str(plot), "plots")
-        cal = self._calibration(best["uri"], x, y)
+        cal = self._calibration(best["uri"], x, y, test_logits[best["name"]])
         lines.append(f"calibration: temperature {cal['temperature']:.3f} (fitted on the validation split at a random "
                      f"pose); ECE upright {100 * cal['upright_ece_before']:.2f}% -> {100 * cal['upright_ece_after']:.2f}%, "
                      f"SO(2) {100 * cal['so2_ece_before']:.2f}% -> {100 * cal['so2_ece_after']:.2f}%; NLL SO(2) "
@@ -174,13 +176,16 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
                 **{f"calibration.{k}": f"{v:.4f}" for k, v in cal.items() if k != "temperature"}}
         return Outcome(result, source, tags)
 
-    def _calibration(self, uri: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """The champion's temperature (validation split) and its ECE / NLL before and after (test split)."""
+    def _calibration(self, uri: str, x: torch.Tensor, y: torch.Tensor,
+                     test_logits: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The champion's temperature (validation split) and its ECE / NLL before and after (test split, from the
+        logits its judge computed)."""
         from equiray.data import read_split
         from pipelines.robust.evaluate import calibrate_model
 
         val = read_split(self.cfg.data.dir, "val", limit=self.cfg.data.max_eval)
-        return calibrate_model(uri, val, (x, y), seed=self.cfg.seed, batch_size=self.cfg.batch_size)
+        return calibrate_model(uri, val, (x, y), seed=self.cfg.seed, batch_size=self.cfg.batch_size,
+                               test_logits=test_logits)
 
     def _logged(self, c: Candidate) -> Candidate:
         """A test-time-averaged backbone as a model of its own, logged to the stage's run (so it can be served)."""

@@ -187,6 +187,14 @@ def test_robust_champion_judges_every_variant_the_same_way_and_is_what_serve_loa
     assert t > 0 and t != 1.0
     assert float(mv.tags["calibration.so2_nll_after"]) <= float(mv.tags["calibration.so2_nll_before"])
     assert any(line.startswith("calibration: temperature") for line in robust.verdict)
+    # the test logits its judge computed are the ones calibration would compute: the same numbers anew
+    from pipelines.robust.evaluate import calibrate_model
+
+    anew = calibrate_model(best["uri"], read_split(root / "digits", "val", limit=200), (x, y), seed=rcfg.seed,
+                           batch_size=rcfg.batch_size)
+    assert t == pytest.approx(anew["temperature"], rel=1e-5)
+    for k in ("upright_ece_after", "so2_ece_after", "so2_nll_before"):
+        assert float(mv.tags[f"calibration.{k}"]) == pytest.approx(anew[k], abs=1e-4), k
     model, _ = tracking.load_model("models:/equiray-robust@champion")
     with torch.no_grad():
         acc = float((model(x).argmax(-1) == y).float().mean())

@@ -51,10 +51,23 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0  # leave CPUs free for Ray Data's read tasks
     gpus_per_worker: float = 1.0  # fractional values pack several workers onto one GPU (when use_gpu)
     torch_threads: int = 0  # 0: the node's cores divided among the workers
+    # torch.distributed's backend between the workers: auto (Ray Train's choice: nccl with GPUs, gloo without),
+    # nccl or gloo (GPU workers without NCCL: a mixed cluster, or the fake GPUs of an autoscaling simulation)
+    backend: str = "auto"
 
     def __post_init__(self):
         if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker <= 0:
             raise ConfigError("scaling: num_workers >= 1, cpus_per_worker > 0 and gpus_per_worker > 0")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"scaling.backend: auto, nccl or gloo, not {self.backend!r}")
+
+    def torch_config(self):
+        """Ray Train's ``TorchConfig`` for ``backend`` (None: Ray Train's default)."""
+        if self.backend == "auto":
+            return None
+        from ray.train.torch import TorchConfig
+
+        return TorchConfig(backend=self.backend)
 
     def ray_scaling(self):
         import ray.train
@@ -142,8 +155,10 @@ def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, st
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    _pin_data_stats_here()
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg, scaling_config=scaling.ray_scaling(),
+        torch_config=scaling.torch_config(),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(Path(storage_path).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
@@ -160,6 +175,18 @@ def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, st
     if result.checkpoint is None:
         raise RuntimeError(f"{run_name} ended without a checkpoint: {result.error}")
     return result
+
+
+def _pin_data_stats_here() -> None:
+    """Create Ray Data's one-per-cluster stats actor (detached) from this driver, so it lives on the driver's node.
+    Created by the first Train worker that reads a dataset it lands on that worker's node, where it keeps the node
+    busy for good: on an autoscaling cluster a GPU node that is never removed (seen on the fake multi-node cluster,
+    tests/pipelines/test_autoscaling.py). Ray's function is internal: without it, nothing is done."""
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    get_or_create_stats_actor()
 
 
 def _fit_interruptibly(trainer):

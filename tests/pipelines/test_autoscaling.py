@@ -1,0 +1,111 @@
+"""cluster.yaml's node types on Ray's own autoscaler (the fake multi-node provider: real raylets on this machine,
+fake GPUs): the ensemble pipeline's member groups ask for fractional GPUs, the autoscaler adds worker nodes for
+them, every member comes back exactly once, and the idle nodes are removed (issue 21).
+
+The cluster's driver runs in a subprocess of the test (the session's shared Ray, stopped meanwhile by `sole_ray`, is
+another instance in this process); its head is a process group of its own, stopped alone (`ray stop` would end
+every Ray process on the machine)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+from pipelines.fake_cluster import FAKE_HEAD_TYPE, fake_cluster_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import json, sys, threading, time
+from pathlib import Path
+
+import ray
+import yaml
+
+from equiray.config import load_config
+from pipelines.ensemble import EnsembleConfig, run_train
+from pipelines.fake_cluster import FakeCluster
+
+root, repo = Path(sys.argv[1]), Path(sys.argv[2])
+counts = []
+with FakeCluster(yaml.safe_load((repo / "cluster.yaml").read_text()), root / "cluster", cpus_per_node=1) as fc:
+    stop = threading.Event()
+
+    def watch():  # the state API: no driver needed
+        while not stop.is_set():
+            counts.append((time.monotonic(), len(fc.alive_nodes())))
+            stop.wait(1.0)
+
+    threading.Thread(target=watch, daemon=True).start()
+    ray.init(address=fc.gcs)  # ended before the cluster stops: a driver left connected to a stopped GCS aborts
+    try:
+        cfg = load_config(EnsembleConfig, {
+            "data": {"source": "digits", "dir": str(root / "digits"), "max_train": 400, "resize": None},
+            "member": {"kwargs": {"width": 4}},
+            "settings": [{"name": "sym+aug"}, {"name": "sym, no aug", "augment": False}],
+            "members": 4, "members_per_group": 2, "train": {"epochs": 1},
+            # as jobs/configs/ensemble.yaml asks, scaled down: a fraction of a GPU and a CPU per worker
+            "scaling": {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5, "cpus_per_worker": 1.0,
+                        "torch_threads": 1, "backend": "gloo"},  # the GPUs are fake: no NCCL
+            "tracking": {"experiment": "test-autoscaling"}, "eval": {"max_eval": 50},
+            "storage_path": str(root / "runs"), "max_failures": 0})
+        start = time.monotonic()
+        result = run_train(cfg)
+        trained = time.monotonic()
+    finally:
+        ray.shutdown()  # the job ends, and with it its actors (Train's controller, Ray Data's): nothing holds a node
+    while time.monotonic() - trained < 240 and counts[-1][1] > 1:  # idle nodes go after idle_timeout_minutes
+        time.sleep(1)
+    stop.set()
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=fc.url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    out = {"actors_left": [(a.class_name, a.node_id) for a in alive],
+           "nodes_left": [n.node_id for n in fc.alive_nodes() if not n.is_head_node],
+           "counts": [(round(t - start, 1), n) for t, n in counts if n], "trained_at": round(trained - start, 1),
+           "group_members": {str(k): v for k, v in result.group_members.items()},
+           "group_nodes": {str(k): v for k, v in result.group_nodes.items()}, "members": result.members}
+    (root / "result.json").write_text(json.dumps(out))
+"""
+
+
+def test_fake_cluster_config_scales_cluster_yaml_down():
+    """The fake cluster's node types are cluster.yaml's, scaled to this machine: GPU types keep (fake) GPUs, every
+    worker type a CPU, bounds capped; the head has no CPU (work needs worker nodes)."""
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    cfg = fake_cluster_config(cluster, gcs_address="127.0.0.1:1", max_workers_per_type=2)
+    types = cfg["available_node_types"]
+    workers = set(cluster["available_node_types"]) - {cluster["head_node_type"]}
+    assert set(types) == workers | {FAKE_HEAD_TYPE} and cfg["head_node_type"] == FAKE_HEAD_TYPE
+    assert types[FAKE_HEAD_TYPE]["resources"] == {"CPU": 0}
+    assert types["gpu_1x"]["resources"] == {"CPU": 1, "GPU": 1} and types["gpu_1x"]["max_workers"] == 2
+    assert types["gpu_4x"]["resources"] == {"CPU": 1, "GPU": 1} and types["gpu_4x"]["max_workers"] == 1
+    assert cfg["provider"]["type"] == "fake_multinode" and cfg["max_workers"] == 3
+
+
+def test_the_autoscaler_adds_nodes_for_member_groups_and_removes_them_idle(sole_ray, tmp_path):
+    (tmp_path / "run.py").write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(REPO)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900)
+    head_log = (tmp_path / "cluster" / "head.log")
+    assert proc.returncode == 0, (proc.stdout[-3000:] + proc.stderr[-5000:]
+                                  + (head_log.read_text()[-2000:] if head_log.exists() else ""))
+    out = json.loads((tmp_path / "result.json").read_text())
+    counts = [n for _, n in out["counts"]]
+    assert counts[0] == 1, out["counts"]  # the head alone
+    assert max(counts) >= 3, out["counts"]  # a worker node per Train worker (1 CPU each), added by the autoscaler
+    assert counts[-1] == 1 and not out["nodes_left"], out  # idle: removed again
+    # Ray's one-per-cluster actors that outlive the job sit on the head (Ray Data's stats actor, made by the first
+    # Train worker to read, pinned a GPU node for good before equiray created it from the driver)
+    assert {node for _, node in out["actors_left"]} <= {FAKE_HEAD_NODE_ID}, out["actors_left"]
+    members = sorted(m for ms in out["group_members"].values() for m in ms)
+    assert members == list(range(4 * 2)) and out["members"] == 8  # every member exactly once

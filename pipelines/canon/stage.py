@@ -172,7 +172,7 @@ def mixture_row(cfg: CanonConfig, rows: list[dict], x: torch.Tensor, y: torch.Te
     import mlflow
 
     from equiray.canon import evaluate_variant
-    from equiray.models import Mixture, averaged
+    from equiray.models import Mixture, OrbitAveraged
     from equiray.models.orbit import parse_orbit
     from pipelines import tracking
     from pipelines._ray import say
@@ -183,9 +183,9 @@ def mixture_row(cfg: CanonConfig, rows: list[dict], x: torch.Tensor, y: torch.Te
 
     members = [best(True), best(False)]
     weights = [cfg.mix_weight, 1.0 - cfg.mix_weight]
-    orbits = [parse_orbit(o) for o in cfg.mix_tta] or [None, None]
+    orbits = [parse_orbit(o) for o in cfg.mix_tta or ("", "")]
     loaded = [tracking.load_model(r["model_uri"]) for r in members]
-    model = Mixture([averaged(m, cfg.mix_tta[i] if cfg.mix_tta else None) for i, (m, _) in enumerate(loaded)],
+    model = Mixture([m if o is None else OrbitAveraged(m, o[0], modulo=o[1]) for (m, _), o in zip(loaded, orbits)],
                     weights)
     first = loaded[0][1]
 

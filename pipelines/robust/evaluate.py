@@ -33,7 +33,7 @@ def curve_views(cn_group: str, angles: Sequence[float]) -> tuple[str, ...]:
 
 @torch.no_grad()
 def judge(uri: str, x: torch.Tensor, y: torch.Tensor, *, cn_group: str, angles: Sequence[float], curve_images: int,
-          seed: int, batch_size: int, tracking_uri: str, threads: int = 1) -> dict[str, float]:
+          seed: int, batch_size: int, tracking_uri: str, threads: int = 1) -> dict:
     """The accuracies of the registered model ``uri`` on ``(x, y)``: ``upright_accuracy``, ``mirrored_accuracy``,
     ``so2_accuracy``, ``o2_accuracy`` (seeded random views, the whole split), and on the first ``curve_images``:
     ``accuracy_angle_{deg}`` (the curve) and ``cn_avg_accuracy`` (the mean over the ``cn_group``'s rotations);
@@ -64,8 +64,6 @@ def judge(uri: str, x: torch.Tensor, y: torch.Tensor, *, cn_group: str, angles: 
     return {"upright_accuracy": full["upright"], "mirrored_accuracy": full["reflect"], "so2_accuracy": full["so2"],
             "o2_accuracy": full["o2"], "cn_avg_accuracy": sum(grid) / len(grid),
             **{f"accuracy_angle_{a:g}": fixed[float(a)] for a in angles}, TEST_LOGITS: kept}
-
-
 
 
 @torch.no_grad()

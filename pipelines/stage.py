@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Generic, Mapping, TypeVar
 
 from pipelines import tracking
 from pipelines._common import DataConfig, TrackingConfig
+from pipelines.calibration import calibration_from_tags
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class StageResult:
     table: str = ""  # the stage's results as a Markdown table (printed by the CLI, quoted by the report)
     verdict: tuple[str, ...] = ()  # one line per reading of the table
     plots: tuple[str, ...] = ()
+    # the registered version's softmax temperature and its ECE / NLL before and after (pipelines.calibration);
+    # empty for a model that is not an image classifier
+    calibration: Mapping[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The result's scalar fields, for ``--json``-style printing (tables and live objects left out)."""
@@ -115,6 +119,13 @@ class Stage(Generic[ConfigT, ResultT]):
         """Tags of the stage's MLflow run beside ``equiray.pipeline``."""
         return {}
 
+    def calibration_view(self, outcome: Outcome) -> str | None:
+        """The view of the validation split the softmax temperature of ``outcome``'s model is fitted on: the
+        inputs it was trained for (upright unless overridden). None: no temperature (not an image classifier, or no
+        ``data`` section to read a validation split from). A stage that calibrates its model itself puts the
+        temperature in its :class:`Outcome`'s tags and is left alone."""
+        return "upright" if isinstance(getattr(self.cfg, "data", None), DataConfig) else None
+
     def resumed_run(self) -> str | None:
         """The id of an MLflow run this stage continues (an interrupted stage resumed: its config and tags were
         logged when it began), or None (the default) to start a new run. Called when nothing is reused, before
@@ -159,7 +170,8 @@ class Stage(Generic[ConfigT, ResultT]):
                 log.info("reusing %s (version %s): made by this same config", self.registered, mv.version)
                 ctx = StageRun(mv.run_id, "", experiment_id, uri, cfg_hash, self.report_dir)
                 return dataclasses.replace(self.from_registry(mv, ctx), reused=True, version=str(mv.version),
-                                           registered=self.registered, model_uri=mv.source)
+                                           registered=self.registered, model_uri=mv.source,
+                                           calibration=calibration_from_tags(mv.tags))
         resumed = self.resumed_run()
         init_ray()
         log_cluster_once()
@@ -171,6 +183,7 @@ class Stage(Generic[ConfigT, ResultT]):
                 mlflow.set_tags({"equiray.pipeline": self.pipeline, **tracking.source_tags(), **self.tags()})
             try:
                 outcome = self.execute(ctx)
+                tags = {**outcome.tags, **self._calibrated(outcome)}
             except KeyboardInterrupt:  # Ctrl+C: the run ends KILLED (not FAILED), nothing is registered
                 mlflow.end_run("KILLED")
                 raise
@@ -178,7 +191,30 @@ class Stage(Generic[ConfigT, ResultT]):
             result = outcome.result
             if outcome.model_uri is not None:
                 version = tracking.register(outcome.model_uri, self.tracking.registered_model, self.tracking.alias,
-                                             tags={**outcome.tags, "equiray.config_hash": cfg_hash})
+                                             tags={**tags, "equiray.config_hash": cfg_hash})
                 result = dataclasses.replace(result, version=version, registered=self.registered,
-                                             model_uri=outcome.model_uri)
+                                             model_uri=outcome.model_uri,
+                                             calibration=calibration_from_tags({k: str(v) for k, v in tags.items()}))
         return dataclasses.replace(result, seconds=ctx.elapsed())
+
+    def _calibrated(self, outcome: Outcome) -> dict[str, str]:
+        """The registry tags of the temperature fitted for the model about to be registered (logged to the run
+        as ``calibration_*`` metrics too; one line of progress); none when the stage calibrated it itself or
+        :meth:`calibration_view` says there is nothing to calibrate."""
+        import mlflow
+
+        from equiray.data import read_split
+        from pipelines._ray import say
+        from pipelines.calibration import (CALIBRATION_IMAGES, calibrate_model, calibration_tags,
+                                           describe_calibration)
+
+        view = self.calibration_view(outcome)
+        if outcome.model_uri is None or view is None or tracking.TEMPERATURE_TAG in outcome.tags:
+            return {}
+        data: DataConfig = self.cfg.data  # type: ignore[attr-defined]
+        limit = min(data.max_eval or CALIBRATION_IMAGES, CALIBRATION_IMAGES)
+        val, test = (read_split(data.dir, split, limit=limit) for split in ("val", "test"))
+        cal = calibrate_model(outcome.model_uri, val, test, fit_view=view, seed=0, batch_size=256)
+        mlflow.log_metrics({f"calibration_{k}": v for k, v in cal.items()})
+        say(f"[{self.pipeline}] " + describe_calibration({**cal, "view": view}))
+        return calibration_tags(cal, view)

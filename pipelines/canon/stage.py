@@ -105,6 +105,11 @@ class CanonSweep(Stage[CanonConfig, CanonResult]):
                 "sweep_run_id": run.run_id}
         return Outcome(result, best["model_uri"], tags)
 
+    def calibration_view(self, outcome: Outcome) -> str | None:
+        """The champion's training inputs: turned at random (so2 / o2) for the any-angle variants, else upright."""
+        row = next(r for r in outcome.result.rows if r["name"] == outcome.result.champion)
+        return row.get("rotations") if row.get("rotations") in ("so2", "o2") else "upright"
+
     def from_registry(self, mv, run: StageRun) -> CanonResult:
         """The sweep behind the registered champion (its ``sweep_run_id`` tag): its rows and plot, read back."""
         import mlflow

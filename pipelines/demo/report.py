@@ -247,12 +247,30 @@ def _summary_section(out: DemoResult) -> str:
         lines.append(f"The Serve endpoint answered {out.serve.requests} HTTP requests with `{out.serve.model}` "
                      f"(version {out.serve.version}) in {out.serve.seconds:.1f} s.")
     runs = dict(out.stage_runs())
-    registered = out.registered_by_stage()
+    registered = out.registering_stages()
     if registered:
-        lines += ["", "| model registered | version | made by the run |", "|---|---:|---|"]
-        lines += [f"| `{uri}` | {version} | {stage} `{runs.get(stage, '-')}` |" for stage, uri, version in registered]
+        lines += ["", "| model registered | version | made by the run | temperature (fitted on) | ECE upright: raw -> "
+                  "calibrated | ECE SO(2): raw -> calibrated |", "|---|---:|---|---|---|---|"]
+        lines += [f"| `{r.registered}` | {r.version} | {stage} `{runs.get(stage, '-')}` | {_calibration_cells(r.calibration)} |"
+                  for stage, r in registered]
+        if any(r.calibration for _, r in registered):
+            lines += ["", "Every classifier is registered with a softmax temperature fitted on the validation split "
+                          "under the inputs it was trained for; the endpoint divides its logits by it. ECE (15 bins) "
+                          "on the test split, before and after."]
     lines.append("")
     return "\n".join(lines)
+
+
+def _calibration_cells(cal) -> str:
+    """A registered version's temperature and ECE before -> after (upright, SO(2)) as three table cells."""
+    if not cal:
+        return "- | - | -"
+    from equiray.data.views import describe_view
+
+    ece = " | ".join(f"{100 * cal[f'{v}_ece_before']:.1f}% -> {100 * cal[f'{v}_ece_after']:.1f}%"
+                     if f"{v}_ece_before" in cal else "-" for v in ("upright", "so2"))
+    where = f" ({describe_view(str(cal['view']))})" if "view" in cal else ""
+    return f"{cal['temperature']:.2f}{where} | {ece}"
 
 
 def _environment_section() -> str:

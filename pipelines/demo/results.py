@@ -53,9 +53,13 @@ class DemoResult:
     def registered_by_stage(self) -> list[tuple[str, str, str]]:
         """``(stage, models:/name@alias, version)`` of every registered model, in stage order (the names
         :meth:`stage_runs` gives their runs)."""
+        return [(name, r.registered, r.version) for name, r in self.registering_stages()]
+
+    def registering_stages(self) -> list[tuple[str, object]]:
+        """``(stage, result)`` of every stage that registered a model, in stage order."""
         parts = [(name, getattr(self, name)) for name in ("pretrain", "ensemble", "distill", "canon", "any_angle",
                                                             "ftp")]
         if self.nfn is not None:
             parts += [("nfn", self.nfn.train), ("nfn_members", self.nfn.members)]
         parts.append(("robust", self.robust))
-        return [(name, r.registered, r.version) for name, r in parts if r is not None]
+        return [(name, r) for name, r in parts if r is not None]

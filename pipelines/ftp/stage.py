@@ -193,6 +193,10 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
             return tracking.log_model(model, {**self.spec, "kwargs": dict(self.spec.get("kwargs", {})),
                                                "task": self.cfg.task.target_view})
 
+    def calibration_view(self, outcome: Outcome) -> str | None:
+        """The in-distribution target domain the champion was fine-tuned and selected on."""
+        return self.cfg.task.target_view
+
     def from_registry(self, mv, run: StageRun) -> FTPResult:
         import mlflow
 

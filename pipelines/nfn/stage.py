@@ -140,6 +140,10 @@ class NFNTrain(Stage[NFNTrainConfig, NFNTrainResult]):
                               plots=(str(plot),), results=tuple(dataclasses.replace(f, state=None) for f in fits),
                               tau=taus(fits), champion=champion(fits).name, plot=str(plot))
 
+    def calibration_view(self, outcome: Outcome) -> None:
+        """A metanetwork reads network weights and predicts a number: no softmax to calibrate."""
+        return None
+
     def from_registry(self, mv, run: StageRun) -> NFNTrainResult:
         records, plot = tracking.fetch_results(mv.run_id, "nfn_results.json", "nfn_scatter.png", run.report_dir)
         fits = [MetanetworkFit.from_record(r) for r in records]

@@ -9,14 +9,13 @@ from equiray.data import resize
 from equiray.data.views import apply_view
 from equiray.groups import get_group
 from equiray.train import accuracy, predict
+from pipelines.calibration import CALIBRATION_TEST_VIEWS
 
-__all__ = ["CALIBRATION_TEST_VIEWS", "CALIBRATION_VIEW", "FULL", "TEST_LOGITS", "calibrate_model", "curve_views",
-           "grid_angles", "judge"]
+__all__ = ["CALIBRATION_VIEW", "FULL", "TEST_LOGITS", "curve_views", "grid_angles", "judge"]
 
 
 FULL = ("upright", "reflect", "so2", "o2")  # on the whole test set
 CALIBRATION_VIEW = "o2"  # the temperature is fitted on images as they really come: any angle, sometimes mirrored
-CALIBRATION_TEST_VIEWS = ("upright", "so2")  # where ECE / NLL are reported before and after
 TEST_LOGITS = "test_logits"  # judge()'s key: {view: (N, K) logits} of CALIBRATION_TEST_VIEWS
 
 
@@ -64,29 +63,3 @@ def judge(uri: str, x: torch.Tensor, y: torch.Tensor, *, cn_group: str, angles: 
     return {"upright_accuracy": full["upright"], "mirrored_accuracy": full["reflect"], "so2_accuracy": full["so2"],
             "o2_accuracy": full["o2"], "cn_avg_accuracy": sum(grid) / len(grid),
             **{f"accuracy_angle_{a:g}": fixed[float(a)] for a in angles}, TEST_LOGITS: kept}
-
-
-@torch.no_grad()
-def calibrate_model(uri: str, val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], *,
-                    seed: int, batch_size: int, test_logits: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Temperature scaling for the registered model ``uri``: ``T`` fitted on the validation split under a seeded
-    random pose per image (:data:`CALIBRATION_VIEW`), then ECE (15 bins) and NLL before / after on the test split,
-    upright and at a random angle (SO(2)). Keys ``temperature``, ``{view}_{ece,nll}_{before,after}``.
-    ``test_logits``: the model's logits on those test views already (:func:`judge` returns them), else computed."""
-    from equiray.calibration import calibrate
-    from pipelines import tracking
-
-    model, spec = tracking.load_model(uri)
-    size = spec.get("input_shape", val[0].shape[1:])[-1]
-
-    def logits(images: torch.Tensor, view: str) -> torch.Tensor:
-        return predict(model, resize(apply_view(images, view, seed=seed), size), batch_size=batch_size)
-
-    t = calibrate(logits(val[0], CALIBRATION_VIEW), val[1]).temperature
-    out = {"temperature": t}
-    for view in CALIBRATION_TEST_VIEWS:
-        seen = test_logits[view] if test_logits is not None else logits(test[0], view)
-        c = calibrate(seen, test[1], temperature=t)
-        out |= {f"{view}_ece_before": c.ece_before, f"{view}_ece_after": c.ece_after,
-                f"{view}_nll_before": c.nll_before, f"{view}_nll_after": c.nll_after}
-    return out

@@ -15,10 +15,10 @@ from equiray.config import to_dict
 from equiray.data import resize
 from equiray.errors import ConfigError
 from pipelines.robust.config import CANON_SWEEP, TTA, RobustConfig
-from pipelines.robust.evaluate import TEST_LOGITS
+from pipelines.calibration import calibrate_model, calibration_tags, describe_calibration
+from pipelines.robust.evaluate import CALIBRATION_VIEW, TEST_LOGITS
 from pipelines.robust.report import champion, results_table, verdict
 from pipelines.stage import Outcome, Stage, StageResult, StageRun
-from pipelines.tracking import TEMPERATURE_TAG
 
 __all__ = ["Candidate", "RobustResult", "RobustSelect", "run"]
 
@@ -158,10 +158,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
         if plot is not None:
             mlflow.log_artifact(str(plot), "plots")
         cal = self._calibration(best["uri"], x, y, test_logits[best["name"]])
-        lines.append(f"calibration: temperature {cal['temperature']:.3f} (fitted on the validation split at a random "
-                     f"pose); ECE upright {100 * cal['upright_ece_before']:.2f}% -> {100 * cal['upright_ece_after']:.2f}%, "
-                     f"SO(2) {100 * cal['so2_ece_before']:.2f}% -> {100 * cal['so2_ece_after']:.2f}%; NLL SO(2) "
-                     f"{cal['so2_nll_before']:.3f} -> {cal['so2_nll_after']:.3f}")
+        lines.append(describe_calibration({**cal, "view": CALIBRATION_VIEW}))
         mlflow.log_metrics({f"champion_{k}": best[k] for k in ("upright_accuracy", "so2_accuracy", "o2_accuracy",
                                                                "cn_avg_accuracy")} | {"rule_met": float(met)}
                            | {f"champion_{k}": v for k, v in cal.items()})
@@ -172,8 +169,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
         source = next(c.source for c in candidates if c.name == best["name"])
         tags = {"candidate": best["name"], "candidate_uri": best["uri"], "rule_met": str(met).lower(),
                 **{k: f"{best[k]:.4f}" for k in ("upright_accuracy", "so2_accuracy", "o2_accuracy")},
-                "robust_run_id": run.run_id, TEMPERATURE_TAG: f"{cal['temperature']:.6g}",
-                **{f"calibration.{k}": f"{v:.4f}" for k, v in cal.items() if k != "temperature"}}
+                "robust_run_id": run.run_id, **calibration_tags(cal, CALIBRATION_VIEW)}
         return Outcome(result, source, tags)
 
     def _calibration(self, uri: str, x: torch.Tensor, y: torch.Tensor,
@@ -181,11 +177,10 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
         """The champion's temperature (validation split) and its ECE / NLL before and after (test split, from the
         logits its judge computed)."""
         from equiray.data import read_split
-        from pipelines.robust.evaluate import calibrate_model
 
         val = read_split(self.cfg.data.dir, "val", limit=self.cfg.data.max_eval)
-        return calibrate_model(uri, val, (x, y), seed=self.cfg.seed, batch_size=self.cfg.batch_size,
-                               test_logits=test_logits)
+        return calibrate_model(uri, val, (x, y), fit_view=CALIBRATION_VIEW, seed=self.cfg.seed,
+                               batch_size=self.cfg.batch_size, test_logits=test_logits)
 
     def _logged(self, c: Candidate) -> Candidate:
         """A test-time-averaged backbone as a model of its own, logged to the stage's run (so it can be served)."""

@@ -188,10 +188,11 @@ def test_robust_champion_judges_every_variant_the_same_way_and_is_what_serve_loa
     assert float(mv.tags["calibration.so2_nll_after"]) <= float(mv.tags["calibration.so2_nll_before"])
     assert any(line.startswith("calibration: temperature") for line in robust.verdict)
     # the test logits its judge computed are the ones calibration would compute: the same numbers anew
-    from pipelines.robust.evaluate import calibrate_model
+    from pipelines.calibration import calibrate_model
 
-    anew = calibrate_model(best["uri"], read_split(root / "digits", "val", limit=200), (x, y), seed=rcfg.seed,
-                           batch_size=rcfg.batch_size)
+    anew = calibrate_model(best["uri"], read_split(root / "digits", "val", limit=200), (x, y), fit_view="o2",
+                           seed=rcfg.seed, batch_size=rcfg.batch_size)
+    assert mv.tags["calibration.view"] == "o2" and robust.calibration["temperature"] == pytest.approx(t)
     assert t == pytest.approx(anew["temperature"], rel=1e-5)
     for k in ("upright_ece_after", "so2_ece_after", "so2_nll_before"):
         assert float(mv.tags[f"calibration.{k}"]) == pytest.approx(anew[k], abs=1e-4), k
@@ -278,6 +279,13 @@ def test_a_mixture_of_the_best_canonicalized_variant_and_the_best_baseline(ray_s
         assert float((model(x).argmax(-1) == y).float().mean()) == pytest.approx(mix["upright_accuracy"], abs=1e-6)
     best = max(result.rows, key=lambda r: (r["so2_accuracy"], r["upright_accuracy"]))
     assert result.champion == best["name"]
+    # its temperature is fitted on what the champion was trained on: the O(2)-turned images for the baseline,
+    # upright ones for the canonicalized variant (its grid trains upright) and so for the mixture led by it
+    trained_on = {"o2": "o2"}.get(best.get("rotations"), "upright")
+    mv = client.get_model_version_by_alias("test-canon-mix", "champion")
+    assert mv.tags["calibration.view"] == result.calibration["view"] == trained_on
+    assert float(mv.tags["equiray.temperature"]) == pytest.approx(result.calibration["temperature"])
+    assert result.calibration["temperature"] > 0
     # `equiray robust` with canon:URI judges every row of the sweep behind URI, the mixture among them, the same way
     from pipelines.robust import RobustConfig, run as run_robust
 

@@ -223,3 +223,10 @@ def test_distilled_student_is_registered_and_measured(trained, tmp_path):
     student, spec = tracking.load_model("models:/equiray-student@champion")
     assert spec["teacher"] == "models:/equiray-ensemble@champion" and spec["kwargs"]["width"] == 6
     assert student(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    # the teacher and the student are each registered with a temperature fitted on upright validation images
+    client = mlflow.MlflowClient(uri)
+    for name, made in (("equiray-ensemble", result), ("equiray-student", out)):
+        mv = client.get_model_version_by_alias(name, "champion")
+        assert mv.tags["calibration.view"] == "upright" and float(mv.tags["equiray.temperature"]) > 0, name
+        assert float(mv.tags["calibration.upright_nll_before"]) > 0, name
+    assert out.calibration["temperature"] == pytest.approx(float(mv.tags["equiray.temperature"]))

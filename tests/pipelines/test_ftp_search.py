@@ -87,6 +87,9 @@ def test_champion_is_the_best_by_id_validation_and_loads_back(searched):
     with torch.no_grad():
         acc = float((model(xt).argmax(-1) == yt).float().mean())
     assert acc == pytest.approx(best.id_test_accuracy, abs=1e-6)
+    # calibrated on the in-distribution target domain it was fine-tuned and selected on
+    mv = mlflow.MlflowClient(uri).get_model_version_by_alias("equiray-ftp", "champion")
+    assert mv.tags["calibration.view"] == result.calibration["view"] == cfg.task.target_view
 
 
 def test_fine_tuning_learned_the_target_domain(searched):

@@ -157,6 +157,7 @@ def test_nfn_train_scores_logs_and_registers_an_invariant_champion(relu_zoo, mlf
     # the registered champion rebuilds from safetensors; a Monomial-NFN reads a rescaled zoo exactly as the plain one
     model, spec = load_model(result.registered)
     assert spec["name"] == result.champion and spec["builder"] == "metanetwork"
+    assert result.calibration == {}  # a metanetwork predicts a number: no softmax temperature
     rows, states = read_zoo(relu_zoo.out)
     feats, net_spec, group = zoo_features(states, rows)
     with torch.no_grad():

@@ -75,6 +75,32 @@ def test_run_logs_config_curves_and_registry_alias(pretrained):
     assert max(rot) < result.accuracy["upright"]
 
 
+def test_the_registered_backbone_carries_a_temperature_fitted_on_the_validation_split(pretrained):
+    """The stage template calibrates every classifier it registers: the version's temperature is the one that
+    minimises the NLL of the upright validation images (checked here from logits computed anew), its ECE / NLL
+    before and after are tags of the version and metrics of the run, and the result (reused too) carries them."""
+    from equiray.calibration import negative_log_likelihood
+
+    result, cfg, uri = pretrained
+    client = mlflow.MlflowClient(uri)
+    mv = client.get_model_version_by_alias("equiray-backbone", "pretrained")
+    t = float(mv.tags[tracking.TEMPERATURE_TAG])
+    assert mv.tags["calibration.view"] == "upright" and t > 0
+    mlflow.set_tracking_uri(uri)
+    model, _ = tracking.load_model("models:/equiray-backbone@pretrained")
+    xv, yv = read_split(result.data_dir, "val")
+    z = predict(model, xv)
+    nll = negative_log_likelihood(z, yv, t)
+    assert nll <= negative_log_likelihood(z, yv, 1.25 * t) and nll <= negative_log_likelihood(z, yv, 0.8 * t)
+    assert nll <= negative_log_likelihood(z, yv, 1.0) + 1e-9  # calibrating never makes the fit set's NLL worse
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["calibration_temperature"] == pytest.approx(t, rel=1e-5)
+    for key in ("upright_ece_before", "upright_ece_after", "so2_ece_before", "so2_nll_after"):
+        assert float(mv.tags[f"calibration.{key}"]) == pytest.approx(metrics[f"calibration_{key}"], abs=1e-4), key
+        assert result.calibration[key] == pytest.approx(metrics[f"calibration_{key}"], abs=1e-4), key
+    assert result.calibration["temperature"] == pytest.approx(t, rel=1e-5) and result.calibration["view"] == "upright"
+
+
 def test_gpu_resources_come_from_config():
     sc = ScalingConfig(num_workers=4, use_gpu=True, gpus_per_worker=0.25, cpus_per_worker=2).ray_scaling()
     assert sc.use_gpu and sc.num_workers == 4 and sc.resources_per_worker == {"CPU": 2, "GPU": 0.25}
@@ -89,6 +115,8 @@ def test_same_config_reuses_the_registered_model(pretrained, tmp_path):
         again = run(cfg, report_dir=tmp_path, reuse=True)
         assert again.reused and again.version == result.version and again.run_id == result.run_id
         assert again.accuracy == pytest.approx(result.accuracy)
+        assert again.calibration == {
+            k: pytest.approx(v, abs=1e-4) if isinstance(v, float) else v for k, v in result.calibration.items()}
         assert [round(e["val_accuracy"], 6) for e in again.epochs] == \
             [round(e["val_accuracy"], 6) for e in result.epochs]
         assert {p.rsplit("/", 1)[-1] for p in again.plots} == {"pretrain_curves.png", "pretrain_views.png"}
@@ -113,8 +141,8 @@ def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):
     assert "models:/equiray-backbone@pretrained" in report and "| upright test" in report
     # the summary at the top: what was registered and by which run; the code and the machine behind it
     summary = report.split("## Summary", 1)[1].split("## 1. Data", 1)[0]
-    assert f"| `models:/equiray-backbone@pretrained` | {out.pretrain.version} | pretrain `{out.pretrain.run_id}` |" \
-        in summary
+    assert f"| `models:/equiray-backbone@pretrained` | {out.pretrain.version} | pretrain `{out.pretrain.run_id}` | " \
+        f"{out.pretrain.calibration['temperature']:.2f} (upright) | " in summary
     assert "Environment: equiray " in summary and f"torch {torch.__version__}" in summary
     assert "![pretrain_views](pretrain_views.png)" in report and (tmp_path / "reports" / "pretrain_views.png").is_file()
     assert f"{result.accuracy['upright'] * 100:7.2f}%" in printed and "report:" in printed

@@ -1,0 +1,128 @@
+"""Progress of long work (batches, rounds, trials, candidates, the demo's stages): counts, rate and time left, shown
+the way the driver's output can show it.
+
+On a terminal the driver draws bars redrawn in place, from a Ray worker as from the driver: through Ray's
+distributed tqdm (``ray.experimental.tqdm_ray``), a worker prints its bar's state and the driver's log monitor
+draws it, below the lines the workers print. Anywhere else (a log file, CI, a Ray job's log) a redrawn bar is a
+stream of carriage returns, so the same progress is a line every ``every_s`` seconds::
+
+    [pretrain] epoch 1/3: 231/422 batches (55%), 15.4 batches/s, 15 s elapsed, ~12 s left
+
+The driver picks the mode once (``EQUIRAY_PROGRESS=bars|lines|off`` overrides: bars on a terminal, lines
+elsewhere) and hands it to every worker of the run through the environment (:func:`progress_env`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Iterable, Iterator, TypeVar
+
+__all__ = ["MODE_ENV", "Progress", "progress_env", "progress_mode", "track"]
+
+MODE_ENV = "EQUIRAY_PROGRESS"
+MODES = ("bars", "lines", "off")
+
+T = TypeVar("T")
+
+
+def progress_mode() -> str:
+    """``bars``, ``lines`` or ``off``: :data:`MODE_ENV` when set (the driver's choice, in a worker), else bars when
+    this process writes to a terminal."""
+    mode = os.environ.get(MODE_ENV, "").strip().lower()
+    if mode in MODES:
+        return mode
+    try:
+        return "bars" if sys.stdout.isatty() else "lines"
+    except (AttributeError, ValueError):  # a replaced or closed stdout
+        return "lines"
+
+
+def progress_env() -> dict[str, str]:
+    """What the driver puts in its Ray workers' environment (``runtime_env``'s ``env_vars``) so they show progress
+    the way it can: the mode it resolved for its own output."""
+    return {MODE_ENV: progress_mode()}
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    if seconds < 6000:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """``total`` units of work (``unit``: batches, rounds, trials, ...) under a ``desc``ription; :meth:`update` as
+    they finish. A bar in ``bars`` mode; in ``lines`` mode a line at most every ``every_s`` seconds (none for work
+    that ends sooner; ``every_s=None``: never, for work that prints a line per unit of its own and appends
+    :meth:`left` to it), through :func:`pipelines._ray.say`; nothing in ``off`` mode. ``prefix`` names the stage
+    (``[pretrain]``). Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, total: int | None, *, desc: str, unit: str = "it", prefix: str = "",
+                 every_s: float | None = 15.0, mode: str | None = None):
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.label = f"[{prefix}] {desc}" if prefix else desc
+        self.mode = mode or progress_mode()
+        self.n = 0
+        self.started = self._last = time.perf_counter()
+        self._bar = None
+        if self.mode == "bars":
+            from ray.experimental import tqdm_ray
+
+            self._bar = tqdm_ray.tqdm(desc=self.label, total=total, unit=unit)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.perf_counter()
+        if (self.mode == "lines" and self.every_s is not None and now - self._last >= self.every_s
+                and (self.total is None or self.n < self.total)):
+            self._last = now
+            from pipelines._ray import say
+
+            say(self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        """The progress as one line: count (and share), rate, elapsed and (with a total) time left."""
+        elapsed = (now or time.perf_counter()) - self.started
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        count = f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)" if self.total else \
+            f"{self.n} {self.unit}"
+        if not self.n:
+            speed = "starting"
+        elif rate >= 1:
+            speed = f"{rate:.1f} {self.unit}/s"
+        else:
+            speed = f"{elapsed / self.n:.1f} s each"
+        return f"{self.label}: {count}, {speed}, {_duration(elapsed)} elapsed{self.left(now)}"
+
+    def left(self, now: float | None = None) -> str:
+        """``", ~12 s left"`` at the rate so far; empty without a total or before the first unit."""
+        elapsed = (now or time.perf_counter()) - self.started
+        if not self.total or not self.n or elapsed <= 0:
+            return ""
+        return f", ~{_duration((self.total - self.n) * elapsed / self.n)} left"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def track(iterable: Iterable[T], *, total: int, desc: str, unit: str = "it", prefix: str = "",
+          every_s: float | None = 15.0) -> Iterator[T]:
+    """Yield from ``iterable`` with a :class:`Progress` over it (one unit per item)."""
+    with Progress(total, desc=desc, unit=unit, prefix=prefix, every_s=every_s) as bar:
+        for item in iterable:
+            yield item
+            bar.update()

@@ -1,7 +1,6 @@
 """Pieces every pipeline shares: data and scaling config sections, reading Ray Data shards into workers."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import torch
 
 from equiray.data import resize
 from equiray.errors import ConfigError
-from pipelines._ray import say, verbose
+from pipelines._ray import verbose
 
 
 @dataclass(frozen=True)
@@ -107,20 +106,6 @@ def load_shard(shard, *, size: int | None = None, limit: int | None = None) -> t
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return resize(x, size), y
-
-
-def progress(iterable, *, total: int, desc: str, prefix: str, every_s: float = 15.0):
-    """Yield from ``iterable``, printing a progress line every ``every_s`` seconds (Ray forwards worker output
-    to the driver line by line, so plain lines read better there than redrawn bars)."""
-    start = last = time.perf_counter()
-    for i, item in enumerate(iterable, 1):
-        yield item
-        now = time.perf_counter()
-        if now - last >= every_s and i < total:
-            last = now
-            eta = (now - start) / i * (total - i)
-            say(f"[{prefix}] {desc}: {i}/{total} batches ({100 * i / total:.0f}%), "
-                f"{now - start:.0f} s elapsed, ~{eta:.0f} s left")
 
 
 def worker_threads(torch_threads: int = 0) -> None:

@@ -9,6 +9,7 @@ import os
 import sys
 
 from equiray.errors import EquirayError
+from pipelines.progress import progress_env, write_line
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     else:
         log.info("connecting to the Ray cluster at %s", address)  # inside a Ray job: the job's own cluster
     try:
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True,
-                 runtime_env={"worker_process_setup_hook": quiet_worker} if quiet else None, **kwargs)
+        # the workers show progress the way this driver's output can (pipelines.progress: bars or lines)
+        runtime_env = {"env_vars": progress_env(), **({"worker_process_setup_hook": quiet_worker} if quiet else {})}
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True, runtime_env=runtime_env,
+                 **kwargs)
     except ConnectionError as exc:
         raise EquirayError(f"no Ray cluster answers at {address!r} ({exc}); start one (`ray start --head`) or "
                            "unset RAY_ADDRESS to run locally") from None
@@ -162,9 +165,9 @@ def say(message: str) -> None:
     """The user's progress channel: one line to standard output, from the driver or from inside a Ray worker
     (every pipeline reports progress through it; ``logging`` is for diagnostics, results go to the CLI). In a
     worker, Ray Train V2 re-routes ``print`` through its logger, which shows every line twice on the driver;
-    writing to the stream directly shows it once."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
+    writing to the stream directly shows it once. On a terminal the line goes above the progress bars
+    (:mod:`pipelines.progress`)."""
+    write_line(message)
 
 
 def fit_noting_interrupts(tuner):

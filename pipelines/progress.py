@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
-__all__ = ["MODE_ENV", "Progress", "progress_env", "progress_mode", "track"]
+__all__ = ["MODE_ENV", "Progress", "duration", "progress_env", "progress_mode", "track", "trial_progress", "write_line"]
 
 MODE_ENV = "EQUIRAY_PROGRESS"
 MODES = ("bars", "lines", "off")
@@ -44,7 +44,19 @@ def progress_env() -> dict[str, str]:
     return {MODE_ENV: progress_mode()}
 
 
-def _duration(seconds: float) -> str:
+def write_line(message: str) -> None:
+    """``message`` as one line on standard output; with bars on, above them (they are redrawn below it)."""
+    if progress_mode() == "bars":
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)
+    else:
+        sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def duration(seconds: float) -> str:
+    """``"45 s"``, ``"3.2 min"``, ``"1.5 h"``."""
     seconds = max(0.0, seconds)
     if seconds < 100:
         return f"{seconds:.0f} s"
@@ -56,8 +68,8 @@ def _duration(seconds: float) -> str:
 class Progress:
     """``total`` units of work (``unit``: batches, rounds, trials, ...) under a ``desc``ription; :meth:`update` as
     they finish. A bar in ``bars`` mode; in ``lines`` mode a line at most every ``every_s`` seconds (none for work
-    that ends sooner; ``every_s=None``: never, for work that prints a line per unit of its own and appends
-    :meth:`left` to it), through :func:`pipelines._ray.say`; nothing in ``off`` mode. ``prefix`` names the stage
+    that ends sooner; ``every_s=0``: one per unit, the last too; ``every_s=None``: never, for work that prints a line
+    per unit of its own and appends :meth:`left` to it), through :func:`write_line`; nothing in ``off`` mode. ``prefix`` names the stage
     (``[pretrain]``). Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, total: int | None, *, desc: str, unit: str = "it", prefix: str = "",
@@ -69,9 +81,7 @@ class Progress:
         self.started = self._last = time.perf_counter()
         self._bar = None
         if self.mode == "bars":
-            from ray.experimental import tqdm_ray
-
-            self._bar = tqdm_ray.tqdm(desc=self.label, total=total, unit=unit)
+            self._bar = _ray_bar()(desc=self.label, total=total, unit=unit)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -80,11 +90,9 @@ class Progress:
             return
         now = time.perf_counter()
         if (self.mode == "lines" and self.every_s is not None and now - self._last >= self.every_s
-                and (self.total is None or self.n < self.total)):
+                and (self.total is None or self.n < self.total or self.every_s == 0)):
             self._last = now
-            from pipelines._ray import say
-
-            say(self.line(now))
+            write_line(self.line(now))
 
     def line(self, now: float | None = None) -> str:
         """The progress as one line: count (and share), rate, elapsed and (with a total) time left."""
@@ -98,14 +106,21 @@ class Progress:
             speed = f"{rate:.1f} {self.unit}/s"
         else:
             speed = f"{elapsed / self.n:.1f} s each"
-        return f"{self.label}: {count}, {speed}, {_duration(elapsed)} elapsed{self.left(now)}"
+        left = self.left(now)
+        return f"{self.label}: {count}, {speed}, {duration(elapsed)} elapsed" + (f", {left}" if left else "")
 
     def left(self, now: float | None = None) -> str:
-        """``", ~12 s left"`` at the rate so far; empty without a total or before the first unit."""
+        """``"~12 s left"`` at the pace so far; empty without a total, before the first unit and after the last."""
         elapsed = (now or time.perf_counter()) - self.started
-        if not self.total or not self.n or elapsed <= 0:
+        if not self.total or not self.n or self.n >= self.total or elapsed <= 0:
             return ""
-        return f", ~{_duration((self.total - self.n) * elapsed / self.n)} left"
+        return f"~{duration((self.total - self.n) * elapsed / self.n)} left"
+
+    def wrap(self, iterable: Iterable[T]) -> Iterator[T]:
+        """Yield from ``iterable``, one unit per item."""
+        for item in iterable:
+            yield item
+            self.update()
 
     def close(self) -> None:
         if self._bar is not None:
@@ -123,6 +138,52 @@ def track(iterable: Iterable[T], *, total: int, desc: str, unit: str = "it", pre
           every_s: float | None = 15.0) -> Iterator[T]:
     """Yield from ``iterable`` with a :class:`Progress` over it (one unit per item)."""
     with Progress(total, desc=desc, unit=unit, prefix=prefix, every_s=every_s) as bar:
-        for item in iterable:
-            yield item
-            bar.update()
+        yield from bar.wrap(iterable)
+
+
+def _ray_bar():
+    """Ray's distributed tqdm bar, its state written to the worker's stdout directly: Ray Train V2 routes a
+    worker's ``print`` through the root logger (at INFO, which equiray's workers keep quiet), so the driver would
+    never see the state tqdm_ray prints."""
+    import json
+
+    import ray
+    from ray.experimental import tqdm_ray
+
+    class RayBar(tqdm_ray.tqdm):
+        def _dump_state(self, force_flush: bool = False) -> None:
+            if ray._private.worker.global_worker.mode != ray.WORKER_MODE:
+                return super()._dump_state(force_flush)  # the driver: drawn here
+            now = time.time()
+            if not force_flush and now - self._last_flush_time < self._flush_interval_s:
+                return
+            self._last_flush_time = now
+            sys.stdout.write(json.dumps(self._get_state()) + "\n")
+            sys.stdout.flush()
+
+    return RayBar
+
+
+def trial_progress(total: int, *, prefix: str):
+    """A Ray Tune callback (the driver's) that counts finished trials, early-stopped and failed ones included:
+    a bar, or a line per trial with the time left at the pace so far."""
+    from ray import tune
+
+    class TrialProgress(tune.Callback):
+        def __init__(self):
+            self.bar: Progress | None = None
+
+        def setup(self, **info) -> None:
+            self.bar = Progress(total, desc="trials", unit="trials", prefix=prefix, every_s=0)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            if self.bar is not None:
+                self.bar.update()
+
+        on_trial_error = on_trial_complete
+
+        def on_experiment_end(self, trials, **info) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    return TrialProgress()

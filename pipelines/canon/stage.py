@@ -21,6 +21,7 @@ from equiray.data import resize
 from pipelines.canon.config import CanonConfig
 from pipelines.canon.report import plot_angle_curves, plot_variants, results_table, verdict
 from pipelines.canon.trial import SweepRun, run_trial
+from pipelines.progress import trial_progress
 from pipelines.stage import Outcome, Stage, StageResult, StageRun
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ def run_trials(cfg: CanonConfig, variants: list[Variant], data: tuple[torch.Tens
         trainable, param_space={"variant": tune.grid_search([dataclasses.asdict(v) for v in variants])},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent or None),
         run_config=tune.RunConfig(name=name, storage_path=str(Path(cfg.storage_path).resolve()),
-                                  verbose=0, failure_config=tune.FailureConfig(max_failures=1)))
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=1),
+                                  callbacks=[trial_progress(len(variants), prefix="canon")]))
     from pipelines import tracking
     from pipelines._ray import fit_noting_interrupts
 

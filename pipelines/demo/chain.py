@@ -30,6 +30,7 @@ from pathlib import Path
 from equiray.config import to_dict
 from pipelines import canon, distill, ensemble, ftp, nfn, pretrain, robust, tracking
 from pipelines._ray import say
+from pipelines.progress import Progress, duration
 from pipelines.demo.config import STAGES, DemoConfig
 from pipelines.demo.report import backbone_table, write_report
 from pipelines.demo.results import DemoResult, NFNStageResult
@@ -40,6 +41,39 @@ log = logging.getLogger(__name__)
 
 def _banner(step: int, total: int, text: str) -> None:
     say(f"\n=== [{step}/{total}] {text}")
+
+
+# What each stage took in `equiray demo --fresh` on a 2-core machine without a GPU (README, "What each stage
+# costs"): the demo's time left is these minutes for the stages to come, scaled by how the stages so far compared
+# with theirs (a reused stage, a faster machine: less left)
+EXPECTED_MINUTES = {"data": 0.05, "pretrain": 2.4, "ensemble": 1.5, "distill": 0.6, "canon": 1.1, "any_angle": 5.9,
+                    "ftp": 0.8, "nfn": 0.7, "robust": 1.6, "serve": 0.3}
+
+
+class _DemoProgress:
+    """The demo as a whole: a bar over the expected minutes of its stages (bars mode) and, under every stage's
+    banner, how far the demo is and the time left at the pace so far."""
+
+    def __init__(self, stages: list[str]):
+        self.expected = [60 * EXPECTED_MINUTES.get(s, 1.0) for s in stages]
+        self.started = time.perf_counter()
+        self.bar = Progress(100, desc="demo", unit="%", every_s=None)
+
+    def at_stage(self, index: int) -> str:
+        """The line for the stage ``index`` about to start (the ones before it done); moves the bar."""
+        done, total = sum(self.expected[:index]), sum(self.expected)
+        elapsed = time.perf_counter() - self.started
+        # the pace so far against the expected, shrunk toward 1 by two expected minutes (the first stages are
+        # short: a few seconds either way must not multiply the rest)
+        pace = (elapsed + 120) / (done + 120)
+        share = round(100 * done / total)
+        self.bar.update(share - self.bar.n)
+        left = f", ~{duration((total - done) * pace)} left" if index else ""
+        return f"    demo: {share}% of the expected work done, {duration(elapsed)} elapsed{left}"
+
+    def close(self) -> None:
+        self.bar.update(100 - self.bar.n)
+        self.bar.close()
 
 
 def _reused(result) -> None:
@@ -120,9 +154,12 @@ def _run(cfg: DemoConfig, demo_run: _DemoRun, *, report_dir: str | os.PathLike) 
 
     began: dict[str, float] = {}
 
+    progress = _DemoProgress(stages)
+
     def banner(stage: str, text: str) -> None:
         began[stage] = time.perf_counter()  # a stage runs from its banner to the next one (or the report)
         _banner(stages.index(stage) + 1, total, text)
+        say(progress.at_stage(stages.index(stage)))
 
     banner("data", f"data: {cfg.pretrain.data.source} -> {cfg.pretrain.data.dir} (Parquet shards)")
     meta = cfg.pretrain.data.prepare()
@@ -198,6 +235,7 @@ def _run(cfg: DemoConfig, demo_run: _DemoRun, *, report_dir: str | os.PathLike) 
             f"test 0 as a raw PNG body -> {srv.raw_png_label}")
         say("\n" + srv.table)
         out = dataclasses.replace(out, serve=srv, tracking_uri=out.tracking_uri or srv.tracking_uri)
+    progress.close()
     elapsed = time.perf_counter() - t0
     marks = [*began.values(), time.perf_counter()]
     out = dataclasses.replace(out, stage_seconds=tuple((k, b - a) for k, a, b in zip(began, marks, marks[1:])))

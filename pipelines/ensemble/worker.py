@@ -20,6 +20,7 @@ from equiray.groups import Group, get_group
 from equiray.train import EpochStats
 from pipelines._common import load_shard, worker_threads
 from pipelines._ray import say
+from pipelines.progress import Progress
 from pipelines.ensemble.config import EnsembleConfig, GroupPlan
 
 
@@ -120,6 +121,8 @@ def train_loop_per_worker(config: dict) -> None:
             f"(epochs done per group: {done})")
     client = MlflowClient(run.tracking_uri) if rank == 0 else None
     node = ray.get_runtime_context().get_node_id()  # a restarted worker group may land elsewhere
+    bar = Progress(run.rounds - start_round, desc=f"worker {rank} rounds", unit="rounds", prefix="ensemble",
+                   every_s=None)
     for r in range(start_round, run.rounds):
         metrics = {"round": r + 1}
         todo = [g for g in mine if done[g.gid] < epochs]
@@ -128,10 +131,15 @@ def train_loop_per_worker(config: dict) -> None:
             done[g.gid], stats = train_group_epoch(cfg, g, local / group_file(g.gid), x, y, device=device,
                                                    num_classes=run.num_classes, group=group, node=node)
             metrics.update(loss=stats.loss, accuracy=stats.accuracy, member_samples=stats.samples)
+            bar.update()
             say(f"[ensemble] worker {rank} round {r + 1}/{run.rounds}: group {g.gid} "
                 f"({cfg.settings[g.setting].name}, {len(g.members)} members) epoch "
-                f"{done[g.gid]}/{epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}")
+                f"{done[g.gid]}/{epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}"
+                + (f"  ({bar.left()})" if bar.left() else ""))
             if client is not None:
                 client.log_metric(run.run_id, f"train_loss/group{g.gid:05d}", stats.loss, step=done[g.gid])
+        else:
+            bar.update()
         _report(metrics, local, {"completed_rounds": r + 1, "restarts": restarts} if rank == 0 else None)
+    bar.close()
     shutil.rmtree(local, ignore_errors=True)

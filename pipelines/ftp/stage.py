@@ -25,6 +25,7 @@ from pipelines.ftp.result import FTPResult, TrialRow
 from pipelines.ftp.task import Task, build_model, evaluate, load_task
 from pipelines.ftp.trial import TrialContext, _trial, metric_key
 from pipelines._ray import fit_noting_interrupts
+from pipelines.progress import trial_progress
 from pipelines.stage import Outcome, Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
                                         max_concurrent_trials=cfg.resources.max_concurrent or None),
             run_config=tune.RunConfig(name=self.name, storage_path=str(self.exp_dir.parent), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1),
+                                      callbacks=[trial_progress(cfg.search.num_samples, prefix="ftp")],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1))), searcher_name
 
     def _result(self, grid, best_run_id: str, task: Task, run: StageRun, searcher_name: str) -> FTPResult:

@@ -77,7 +77,8 @@ def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> Z
     import ray
 
     from equiray.data import read_split
-    from pipelines._ray import init_ray, log_cluster_once, say
+    from pipelines._ray import init_ray, log_cluster_once
+    from pipelines.progress import Progress
 
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
@@ -106,12 +107,12 @@ def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> Z
     chunks = [order[i:i + cfg.nets_per_task] for i in range(0, cfg.nets, cfg.nets_per_task)]
     t0 = time.perf_counter()
     pending = {task.remote(ids, [hps[i] for i in ids], data_ref, cfg): ids for ids in chunks}
-    rows, done = [], 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        rows += ray.get(ready[0])
-        done += len(pending.pop(ready[0]))
-        say(f"[nfn zoo] {done}/{cfg.nets} nets trained ({time.perf_counter() - t0:.0f} s)")
+    rows = []
+    with Progress(cfg.nets, desc="nets trained", unit="nets", prefix="nfn zoo", every_s=0) as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            rows += ray.get(ready[0])
+            bar.update(len(pending.pop(ready[0])))
     rows.sort(key=lambda r: r["net_id"])
     write_zoo(rows, out, {"config": to_dict(cfg), "nets": len(rows), "architecture": "zoo_cnn"})
     return ZooResult(out=str(out), nets=len(rows), seconds=time.perf_counter() - t0,

@@ -12,9 +12,10 @@ import torch
 from equiray.groups import get_group
 from equiray.models import create_model
 from equiray.train import shuffled_batches, train_epoch
-from pipelines._common import (batches_from_shard, load_shard, progress, resume_from_checkpoint, unwrap,
+from pipelines._common import (batches_from_shard, load_shard, resume_from_checkpoint, unwrap,
                                worker_threads)
 from pipelines._ray import say
+from pipelines.progress import Progress
 from pipelines.pretrain.config import ModelConfig, PretrainConfig
 
 
@@ -63,11 +64,11 @@ def train(cfg: PretrainConfig, args: WorkerArgs) -> None:
     cache = load_shard(ray.train.get_dataset_shard("train")) if cfg.data.in_memory else None
     # the validation shard too: streaming it anew every epoch cost ~5 s of Ray Data start-up per epoch
     val = load_shard(ray.train.get_dataset_shard("val")) if cfg.data.in_memory else None
+    per_epoch = -(-args.train_rows // (t.batch_size * world))
+    bar = Progress(per_epoch * (t.epochs - start_epoch), desc="training", unit="batches", prefix="pretrain",
+                   mode=None if rank == 0 else "off")
     for epoch in range(start_epoch, t.epochs):
-        batches = _epoch_batches(cache, ray.train.get_dataset_shard("train"), cfg, gen)
-        if rank == 0:
-            batches = progress(batches, prefix="pretrain", total=-(-args.train_rows // (t.batch_size * world)),
-                               desc=f"epoch {epoch + 1}/{t.epochs}")
+        batches = bar.wrap(_epoch_batches(cache, ray.train.get_dataset_shard("train"), cfg, gen))
         stats = train_epoch(model, batches, opt, device=device, augment=augment, generator=gen)
         correct, count = _evaluate(model, _val_batches(val, ray.train.get_dataset_shard("val"), 512), device)
         sched.step()
@@ -87,6 +88,7 @@ def train(cfg: PretrainConfig, args: WorkerArgs) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+    bar.close()
 
 
 def _epoch_batches(cache, shard, cfg: PretrainConfig, gen: torch.Generator):

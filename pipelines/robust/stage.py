@@ -250,6 +250,7 @@ def _judge_all(candidates, x: torch.Tensor, y: torch.Tensor, cfg: RobustConfig, 
     import ray
 
     from pipelines._ray import say
+    from pipelines.progress import Progress
     from pipelines.robust.evaluate import judge
 
     task = ray.remote(num_cpus=1)(judge)
@@ -260,14 +261,15 @@ def _judge_all(candidates, x: torch.Tensor, y: torch.Tensor, cfg: RobustConfig, 
     started = {i: task.remote(candidates[i].uri, xr, yr, **opts) for i in order}
     refs = [started[i] for i in range(len(candidates))]
     names = dict(zip(refs, (c.name for c in candidates)))
-    pending, t0 = list(refs), time.perf_counter()
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        s = ray.get(done[0])
-        n = len(refs) - len(pending)
-        eta = (time.perf_counter() - t0) / n * len(pending)
-        say(f"[robust] {n}/{len(refs)} {names[done[0]]}: upright {100 * s['upright_accuracy']:.1f}%  SO(2) "
-            f"{100 * s['so2_accuracy']:.1f}%  O(2) {100 * s['o2_accuracy']:.1f}%" + (f"  (ETA {eta:.0f} s)" if pending else ""))
+    pending = list(refs)
+    with Progress(len(refs), desc="candidates judged", unit="candidates", prefix="robust", every_s=None) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            s = ray.get(done[0])
+            bar.update()
+            say(f"[robust] {bar.n}/{len(refs)} {names[done[0]]}: upright {100 * s['upright_accuracy']:.1f}%  SO(2) "
+                f"{100 * s['so2_accuracy']:.1f}%  O(2) {100 * s['o2_accuracy']:.1f}%"
+                + (f"  ({bar.left()})" if bar.left() else ""))
     return ray.get(refs)
 
 

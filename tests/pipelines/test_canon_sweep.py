@@ -400,4 +400,7 @@ def test_a_run_prints_equirays_lines_not_the_libraries(ray_session, tmp_path):
         printed += res.stdout + res.stderr
     found, total = library_lines(printed)
     assert total > 20  # the runs said what they did: epochs, tables, what was registered
+    # and how far they were: the sweep counts its trials with the time left (a line each: not a terminal)
+    assert "[canon] trials: 1/4 trials (25%), " in printed and " left\n" in printed  # two variants, two baselines
+    assert "[canon] trials: 4/4 trials (100%), " in printed
     assert len(found) < 0.05 * total, f"{len(found)} of {total} lines are the libraries':\n" + "\n".join(found)

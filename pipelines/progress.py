@@ -13,17 +13,19 @@ elsewhere) and hands it to every worker of the run through the environment (:fun
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
-__all__ = ["MODE_ENV", "Progress", "duration", "progress_env", "progress_mode", "track", "trial_progress", "write_line"]
+__all__ = ["MODE_ENV", "LineHandler", "Progress", "duration", "progress_env", "progress_mode", "track", "trial_progress", "write_line"]
 
 MODE_ENV = "EQUIRAY_PROGRESS"
 MODES = ("bars", "lines", "off")
 
 T = TypeVar("T")
+_OPEN: set[int] = set()  # the positions (lines) of this process's open bars
 
 
 def progress_mode() -> str:
@@ -44,15 +46,27 @@ def progress_env() -> dict[str, str]:
     return {MODE_ENV: progress_mode()}
 
 
-def write_line(message: str) -> None:
-    """``message`` as one line on standard output; with bars on, above them (they are redrawn below it)."""
+def write_line(message: str, stream=None) -> None:
+    """``message`` as one line on ``stream`` (standard output); with bars on, above them (they are redrawn below
+    it)."""
+    stream = stream or sys.stdout
     if progress_mode() == "bars":
         from tqdm import tqdm
 
-        tqdm.write(message, file=sys.stdout)
+        tqdm.write(message, file=stream)
     else:
-        sys.stdout.write(message + "\n")
-    sys.stdout.flush()
+        stream.write(message + "\n")
+    stream.flush()
+
+
+class LineHandler(logging.StreamHandler):
+    """A logging handler whose records go through :func:`write_line` (so a log line does not break a bar)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write_line(self.format(record), self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: a failing handler reports, never raises
+            self.handleError(record)
 
 
 def duration(seconds: float) -> str:
@@ -80,8 +94,14 @@ class Progress:
         self.n = 0
         self.started = self._last = time.perf_counter()
         self._bar = None
-        if self.mode == "bars":
-            self._bar = _ray_bar()(desc=self.label, total=total, unit=unit)
+        if self.mode == "bars":  # each open bar of this process on a line of its own
+            self._position = min(set(range(len(_OPEN) + 1)) - _OPEN)
+            _OPEN.add(self._position)
+            # tqdm_ray sends a bar's state at most once a second, on an update: work counted in few, slow units
+            # (rounds, trials, stages: every_s 0 or None) sends every update, or the bar would show the one before
+            self._bar = _ray_bar()(desc=self.label, total=total, unit=unit, position=self._position,
+                                   flush_interval_s=0.0 if not every_s else None)
+            self._bar.update(0)  # drawn from the start, at 0
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -126,6 +146,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            _OPEN.discard(self._position)
 
     def __enter__(self) -> "Progress":
         return self

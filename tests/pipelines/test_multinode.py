@@ -1,5 +1,6 @@
 """A multi-node simulation: the ensemble pipeline on a `ray.cluster_utils.Cluster` of three one-CPU nodes on this
-machine spreads its member groups over the nodes, and every member comes back exactly once.
+machine spreads its member groups over the nodes, and every member comes back exactly once; a node lost in the
+middle of the run (removed, its processes killed) costs a restart from the checkpoint, not a member.
 
 The cluster lives in a subprocess of the test (the session's shared Ray, stopped meanwhile by `sole_ray`, is
 another instance in this process), with a Ray temp dir of its own (RAY_TMPDIR), so nothing else on the machine can find and join it."""
@@ -62,8 +63,10 @@ finally:
 """
 
 
-def test_ensemble_member_groups_spread_over_nodes_and_all_come_back(sole_ray, tmp_path):
-    (tmp_path / "run.py").write_text(SCRIPT)
+def _run_in_a_simulated_cluster(script: str, tmp_path: Path) -> dict:
+    """Run ``script`` (it writes result.json) in a subprocess with a Ray temp dir of its own; no process of its
+    cluster may survive it."""
+    (tmp_path / "run.py").write_text(script)
     ray_tmp = tempfile.mkdtemp(prefix="eqm-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0",
@@ -75,8 +78,11 @@ def test_ensemble_member_groups_spread_over_nodes_and_all_come_back(sole_ray, tm
     alive = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
     assert not alive, f"processes of the simulated cluster survived: {alive}"
     shutil.rmtree(ray_tmp, ignore_errors=True)
+    return json.loads((tmp_path / "result.json").read_text())
 
-    out = json.loads((tmp_path / "result.json").read_text())
+
+def test_ensemble_member_groups_spread_over_nodes_and_all_come_back(sole_ray, tmp_path):
+    out = _run_in_a_simulated_cluster(SCRIPT, tmp_path)
     assert len(out["nodes"]) == 3
     used = {n for nodes in out["group_nodes"].values() for n in nodes}
     assert used <= set(out["nodes"]) and len(used) >= 2, out["group_nodes"]  # groups ran on two nodes
@@ -85,3 +91,110 @@ def test_ensemble_member_groups_spread_over_nodes_and_all_come_back(sole_ray, tm
     members = sorted(m for ms in out["group_members"].values() for m in ms)
     assert members == list(range(8))  # every member exactly once
     assert out["members"] == 8 and out["per_setting"] == {"sym+aug": 4, "sym, no aug": 4}
+
+
+NODE_LOSS_SCRIPT = r"""
+import json, sys, threading, time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from equiray.config import load_config
+from pipelines.ensemble import EnsembleConfig, run_train
+from ports import free_port  # tests/pipelines/ports.py
+
+root = Path(sys.argv[1])
+
+# head + three workers, one CPU each: the two Train workers (1 CPU) on two of the workers, the third worker spare
+# for the worker group's restart once a node is gone; the head's CPU for Ray Data's read tasks
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+    "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
+    "runtime_env_agent_port": free_port()})
+
+
+def checkpointed_rounds() -> int:
+    # rounds whose checkpoint Ray Train's controller has registered (its snapshot on storage)
+    for snap in (root / "runs").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):
+            continue
+        return int((latest.get("metrics") or {}).get("round", 0))
+    return 0
+
+
+lost = {}
+
+
+def lose_a_node_once_a_round_is_checkpointed(stop):
+    from ray.util.state import list_actors
+
+    while not stop.is_set():
+        if checkpointed_rounds() >= 2:
+            workers = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                               ("state", "=", "ALIVE")])}
+            node = next((n for n in cluster.worker_nodes if n.node_id in workers), None)
+            if node is not None:
+                lost["node"], lost["round"] = node.node_id, checkpointed_rounds()
+                cluster.remove_node(node, allow_graceful=False)  # the node's raylet and workers, killed at once
+                return
+        time.sleep(0.1)
+
+
+try:
+    for _ in range(3):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    cfg = load_config(EnsembleConfig, {
+        "data": {"source": "digits", "dir": str(root / "digits"), "max_train": 800, "resize": None},
+        "member": {"kwargs": {"width": 4}},
+        "settings": [{"name": "sym+aug"}, {"name": "sym, no aug", "augment": False}],
+        "members": 4, "members_per_group": 2, "train": {"epochs": 5},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1.0, "torch_threads": 1},
+        "tracking": {"experiment": "test-node-loss"}, "eval": {"max_eval": 50},
+        "storage_path": str(root / "runs"), "max_failures": 2})
+    stop = threading.Event()
+    loser = threading.Thread(target=lose_a_node_once_a_round_is_checkpointed, args=(stop,), daemon=True)
+    loser.start()
+    try:
+        result = run_train(cfg)
+    finally:
+        stop.set()
+        loser.join(10)
+    out = {"lost": lost, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
+           "group_nodes": {str(k): v for k, v in result.group_nodes.items()},
+           "group_members": {str(k): v for k, v in result.group_members.items()},
+           "members": result.members, "restarts": result.restarts, "run_id": result.run_id,
+           "per_setting": {k: e.num_members for k, e in result.ensembles.items()}}
+    (root / "result.json").write_text(json.dumps(out))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_a_node_lost_mid_run_costs_a_restart_not_a_member(sole_ray, tmp_path):
+    """A worker node removed (its raylet and processes killed) while member groups train on it: Ray Train restarts
+    the worker group on the nodes left, from the latest checkpoint; every member comes back exactly once, every
+    epoch of every group is recorded once (on the lost node before the loss, elsewhere after), and the MLflow run
+    counts the restart."""
+    import mlflow
+
+    out = _run_in_a_simulated_cluster(NODE_LOSS_SCRIPT, tmp_path)
+    lost = out["lost"].get("node")
+    assert lost, "the run finished before a node could be lost"
+    assert lost not in out["alive"] and len(out["alive"]) == 3
+    assert out["restarts"] >= 1
+    members = sorted(m for ms in out["group_members"].values() for m in ms)
+    assert members == list(range(8)) and out["per_setting"] == {"sym+aug": 4, "sym, no aug": 4}
+    nodes = out["group_nodes"]
+    assert all(len(ns) == 5 for ns in nodes.values()), nodes  # 5 epochs each, none twice, none missing
+    assert any(lost in ns for ns in nodes.values()), nodes  # some epochs ran on the lost node ...
+    for ns in nodes.values():  # ... and none after an epoch elsewhere: once gone, gone
+        assert lost not in ns or ns[:ns.count(lost)] == [lost] * ns.count(lost), ns
+    assert any(lost in ns and ns[-1] != lost for ns in nodes.values()), nodes  # a group moved on mid-training
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(out["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["restarts"] == out["restarts"]

@@ -74,6 +74,11 @@ def _trial(config: dict, *, ctx: TrialContext) -> None:
     logged = set() if run_id is None else {m.step for m in client.get_metric_history(run_id, "val_accuracy")}
     if run_id is None:
         run_id = _start_run(client, ctx, config)
+    else:  # restarted from its checkpoint (its node or worker lost, or the search resumed): the run says so
+        restarts = int(client.get_run(run_id).data.tags.get("equiray.restarts", "0")) + 1
+        client.set_tag(run_id, "equiray.restarts", str(restarts))
+        client.set_tag(run_id, "equiray.restarted_at_epoch", str(start_epoch))
+    client.set_tag(run_id, "equiray.node", ray.get_runtime_context().get_node_id())  # where it trains now
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
         loss = tuner.epoch(x, y, generator=gen, device=device).loss

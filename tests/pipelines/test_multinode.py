@@ -1,6 +1,7 @@
 """A multi-node simulation: the ensemble pipeline on a `ray.cluster_utils.Cluster` of three one-CPU nodes on this
 machine spreads its member groups over the nodes, and every member comes back exactly once; a node lost in the
-middle of the run (removed, its processes killed) costs a restart from the checkpoint, not a member.
+middle of the run (removed, its processes killed) costs a restart from the checkpoint, not a member; and a
+search that loses a running trial's node retries that trial alone, from its checkpoint.
 
 The cluster lives in a subprocess of the test (the session's shared Ray, stopped meanwhile by `sole_ray`, is
 another instance in this process), with a Ray temp dir of its own (RAY_TMPDIR), so nothing else on the machine can find and join it."""
@@ -198,3 +199,99 @@ def test_a_node_lost_mid_run_costs_a_restart_not_a_member(sole_ray, tmp_path):
     assert any(lost in ns and ns[-1] != lost for ns in nodes.values()), nodes  # a group moved on mid-training
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(out["run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["restarts"] == out["restarts"]
+
+
+FTP_NODE_LOSS_SCRIPT = r"""
+import json, sys, threading, time
+from pathlib import Path
+
+import mlflow
+import ray
+from ray.cluster_utils import Cluster
+
+from equiray.config import load_config
+from pipelines.ftp import FTPConfig, run_tune
+from ports import free_port  # tests/pipelines/ports.py
+
+root = Path(sys.argv[1])
+raw = json.loads((root / "ftp.json").read_text())
+# a head without CPUs (no trial lands there) and three one-CPU workers: two trials at a time, a node to spare
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+    "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
+    "runtime_env_agent_port": free_port()})
+lost = {}
+
+
+def lose_a_trials_node_once_a_trial_finished(stop):
+    # once a trial has finished, the node of a running trial that has checkpointed an epoch is removed
+    client = mlflow.MlflowClient()
+    while not stop.is_set():
+        exp = client.get_experiment_by_name(raw["tracking"]["experiment"])
+        runs = client.search_runs([exp.experiment_id], "tags.`equiray.pipeline` = 'ftp'") if exp else []
+        trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        finished = [r.info.run_id for r in trials if r.info.status == "FINISHED"]
+        running = [r for r in trials if r.info.status == "RUNNING" and r.data.tags.get("equiray.node")
+                   and len(client.get_metric_history(r.info.run_id, "val_accuracy")) >= 2]
+        if finished and running:
+            node_id = running[0].data.tags["equiray.node"]
+            node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+            lost.update(node=node_id, run_id=running[0].info.run_id, finished=finished, at_ms=time.time() * 1000)
+            cluster.remove_node(node, allow_graceful=False)  # the node's raylet and the trial's process, killed
+            return
+        time.sleep(0.2)
+
+
+try:
+    for _ in range(3):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    stop = threading.Event()
+    loser = threading.Thread(target=lose_a_trials_node_once_a_trial_finished, args=(stop,), daemon=True)
+    loser.start()
+    try:
+        result = run_tune(load_config(FTPConfig, raw))
+    finally:
+        stop.set()
+        loser.join(10)
+    out = {"lost": lost, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]], "run_id": result.run_id,
+           "rows": [{"run_id": r.run_id, "epochs": r.epochs} for r in result.rows]}
+    (root / "result.json").write_text(json.dumps(out))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_a_search_that_loses_a_trials_node_retries_that_trial_alone(sole_ray, tmp_path):
+    """An FTP search on a simulated cluster: once a trial has finished, the node of a running one is removed.
+    Tune retries that trial from its last checkpoint on a node left (its MLflow run says so: a restart, the
+    epoch it went on from, the new node); the finished trial is not trained again; every epoch of every trial is
+    logged once."""
+    import mlflow
+
+    from test_canon_sweep import register_backbone
+    from test_ftp_search import small_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register_backbone(tmp_path / "digits", uri)
+    raw = small_config(tmp_path, search={"num_samples": 3, "searcher": "random", "scheduler": "none"},
+                       resources={"cpus_per_trial": 1.0, "max_concurrent": 2}, train={"epochs": 6, "batch_size": 16},
+                       tracking={"experiment": "test-ftp-node-loss"})
+    (tmp_path / "ftp.json").write_text(json.dumps(raw))
+    out = _run_in_a_simulated_cluster(FTP_NODE_LOSS_SCRIPT, tmp_path)
+    lost = out["lost"]
+    assert lost.get("node"), "the search finished before a trial's node could be lost"
+    assert lost["node"] not in out["alive"]
+    client = mlflow.MlflowClient(uri)
+    assert len(out["rows"]) == 3 and all(r["epochs"] == 6 for r in out["rows"])
+    for r in out["rows"]:  # every epoch of every trial logged once
+        steps = sorted(m.step for m in client.get_metric_history(r["run_id"], "val_accuracy"))
+        assert steps == list(range(6)), (r, steps)
+    for run_id in lost["finished"]:  # a finished trial is not trained again
+        assert all(m.timestamp < lost["at_ms"] for m in client.get_metric_history(run_id, "val_accuracy"))
+    moved = client.get_run(lost["run_id"])  # the trial that was on the lost node: retried elsewhere, and says so
+    assert moved.info.status == "FINISHED" and int(moved.data.tags["equiray.restarts"]) == 1
+    assert int(moved.data.tags["equiray.restarted_at_epoch"]) >= 1 and moved.data.tags["equiray.node"] != lost["node"]
+    assert client.get_run(out["run_id"]).info.status == "FINISHED"

@@ -148,20 +148,10 @@ def test_the_same_training_config_reuses_the_registered_ensemble(trained):
 def _kill_a_train_worker_when(checkpoint_root: Path, stop: threading.Event, killed: list):
     from ray.util.state import list_actors
 
-    import json
-
-    def registered_rounds() -> int:
-        """Rounds whose checkpoint Ray Train's controller has registered (its snapshot on storage)."""
-        for snap in checkpoint_root.glob("*/checkpoint_manager_snapshot.json"):
-            try:
-                latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
-            except (OSError, ValueError):
-                continue
-            return int((latest.get("metrics") or {}).get("round", 0))
-        return 0
+    from simcluster import checkpointed_rounds
 
     while not stop.is_set():
-        if registered_rounds() >= 2:
+        if checkpointed_rounds(checkpoint_root) >= 2:
             for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
                 os.kill(actor.pid, signal.SIGKILL)
                 killed.append(actor.pid)

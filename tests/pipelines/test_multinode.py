@@ -24,25 +24,17 @@ import json, sys
 from pathlib import Path
 
 import ray
-from ray.cluster_utils import Cluster
 
 from equiray.config import load_config
 from pipelines.ensemble import EnsembleConfig, run_train
-from ports import free_port  # tests/pipelines/ports.py
+from simcluster import simulated_cluster  # tests/pipelines/simcluster.py
 
 root = Path(sys.argv[1])
 
 # head + two workers, one CPU each: each Train worker (1 CPU) needs a node to itself, the third node's CPU is
 # left for Ray Data's read tasks
-# free ports of our own, not Ray's defaults (52365, ...), which another Ray on this machine may hold
-cluster = Cluster(initialize_head=True, head_node_args={
-    "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-    "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
-    "runtime_env_agent_port": free_port()})
+cluster = simulated_cluster(head_cpus=1, workers=2)
 try:
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     cfg = load_config(EnsembleConfig, {
         "data": {"source": "digits", "dir": str(root / "digits"), "max_train": 400, "resize": None},
@@ -99,33 +91,16 @@ import json, sys, threading, time
 from pathlib import Path
 
 import ray
-from ray.cluster_utils import Cluster
 
 from equiray.config import load_config
 from pipelines.ensemble import EnsembleConfig, run_train
-from ports import free_port  # tests/pipelines/ports.py
+from simcluster import checkpointed_rounds, simulated_cluster  # tests/pipelines/simcluster.py
 
 root = Path(sys.argv[1])
 
 # head + three workers, one CPU each: the two Train workers (1 CPU) on two of the workers, the third worker spare
 # for the worker group's restart once a node is gone; the head's CPU for Ray Data's read tasks
-cluster = Cluster(initialize_head=True, head_node_args={
-    "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-    "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
-    "runtime_env_agent_port": free_port()})
-
-
-def checkpointed_rounds() -> int:
-    # rounds whose checkpoint Ray Train's controller has registered (its snapshot on storage)
-    for snap in (root / "runs").glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
-        except (OSError, ValueError):
-            continue
-        return int((latest.get("metrics") or {}).get("round", 0))
-    return 0
-
-
+cluster = simulated_cluster(head_cpus=1, workers=3)
 lost = {}
 
 
@@ -133,21 +108,18 @@ def lose_a_node_once_a_round_is_checkpointed(stop):
     from ray.util.state import list_actors
 
     while not stop.is_set():
-        if checkpointed_rounds() >= 2:
+        if checkpointed_rounds(root / "runs") >= 2:
             workers = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
                                                                ("state", "=", "ALIVE")])}
             node = next((n for n in cluster.worker_nodes if n.node_id in workers), None)
             if node is not None:
-                lost["node"], lost["round"] = node.node_id, checkpointed_rounds()
+                lost["node"], lost["round"] = node.node_id, checkpointed_rounds(root / "runs")
                 cluster.remove_node(node, allow_graceful=False)  # the node's raylet and workers, killed at once
                 return
         time.sleep(0.1)
 
 
 try:
-    for _ in range(3):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     cfg = load_config(EnsembleConfig, {
         "data": {"source": "digits", "dir": str(root / "digits"), "max_train": 800, "resize": None},
@@ -207,19 +179,15 @@ from pathlib import Path
 
 import mlflow
 import ray
-from ray.cluster_utils import Cluster
 
 from equiray.config import load_config
 from pipelines.ftp import FTPConfig, run_tune
-from ports import free_port  # tests/pipelines/ports.py
+from simcluster import simulated_cluster  # tests/pipelines/simcluster.py
 
 root = Path(sys.argv[1])
 raw = json.loads((root / "ftp.json").read_text())
 # a head without CPUs (no trial lands there) and three one-CPU workers: two trials at a time, a node to spare
-cluster = Cluster(initialize_head=True, head_node_args={
-    "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-    "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
-    "runtime_env_agent_port": free_port()})
+cluster = simulated_cluster(head_cpus=0, workers=3)
 lost = {}
 
 
@@ -231,8 +199,9 @@ def lose_a_trials_node_once_a_trial_finished(stop):
         runs = client.search_runs([exp.experiment_id], "tags.`equiray.pipeline` = 'ftp'") if exp else []
         trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
         finished = [r.info.run_id for r in trials if r.info.status == "FINISHED"]
+        # a trial 2 to 6 of its 12 epochs in: checkpointed, and far from done when its node goes
         running = [r for r in trials if r.info.status == "RUNNING" and r.data.tags.get("equiray.node")
-                   and len(client.get_metric_history(r.info.run_id, "val_accuracy")) >= 2]
+                   and 2 <= len(client.get_metric_history(r.info.run_id, "val_accuracy")) <= 6]
         if finished and running:
             node_id = running[0].data.tags["equiray.node"]
             node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
@@ -243,9 +212,6 @@ def lose_a_trials_node_once_a_trial_finished(stop):
 
 
 try:
-    for _ in range(3):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     stop = threading.Event()
     loser = threading.Thread(target=lose_a_trials_node_once_a_trial_finished, args=(stop,), daemon=True)
@@ -277,7 +243,7 @@ def test_a_search_that_loses_a_trials_node_retries_that_trial_alone(sole_ray, tm
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register_backbone(tmp_path / "digits", uri)
     raw = small_config(tmp_path, search={"num_samples": 3, "searcher": "random", "scheduler": "none"},
-                       resources={"cpus_per_trial": 1.0, "max_concurrent": 2}, train={"epochs": 6, "batch_size": 16},
+                       resources={"cpus_per_trial": 1.0, "max_concurrent": 2}, train={"epochs": 12, "batch_size": 16},
                        tracking={"experiment": "test-ftp-node-loss"})
     (tmp_path / "ftp.json").write_text(json.dumps(raw))
     out = _run_in_a_simulated_cluster(FTP_NODE_LOSS_SCRIPT, tmp_path)
@@ -285,10 +251,10 @@ def test_a_search_that_loses_a_trials_node_retries_that_trial_alone(sole_ray, tm
     assert lost.get("node"), "the search finished before a trial's node could be lost"
     assert lost["node"] not in out["alive"]
     client = mlflow.MlflowClient(uri)
-    assert len(out["rows"]) == 3 and all(r["epochs"] == 6 for r in out["rows"])
+    assert len(out["rows"]) == 3 and all(r["epochs"] == 12 for r in out["rows"])
     for r in out["rows"]:  # every epoch of every trial logged once
         steps = sorted(m.step for m in client.get_metric_history(r["run_id"], "val_accuracy"))
-        assert steps == list(range(6)), (r, steps)
+        assert steps == list(range(12)), (r, steps)
     for run_id in lost["finished"]:  # a finished trial is not trained again
         assert all(m.timestamp < lost["at_ms"] for m in client.get_metric_history(run_id, "val_accuracy"))
     moved = client.get_run(lost["run_id"])  # the trial that was on the lost node: retried elsewhere, and says so

@@ -38,3 +38,19 @@ def checkpointed_rounds(storage: Path) -> int:
             continue
         return int((latest.get("metrics") or {}).get("round", 0))
     return 0
+
+
+def alive_nodes(*, gone: str | None = None, timeout_s: float = 60.0) -> list[str]:
+    """The IDs of the nodes the cluster's GCS holds alive, once it has marked ``gone`` dead (or ``timeout_s``
+    has passed): a node whose raylet was killed stays "alive" until the GCS's health checks have missed it a
+    few times (up to ~20 s), which can be after a short run has already finished."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        if gone is None or gone not in alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)

@@ -94,7 +94,7 @@ import ray
 
 from equiray.config import load_config
 from pipelines.ensemble import EnsembleConfig, run_train
-from simcluster import checkpointed_rounds, simulated_cluster  # tests/pipelines/simcluster.py
+from simcluster import alive_nodes, checkpointed_rounds, simulated_cluster  # tests/pipelines/simcluster.py
 
 root = Path(sys.argv[1])
 
@@ -137,7 +137,7 @@ try:
     finally:
         stop.set()
         loser.join(10)
-    out = {"lost": lost, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
+    out = {"lost": lost, "alive": alive_nodes(gone=lost.get("node")),
            "group_nodes": {str(k): v for k, v in result.group_nodes.items()},
            "group_members": {str(k): v for k, v in result.group_members.items()},
            "members": result.members, "restarts": result.restarts, "run_id": result.run_id,
@@ -182,7 +182,7 @@ import ray
 
 from equiray.config import load_config
 from pipelines.ftp import FTPConfig, run_tune
-from simcluster import simulated_cluster  # tests/pipelines/simcluster.py
+from simcluster import alive_nodes, simulated_cluster  # tests/pipelines/simcluster.py
 
 root = Path(sys.argv[1])
 raw = json.loads((root / "ftp.json").read_text())
@@ -221,7 +221,7 @@ try:
     finally:
         stop.set()
         loser.join(10)
-    out = {"lost": lost, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]], "run_id": result.run_id,
+    out = {"lost": lost, "alive": alive_nodes(gone=lost.get("node")), "run_id": result.run_id,
            "rows": [{"run_id": r.run_id, "epochs": r.epochs} for r in result.rows]}
     (root / "result.json").write_text(json.dumps(out))
 finally:

@@ -6,6 +6,8 @@
     python benchmarks/bench_ensemble.py --device cuda --skip-ray --members 16,64,256,1024 --images 4000  # a GPU node
     python3 benchmarks/bench_ensemble.py --variants lib:256,fast-bf16-graph:1024 --images 2000   # a GPU node (4.)
     python3 benchmarks/bench_ensemble.py --ray-config jobs/configs/ensemble.yaml --ray-set members=64 ...   # (5.)
+    .venv/bin/python benchmarks/bench_ensemble.py --ray-config configs/ensemble_thousands.yaml \
+        --scale 250,1000,2000,4000 --out /tmp/scale.md                                                   # (6.)
     (benchmarks/gpu_check.sh runs 4. and 5. and tests/test_cuda.py on a leased GPU through the device tool)
 
 1. Member-samples per second, one epoch, the same member network (Nordenfors & Flinth's 3x16 conv net), the
@@ -23,6 +25,10 @@
 5. ``--ray-config``: a pipeline config (e.g. jobs/configs/ensemble.yaml, fractional GPUs per worker) through Ray
    Train, as ``equiray ensemble train`` runs it, vs the bare loop over the same member groups on the same device:
    the whole stage, Ray Train's ``fit()``, and the steady state (rank 0's epochs, timed by their MLflow metrics).
+6. ``--scale N1,N2,..`` with ``--ray-config``: 5. at each ensemble size (``members=N``): the pipeline's overhead
+   over the bare loop per member, where it goes (Ray Train's rounds and checkpoints, the driver's collection,
+   MLflow artifacts, evaluation, registration), the artifacts and checkpoint bytes a run leaves, and from a line
+   fitted to the sizes the largest ensemble that trains in 10 minutes with and without Ray.
 """
 from __future__ import annotations
 
@@ -402,7 +408,8 @@ def ray_config_vs_bare(config: str, overrides: list[str], workdir: Path) -> dict
         pipeline = time.perf_counter() - t
     finally:
         stage.fit = fit
-    out.update(pipeline_s=pipeline, pipeline_rate=work / pipeline, fit_s=timing.get("fit_s"),
+    out.update(pipeline_s=pipeline, pipeline_rate=work / pipeline, fit_s=timing.get("fit_s"), run_id=result.run_id,
+               phase_seconds=result.phase_seconds,
                train_seconds=result.train_seconds, ratio_pipeline=pipeline / bare, restarts=result.restarts,
                accuracy=result.accuracy, nodes=sorted({n for ns in result.group_nodes.values() for n in ns}))
     if timing.get("fit_s"):
@@ -430,6 +437,60 @@ def ray_config_vs_bare(config: str, overrides: list[str], workdir: Path) -> dict
     return out
 
 
+def _artifacts(run_id: str, path: str) -> tuple[int, int]:
+    """(files, bytes) an MLflow run holds under ``path``."""
+    from mlflow import MlflowClient
+
+    files = [f for f in MlflowClient().list_artifacts(run_id, path) if not f.is_dir]
+    return len(files), sum(f.file_size or 0 for f in files)
+
+
+def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x``."""
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
+    return my - b * mx, b
+
+
+def scale_table(config: str, overrides: list[str], sizes: list[int], workdir: Path) -> tuple[str, list[dict]]:
+    """6.: ``ray_config_vs_bare`` at every ensemble size, as one Markdown table plus its reading."""
+    rows = []
+    for n in sizes:
+        print(f"--- {n} members", flush=True)
+        out = ray_config_vs_bare(config, [*overrides, f"members={n}", f"storage_path={workdir / f'runs-{n}'}"],
+                                 workdir)
+        out["artifacts"], out["artifact_bytes"] = _artifacts(out["run_id"], "members")
+        store = [f for f in (workdir / f"runs-{n}").rglob("*") if f.is_file()]
+        out["storage_files"], out["storage_bytes"] = len(store), sum(f.stat().st_size for f in store)
+        rows.append(out)
+    phases = ["worker_train", "worker_group_io", "worker_checkpoint", "fit", "collect", "log_members",
+              "evaluate", "log_model"]
+    lines = ["| members | groups | bare loop s | pipeline s | overhead s | overhead per member, ms | "
+             "fit() s: train / group files / checkpoints (rank 0) | collect s | log members s | evaluate s | "
+             "log model s | other s | member artifacts (files, MB) | checkpoint storage at the end (files, MB) |",
+             "|" + "---|" * 14]
+    for r in rows:
+        ph = r["phase_seconds"]
+        other = r["pipeline_s"] - sum(ph.get(k, 0.0) for k in phases[3:])
+        over = r["pipeline_s"] - r["bare_s"]
+        lines.append(
+            f"| {r['members']:,} | {r['groups']} | {r['bare_s']:.1f} | {r['pipeline_s']:.1f} | {over:.1f} "
+            f"| {1e3 * over / r['members']:.1f} | {ph.get('fit', 0):.1f}: {ph.get('worker_train', 0):.1f} / "
+            f"{ph.get('worker_group_io', 0):.1f} / {ph.get('worker_checkpoint', 0):.1f} | {ph.get('collect', 0):.1f} "
+            f"| {ph.get('log_members', 0):.1f} | {ph.get('evaluate', 0):.1f} | {ph.get('log_model', 0):.1f} "
+            f"| {other:.1f} | {r['artifacts']}, {r['artifact_bytes'] / 2**20:.1f} "
+            f"| {r['storage_files']}, {r['storage_bytes'] / 2**20:.1f} |")
+    ns = [r["members"] for r in rows]
+    a_ray, b_ray = _fit_line(ns, [r["pipeline_s"] for r in rows])
+    a_bare, b_bare = _fit_line(ns, [r["bare_s"] for r in rows])
+    most = lambda a, b: int((600 - a) / b) if b > 0 and a < 600 else 0  # noqa: E731
+    lines += ["", f"Fitted over the sizes: through Ray {a_ray:.1f} s + {1e3 * b_ray:.1f} ms per member; the bare loop "
+              f"{a_bare:.1f} s + {1e3 * b_bare:.1f} ms per member. The largest ensemble in 10 minutes at this "
+              f"scale: ~{most(a_ray, b_ray):,} members through Ray, ~{most(a_bare, b_bare):,} without (extrapolated "
+              f"from the line, not run)."]
+    return "\n".join(lines), rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", default="16",
@@ -452,6 +513,8 @@ def main() -> int:
                         "(`equiray ensemble train --config FILE --set ...`) vs the bare loop over its member groups")
     parser.add_argument("--ray-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for --ray-config, as --set takes it (repeatable)")
+    parser.add_argument("--scale", metavar="N1,N2,...", help="with --ray-config: run it at each of these "
+                        "ensemble sizes (members=N) and tabulate the pipeline's overhead per member (6.)")
     parser.add_argument("--json", help="with --variants / --ray-config: write the measurements to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -462,7 +525,14 @@ def main() -> int:
 
     if args.ray_config or args.variants:
         results = {}
-        if args.ray_config:
+        if args.ray_config and args.scale:
+            sizes = [int(n) for n in args.scale.split(",")]
+            with tempfile.TemporaryDirectory() as tmp:
+                table, results["scale"] = scale_table(args.ray_config, args.ray_set, sizes, Path(tmp))
+            sets = "".join(f" --ray-set {o}" for o in args.ray_set)
+            emit(f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_ensemble.py --ray-config "
+                 f"{args.ray_config}{sets} --scale {args.scale}`\n\n{table}", args.out)
+        elif args.ray_config:
             with tempfile.TemporaryDirectory() as tmp:
                 results["ray"] = ray_config_vs_bare(args.ray_config, args.ray_set, Path(tmp))
             if args.json:

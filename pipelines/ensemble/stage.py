@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,10 @@ class EnsembleTrainResult(StageResult):
     input_size: int = 0
     group_nodes: dict[int, list[str]] = field(default_factory=dict)  # Ray node of every epoch, per group
     group_members: dict[int, list[int]] = field(default_factory=dict)  # member ids per group
+    # where the stage's time went, in seconds: "fit" (Ray Train: workers started, data read, every round and its
+    # checkpoint), of which rank 0's "worker_train" / "worker_group_io" / "worker_checkpoint"; then the driver's
+    # "collect" (the final checkpoint's groups read and checked), "log_members", "evaluate", "log_model"
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     # the trained members per setting, joined in member order; None when reused (read them with load_members)
     ensembles: dict[str, StackedEnsemble] | None = field(default=None, repr=False, compare=False)
 
@@ -91,14 +96,17 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
         from pipelines import tracking
 
         cfg, groups = self.cfg, self.cfg.member_groups()
-        trained, restarts = self._train(run, groups)
+        phases: dict[str, float] = {}
+        trained, restarts = self._train(run, groups, phases)
         train_seconds = time.perf_counter() - self._started
-        self._log_groups(groups, trained)
-        ensembles = {s.name: StackedEnsemble.concat([trained[g.gid].ensemble for g in groups if g.setting == i])
-                     for i, s in enumerate(cfg.settings)}
-        x, y = read_split(self.data_dir, "test", limit=cfg.eval.max_eval)
-        x = resize(x, self.size)
-        acc = {name: accuracy(predict(ens, x, batch_size=256), y) for name, ens in ensembles.items()}
+        with _timed(phases, "log_members"):
+            self._log_groups(groups, trained)
+        with _timed(phases, "evaluate"):
+            ensembles = {s.name: StackedEnsemble.concat([trained[g.gid].ensemble for g in groups if g.setting == i])
+                         for i, s in enumerate(cfg.settings)}
+            x, y = read_split(self.data_dir, "test", limit=cfg.eval.max_eval)
+            x = resize(x, self.size)
+            acc = {name: accuracy(predict(ens, x, batch_size=256), y) for name, ens in ensembles.items()}
         mlflow.log_metrics({f"test_accuracy/{slug(n)}": a for n, a in acc.items()})
         group_nodes = {gid: grp.nodes for gid, grp in trained.items()}
         mlflow.log_dict({str(gid): n for gid, n in group_nodes.items()}, "members/nodes.json")
@@ -108,20 +116,24 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
                             "member_epochs_per_second": n_total * cfg.train.epochs / train_seconds})
         champion = cfg.tracking.champion or cfg.settings[0].name
         setting = next(s for s in cfg.settings if s.name == champion)
-        model_uri = tracking.log_model(ensembles[champion], self._registry_spec(setting), name="ensemble")
+        with _timed(phases, "log_model"):
+            model_uri = tracking.log_model(ensembles[champion], self._registry_spec(setting), name="ensemble")
+        mlflow.log_metrics({f"seconds/{k}": v for k, v in phases.items()})
         say(f"[ensemble] trained {n_total} members in {train_seconds:.0f} s; ensemble test accuracy: " +
             ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
         result = EnsembleTrainResult(
             run_id=run.run_id, run_name=run.run_name, tracking_uri=run.tracking_uri, members=n_total,
             groups=len(groups), restarts=restarts, accuracy=acc, train_seconds=train_seconds, champion=champion,
             ensembles=ensembles, data_dir=self.data_dir, input_size=self.size, group_nodes=group_nodes,
-            group_members={g.gid: list(g.members) for g in groups})
+            group_members={g.gid: list(g.members) for g in groups}, phase_seconds=phases)
         return Outcome(result, model_uri, tags={"setting": champion, "test_accuracy": f"{acc[champion]:.4f}",
                                                 "run_id": run.run_id})
 
     # ------------------------------------------------------------------------------ the parts of execute
-    def _train(self, run: StageRun, groups: list[GroupPlan]) -> tuple[dict[int, MemberGroup], int]:
-        """Every member group trained on Ray Train -> ``(the groups by id, worker-group restarts)``."""
+    def _train(self, run: StageRun, groups: list[GroupPlan],
+               phases: dict[str, float]) -> tuple[dict[int, MemberGroup], int]:
+        """Every member group trained on Ray Train -> ``(the groups by id, worker-group restarts)``; the time
+        of its parts goes into ``phases``."""
         import ray.data
 
         from equiray.data import split_files
@@ -135,10 +147,13 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
         say(f"[ensemble] {cfg.members * len(cfg.settings)} members ({len(cfg.settings)} settings x {cfg.members}) "
             f"in {len(groups)} groups of <= {cfg.members_per_group}, {world} worker(s), {rounds} rounds")
         worker_run = WorkerRun(run.run_id, run.tracking_uri, self.meta["num_classes"], tuple(groups), rounds)
-        result = fit(train_loop_per_worker, {"cfg": cfg, "run": worker_run}, scaling=cfg.scaling,
-                     run_name=run.run_name, storage_path=cfg.storage_path, datasets={"train": train_ds},
-                     max_failures=cfg.max_failures, split_data=False)  # every worker sees all the data
-        with result.checkpoint.as_directory() as d:
+        with _timed(phases, "fit"):
+            result = fit(train_loop_per_worker, {"cfg": cfg, "run": worker_run}, scaling=cfg.scaling,
+                         run_name=run.run_name, storage_path=cfg.storage_path, datasets={"train": train_ds},
+                         max_failures=cfg.max_failures, split_data=False)  # every worker sees all the data
+        phases.update({k.removesuffix("_seconds"): float(v) for k, v in (result.metrics or {}).items()
+                       if k.startswith("worker_") and k.endswith("_seconds")})
+        with _timed(phases, "collect"), result.checkpoint.as_directory() as d:
             trained = collect(cfg, groups, Path(d))
             restarts = json.loads((Path(d) / "round.json").read_text())["restarts"]
         return trained, restarts
@@ -165,6 +180,15 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
                            "num_members": cfg.members},
                 "input_shape": [c, self.size, self.size], "classes": self.meta["classes"], "group": cfg.group,
                 "setting": setting.name, "data": cfg.data.source}
+
+
+@contextmanager
+def _timed(phases: dict[str, float], name: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
 
 
 def collect(cfg: EnsembleConfig, groups: list[GroupPlan], checkpoint_dir: Path) -> dict[int, MemberGroup]:

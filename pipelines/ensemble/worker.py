@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +64,11 @@ def _device(cfg: EnsembleConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _restore(checkpoint, mine: list[GroupPlan], local: Path) -> tuple[int, int]:
+def _restore(checkpoint, mine: list[GroupPlan], local: Path) -> tuple[int, int, dict]:
     """Copy this worker's group files out of ``checkpoint`` into ``local``; returns ``(rounds completed, restarts
-    so far)`` (``(0, 0)`` without a checkpoint)."""
+    so far, the seconds spent so far)`` (``(0, 0, {})`` without a checkpoint)."""
     if not checkpoint:
-        return 0, 0
+        return 0, 0, {}
     with checkpoint.as_directory() as d:
         for g in mine:
             src = Path(d) / group_file(g.gid)
@@ -76,8 +77,8 @@ def _restore(checkpoint, mine: list[GroupPlan], local: Path) -> tuple[int, int]:
         progress = Path(d) / "round.json"
         if progress.is_file():
             done = json.loads(progress.read_text())
-            return done["completed_rounds"], done["restarts"] + 1
-    return 0, 0
+            return done["completed_rounds"], done["restarts"] + 1, done.get("seconds", {})
+    return 0, 0, {}
 
 
 def _report(metrics: dict, local: Path, progress: dict | None) -> None:
@@ -113,7 +114,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     local = Path(tempfile.mkdtemp(prefix=f"equiray-groups-{rank}-"))  # this worker's latest group states
     checkpoint = ray.train.get_checkpoint()
-    start_round, restarts = _restore(checkpoint, mine, local)
+    start_round, restarts, seconds = _restore(checkpoint, mine, local)
+    # where this worker's time goes (rank 0's reaches the driver, carried over restarts): training its groups,
+    # loading and saving them between rounds, Ray Train checkpoints
+    seconds = {k: float(seconds.get(k, 0.0)) for k in ("train", "group_io", "checkpoint")}
     done = {g.gid: MemberGroup.saved_epochs(local / group_file(g.gid)) if (local / group_file(g.gid)).is_file()
             else 0 for g in mine}
     if checkpoint:
@@ -128,8 +132,11 @@ def train_loop_per_worker(config: dict) -> None:
         todo = [g for g in mine if done[g.gid] < epochs]
         if todo:
             g = todo[0]
+            t = time.perf_counter()
             done[g.gid], stats = train_group_epoch(cfg, g, local / group_file(g.gid), x, y, device=device,
                                                    num_classes=run.num_classes, group=group, node=node)
+            seconds["train"] += stats.seconds
+            seconds["group_io"] += time.perf_counter() - t - stats.seconds
             metrics.update(loss=stats.loss, accuracy=stats.accuracy, member_samples=stats.samples)
             bar.update()
             say(f"[ensemble] worker {rank} round {r + 1}/{run.rounds}: group {g.gid} "
@@ -140,6 +147,10 @@ def train_loop_per_worker(config: dict) -> None:
                 client.log_metric(run.run_id, f"train_loss/group{g.gid:05d}", stats.loss, step=done[g.gid])
         else:
             bar.update()
-        _report(metrics, local, {"completed_rounds": r + 1, "restarts": restarts} if rank == 0 else None)
+        t = time.perf_counter()
+        metrics.update({f"worker_{k}_seconds": v for k, v in seconds.items()})
+        _report(metrics, local, {"completed_rounds": r + 1, "restarts": restarts, "seconds": seconds}
+                if rank == 0 else None)
+        seconds["checkpoint"] += time.perf_counter() - t
     bar.close()
     shutil.rmtree(local, ignore_errors=True)

@@ -184,6 +184,35 @@ def test_a_killed_worker_resumes_from_the_checkpoint(ray_session, tmp_path, monk
                                clean.ensembles["sym+aug"].member_logits(x))
 
 
+def test_two_thousand_members_each_once_with_artifacts_per_group(ray_session, tmp_path, monkeypatch):
+    """Thousands of members through Ray Train (issue 21): 2,000 tiny members in 8 groups on two workers come back
+    each exactly once, trained, as one ensemble; what the run leaves grows with the groups, not the members (two
+    MLflow files per group, at most two checkpoints of one file per group); the stage says where its time went."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = small_config(tmp_path, members=2000, members_per_group=250, data={"max_train": 256},
+                       member={"kwargs": {"width": 2}}, train={"epochs": 1}, settings=[{"name": "sym+aug"}],
+                       eval={"max_eval": 200}, tracking={"experiment": "test-ensemble-thousands"})
+    result = run_train(cfg)
+    assert result.members == 2000 and result.groups == 8 and result.restarts == 0
+    ids = sorted(m for ms in result.group_members.values() for m in ms)
+    assert ids == list(range(2000))  # every member once
+    ens = result.ensembles["sym+aug"]
+    assert ens.num_members == 2000
+    w = ens.features__0__weight.detach().flatten(1)
+    assert len(torch.unique(w, dim=0)) == 2000  # 2,000 distinct members, not copies of a few
+    assert len({n for ns in result.group_nodes.values() for n in ns}) >= 1
+    assert all(len(ns) == 1 for ns in result.group_nodes.values())  # one epoch per group, recorded once
+    files = [a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "members")]
+    assert len(files) == 2 * 8 + 1, files  # a .safetensors and a .json per group, and nodes.json
+    stored = [f for f in (tmp_path / "runs").rglob("group-*.pt")]
+    assert 8 <= len(stored) <= 2 * 8, len(stored)  # Ray Train keeps two checkpoints, a file per group each
+    assert {"fit", "worker_train", "worker_checkpoint", "collect", "log_members", "evaluate",
+            "log_model"} <= set(result.phase_seconds)
+    assert result.phase_seconds["worker_train"] < result.phase_seconds["fit"]
+    metrics = mlflow.MlflowClient().get_run(result.run_id).data.metrics
+    assert metrics["seconds/fit"] == pytest.approx(result.phase_seconds["fit"])
+
+
 def test_distilled_student_is_registered_and_measured(trained, tmp_path):
     from pipelines.distill import DistillConfig, run as run_distill
 

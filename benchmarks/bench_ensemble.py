@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -452,6 +453,36 @@ def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+@contextlib.contextmanager
+def simulated_cluster(workers: int):
+    """With ``workers``: a simulated cluster on this machine (a head with one CPU, for Ray Data's reads, and
+    ``workers`` one-CPU worker nodes, each a raylet of its own) that ``init_ray`` joins through RAY_ADDRESS;
+    without, nothing (the pipeline starts its local Ray)."""
+    if not workers:
+        yield None
+        return
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        for _ in range(workers):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        old = os.environ.get("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = cluster.address
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            if old is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = old
+    finally:
+        cluster.shutdown()
+
+
 def scale_table(config: str, overrides: list[str], sizes: list[int], workdir: Path) -> tuple[str, list[dict]]:
     """6.: ``ray_config_vs_bare`` at every ensemble size, as one Markdown table plus its reading."""
     rows = []
@@ -515,6 +546,9 @@ def main() -> int:
                         help="an override for --ray-config, as --set takes it (repeatable)")
     parser.add_argument("--scale", metavar="N1,N2,...", help="with --ray-config: run it at each of these "
                         "ensemble sizes (members=N) and tabulate the pipeline's overhead per member (6.)")
+    parser.add_argument("--simulated-nodes", type=int, default=0, metavar="N",
+                        help="with --scale: run the pipeline on a simulated cluster on this machine (a head with one "
+                        "CPU and N one-CPU worker nodes, ray.cluster_utils.Cluster) instead of a local Ray")
     parser.add_argument("--json", help="with --variants / --ray-config: write the measurements to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -527,11 +561,12 @@ def main() -> int:
         results = {}
         if args.ray_config and args.scale:
             sizes = [int(n) for n in args.scale.split(",")]
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, simulated_cluster(args.simulated_nodes):
                 table, results["scale"] = scale_table(args.ray_config, args.ray_set, sizes, Path(tmp))
             sets = "".join(f" --ray-set {o}" for o in args.ray_set)
+            nodes = f" --simulated-nodes {args.simulated_nodes}" if args.simulated_nodes else ""
             emit(f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_ensemble.py --ray-config "
-                 f"{args.ray_config}{sets} --scale {args.scale}`\n\n{table}", args.out)
+                 f"{args.ray_config}{sets} --scale {args.scale}{nodes}`\n\n{table}", args.out)
         elif args.ray_config:
             with tempfile.TemporaryDirectory() as tmp:
                 results["ray"] = ray_config_vs_bare(args.ray_config, args.ray_set, Path(tmp))

@@ -126,6 +126,14 @@ class Stage(Generic[ConfigT, ResultT]):
         temperature in its :class:`Outcome`'s tags and is left alone."""
         return "upright" if isinstance(getattr(self.cfg, "data", None), DataConfig) else None
 
+    def calibration_images(self) -> int:
+        """How many validation (and test) images the temperature is fitted (and measured) on: the data section's
+        ``max_eval``, at most ``CALIBRATION_IMAGES``. A stage whose model costs much per image may take fewer."""
+        from pipelines.calibration import CALIBRATION_IMAGES
+
+        data: DataConfig = self.cfg.data  # type: ignore[attr-defined]
+        return min(data.max_eval or CALIBRATION_IMAGES, CALIBRATION_IMAGES)
+
     def resumed_run(self) -> str | None:
         """The id of an MLflow run this stage continues (an interrupted stage resumed: its config and tags were
         logged when it began), or None (the default) to start a new run. Called when nothing is reused, before
@@ -205,14 +213,13 @@ class Stage(Generic[ConfigT, ResultT]):
 
         from equiray.data import read_split
         from pipelines._ray import say
-        from pipelines.calibration import (CALIBRATION_IMAGES, calibrate_model, calibration_tags,
-                                           describe_calibration)
+        from pipelines.calibration import calibrate_model, calibration_tags, describe_calibration
 
         view = self.calibration_view(outcome)
         if outcome.model_uri is None or view is None or tracking.TEMPERATURE_TAG in outcome.tags:
             return {}
         data: DataConfig = self.cfg.data  # type: ignore[attr-defined]
-        limit = min(data.max_eval or CALIBRATION_IMAGES, CALIBRATION_IMAGES)
+        limit = self.calibration_images()
         val, test = (read_split(data.dir, split, limit=limit) for split in ("val", "test"))
         cal = calibrate_model(outcome.model_uri, val, test, fit_view=view, seed=0, batch_size=256)
         mlflow.log_metrics({f"calibration_{k}": v for k, v in cal.items()})

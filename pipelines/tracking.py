@@ -72,6 +72,9 @@ def setup(experiment: str, uri: str | None = None) -> str:
     """Point MLflow at ``uri`` and get or create ``experiment`` (in the driver, before workers start)."""
     import mlflow
 
+    # MLflow's per-download bars (a model read back to calibrate it, members collected) are noise between
+    # equiray's own progress lines: off unless the user asked for them, from the API as from the CLI
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:

@@ -98,11 +98,19 @@ class EnsembleConfig:
     eval: EnsembleEvalSection = EnsembleEvalSection()
     storage_path: str = "runs"
     max_failures: int = 2  # worker-group restarts Ray Train may do (from the latest checkpoint)
+    # rounds between Ray Train checkpoints (each holds all of a worker's groups); 0: as many rounds as a worker
+    # has groups, so a run checkpoints `epochs` times and writes each group once per epoch however many groups a
+    # worker holds; a restart redoes at most that many rounds. 1 checkpoints every round: a restart loses less,
+    # but a worker's checkpoint bytes then grow with the square of its groups
+    checkpoint_every: int = 0
 
     def __post_init__(self):
         get_group(self.group)
         if self.members < 1 or self.members_per_group < 1:
             raise ConfigError("members and members_per_group must be >= 1")
+        if self.checkpoint_every < 0:
+            raise ConfigError("checkpoint_every: rounds between checkpoints, >= 1 (or 0: one per pass over a "
+                              f"worker's groups), not {self.checkpoint_every}")
         names = [s.name for s in self.settings]
         if not names or len(set(names)) != len(names):
             raise ConfigError("settings: give at least one setting, with distinct names")

@@ -72,6 +72,11 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
     def tags(self) -> dict[str, str]:
         return {"equiray.group": self.cfg.group}
 
+    def calibration_images(self) -> int:
+        """An ensemble's forward pass costs ``members`` nets per image: its temperature is fitted on as many
+        validation images as its test accuracy is measured on (``eval.max_eval``), at most the default's."""
+        return min(super().calibration_images(), self.cfg.eval.max_eval)
+
     def default_run_name(self) -> str:
         return f"ensemble-{self.cfg.group}-{time.strftime('%Y%m%d-%H%M%S')}"
 

@@ -2,8 +2,10 @@
 
 Group ``i`` belongs to worker ``i % num_workers``. A round trains one epoch of this worker's first unfinished
 group (:class:`equiray.ensembles.MemberGroup`: loaded from its file, or built from its members' seeds, trained,
-saved back); then every group file goes into one Ray Train checkpoint. A restarted worker group copies the
-latest checkpoint's files back and goes on from the round after it.
+saved back). Every so many rounds (as many as the worker has groups, or ``checkpoint_every``) and after the last,
+all its group files go into one Ray Train checkpoint: a run checkpoints ``epochs`` times, so checkpoint bytes grow
+with the members, not with the square of a worker's groups. A restarted worker group copies the latest checkpoint's files back and
+goes on from the round after it.
 """
 from __future__ import annotations
 
@@ -81,10 +83,14 @@ def _restore(checkpoint, mine: list[GroupPlan], local: Path) -> tuple[int, int, 
     return 0, 0, {}
 
 
-def _report(metrics: dict, local: Path, progress: dict | None) -> None:
-    """Every group file of this worker (and, from rank 0, the round's progress) as one Ray Train checkpoint."""
+def _report(metrics: dict, local: Path, progress: dict | None, *, checkpoint: bool = True) -> None:
+    """The round's metrics, and with ``checkpoint`` every group file of this worker (and, from rank 0, the
+    round's progress) as one Ray Train checkpoint."""
     import ray.train
 
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as out:
         for f in local.glob("group-*.pt"):
             shutil.copy(f, Path(out) / f.name)
@@ -127,6 +133,9 @@ def train_loop_per_worker(config: dict) -> None:
     node = ray.get_runtime_context().get_node_id()  # a restarted worker group may land elsewhere
     bar = Progress(run.rounds - start_round, desc=f"worker {rank} rounds", unit="rounds", prefix="ensemble",
                    every_s=None)
+    # a checkpoint every `groups per worker` rounds (run.rounds / epochs), or as configured, and after the last
+    # round; every worker decides alike from the round number
+    every = cfg.checkpoint_every or max(1, run.rounds // epochs)
     for r in range(start_round, run.rounds):
         metrics = {"round": r + 1}
         todo = [g for g in mine if done[g.gid] < epochs]
@@ -150,7 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
         t = time.perf_counter()
         metrics.update({f"worker_{k}_seconds": v for k, v in seconds.items()})
         _report(metrics, local, {"completed_rounds": r + 1, "restarts": restarts, "seconds": seconds}
-                if rank == 0 else None)
+                if rank == 0 else None, checkpoint=(r + 1) % every == 0 or r + 1 == run.rounds)
         seconds["checkpoint"] += time.perf_counter() - t
     bar.close()
     shutil.rmtree(local, ignore_errors=True)

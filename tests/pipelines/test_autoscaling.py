@@ -2,9 +2,10 @@
 fake GPUs): the ensemble pipeline's member groups ask for fractional GPUs, the autoscaler adds worker nodes for
 them, every member comes back exactly once, and the idle nodes are removed (issue 21).
 
-The cluster's driver runs in a subprocess of the test (the session's shared Ray, stopped meanwhile by `sole_ray`, is
-another instance in this process); its head is a process group of its own, stopped alone (`ray stop` would end
-every Ray process on the machine)."""
+The pipeline goes to the cluster as a user sends it: jobs/ensemble.yaml's job spec, scaled down, through
+`equiray submit --follow` (its driver is a Ray job on the head). The cluster runs from a subprocess of the test
+(the session's shared Ray, stopped meanwhile by `sole_ray`, is another instance in this process); its head is a
+process group of its own, stopped alone (`ray stop` would end every Ray process on the machine)."""
 import json
 import os
 import subprocess
@@ -22,17 +23,37 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
-import json, sys, threading, time
+import json, os, subprocess, sys, threading, time
 from pathlib import Path
 
-import ray
+import mlflow
 import yaml
 
-from equiray.config import load_config
-from pipelines.ensemble import EnsembleConfig, run_train
 from pipelines.fake_cluster import FakeCluster
 
 root, repo = Path(sys.argv[1]), Path(sys.argv[2])
+# jobs/ensemble.yaml's pipeline at a tiny scale: its entrypoint and runtime_env, a config scaled down from
+# jobs/configs/ensemble.yaml (a fraction of a GPU and a CPU per worker), submitted with `equiray submit`
+spec = yaml.safe_load((repo / "jobs" / "ensemble.yaml").read_text())
+config = {
+    "data": {"source": "digits", "dir": str(root / "digits"), "max_train": 400, "resize": None},
+    "member": {"kwargs": {"width": 4}},
+    "settings": [{"name": "sym+aug"}, {"name": "sym, no aug", "augment": False}],
+    "members": 4, "members_per_group": 2, "train": {"epochs": 1},
+    "scaling": {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5, "cpus_per_worker": 1.0,
+                "torch_threads": 1, "backend": "gloo"},  # the GPUs are fake: no NCCL
+    "tracking": {"experiment": "test-autoscaling"}, "eval": {"max_eval": 50},
+    "storage_path": str(root / "runs"), "max_failures": 0}
+(root / "ensemble.yaml").write_text(yaml.safe_dump(config))
+# `cd` first: the fake nodes share this machine's one Ray session directory, and the unpacked working dir the
+# job's driver stands in was removed under it mid-run by another node's runtime-env agent (seen: os.getcwd()
+# failing in the driver); on a real cluster every node has its own. The workers still run the uploaded copy.
+spec["entrypoint"] = f"cd {repo} && python -m pipelines.ensemble train --config {root / 'ensemble.yaml'}"
+spec["entrypoint_num_cpus"] = 0  # the job's driver on the head (no CPUs there): every CPU node is the autoscaler's
+spec["runtime_env"]["working_dir"] = str(repo)
+spec["runtime_env"].pop("pip")  # the nodes run this Python already (a pip env would clone the virtualenv: minutes)
+(root / "job.yaml").write_text(yaml.safe_dump(spec))
+uri = os.environ["MLFLOW_TRACKING_URI"]
 counts = []
 with FakeCluster(yaml.safe_load((repo / "cluster.yaml").read_text()), root / "cluster", cpus_per_node=1) as fc:
     stop = threading.Event()
@@ -43,34 +64,35 @@ with FakeCluster(yaml.safe_load((repo / "cluster.yaml").read_text()), root / "cl
             stop.wait(1.0)
 
     threading.Thread(target=watch, daemon=True).start()
-    ray.init(address=fc.gcs)  # ended before the cluster stops: a driver left connected to a stopped GCS aborts
-    try:
-        cfg = load_config(EnsembleConfig, {
-            "data": {"source": "digits", "dir": str(root / "digits"), "max_train": 400, "resize": None},
-            "member": {"kwargs": {"width": 4}},
-            "settings": [{"name": "sym+aug"}, {"name": "sym, no aug", "augment": False}],
-            "members": 4, "members_per_group": 2, "train": {"epochs": 1},
-            # as jobs/configs/ensemble.yaml asks, scaled down: a fraction of a GPU and a CPU per worker
-            "scaling": {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5, "cpus_per_worker": 1.0,
-                        "torch_threads": 1, "backend": "gloo"},  # the GPUs are fake: no NCCL
-            "tracking": {"experiment": "test-autoscaling"}, "eval": {"max_eval": 50},
-            "storage_path": str(root / "runs"), "max_failures": 0})
-        start = time.monotonic()
-        result = run_train(cfg)
-        trained = time.monotonic()
-    finally:
-        ray.shutdown()  # the job ends, and with it its actors (Train's controller, Ray Data's): nothing holds a node
+    start = time.monotonic()
+    job = subprocess.run([str(Path(sys.executable).parent / "equiray"), "submit", str(root / "job.yaml"),
+                          "--address", fc.url, "--env", f"MLFLOW_TRACKING_URI={uri}", "--follow"],
+                         capture_output=True, text=True, timeout=600)
+    trained = time.monotonic()
+    (root / "job.log").write_text(job.stdout + job.stderr)
     while time.monotonic() - trained < 240 and counts[-1][1] > 1:  # idle nodes go after idle_timeout_minutes
         time.sleep(1)
     stop.set()
     from ray.util.state import list_actors
 
     alive = list_actors(address=fc.url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-    out = {"actors_left": [(a.class_name, a.node_id) for a in alive],
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("test-autoscaling")
+    runs = client.search_runs([exp.experiment_id], "tags.`equiray.pipeline` = 'ensemble-train'") if exp else []
+    groups = {}
+    for run in runs:
+        if run.info.status != "FINISHED":
+            continue
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="members",
+                                                    dst_path=str(root / "members"), tracking_uri=uri)
+        for f in Path(local).glob("group-*.json"):
+            meta = json.loads(f.read_text())
+            groups[str(meta["gid"])] = {"members": meta["members"], "nodes": meta["nodes"]}
+    out = {"job_rc": job.returncode, "job_log": (job.stdout + job.stderr)[-4000:],
+           "actors_left": [(a.class_name, a.node_id) for a in alive],
            "nodes_left": [n.node_id for n in fc.alive_nodes() if not n.is_head_node],
            "counts": [(round(t - start, 1), n) for t, n in counts if n], "trained_at": round(trained - start, 1),
-           "group_members": {str(k): v for k, v in result.group_members.items()},
-           "group_nodes": {str(k): v for k, v in result.group_nodes.items()}, "members": result.members}
+           "runs": [(r.info.run_id, r.info.status, r.data.metrics.get("members")) for r in runs], "groups": groups}
     (root / "result.json").write_text(json.dumps(out))
 """
 
@@ -100,6 +122,7 @@ def test_the_autoscaler_adds_nodes_for_member_groups_and_removes_them_idle(sole_
     assert proc.returncode == 0, (proc.stdout[-3000:] + proc.stderr[-5000:]
                                   + (head_log.read_text()[-2000:] if head_log.exists() else ""))
     out = json.loads((tmp_path / "result.json").read_text())
+    assert out["job_rc"] == 0, out["job_log"]  # `equiray submit --follow`: the job succeeded
     counts = [n for _, n in out["counts"]]
     assert counts[0] == 1, out["counts"]  # the head alone
     assert max(counts) >= 3, out["counts"]  # a worker node per Train worker (1 CPU each), added by the autoscaler
@@ -107,5 +130,8 @@ def test_the_autoscaler_adds_nodes_for_member_groups_and_removes_them_idle(sole_
     # Ray's one-per-cluster actors that outlive the job sit on the head (Ray Data's stats actor, made by the first
     # Train worker to read, pinned a GPU node for good before equiray created it from the driver)
     assert {node for _, node in out["actors_left"]} <= {FAKE_HEAD_NODE_ID}, out["actors_left"]
-    members = sorted(m for ms in out["group_members"].values() for m in ms)
-    assert members == list(range(4 * 2)) and out["members"] == 8  # every member exactly once
+    assert [status for _, status, _ in out["runs"]] == ["FINISHED"] and out["runs"][0][2] == 8, out["runs"]
+    members = sorted(m for g in out["groups"].values() for m in g["members"])
+    assert members == list(range(4 * 2))  # every member exactly once
+    # the groups trained on the worker nodes the autoscaler added, not on the head
+    assert FAKE_HEAD_NODE_ID not in {n for g in out["groups"].values() for n in g["nodes"]}, out["groups"]

@@ -113,8 +113,8 @@ CATALOG = (
         "ensemble train", ensemble.EnsembleConfig, ensemble.run_train,
         "train every setting's members, fanned out over Ray Train workers", example_config="configs/ensemble.yaml",
         description="Train augmentation-ensemble members (Nordenfors & Flinth) in vectorized member groups on Ray "
-        "Train workers, checkpointed every round; log member groups to MLflow and register the champion setting's "
-        "ensemble mean as equiray-ensemble@champion."),
+        "Train workers, checkpointed once per pass over a worker's groups (checkpoint_every); log member groups to "
+        "MLflow and register the champion setting's ensemble mean as equiray-ensemble@champion."),
     Pipeline(
         "ensemble eval", ensemble.EnsembleConfig, ensemble.run_eval,
         "OSP and symmetric KL vs ensemble size, in and off distribution", example_config="configs/ensemble.yaml",

@@ -515,6 +515,9 @@ def scale_table(config: str, overrides: list[str], sizes: list[int], workdir: Pa
     a_ray, b_ray = _fit_line(ns, [r["pipeline_s"] for r in rows])
     a_bare, b_bare = _fit_line(ns, [r["bare_s"] for r in rows])
     most = lambda a, b: int((600 - a) / b) if b > 0 and a < 600 else 0  # noqa: E731
+    if b_ray <= 0 or b_bare <= 0:
+        lines += ["", "The times do not rise with the members here (a cold start in the first size?): no line fitted."]
+        return "\n".join(lines), rows
     lines += ["", f"Fitted over the sizes: through Ray {a_ray:.1f} s + {1e3 * b_ray:.1f} ms per member; the bare loop "
               f"{a_bare:.1f} s + {1e3 * b_bare:.1f} ms per member. The largest ensemble in 10 minutes at this "
               f"scale: ~{most(a_ray, b_ray):,} members through Ray, ~{most(a_bare, b_bare):,} without (extrapolated "

@@ -236,9 +236,15 @@ def deploy(cfg: ServeConfig) -> dict:
             proxy_port = _check_port(cfg.host, cfg.proxy_port) if cfg.proxy_port else 0
         os.environ.update(ingress_env(cfg, port))
     # (a Ray that was up already has its replicas' ports: the proxy takes `port`, the replica answers on its own)
+    t0 = time.perf_counter()  # warm-up progress: a line per step, so the ~30 s before the URL are not silent
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        say(f"[serve] joining the Ray cluster at {address}" if address else
+            "[serve] starting a local Ray instance (~20 s here; RAY_ADDRESS joins a running cluster instead)")
     init_ray()
     host, port = _start_http(cfg, proxy_port)
     app = build_application(cfg, ref, options)
+    say(f"[serve] loading {ref.uri} (version {ref.version}) into its replicas; {time.perf_counter() - t0:.0f} s so far")
     try:
         serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     except RuntimeError as exc:

@@ -66,6 +66,11 @@ def test_sigterm_right_after_load_then_again_stops_within_10_s_and_leaves_no_ray
         time.sleep(0.5)
     assert url, "".join(lines)
     assert any("direct ingress" in line for line in lines), "".join(lines)
+    # the warm-up said what it was doing before the URL: Ray starting, then the model loading
+    steps = [i for i, line in enumerate(lines) if line.startswith(("[serve] starting a local Ray", "[serve] loading "
+                                                                    "models:/t-stop@champion (version 1)"))]
+    first_url = next(i for i, line in enumerate(lines) if "serving " in line)
+    assert len(steps) == 2 and steps[-1] < first_url, "".join(lines)
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, "PNG")

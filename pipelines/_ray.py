@@ -185,3 +185,16 @@ def fit_noting_interrupts(tuner):
     except KeyboardInterrupt:
         return None
     return None if catches and signal.getsignal(signal.SIGINT) is before else grid
+
+
+def leave_ray() -> None:
+    """Before the one line that ends a failed or interrupted command: leave Ray (what exit would do anyway), so
+    that a worker's output still on its way to this driver is printed before that line, not after it (seen: a Tune
+    trial's last epoch line arriving after "interrupted: ...")."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except BaseException:  # noqa: BLE001 - a second Ctrl+C or a dead cluster: the line matters more
+        pass
+    sys.stdout.flush()

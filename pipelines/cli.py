@@ -20,6 +20,7 @@ from pathlib import Path
 from equiray.config import to_dict
 from equiray.errors import EquirayError
 from pipelines import jobs, serve
+from pipelines._ray import leave_ray
 from pipelines.catalog import ALIASES, CATALOG, GROUPS, PIPELINES, Option, Pipeline
 
 EPILOG = """\
@@ -432,26 +433,13 @@ def main(argv: list[str] | None = None) -> int:
             return args.handler(args)
         raise EquirayError(args.missing)
     except EquirayError as exc:
-        _last_word()
+        leave_ray()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a stage may say what to do next (e.g. resume with --resume)
-        _last_word()
+        leave_ray()
         print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return 130
-
-
-def _last_word() -> None:
-    """Before the one line that ends a failed or interrupted command: leave Ray (what exit would do anyway), so
-    that a worker's output still on its way to this driver is printed before that line, not after it (seen: a Tune
-    trial's last epoch line arriving after "interrupted: ...")."""
-    ray = sys.modules.get("ray")
-    try:
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
-    except BaseException:  # noqa: BLE001 - a second Ctrl+C or a dead cluster: the line matters more
-        pass
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

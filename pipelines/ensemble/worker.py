@@ -4,8 +4,8 @@ Group ``i`` belongs to worker ``i % num_workers``. A round trains one epoch of t
 group (:class:`equiray.ensembles.MemberGroup`: loaded from its file, or built from its members' seeds, trained,
 saved back). Every so many rounds (as many as the worker has groups, or ``checkpoint_every``) and after the last,
 all its group files go into one Ray Train checkpoint: a run checkpoints ``epochs`` times, so checkpoint bytes grow
-with the members, not with the square of a worker's groups. A restarted worker group copies the latest checkpoint's files back and
-goes on from the round after it.
+with the members, not with the square of a worker's groups. A restarted worker group copies the latest
+checkpoint's files back and goes on from the round after it.
 """
 from __future__ import annotations
 
@@ -66,11 +66,14 @@ def _device(cfg: EnsembleConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _restore(checkpoint, mine: list[GroupPlan], local: Path) -> tuple[int, int, dict]:
+PHASES = ("train", "group_io", "checkpoint")  # where a worker's time goes: its groups' epochs, their files, reports
+
+
+def _restore(checkpoint, mine: list[GroupPlan], local: Path) -> tuple[int, int, dict[str, float]]:
     """Copy this worker's group files out of ``checkpoint`` into ``local``; returns ``(rounds completed, restarts
-    so far, the seconds spent so far)`` (``(0, 0, {})`` without a checkpoint)."""
+    so far, the seconds spent so far per phase)`` (zeros without a checkpoint)."""
     if not checkpoint:
-        return 0, 0, {}
+        return 0, 0, dict.fromkeys(PHASES, 0.0)
     with checkpoint.as_directory() as d:
         for g in mine:
             src = Path(d) / group_file(g.gid)
@@ -79,8 +82,9 @@ def _restore(checkpoint, mine: list[GroupPlan], local: Path) -> tuple[int, int, 
         progress = Path(d) / "round.json"
         if progress.is_file():
             done = json.loads(progress.read_text())
-            return done["completed_rounds"], done["restarts"] + 1, done.get("seconds", {})
-    return 0, 0, {}
+            spent = done.get("seconds", {})
+            return done["completed_rounds"], done["restarts"] + 1, {k: float(spent.get(k, 0.0)) for k in PHASES}
+    return 0, 0, dict.fromkeys(PHASES, 0.0)
 
 
 def _report(metrics: dict, local: Path, progress: dict | None, *, checkpoint: bool = True) -> None:
@@ -120,10 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     local = Path(tempfile.mkdtemp(prefix=f"equiray-groups-{rank}-"))  # this worker's latest group states
     checkpoint = ray.train.get_checkpoint()
-    start_round, restarts, seconds = _restore(checkpoint, mine, local)
-    # where this worker's time goes (rank 0's reaches the driver, carried over restarts): training its groups,
-    # loading and saving them between rounds, Ray Train checkpoints
-    seconds = {k: float(seconds.get(k, 0.0)) for k in ("train", "group_io", "checkpoint")}
+    start_round, restarts, seconds = _restore(checkpoint, mine, local)  # rank 0's seconds reach the driver
     done = {g.gid: MemberGroup.saved_epochs(local / group_file(g.gid)) if (local / group_file(g.gid)).is_file()
             else 0 for g in mine}
     if checkpoint:
@@ -133,9 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
     node = ray.get_runtime_context().get_node_id()  # a restarted worker group may land elsewhere
     bar = Progress(run.rounds - start_round, desc=f"worker {rank} rounds", unit="rounds", prefix="ensemble",
                    every_s=None)
-    # a checkpoint every `groups per worker` rounds (run.rounds / epochs), or as configured, and after the last
-    # round; every worker decides alike from the round number
-    every = cfg.checkpoint_every or max(1, run.rounds // epochs)
+    every = cfg.checkpoint_every or max(1, run.rounds // epochs)  # groups per worker; alike on every worker
     for r in range(start_round, run.rounds):
         metrics = {"round": r + 1}
         todo = [g for g in mine if done[g.gid] < epochs]

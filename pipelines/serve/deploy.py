@@ -244,7 +244,8 @@ def deploy(cfg: ServeConfig) -> dict:
     init_ray()
     host, port = _start_http(cfg, proxy_port)
     app = build_application(cfg, ref, options)
-    say(f"[serve] loading {ref.uri} (version {ref.version}) into its replicas; {time.perf_counter() - t0:.0f} s so far")
+    say(f"[serve] loading {ref.uri} (version {ref.version}) into its replicas; "
+        f"{time.perf_counter() - t0:.0f} s so far")
     try:
         serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     except RuntimeError as exc:

@@ -5,13 +5,14 @@ The model is rebuilt from the logged ``spec.json`` + safetensors weights (nothin
 decoded and resized exactly as equiray's endpoint does (:mod:`equiray.inference`). The input is a DataFrame with
 an ``image`` column of PNG/JPEG bytes (base64 in ``mlflow models serve``'s JSON, as MLflow encodes binary
 columns), or a list of such bytes; the output one row per image: ``label``, ``class_index``, ``confidence`` and
-the probability of every class (one column per class name). ``params={"temperature": T}`` divides the logits by
-a calibration temperature first (the registry keeps the fitted one as the version's ``equiray.temperature``
-tag).
+the probability of every class (one column per class name). The logits are divided by the temperature fitted
+when the model was registered (stored with the model as ``artifacts/calibration.json``, and as the version's
+``equiray.temperature`` tag); ``params={"temperature": T}`` overrides it (1 for the raw softmax; 0, the signature's default, keeps it).
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow.pyfunc
 import pandas as pd
@@ -38,6 +39,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.model.load_state_dict(load_file(context.artifacts["weights"]))
         self.model.eval()
         self.classes = [str(c) for c in (spec.get("classes") or range(spec["num_classes"]))]
+        calibration = Path(context.artifacts["spec"]).parent / "calibration.json"
+        self.temperature = float(json.loads(calibration.read_text())["temperature"]) if calibration.exists() else 1.0
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         # the hint is one MLflow takes as it is (a list[...] hint would make it infer a schema; none, warn)
@@ -56,7 +59,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         shape = self.spec["input_shape"]
         x = to_model_input([decode_image(bytes(b), in_chans=shape[0], what=f"image {i}")
                             for i, b in enumerate(images)], shape)
-        temperature = float((params or {}).get("temperature", 1.0))
+        temperature = float((params or {}).get("temperature") or self.temperature)
         probs = predict_detailed(self.model, x, temperature=temperature).probabilities
         conf, index = probs.max(-1)
         frame = pd.DataFrame(probs.double().numpy(), columns=self.classes)

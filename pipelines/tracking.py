@@ -193,7 +193,8 @@ def source_tags() -> dict[str, str]:
 def signature(spec: Mapping[str, Any]):
     """The pyfunc's MLflow signature from the model's spec: a column ``image`` of PNG/JPEG bytes in; ``label``,
     ``class_index``, ``confidence`` and one probability column per class out; a ``temperature`` parameter
-    (default 1). None when the spec does not say its input shape."""
+    (default 0: the temperature stored with the model at registration, or 1 if none). None when the spec does not
+    say its input shape."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -205,7 +206,7 @@ def signature(spec: Mapping[str, Any]):
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("long", "class_index"), ColSpec("double", "confidence"),
                         *(ColSpec("double", c) for c in names)]),
-        params=ParamSchema([ParamSpec("temperature", "double", 1.0)]))
+        params=ParamSchema([ParamSpec("temperature", "double", 0.0)]))
 
 
 def requirements() -> list[str]:
@@ -350,10 +351,34 @@ def find_version(name: str, alias: str, *, config_hash_value: str):
     return mv if mv.tags.get("equiray.config_hash") == config_hash_value else None
 
 
+CALIBRATION_FILE = "calibration.json"  # beside the pyfunc's spec.json in a logged model's artifacts
+
+
+def attach_temperature(model_uri: str, temperature: float) -> bool:
+    """Store ``temperature`` inside the logged model (``artifacts/calibration.json``), so that
+    ``mlflow.pyfunc.load_model(...)`` of it returns calibrated probabilities without being told the temperature
+    (the registry tag says the same for equiray's own readers). False for a model that is not an MLflow 3 logged
+    model (``models:/m-...``), which keeps its probabilities uncalibrated in the pyfunc."""
+    from mlflow import MlflowClient
+
+    model_id = model_uri.removeprefix("models:/")
+    if not model_uri.startswith("models:/m-") or "/" in model_id or "@" in model_id:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CALIBRATION_FILE
+        path.write_text(json.dumps({"temperature": float(temperature)}))
+        MlflowClient().log_model_artifact(model_id, str(path), artifact_path="artifacts")
+    return True
+
+
 def register(model_uri: str, name: str, alias: str, *, tags: Mapping[str, Any] | None = None) -> str:
-    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it; returns the version."""
+    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it; returns the version. A
+    ``equiray.temperature`` tag also goes into the model itself (:func:`attach_temperature`)."""
     import mlflow
     from mlflow import MlflowClient
+
+    if TEMPERATURE_TAG in (tags or {}):
+        attach_temperature(model_uri, float(tags[TEMPERATURE_TAG]))
 
     said = io.StringIO()
     try:

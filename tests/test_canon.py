@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from equiray.canon import (CanonicalizedModel, GroupConv, GroupLiftConv, contrastive_loss, create_canonicalizer,
-                           identity_rate, list_canonicalizers, prior_loss, straight_through)
+from equiray.canon import (CanonicalizedModel, GroupConv, GroupLiftConv, canonicalizer_input_size, contrastive_loss,
+                           create_canonicalizer, identity_rate, list_canonicalizers, prior_loss, straight_through)
 from equiray.errors import EquirayError
 from equiray.groups import get_group
 from equiray.models import create_model
@@ -322,6 +322,38 @@ def test_pool_needs_a_size_it_divides():
     canon = create_canonicalizer("equivariant", "C4", layers=2, pool=2, input_size=9)
     with pytest.raises(ValueError, match="multiple"):
         canon(torch.rand(2, 1, 28, 28))
+
+
+@pytest.mark.parametrize("image_px, setting, side", [
+    (28, "auto", 28), (64, "auto", 64), (65, "auto", 32), (96, "auto", 48), (224, "auto", 56), (512, "auto", 64),
+    (224, "full", 224), (224, None, 224), (224, 14, 14)])
+def test_canonicalizer_input_size_scales_with_the_image(image_px, setting, side):
+    assert canonicalizer_input_size(setting, image_px) == side
+
+
+@pytest.mark.parametrize("bad", [0, -3, "half", 2.5, True])
+def test_a_bad_input_size_fails_when_the_canonicalizer_is_built(bad):
+    with pytest.raises(EquirayError, match="input_size"):
+        create_canonicalizer("equivariant", "C4", input_size=bad)
+
+
+@pytest.mark.parametrize("kind", ["equivariant", "optimized"])
+def test_by_default_a_large_image_is_read_downsampled_and_a_small_one_in_full(kind, gen):
+    """The default (``"auto"``) keeps a 224-px canonicalizer cheap without a setting, and stays equivariant: the
+    averaging by a whole factor commutes with the quarter turns (sensitivity: the scores of a turned image are
+    not those of the upright one)."""
+    torch.manual_seed(0)
+    canon = create_canonicalizer(kind, "C4", in_chans=3).double().eval()
+    assert canon.prepare(torch.rand(2, 3, 224, 224)).shape[-1] == 56
+    assert canon.prepare(torch.rand(2, 3, 28, 28)).shape[-1] == 28
+    g = canon.group
+    x = torch.rand(2, 3, 224, 224, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        s = canon(x)
+        for e in g.elements():
+            torch.testing.assert_close(canon(g.act(x, e)), permuted(s, g, e))
+        shifted = canon(torch.roll(x, 8, dims=-1))
+    assert min(float((shifted - permuted(s, g, e)).abs().max()) for e in g.elements()) > 1e-6
 
 
 @pytest.mark.parametrize("options", [

@@ -23,9 +23,9 @@ The package, one concept a module:
 * :mod:`~equiray.canon.losses`: the straight-through choice, the prior, the contrastive term, the identity rate;
 * :mod:`~equiray.canon.train` and :mod:`~equiray.canon.evaluate`: training and judging one sweep variant.
 """
-from equiray.canon.canonicalizers import (CANONICALIZERS, Canonicalizer, EquivariantCanonicalizer,
-                                          OptimizedCanonicalizer, create_canonicalizer, list_canonicalizers,
-                                          register_canonicalizer)
+from equiray.canon.canonicalizers import (AUTO_INPUT_PX, CANONICALIZERS, Canonicalizer, EquivariantCanonicalizer,
+                                          OptimizedCanonicalizer, canonicalizer_input_size, create_canonicalizer,
+                                          list_canonicalizers, register_canonicalizer)
 from equiray.canon.evaluate import Latencies, evaluate_variant, paired_latencies
 from equiray.canon.layers import GroupConv, GroupLiftConv
 from equiray.canon.losses import contrastive_loss, identity_rate, prior_loss, straight_through
@@ -35,7 +35,7 @@ from equiray.canon.train import (BACKBONE_MODES, LR_SCHEDULES, POSES, TRAIN_ROTA
                                  RandomRotations, RotatedCrossEntropy, Variant, build_variant, train_variant,
                                  lr_scheduler, variant_optimizer)
 
-__all__ = ["Canonicalization", "Canonicalizer", "EquivariantCanonicalizer", "OptimizedCanonicalizer",
+__all__ = ["AUTO_INPUT_PX", "canonicalizer_input_size", "Canonicalization", "Canonicalizer", "EquivariantCanonicalizer", "OptimizedCanonicalizer",
            "Pose", "continuous_pose", "undo_pose", "POSES", "TRAIN_ROTATIONS", "RandomRotations",
            "RotatedCrossEntropy", "CanonicalizedModel", "GroupLiftConv", "GroupConv", "straight_through", "prior_loss",
            "contrastive_loss", "identity_rate", "create_canonicalizer", "list_canonicalizers",

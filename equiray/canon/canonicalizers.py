@@ -10,7 +10,8 @@ Both are registered in :data:`CANONICALIZERS`, so configs name them by string (:
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -22,8 +23,29 @@ from equiray.groups import Group, get_group
 from equiray.models import create_model
 from equiray.registry import Registry
 
-__all__ = ["Canonicalizer", "EquivariantCanonicalizer", "OptimizedCanonicalizer", "CANONICALIZERS",
-           "create_canonicalizer", "list_canonicalizers", "register_canonicalizer"]
+__all__ = ["AUTO_INPUT_PX", "Canonicalizer", "EquivariantCanonicalizer", "OptimizedCanonicalizer", "CANONICALIZERS",
+           "InputSize", "canonicalizer_input_size", "create_canonicalizer", "list_canonicalizers",
+           "register_canonicalizer"]
+
+InputSize = int | Literal["auto", "full"] | None
+AUTO_INPUT_PX = 64  # "auto": images wider than this are averaged down to at most this many pixels
+
+
+def canonicalizer_input_size(input_size: InputSize, image_px: int) -> int:
+    """The side the canonicalizer reads for an ``image_px``-wide input.
+
+    ``"auto"`` (the default): the image itself up to :data:`AUTO_INPUT_PX` pixels, above that the image averaged
+    down by the smallest whole factor that brings it under (224 -> 56, 96 -> 48, 28 -> 28), so the canonicalizer's
+    cost stays a small share of a backbone that reads the full image. ``"full"`` or None: the full image. An
+    integer: that side.
+    """
+    if input_size is None or input_size == "full":
+        return image_px
+    if input_size == "auto":
+        return image_px // math.ceil(image_px / AUTO_INPUT_PX)
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        raise EquirayError(f"input_size is a side in pixels, 'auto' or 'full', got {input_size!r}")
+    return input_size
 
 
 def _disk(size: int, device=None) -> torch.Tensor:
@@ -37,16 +59,19 @@ class Canonicalizer(nn.Module):
     """Base: ``scores(x) -> (B, |G|)`` obeying ``scores(g.x)[h] = scores(x)[g^-1 h]``.
 
     ``input_size`` resizes what the canonicalizer sees (area resampling, which commutes with the square's
-    symmetries); ``crop`` keeps that fraction of the centre first. The backbone always sees the full input.
+    symmetries; :func:`canonicalizer_input_size`: by default images above 64 px are averaged down, a side in
+    pixels or ``"full"`` otherwise); ``crop`` keeps that fraction of the centre first. The backbone always sees
+    the full input.
     """
 
     kind: str = "base"
 
-    def __init__(self, group: Group | str, *, input_size: int | None = None, crop: float = 1.0):
+    def __init__(self, group: Group | str, *, input_size: InputSize = "auto", crop: float = 1.0):
         super().__init__()
         self.group = get_group(group)
         if not 0.0 < crop <= 1.0:
             raise EquirayError(f"crop is the kept centre fraction, in (0, 1], got {crop}")
+        canonicalizer_input_size(input_size, AUTO_INPUT_PX)  # an invalid value fails here, not at the first batch
         self.input_size, self.crop = input_size, crop
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,12 +83,13 @@ class Canonicalizer(nn.Module):
         # NCHW strides for the canonicalizer's own small convolutions: decoded images are channels-last, and
         # for one channel that is a free re-view; pooling and the lifting conv run 2-5x faster on it here
         x = x.reshape(-1, *x.shape[-2:]).view(x.shape)
-        if self.input_size is not None and x.shape[-1] != self.input_size:
+        side = canonicalizer_input_size(self.input_size, x.shape[-1])
+        if x.shape[-1] != side or x.shape[-2] != side:
             h, w = x.shape[-2:]
-            if h == w and h % self.input_size == 0:  # the same average, without adaptive pooling's bookkeeping
-                x = F.avg_pool2d(x, h // self.input_size)
+            if h == w and h % side == 0:  # the same average, without adaptive pooling's bookkeeping
+                x = F.avg_pool2d(x, h // side)
             else:
-                x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
+                x = F.interpolate(x, size=(side, side), mode="area")
         return x
 
     def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,7 +151,7 @@ class EquivariantCanonicalizer(Canonicalizer):
     kind = "equivariant"
 
     def __init__(self, group: Group | str, *, in_chans: int = 1, channels: int = 8, layers: int = 2,
-                 kernel_size: int = 5, hidden_kernel_size: int = 1, input_size: int | None = None,
+                 kernel_size: int = 5, hidden_kernel_size: int = 1, input_size: InputSize = "auto",
                  crop: float = 1.0, batch_norm: bool = False, dropout: float = 0.0, pool: int = 1):
         super().__init__(group, input_size=input_size, crop=crop)
         if layers < 1 or channels < 1:
@@ -258,7 +284,7 @@ class OptimizedCanonicalizer(Canonicalizer):
 
     def __init__(self, group: Group | str, *, in_chans: int = 1, network: str = "small_cnn",
                  network_kwargs: dict | None = None, embed_dim: int = 32, learn_reference: bool = False,
-                 input_size: int | None = None, crop: float = 1.0):
+                 input_size: InputSize = "auto", crop: float = 1.0):
         super().__init__(group, input_size=input_size, crop=crop)
         self.net = create_model(network, in_chans=in_chans, num_classes=embed_dim, **dict(network_kwargs or {}))
         ref = torch.randn(embed_dim, generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from equiray.canon import BACKBONE_MODES, LR_SCHEDULES, POSES, TRAIN_ROTATIONS, Variant, list_canonicalizers
 from equiray.errors import ConfigError
@@ -61,7 +61,7 @@ class EquivariantOptions:
     layers: int | None = None  # 2
     kernel_size: int | None = None  # 5: the lifting conv's
     hidden_kernel_size: int | None = None  # 1: the group convs'
-    input_size: int | None = None  # None: the canonicalizer reads the full input
+    input_size: int | Literal["auto", "full"] | None = None  # "auto": images above 64 px averaged down; "full"
     crop: float | None = None  # 1.0: the kept centre fraction
     batch_norm: bool | None = None  # False
     dropout: float | None = None  # 0.0
@@ -76,7 +76,7 @@ class OptimizedOptions:
     network_kwargs: dict[str, Any] | None = None  # that model's options
     embed_dim: int | None = None  # 32
     learn_reference: bool | None = None  # False
-    input_size: int | None = None  # None: the full input
+    input_size: int | Literal["auto", "full"] | None = None  # "auto" (see above)
     crop: float | None = None  # 1.0
 
 

@@ -52,7 +52,7 @@ def test_logged_models_are_pyfuncs_on_raw_images_with_a_signature_and_pinned_req
     sig = info.signature
     assert sig.inputs.input_names() == ["image"] and str(sig.inputs.inputs[0].type) == "DataType.binary"
     assert sig.outputs.input_names() == ["label", "class_index", "confidence", *spec["classes"]]
-    assert sig.params.params[0].name == "temperature" and sig.params.params[0].default == 1.0
+    assert sig.params.params[0].name == "temperature" and sig.params.params[0].default == 0.0  # 0: the model's own
     assert tracking.signature({k: v for k, v in spec.items() if k != "input_shape"}) is None
     reqs = mlflow.pyfunc.get_model_dependencies(uri)
     pinned = [line.strip() for line in open(reqs) if line.strip() and not line.startswith("mlflow")]
@@ -65,6 +65,44 @@ def test_logged_models_are_pyfuncs_on_raw_images_with_a_signature_and_pinned_req
     assert answer[spec["classes"]].sum(axis=1).round(5).tolist() == [1.0, 1.0]
     model, _ = tracking.load_model(uri)  # and the model still loads back
     assert model(torch.zeros(2, 1, 14, 14)).shape == (2, 10)
+
+
+def test_a_registered_temperature_travels_inside_the_model_to_the_pyfunc(mlflow_store):
+    """``mlflow.pyfunc.load_model`` of a version registered with a temperature divides the logits by it without
+    being told (the temperature is stored with the model); ``params`` overrides it; a model registered without
+    one answers the raw softmax."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from equiray.inference import decode_image, to_model_input
+
+    tracking.setup("t-temp", mlflow_store)
+    spec = {"name": "small_cnn", "in_chans": 1, "num_classes": 10, "kwargs": {"width": 4}, "input_shape": [1, 14, 14]}
+    torch.manual_seed(0)
+    net = create_model("small_cnn", in_chans=1, num_classes=10, width=4).eval()
+    with mlflow.start_run():
+        hot = tracking.log_model(net, spec)
+        raw = tracking.log_model(net, spec, name="raw")
+    tracking.register(hot, "t-temp", "champion", tags={tracking.TEMPERATURE_TAG: "0.25"})
+    tracking.register(raw, "t-temp-raw", "champion")
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)).save(buf, "PNG")
+    frame = pd.DataFrame({"image": [buf.getvalue()]})
+    with torch.no_grad():
+        logits = net(to_model_input([decode_image(buf.getvalue(), in_chans=1)], spec["input_shape"]))[0]
+
+    def probs(uri, **params):
+        answer = mlflow.pyfunc.load_model(uri).predict(frame, params=params or None)
+        return torch.tensor(answer[[str(k) for k in range(10)]].to_numpy()[0], dtype=torch.float32)
+
+    torch.testing.assert_close(probs("models:/t-temp@champion"), torch.softmax(logits / 0.25, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(probs("models:/t-temp@champion", temperature=1.0), torch.softmax(logits, -1),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(probs("models:/t-temp-raw@champion"), torch.softmax(logits, -1), atol=1e-5, rtol=0)
+    assert not torch.allclose(torch.softmax(logits / 0.25, -1), torch.softmax(logits, -1), atol=1e-3)
 
 
 @pytest.mark.slow

@@ -56,15 +56,7 @@ def _trial(config: dict, *, ctx: TrialContext) -> None:
     task: Task = ray.get(ctx.task)
     model = build_model(ctx.spec, ctx.state, new_head=cfg.task.new_head, seed=cfg.search.seed).to(device)
     method = config["method"]
-    x, y = task.train
-    holdout = None
-    if fits_on_holdout(method):  # TPGM fits its radii on data it does not train on
-        h = cfg.task.tpgm_holdout
-        holdout, x, y = (x[-h:], y[-h:]), x[:-h], y[:-h]
-    tuner = RobustFineTuner(model, method, lr=config["lr"], weight_decay=config["weight_decay"],
-                            batch_size=cfg.train.batch_size, holdout=holdout,
-                            projection_interval=cfg.train.projection_interval, base=cfg.train.base,
-                            **{k: config[k] for k in method_knobs(method)})
+    tuner, (x, y) = fine_tuner(cfg, model, config, task.train)
     gen = torch.Generator().manual_seed(cfg.search.seed)
     mlflow.set_tracking_uri(ctx.tracking_uri)
     client = mlflow.MlflowClient()
@@ -90,6 +82,23 @@ def _trial(config: dict, *, ctx: TrialContext) -> None:
             torch.save({"model": model.state_dict(), "optimizer": tuner.optimizer.state_dict(),
                         "generator": gen.get_state(), "epoch": epoch, "run_id": run_id}, Path(d) / "trial.pt")
             ray.tune.report({**metrics, "run_id": run_id}, checkpoint=ray.tune.Checkpoint.from_directory(d))
+
+
+def fine_tuner(cfg: FTPConfig, model: torch.nn.Module, config: dict,
+               train: tuple[torch.Tensor, torch.Tensor]) -> tuple[RobustFineTuner, tuple[torch.Tensor, torch.Tensor]]:
+    """The trial's fine-tuner for the point ``config`` (``method``, ``lr``, ``weight_decay``, the method's knobs)
+    and the images it trains on: all of ``train``, less TPGM's held-out share, on which it fits its radii."""
+    method = config["method"]
+    x, y = train
+    holdout = None
+    if fits_on_holdout(method):
+        h = cfg.task.tpgm_holdout
+        holdout, x, y = (x[-h:], y[-h:]), x[:-h], y[:-h]
+    tuner = RobustFineTuner(model, method, lr=config["lr"], weight_decay=config["weight_decay"],
+                            batch_size=cfg.train.batch_size, holdout=holdout,
+                            projection_interval=cfg.train.projection_interval, base=cfg.train.base,
+                            **{k: config[k] for k in method_knobs(method)})
+    return tuner, (x, y)
 
 
 def _restore(tuner: RobustFineTuner, gen: torch.Generator, device: torch.device) -> tuple[int, str | None]:

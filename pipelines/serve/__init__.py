@@ -37,9 +37,22 @@ building, deploying, ``serve run`` / ``serve stop``). A Serve config names the a
 from pipelines.serve.api import (ACCEPTED_TYPES, IMAGE_TYPES, PREDICT_BODY, ErrorBody, ErrorResponse, HTTPProblem,
                                  ModelInfo, Prediction, PredictResponse, api)
 from pipelines.serve.config import DEPLOYMENT, BatchConfig, LimitsConfig, ServeConfig, deployment_options
-from pipelines.serve.deploy import (ModelRef, build_app, build_application, curl_examples, deploy, resolve_model,
-                                    run, serve_running, shutdown, stop, user_config)
-from pipelines.serve.replica import EquirayModel, Loaded, load
+
+# Ray Serve (ray.serve, a second or more to import) is loaded when a name that needs it is first used, so the CLI's
+# `--help`, config checks and the stages that only read ServeConfig do not pay for it.
+_LAZY = {**dict.fromkeys(("ModelRef", "build_app", "build_application", "curl_examples", "deploy", "resolve_model",
+                          "run", "serve_running", "shutdown", "stop", "user_config"), "pipelines.serve.deploy"),
+         **dict.fromkeys(("EquirayModel", "Loaded", "load"), "pipelines.serve.replica")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["ACCEPTED_TYPES", "DEPLOYMENT", "IMAGE_TYPES", "PREDICT_BODY", "BatchConfig", "EquirayModel", "ErrorBody",

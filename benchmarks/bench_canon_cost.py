@@ -46,9 +46,9 @@ DEFAULT_BACKBONES = (("timm resnet18", "resnet18", 224, 3, 16), ("timm resnet50"
 DEFAULT_CANONICALIZERS = (
     ("equivariant C8, defaults (reads 56x56)", "equivariant", "C8", {}),
     ("equivariant C8, full image", "equivariant", "C8", {"input_size": "full"}),
-    ("optimized C8, defaults (reads 56x56)", "optimized", "C8", {}),
-    ("optimized C8, the sweep's network (small_cnn width 4, embed 16; 56x56)", "optimized", "C8",
-     {"network_kwargs": {"width": 4}, "embed_dim": 16}),
+    ("optimized C8, defaults (small_cnn width 4, embed 16; reads 56x56)", "optimized", "C8", {}),
+    ("optimized C8, small_cnn width 16, embed 32 (the default until session 24; 56x56)", "optimized", "C8",
+     {"network_kwargs": {"width": 16}, "embed_dim": 32}),
     ("optimized C8, full image", "optimized", "C8", {"input_size": "full"}),
 )
 

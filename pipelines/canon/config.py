@@ -73,8 +73,8 @@ class OptimizedOptions:
     """Options of :class:`equiray.canon.OptimizedCanonicalizer`."""
 
     network: str | None = None  # "small_cnn": an equiray or timm model name
-    network_kwargs: dict[str, Any] | None = None  # that model's options
-    embed_dim: int | None = None  # 32
+    network_kwargs: dict[str, Any] | None = None  # that model's options ({"width": 4} for small_cnn)
+    embed_dim: int | None = None  # 16
     learn_reference: bool | None = None  # False
     input_size: int | Literal["auto", "full"] | None = None  # "auto" (see above)
     crop: float | None = None  # 1.0

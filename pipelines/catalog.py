@@ -147,7 +147,11 @@ CATALOG = (
         "inputs (upright or randomly turned)) plus the baselines (plain fine-tuning; with group, SO(2) or O(2) "
         "augmentation), one Ray Tune trial and one MLflow run each; judge them upright, on the group's rotations "
         "(Cn-avg), at random angles (SO(2)-avg, O(2)-avg with mirrors) and along an accuracy-vs-angle curve; time "
-        "every model, write a table and plots, register the best (`select`) as equiray-canon@champion."),
+        "every model, write a table and plots, register the best (`select`) as equiray-canon@champion. A "
+        "canonicalizer reads `canonicalizers.<kind>.input_size` pixels: `auto` (when a config leaves it unset) is "
+        "the image itself up to 64 px and the image averaged down below 64 px above that (224 -> 56), so it stays "
+        "a few percent of a large backbone's cost; `full` or a side in pixels otherwise (configs/canon.yaml reads "
+        "Fashion-MNIST's 28 px at 9 and 7)."),
     Pipeline(
         "ftp tune", ftp.FTPConfig, ftp.run_tune,
         "search FTP / TPGM / L2-SP / fine-tuning constraints with ASHA + Optuna", example_config="configs/ftp.yaml",

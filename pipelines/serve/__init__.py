@@ -30,7 +30,7 @@ keeps parsing requests meanwhile; an ensemble's members run as one vectorized ca
 
 The package, one concept a module: :mod:`~pipelines.serve.config` (the settings and the Serve config file's
 deployment options), :mod:`~pipelines.serve.api` (the HTTP schemas, errors and request decoding),
-:mod:`~pipelines.serve.replica` (the ``EquirayModel`` deployment) and :mod:`~pipelines.serve.deploy` (resolving,
+:mod:`~pipelines.serve.replica` (the ``EquirayModel`` deployment) and :mod:`~pipelines.serve.endpoint` (resolving,
 building, deploying, ``serve run`` / ``serve stop``). A Serve config names the application builder as
 ``import_path: pipelines.serve:build_app``.
 """
@@ -41,7 +41,7 @@ from pipelines.serve.config import DEPLOYMENT, BatchConfig, LimitsConfig, ServeC
 # Ray Serve (ray.serve, a second or more to import) is loaded when a name that needs it is first used, so the CLI's
 # `--help`, config checks and the stages that only read ServeConfig do not pay for it.
 _LAZY = {**dict.fromkeys(("ModelRef", "build_app", "build_application", "curl_examples", "deploy", "resolve_model",
-                          "run", "serve_running", "shutdown", "stop", "user_config"), "pipelines.serve.deploy"),
+                          "run", "serve_running", "shutdown", "stop", "user_config"), "pipelines.serve.endpoint"),
          **dict.fromkeys(("EquirayModel", "Loaded", "load"), "pipelines.serve.replica")}
 
 

@@ -73,6 +73,9 @@ def test_every_method_is_tried_and_every_trial_is_a_nested_run(searched):
     assert (root / "report" / "ftp_trials.png").stat().st_size > 10_000
     assert "| pretrained backbone, no fine-tuning |" in result.table
     assert result.plots == (result.plot,) and result.verdict and result.pipeline == "ftp"
+    # one trial per method: the verdict says its differences are illustrative and where the evidence is
+    assert any(line.startswith("- Illustrative: 1-1 trial(s) per method") and "bench_ftp_accuracy" in line
+               for line in result.verdict)
 
 
 def test_champion_is_the_best_by_id_validation_and_loads_back(searched):
@@ -183,3 +186,21 @@ def test_config_errors_are_clear(tmp_path, monkeypatch):
     cfg = load_config(FTPConfig, {**small_config(tmp_path), "resume": True, "name": "never-ran"})
     with pytest.raises(EquirayError, match="nothing to resume"):
         run_tune(cfg)
+
+
+def test_the_verdict_calls_a_search_of_few_trials_per_method_illustrative():
+    """Fewer than 8 trials of some method: one line says the differences are illustrative; 8 of each: none."""
+    from pipelines.ftp.report import verdict
+    from pipelines.ftp.result import TrialRow
+
+    def row(method, i):
+        knobs = {"finetune": {}, "ftp": {"k": 0.5, "mu": 0.1, "gamma_init": 1e-6}}[method]
+        return TrialRow(method=method, lr=1e-3 * (i + 1), weight_decay=1e-4, knobs=knobs, run_id=f"{method}{i}",
+                        epochs=6, val_accuracy=0.8 + i / 100, id_test_accuracy=0.8, ood_mean_accuracy=0.6,
+                        ood={"noise:3": 0.6}, epoch_seconds=1.0)
+
+    pretrained = {"noise:3": 0.7}
+    few = verdict([row("finetune", i) for i in range(3)] + [row("ftp", i) for i in range(8)], pretrained)
+    assert sum(line.startswith("- Illustrative: 3-8 trial(s) per method") for line in few) == 1, few
+    enough = verdict([row(m, i) for m in ("finetune", "ftp") for i in range(8)], pretrained)
+    assert not any("Illustrative" in line for line in enough) and len(enough) == 2, enough

@@ -226,6 +226,10 @@ def _searcher(cfg: FTPConfig):
         else:
             import optuna.samplers
 
+            from pipelines._ray import verbose
+
+            if not verbose():  # "A new study created in memory ...": a library's line, shown with -v
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
             return OptunaSearch(points_to_evaluate=points, sampler=optuna.samplers.TPESampler(seed=cfg.search.seed)), \
                 "optuna TPE"
     return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.search.seed,

@@ -204,3 +204,25 @@ def test_the_verdict_calls_a_search_of_few_trials_per_method_illustrative():
     assert sum(line.startswith("- Illustrative: 3-8 trial(s) per method") for line in few) == 1, few
     enough = verdict([row(m, i) for m in ("finetune", "ftp") for i in range(8)], pretrained)
     assert not any("Illustrative" in line for line in enough) and len(enough) == 2, enough
+
+
+def test_optunas_own_lines_are_off_unless_verbose():
+    """Optuna announces every study at INFO ("A new study created in memory"): off by default, on with -v."""
+    import logging
+
+    import optuna
+
+    from pipelines.ftp.stage import _searcher
+
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    _searcher(FTPConfig())
+    assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    pipelines_log = logging.getLogger("pipelines")
+    level = pipelines_log.level
+    pipelines_log.setLevel(logging.DEBUG)  # what `equiray -v` sets
+    try:
+        _searcher(FTPConfig())
+    finally:
+        pipelines_log.setLevel(level)
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO

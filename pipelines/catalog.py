@@ -91,12 +91,6 @@ examples:
   curl -s -H 'Content-Type: image/png' --data-binary @image.png http://127.0.0.1:8000/v1/predict"""
 
 
-def _serve_run(*args, **kwargs):
-    """``pipelines.serve.run``, looked up when the command runs: Ray Serve takes a second to import, which every
-    other command and ``--help`` would pay for."""
-    return serve.run(*args, **kwargs)
-
-
 CATALOG = (
     Pipeline(
         "demo", demo.DemoConfig, demo.run, "run every stage at demo scale and write a report", prints=False,
@@ -187,7 +181,7 @@ CATALOG = (
         "`upright_tolerance` points (1) of the backbone's upright accuracy (else the best SO(2) of all, said so); "
         "it is registered as equiray-robust@champion, which `equiray serve run` serves by default."),
     Pipeline(
-        "serve run", serve.ServeConfig, _serve_run, "serve a registered model over HTTP until Ctrl+C", prints=False,
+        "serve run", serve.ServeConfig, serve.run, "serve a registered model over HTTP until Ctrl+C", prints=False,
         example_config="configs/serve.yaml", epilog=SERVE_EPILOG,
         description="Start Ray Serve with a registered equiray model (models:/NAME@ALIAS or models:/NAME/VERSION): "
         "POST /v1/predict takes a PNG/JPEG body, multipart/form-data files or JSON {\"instances\": [...]} and "

@@ -41,8 +41,16 @@ from pipelines.serve.config import DEPLOYMENT, BatchConfig, LimitsConfig, ServeC
 # Ray Serve (ray.serve, a second or more to import) is loaded when a name that needs it is first used, so the CLI's
 # `--help`, config checks and the stages that only read ServeConfig do not pay for it.
 _LAZY = {**dict.fromkeys(("ModelRef", "build_app", "build_application", "curl_examples", "deploy", "resolve_model",
-                          "run", "serve_running", "shutdown", "stop", "user_config"), "pipelines.serve.endpoint"),
+                          "serve_running", "shutdown", "stop", "user_config"), "pipelines.serve.endpoint"),
          **dict.fromkeys(("EquirayModel", "Loaded", "load"), "pipelines.serve.replica")}
+
+
+def run(*args, **kwargs):
+    """``equiray serve run`` (:func:`pipelines.serve.endpoint.run`), defined here so that the CLI's catalog names
+    it without importing Ray Serve."""
+    from pipelines.serve.endpoint import run as run_endpoint
+
+    return run_endpoint(*args, **kwargs)
 
 
 def __getattr__(name: str):

@@ -92,12 +92,18 @@ def test_registered_ensemble_is_the_mean_of_its_members(trained):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, "PNG")
         pngs.append(buf.getvalue())
-    answer = mlflow.pyfunc.load_model("models:/equiray-ensemble@champion").predict(pd.DataFrame({"image": pngs}))
-    expected = model((x * 255).round() / 255).softmax(-1)
+    # (the ensemble mean's softmax at the temperature registered with the version; params override it)
+    pyfunc = mlflow.pyfunc.load_model("models:/equiray-ensemble@champion")
+    answer = pyfunc.predict(pd.DataFrame({"image": pngs}))
+    temperature = float(tracking.model_version("models:/equiray-ensemble@champion").tags[tracking.TEMPERATURE_TAG])
+    logits = model((x * 255).round() / 255)
+    expected = (logits / temperature).softmax(-1)
     names = [str(c) for c in spec.get("classes") or range(10)]
     torch.testing.assert_close(torch.tensor(answer[names].to_numpy()), expected.double(), atol=1e-5, rtol=0)
     assert answer["class_index"].tolist() == expected.argmax(-1).tolist()
     assert answer["label"].tolist() == [names[k] for k in expected.argmax(-1).tolist()]
+    raw = pyfunc.predict(pd.DataFrame({"image": pngs}), params={"temperature": 1.0})
+    torch.testing.assert_close(torch.tensor(raw[names].to_numpy()), logits.softmax(-1).double(), atol=1e-5, rtol=0)
 
 
 def test_eval_of_a_run_that_is_not_there_is_one_clear_error(trained, tmp_path, monkeypatch):

@@ -124,7 +124,8 @@ def main(argv=None) -> int:
         f"Task: target view {cfg.task.target_view}, {cfg.task.train_images} labelled target images, "
         f"{cfg.train.epochs} epochs, base {cfg.train.base}; OOD: {', '.join(cfg.task.ood_views)}; "
         f"{cfg.task.test_images} test images. Each method tuned by the pipeline's search ({args.trials} trials, "
-        f"{cfg.search.searcher}, {cfg.search.scheduler}, selected on ID validation), then trained with seeds 1..{args.seeds}; "
+        f"{cfg.search.searcher}, {cfg.search.scheduler}, selected on ID validation), then trained with seeds "
+        f"1..{args.seeds}; "
         f"mean +- 95% interval over the seeds (Student t); FTP vs each method paired by seed. "
         f"{(time.perf_counter() - started) / 60:.0f} minutes in all.", "",
         "| method | tuned point | ID test acc (%) | OOD mean acc (%) | FTP - method, ID (points) | "

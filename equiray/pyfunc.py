@@ -7,7 +7,8 @@ an ``image`` column of PNG/JPEG bytes (base64 in ``mlflow models serve``'s JSON,
 columns), or a list of such bytes; the output one row per image: ``label``, ``class_index``, ``confidence`` and
 the probability of every class (one column per class name). The logits are divided by the temperature fitted
 when the model was registered (stored with the model as ``artifacts/calibration.json``, and as the version's
-``equiray.temperature`` tag); ``params={"temperature": T}`` overrides it (1 for the raw softmax; 0, the signature's default, keeps it).
+``equiray.temperature`` tag); ``params={"temperature": T}`` overrides it (1 for the raw softmax; 0, the
+signature's default, keeps it).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-__all__ = ["ImageClassifier"]
+__all__ = ["CALIBRATION_FILE", "ImageClassifier"]
+
+CALIBRATION_FILE = "calibration.json"  # the registered temperature, beside spec.json in the model's artifacts
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -39,7 +42,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.model.load_state_dict(load_file(context.artifacts["weights"]))
         self.model.eval()
         self.classes = [str(c) for c in (spec.get("classes") or range(spec["num_classes"]))]
-        calibration = Path(context.artifacts["spec"]).parent / "calibration.json"
+        calibration = Path(context.artifacts["spec"]).parent / CALIBRATION_FILE
         self.temperature = float(json.loads(calibration.read_text())["temperature"]) if calibration.exists() else 1.0
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):

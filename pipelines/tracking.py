@@ -351,15 +351,14 @@ def find_version(name: str, alias: str, *, config_hash_value: str):
     return mv if mv.tags.get("equiray.config_hash") == config_hash_value else None
 
 
-CALIBRATION_FILE = "calibration.json"  # beside the pyfunc's spec.json in a logged model's artifacts
-
-
 def attach_temperature(model_uri: str, temperature: float) -> bool:
     """Store ``temperature`` inside the logged model (``artifacts/calibration.json``), so that
     ``mlflow.pyfunc.load_model(...)`` of it returns calibrated probabilities without being told the temperature
     (the registry tag says the same for equiray's own readers). False for a model that is not an MLflow 3 logged
     model (``models:/m-...``), which keeps its probabilities uncalibrated in the pyfunc."""
     from mlflow import MlflowClient
+
+    from equiray.pyfunc import CALIBRATION_FILE
 
     model_id = model_uri.removeprefix("models:/")
     if not model_uri.startswith("models:/m-") or "/" in model_id or "@" in model_id:

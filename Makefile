@@ -1,6 +1,7 @@
 # equiray: the two commands of the README.
 #   make demo   set everything up, then run the main job (`equiray demo`)
-#   make test   set everything up, then run the whole test suite
+#   make test       set everything up, then run the test suite without the long cluster tests (~15 min here)
+#   make test-all   the same with the long ones too (own clusters, lost nodes, the autoscaler): what CI runs
 # Each step is skipped when already done; `make clean` removes the virtualenv and the demo's outputs.
 
 PYTHON      ?= python3
@@ -13,11 +14,12 @@ FMNIST_DIR  := /usr/share/datasets/fashion-mnist
 STAMP       := $(VENV)/.equiray-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup data bench-setup clean help
+.PHONY: demo test test-all setup data bench-setup clean help
 
 help:
 	@echo "make demo   - set up and run the demo (equiray demo)"
-	@echo "make test   - set up and run the tests"
+	@echo "make test   - set up and run the tests, the long cluster tests left out (pytest -m 'not long')"
+	@echo "make test-all - set up and run every test, the long ones too (what CI runs)"
 	@echo "make bench-setup - install the benchmarks' peers (equiadapt, torchensemble, nfn) and load generator"
 	@echo "make clean  - remove .venv, data/, reports/, runs/, mlflow.db"
 
@@ -46,6 +48,9 @@ demo: setup
 	$(BIN)/equiray demo $(if $(wildcard $(FMNIST_DIR)/train-images-idx3-ubyte.gz),,--set pretrain.data.download=true)
 
 test: setup
+	$(BIN)/python -m pytest -m "not long" $(PYTEST_ARGS)
+
+test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The peers BENCHMARKS.md runs against. escnn (equiadapt's networks) goes in without its dependencies: one of them,

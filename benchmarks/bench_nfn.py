@@ -1,6 +1,8 @@
 """Accuracy prediction from weights: equiray's Monomial-NFN vs the `nfn` package's NP and HNP layers and STATNN.
 
     .venv/bin/python benchmarks/bench_nfn.py [--zoo data/zoo-bench --nets 256 --epochs 100 --seeds 3]
+    .venv/bin/python benchmarks/bench_nfn.py --zoo data/zoo-large --zoo-config configs/nfn_zoo_large.yaml \
+        --epochs 30 --seeds 5   # the 2,048-net zoo (issue 22)
 
 One zoo of Small-CNN-Zoo nets (``equiray nfn zoo``: 4,970-parameter ReLU CNNs, optimizer / learning rate / L2 /
 dropout / init scale / training fraction drawn per net; built first with ``--nets`` nets when ``--zoo`` does not
@@ -8,7 +10,9 @@ exist), and the same zoo with every net's hidden units permuted and rescaled by 
 [1e-4, 1e4] (functions unchanged: the regime of Tran et al. 2024). Every metanetwork gets the same train / val /
 test split of nets, the same training recipe (``equiray.nfn.fit_metanetwork``: MSE on standardised accuracy,
 Adam, the epoch with the best validation tau kept) and is scored by Kendall tau on the held-out nets, for
-``--seeds`` different splits and initialisations (mean +- std). Architectures, as in the papers:
+``--seeds`` different splits and initialisations: the mean and its 95% interval over splits, and each
+metanetwork against Monomial-NFN + path norms paired split by split ("above / level / below" decided by the
+interval, :func:`equiray.stats.compare`). Architectures, as in the papers:
 
 - Monomial-NFN (equiray): 2 monomial-equivariant layers (16 channels), ReLU, the scale-removing invariant pool,
   MLP head; and the same with ``path_norms=True`` (``equiray.nfn.path_norms``: log l1/l2 path norms per class
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import emit, machine
 
 from equiray.nfn import (MonomialNFN, StatNN, count_parameters, fit_metanetwork, kendall_tau, predict)
+from equiray.stats import compare, mean_interval
 
 HIDDEN, MLP = 16, (32, 32)
 
@@ -86,6 +91,7 @@ def build(name: str, spec):
 
 
 MODELS = ("Monomial-NFN (equiray)", "Monomial-NFN + path norms (equiray)", "NP (nfn)", "HNP (nfn)", "STATNN")
+REFERENCE = MODELS[1]  # equiray nfn train's default
 
 
 def main(argv=None) -> int:
@@ -93,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--zoo", default="data/zoo-bench")
     ap.add_argument("--nets", type=int, default=256, help="zoo size when the zoo must be built first")
     ap.add_argument("--zoo-epochs", type=int, default=1)
+    ap.add_argument("--zoo-config", help="build the zoo from this `equiray nfn zoo` config instead (its `out` is "
+                                         "replaced by --zoo)")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
@@ -110,9 +118,14 @@ def main(argv=None) -> int:
     if not Path(args.zoo).exists():
         from equiray.config import load_config
 
-        print(f"building a zoo of {args.nets} nets in {args.zoo} (equiray nfn zoo) ...", flush=True)
-        run_zoo(load_config(ZooConfig, {"nets": args.nets, "epochs": args.zoo_epochs, "out": args.zoo,
-                                        "data": {"max_train": 3000, "max_eval": 1000}}))
+        if args.zoo_config:
+            cfg = load_config(ZooConfig, args.zoo_config, overrides=[f"out={args.zoo}"])
+        else:
+            cfg = load_config(ZooConfig, {"nets": args.nets, "epochs": args.zoo_epochs, "out": args.zoo,
+                                          "data": {"max_train": 3000, "max_eval": 1000}})
+        print(f"building a zoo of {cfg.nets} nets in {args.zoo} (equiray nfn zoo) ...", flush=True)
+        built = run_zoo(cfg)
+        print(f"built in {built.seconds / 60:.1f} min; test accuracy {built.test_accuracy}", flush=True)
     rows, states = read_zoo(args.zoo)
     feats, spec, group = zoo_features(states, rows)
     targets = torch.tensor([r["test_accuracy"] for r in rows])
@@ -131,20 +144,32 @@ def main(argv=None) -> int:
                                                              "params": count_parameters(model)})
                 print(f"seed {seed} {zoo:6s} {name:24s} tau {tau:.3f} ({fit.seconds:.1f} s)", flush=True)
 
+    def taus(name, zoo):
+        return [r["tau"] for r in results[(name, zoo)]]
+
     def cell(name, zoo):
-        taus = [r["tau"] for r in results[(name, zoo)]]
-        return f"{statistics.mean(taus):.3f} +- {statistics.stdev(taus) if len(taus) > 1 else 0:.3f}"
+        return mean_interval(taus(name, zoo)).format(3)
+
+    def against(name, zoo):  # Monomial-NFN + path norms minus this one, split by split
+        if name == REFERENCE:
+            return "-"
+        diff, verdict = compare(taus(REFERENCE, zoo), taus(name, zoo))
+        return f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] {verdict}" if diff.n > 1 else verdict
 
     ours = results[(MODELS[0], "plain")][0]["params"]
-    lines = [f"Zoo: {len(rows)} nets ({args.zoo}), {len(splits[2])} held out per split, {args.seeds} splits; "
-             f"{args.epochs} epochs each; {machine()}; {time.strftime('%Y-%m-%d')}.", "",
-             "| metanetwork | parameters | params vs Monomial-NFN | Kendall tau, plain zoo | Kendall tau, scaled zoo "
-             "| training s / fit |", "|---|---|---|---|---|---|"]
+    accs = sorted(float(t) for t in targets)
+    lines = [f"Zoo: {len(rows)} nets ({args.zoo}; test accuracy {accs[0]:.1%} / {accs[len(accs) // 2]:.1%} / "
+             f"{accs[-1]:.1%} min / median / max), {len(splits[2])} held out per split, {args.seeds} splits; "
+             f"{args.epochs} epochs each; Kendall tau on the held-out nets, mean +- 95% interval over splits; "
+             f"\"path norms vs\": Monomial-NFN + path norms minus the row, paired by split; {machine()}; "
+             f"{time.strftime('%Y-%m-%d')}.", "",
+             "| metanetwork | parameters | params vs Monomial-NFN | Kendall tau, plain zoo | path norms vs, plain "
+             "| Kendall tau, scaled zoo | path norms vs, scaled | training s / fit |", "|---|---|---|---|---|---|---|---|"]
     for name in MODELS:
         p = results[(name, "plain")][0]["params"]
         secs = statistics.mean(r["seconds"] for z in zoos for r in results[(name, z)])
-        lines.append(f"| {name} | {p:,} | {p / ours:.1f}x | {cell(name, 'plain')} | {cell(name, 'scaled')} | "
-                     f"{secs:.1f} |")
+        lines.append(f"| {name} | {p:,} | {p / ours:.1f}x | {cell(name, 'plain')} | {against(name, 'plain')} | "
+                     f"{cell(name, 'scaled')} | {against(name, 'scaled')} | {secs:.1f} |")
     emit("\n".join(lines), args.out)
     return 0
 

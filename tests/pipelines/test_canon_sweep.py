@@ -369,6 +369,7 @@ def to_plain(cfg):
     return to_dict(cfg)
 
 
+@pytest.mark.long
 def test_a_run_prints_equirays_lines_not_the_libraries(ray_session, tmp_path):
     """Ray Train (pretrain: its workers, controller, Ray Data) and Tune (a sweep: trials, tables) as a user runs
     them: fewer than 5% of the lines they print are the libraries' own (issue 20; the demo's log read 44%)."""

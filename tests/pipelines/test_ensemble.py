@@ -165,6 +165,7 @@ def _kill_a_train_worker_when(checkpoint_root: Path, stop: threading.Event, kill
         time.sleep(0.1)
 
 
+@pytest.mark.long
 def test_a_killed_worker_resumes_from_the_checkpoint(ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = small_config(tmp_path, members=8, members_per_group=4, train={"epochs": 6},
@@ -190,6 +191,7 @@ def test_a_killed_worker_resumes_from_the_checkpoint(ray_session, tmp_path, monk
                                clean.ensembles["sym+aug"].member_logits(x))
 
 
+@pytest.mark.long
 def test_two_thousand_members_each_once_with_artifacts_per_group(ray_session, tmp_path, monkeypatch):
     """Thousands of members through Ray Train (issue 21): 2,000 tiny members in 8 groups on two workers come back
     each exactly once, trained, as one ensemble; what the run leaves grows with the groups, not the members (two

@@ -13,7 +13,7 @@ import pytest
 
 from equiray.config import load_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.long]
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,7 @@ def _job_id(out: str) -> str:
     return line.split(" as job ")[1].split()[0]
 
 
+@pytest.mark.long
 def test_a_pipeline_job_runs_to_success_and_its_log_is_followed(head, tmp_path, capsys):
     cfg = tmp_path / "pretrain.yaml"
     cfg.write_text(yaml.safe_dump({

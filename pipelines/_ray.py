@@ -53,6 +53,14 @@ def quiet_logging(*, root: bool = False) -> None:
     for name in QUIET_LOGGERS:
         if name or root:
             logging.getLogger(name).setLevel(logging.WARNING)
+    # a local Ray announces that it turned token authentication on, at every start; the warning Ray prints when
+    # authentication is off (anyone on the network could run code) is left alone
+    # (addFilter adds a function once, however often this runs)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_auth_enabled_notice)
+
+
+def _not_auth_enabled_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def quiet_worker() -> None:

@@ -148,9 +148,10 @@ CATALOG = (
         "Fashion-MNIST's 28 px at 9 and 7)."),
     Pipeline(
         "ftp tune", ftp.FTPConfig, ftp.run_tune,
-        "search FTP / TPGM / L2-SP / fine-tuning constraints with ASHA + Optuna", example_config="configs/ftp.yaml",
+        "search FTP / TPGM / SPD / L2-SP / fine-tuning constraints with ASHA + Optuna",
+        example_config="configs/ftp.yaml",
         description="Fine-tune the registered backbone on a small shifted target set with FTP, TPGM, L2-SP or "
-        "plain fine-tuning; Ray Tune searches the method and its constraints (Optuna TPE, or random search "
+        "plain fine-tuning (SPD too when space.methods names it: configs/ftp.yaml does); Ray Tune searches the method and its constraints (Optuna TPE, or random search "
         "without optuna; ASHA early stopping), selecting on ID validation accuracy only and reporting OOD "
         "accuracy on shifted views. Every trial is an MLflow run; the best model is registered as "
         "equiray-ftp@champion.",

@@ -1,4 +1,4 @@
-"""Robust fine-tuning optimizers (equiray.optim): FTP, TPGM, L2-SP and plain fine-tuning."""
+"""Robust fine-tuning optimizers (equiray.optim): FTP, TPGM, SPD, L2-SP and plain fine-tuning."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from equiray.optim import (FTP, FTP_STATE_KEYS, L2SP, TPGM, FineTune, make_optimizer, row_l1_norms)
+from equiray.optim import (FTP, FTP_STATE_KEYS, L2SP, SPD, TPGM, FineTune, make_optimizer, row_l1_norms)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -266,7 +266,8 @@ def test_hyperparameters_are_per_group():
 @pytest.mark.parametrize("method,knobs", [("ftp", {"base": "adamw"}),
                                           ("ftp", {"base": "sgd", "momentum": 0.9, "k": 0.5}),
                                           ("l2sp", {"alpha": 0.5, "beta": 0.1}),
-                                          ("tpgm", {"radius_lr": 0.05})])
+                                          ("tpgm", {"radius_lr": 0.05}),
+                                          ("spd", {"strength": 1.0})])
 def test_state_dict_round_trip_resumes_bit_identically(method, knobs):
     data = batches(7)
     val = batches(1, seed=9)[0]
@@ -298,6 +299,79 @@ def test_state_dict_round_trip_resumes_bit_identically(method, knobs):
     train(model, opt, data[3:], **kw)
     for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), n
+
+
+# ----------------------------------------------------------------------------------------------- SPD
+
+def _spd_step(w0, w, g, *, lr=0.1, strength=1.0):
+    """One SPD step on a single tensor with SGD as the base, W moved to ``w`` after the anchor ``w0`` was taken."""
+    p = nn.Parameter(torch.tensor(w0, dtype=torch.float64))
+    opt = SPD([p], base="sgd", lr=lr, strength=strength)
+    with torch.no_grad():
+        p.copy_(torch.tensor(w, dtype=torch.float64))
+    p.grad = torch.tensor(g, dtype=torch.float64)
+    opt.step()
+    return p.detach()
+
+
+def test_spd_step_is_the_papers_formula_when_inconsistent_and_the_base_step_otherwise():
+    """Algorithm 1 of Tian et al. 2024 by hand: W0 = 0, W = (1, 0). g = (1, -10) points along the deviation
+    (-<g, W - W0> = -1 < 0: inconsistent), the SGD step gives W~ = (0.9, 1.0), the step added r = (|W~| - 1) / |W~|
+    of the deviation, and lambda * r of W~ - W0 is taken back. g = (-1, 0) is consistent: the SGD step alone."""
+    tilde = torch.tensor([0.9, 1.0], dtype=torch.float64)
+    r = (tilde.norm() - 1.0) / tilde.norm()
+    for strength in (1.0, 0.5):
+        got = _spd_step([0.0, 0.0], [1.0, 0.0], [1.0, -10.0], strength=strength)
+        assert torch.allclose(got, tilde - strength * r * tilde, atol=1e-12), (strength, got)
+    # strength 1: the inconsistent step may turn the deviation but not lengthen it
+    assert torch.isclose(_spd_step([0.0, 0.0], [1.0, 0.0], [1.0, -10.0]).norm(), torch.tensor(1.0, dtype=torch.float64))
+    assert torch.equal(_spd_step([0.0, 0.0], [1.0, 0.0], [-1.0, 0.0]), torch.tensor([1.1, 0.0], dtype=torch.float64))
+    # inconsistent, but the step shortened the deviation (r = 0): nothing to take back
+    assert torch.allclose(_spd_step([0.0, 0.0], [1.0, 0.0], [1.0, 0.0]), torch.tensor([0.9, 0.0], dtype=torch.float64))
+    # at the anchor there is no deviation yet: the first step is the base step
+    assert torch.equal(_spd_step([0.0, 0.0], [0.0, 0.0], [1.0, -10.0]), torch.tensor([-0.1, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("base", ["adamw", "sgd"])
+def test_spd_with_strength_0_is_the_base_optimizer_and_with_strength_keeps_closer(base):
+    """Equivalence: strength 0 is plain fine-tuning bit for bit. Sensitivity: strength 1 ends closer to the
+    anchor in every constrained tensor that moved, and no inconsistent step lengthened a deviation; the head
+    (excluded) is trained by the base optimizer alone and has no anchor."""
+    data = batches(12)
+    knobs = {"base": base, **({"momentum": 0.9} if base == "sgd" else {})}
+    ref, off, on = Net(), Net(), Net()
+    train(ref, make_optimizer("finetune", ref, lr=5e-2, weight_decay=0.01, **knobs), data)
+    opt_off = make_optimizer("spd", off, lr=5e-2, weight_decay=0.01, strength=0.0, **knobs)
+    train(off, opt_off, data)
+    for (n, p), q in zip(ref.named_parameters(), off.parameters()):
+        assert torch.equal(p, q), n
+    opt = make_optimizer("spd", on, lr=5e-2, weight_decay=0.0, strength=1.0, **knobs)
+    assert "anchor" not in opt.state[on.head.weight] and "anchor" in opt.state[on.fc1.weight]
+    free = Net()
+    train(free, make_optimizer("finetune", free, lr=5e-2, weight_decay=0.0, **knobs), data)
+    grew_back = 0
+    for x, y in data:
+        before = {n: (p.detach() - opt.state[p]["anchor"]).norm() for n, p in constrained(on, opt)}
+        loss = F.cross_entropy(on(x), y)
+        opt.zero_grad()
+        loss.backward()
+        inconsistent = {n: float((p.grad * (p.detach() - opt.state[p]["anchor"])).sum()) > 0
+                        for n, p in constrained(on, opt)}
+        opt.step()
+        for n, p in constrained(on, opt):
+            after = (p.detach() - opt.state[p]["anchor"]).norm()
+            if inconsistent[n] and before[n] > 0:
+                assert after <= before[n] * (1 + 1e-9) + 1e-12, (n, float(before[n]), float(after))
+                grew_back += 1
+    assert grew_back > 0  # the condition did fire
+    for (n, p), q, f in zip(on.named_parameters(), Net().parameters(), free.parameters()):
+        if not n.startswith("head"):
+            assert (p - q).norm() < (f - q).norm(), n
+
+
+def test_spd_rejects_a_bad_strength():
+    with pytest.raises(ValueError, match="spd: strength must be a finite number >= 0"):
+        make_optimizer("spd", Net(), lr=1e-2, weight_decay=0.0, strength=-1.0)
 
 
 # --------------------------------------------------------------------------------------------- L2-SP
@@ -369,7 +443,7 @@ def test_tpgm_projects_inside_step_when_given_held_out_batches():
 
 def test_clear_errors():
     model = Net()
-    with pytest.raises(ValueError, match=r"unknown optimizer 'ftpp'.*'finetune', 'ftp', 'l2sp', 'tpgm'"):
+    with pytest.raises(ValueError, match=r"unknown optimizer 'ftpp'.*'finetune', 'ftp', 'l2sp', 'spd', 'tpgm'"):
         make_optimizer("ftpp", model, lr=1e-3, weight_decay=0.0)
     with pytest.raises(ValueError, match=r"k .*must be in \[0, 1\], got 1.5"):
         FTP(model.named_parameters(), k=1.5)
@@ -407,14 +481,15 @@ def test_make_optimizer_finds_the_head_and_skips_frozen_parameters():
 
 def test_the_registry_names_every_method_and_method_knobs_are_its_per_group_hyperparameters():
     from equiray.optim import METHODS, OPTIMIZERS, method_knobs
-    assert OPTIMIZERS.names() == ["finetune", "ftp", "l2sp", "tpgm"] and METHODS is OPTIMIZERS
+    assert OPTIMIZERS.names() == ["finetune", "ftp", "l2sp", "spd", "tpgm"] and METHODS is OPTIMIZERS
     assert {n: method_knobs(n) for n in OPTIMIZERS} == {"finetune": (), "ftp": ("k", "mu", "gamma_init"),
-                                                         "l2sp": ("alpha", "beta"), "tpgm": ("radius_lr",)}
+                                                         "l2sp": ("alpha", "beta"), "tpgm": ("radius_lr",),
+                                                         "spd": ("strength",)}
     shared = set(FineTune(Net().named_parameters()).defaults)
     for name in OPTIMIZERS:             # the knobs are exactly what the method keeps per parameter group
         opt = make_optimizer(name, Net(), lr=1e-2, weight_decay=0.0)
         assert set(opt.defaults) - shared == set(method_knobs(name)), name
-    with pytest.raises(ValueError, match=r"unknown optimizer 'ftpp'.*'finetune', 'ftp', 'l2sp', 'tpgm'"):
+    with pytest.raises(ValueError, match=r"unknown optimizer 'ftpp'.*'finetune', 'ftp', 'l2sp', 'spd', 'tpgm'"):
         method_knobs("ftpp")
 
 
@@ -443,7 +518,7 @@ def hand_written_epoch(model, opt, x, y, *, batch_size, gen, holdout=None, proje
 
 @pytest.mark.parametrize("method,knobs", [("finetune", {}), ("l2sp", {"alpha": 0.3, "beta": 0.01}),
                                           ("ftp", {"k": 0.5, "mu": 0.05, "gamma_init": 1e-5}),
-                                          ("tpgm", {"radius_lr": 0.05})])
+                                          ("tpgm", {"radius_lr": 0.05}), ("spd", {"strength": 0.5})])
 def test_robust_fine_tuner_epochs_are_the_hand_written_loop_bit_for_bit(method, knobs):
     from equiray.optim import RobustFineTuner, fits_on_holdout
     g = torch.Generator().manual_seed(3)

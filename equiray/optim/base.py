@@ -221,10 +221,16 @@ class RobustOptimizer(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             states = [self.state[p] for p in params]
+            self._before_base_update(params, grads, group, states)
             self._base_update(params, grads, group, states)
             self._after_base_update(params, grads, group, states)
         self._after_step()
         return loss
+
+    def _before_base_update(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict,
+                            states: list[dict]) -> None:
+        """Hook called right before the base update of one group's tensors that have a gradient (the old
+        weights, as SPD's condition reads them)."""
 
     def _after_base_update(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict,
                            states: list[dict]) -> None:

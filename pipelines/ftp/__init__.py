@@ -1,4 +1,5 @@
-"""Robust fine-tuning on Ray Tune: FTP, TPGM, L2-SP and plain fine-tuning searched over their constraints.
+"""Robust fine-tuning on Ray Tune: FTP, TPGM, L2-SP, plain fine-tuning (and SPD, when ``space.methods`` names it)
+searched over their constraints.
 
 The transfer task: the pretrained backbone (``equiray-backbone@pretrained``, trained on clean upright images) is
 fine-tuned on a small labelled *target* set drawn from a shifted domain (``task.target_view``, by default
@@ -7,9 +8,9 @@ target domain; out-of-distribution (OOD) are the domains the backbone was good a
 (``task.ood_views``: clean, noisy, blurred, pixelated, occluded test images).
 
 ``equiray ftp tune --config FILE`` runs one Ray Tune experiment: the method and its knobs (lr, weight decay;
-FTP's k, radius learning rate and initial radius; L2-SP's alpha/beta; TPGM's radius learning rate) come from a
-searcher (Optuna's TPE when installed, random search otherwise; every method's defaults are tried first), an
-ASHA scheduler stops weak trials early, and trials are *selected on ID validation accuracy only*: ID test and
+FTP's k, radius learning rate and initial radius; L2-SP's alpha/beta; TPGM's radius learning rate; SPD's
+strength) come from a searcher (Optuna's TPE when installed, random search otherwise; every method's defaults are
+tried first), an ASHA scheduler stops weak trials early, and trials are *selected on ID validation accuracy only*: ID test and
 OOD accuracies are measured every epoch and reported, never selected on. Every trial is an MLflow run (nested
 under the search's run) with its config and curves; every epoch is a Tune checkpoint, so ``--resume`` continues
 an interrupted search without re-running finished trials. The best trial's model is registered as

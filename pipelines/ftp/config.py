@@ -11,7 +11,10 @@ from equiray.errors import ConfigError, EquirayError
 from equiray.optim import OPTIMIZERS, method_knobs
 from pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
 
-METHOD_ORDER = ("finetune", "l2sp", "ftp", "tpgm")  # the order of the table, the plot and the first points tried
+METHOD_ORDER = ("finetune", "l2sp", "ftp", "tpgm", "spd")  # the order of the table, the plot and the first points tried
+# what a search compares unless told: FTP and the methods its paper compares with; SPD (the same group's 2024
+# successor) joins with `space.methods: [..., spd]` (configs/ftp.yaml does)
+DEFAULT_METHODS = METHOD_ORDER[:4]
 UNIFORM = ("k",)  # searched uniformly (their range may start at 0); every other range log-uniformly
 
 
@@ -42,7 +45,7 @@ class SpaceConfig:
     """Search ranges ([low, high], sampled log-uniformly except k): ``lr`` and ``weight_decay`` for every method,
     then one range per knob of a method (:func:`equiray.optim.method_knobs`), which only that method reads."""
 
-    methods: tuple[str, ...] = METHOD_ORDER
+    methods: tuple[str, ...] = DEFAULT_METHODS
     lr: tuple[float, float] = (1e-4, 3e-3)
     weight_decay: tuple[float, float] = (1e-5, 1e-1)
     k: tuple[float, float] = (0.0, 1.0)  # FTP: positive-gradient annealing (uniform)
@@ -51,6 +54,7 @@ class SpaceConfig:
     alpha: tuple[float, float] = (1e-4, 1.0)  # L2-SP: pull to the pretrained weights
     beta: tuple[float, float] = (1e-5, 1e-2)  # L2-SP: on the new head
     radius_lr: tuple[float, float] = (1e-3, 1e-1)  # TPGM: radius learning rate on the held-out batch
+    strength: tuple[float, float] = (0.1, 3.0)  # SPD: the paper's lambda (1: an inconsistent step adds no deviation)
 
     def __post_init__(self):
         unknown = {m for m in self.methods if m not in OPTIMIZERS}

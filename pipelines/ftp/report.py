@@ -44,7 +44,7 @@ def verdict(rows: Sequence[TrialRow], pretrained: Mapping[str, float]) -> list[s
         out.append(f"- The pretrained backbone averages {pre * 100:.1f}% on the OOD views; plain fine-tuning on the "
                    f"target set {'loses' if lost > 0 else 'keeps'} {abs(lost) * 100:.1f} points of it "
                    f"({ft.ood_mean_accuracy * 100:.1f}%) while reaching {ft.id_test_accuracy * 100:.1f}% ID.")
-        for m in ("ftp", "tpgm", "l2sp"):
+        for m in ("ftp", "tpgm", "spd", "l2sp"):
             if m in best:
                 r = best[m]
                 d_ood = (r.ood_mean_accuracy - ft.ood_mean_accuracy) * 100
@@ -70,7 +70,8 @@ def plot_trials(rows: Sequence[TrialRow], pretrained: Mapping[str, float], out_d
 
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix="equiray-plots-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    colors = {"finetune": "tab:gray", "l2sp": "tab:blue", "ftp": "tab:red", "tpgm": "tab:green"}
+    colors = {"finetune": "tab:gray", "l2sp": "tab:blue", "ftp": "tab:red", "tpgm": "tab:green",
+              "spd": "tab:purple"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for method in METHOD_ORDER:
         mine = [r for r in rows if r.method == method]

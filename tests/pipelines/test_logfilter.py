@@ -91,3 +91,32 @@ def test_mlflows_signature_inference_warning_is_dropped_and_nothing_else():
 
     assert not _not_signature_inference(record("Failed to infer model signature: Type hint <input: ...>"))
     assert _not_signature_inference(record("Failed to log model: disk full"))
+
+
+def test_rays_token_auth_notice_is_quiet_and_its_auth_off_warning_still_prints():
+    """Ray's own functions, so that a change of Ray's wording fails here: the notice that a local Ray turned token
+    authentication on goes; the warning that it is off (anyone on the network could run code) stays."""
+    import io
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as auth
+
+    from pipelines._ray import quiet_logging
+
+    logger = logging.getLogger(auth.__name__)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        auth._warn_token_auth_enabled()
+        assert "Token authentication is enabled" in stream.getvalue()  # before: printed
+        stream.seek(0)
+        stream.truncate()
+        quiet_logging()
+        auth._warn_token_auth_enabled()
+        auth._warn_token_auth_disabled()
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 1 and "arbitrary code" in lines[0], lines
+    finally:
+        logger.removeHandler(handler)
+        logger.filters.clear()

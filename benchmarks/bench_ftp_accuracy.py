@@ -1,5 +1,6 @@
-"""FTP's claim tested over seeds (issue 22): robust fine-tuning methods, each tuned by the same search budget,
-then trained again with many seeds; ID and OOD accuracy with 95% intervals.
+"""FTP's claim tested over seeds (issue 22): robust fine-tuning methods (FTP, TPGM, L2-SP, plain fine-tuning and
+SPD, FTP's 2024 successor), each tuned by the same search budget, then trained again with many seeds; ID and OOD
+accuracy with 95% intervals.
 
 The task is ``equiray ftp tune``'s (``--config``, default ``configs/ftp.yaml``): fine-tune the registered backbone
 (upright Fashion-MNIST) on a small labelled set of another domain (low contrast) with a new head; OOD = the domains
@@ -13,11 +14,12 @@ better OOD accuracy than the other methods at equal ID accuracy.
 2. **Seeds**: each method's tuned point trained again for the full epochs with seeds 1..``--seeds`` (the new head's
    initialisation and the batch order; seed s is the same for every method), one Ray task of one CPU per run.
 3. **Report**: ID test and OOD mean accuracy per method, mean +- 95% interval over the seeds; FTP against each other
-   method paired seed by seed, "above / level / below" decided by the interval (:func:`equiray.stats.compare`).
+   method paired seed by seed, "above / level / below" decided by the interval (:func:`equiray.stats.compare`),
+   and SPD against each the same way when it ran (its paper's claim: better OOD than FTP and the others).
 
 Needs the registered backbone (``make demo`` or ``equiray pretrain`` first).
 
-    .venv/bin/python benchmarks/bench_ftp_accuracy.py [--trials 8] [--seeds 10] [--methods finetune,l2sp,ftp,tpgm]
+    .venv/bin/python benchmarks/bench_ftp_accuracy.py [--trials 8] [--seeds 10] [--methods finetune,l2sp,ftp,tpgm,spd]
                                                        [--config configs/ftp.yaml] [--set KEY=VALUE ...] [--out F]
 """
 from __future__ import annotations
@@ -59,12 +61,14 @@ def tune_method(cfg, method: str, trials: int):
     """The pipeline's search over ``method`` alone: its champion's point and the search's result."""
     from pipelines.ftp import run_tune
     from pipelines._common import TrackingConfig
+    from pipelines.tracking import config_hash
 
     one = dataclasses.replace(
         cfg, space=dataclasses.replace(cfg.space, methods=(method,)),
         search=dataclasses.replace(cfg.search, num_samples=trials, seed=0),
-        tracking=TrackingConfig("equiray-bench-ftp", None, f"bench-ftp-{method}", "champion"),
-        name=f"bench-ftp-{method}-{trials}")
+        tracking=TrackingConfig("equiray-bench-ftp", None, f"bench-ftp-{method}", "champion"))
+    # the search's folder is named by its config: another config (a new range, a new task) is another search
+    one = dataclasses.replace(one, name=f"bench-ftp-{method}-{trials}-{config_hash(one)[:8]}")
     result = run_tune(one, reuse=True)
     return result.champion.params, result
 
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/ftp.yaml", help="the task, search space and training")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    parser.add_argument("--methods", default="finetune,l2sp,ftp,tpgm")
+    parser.add_argument("--methods", default="finetune,l2sp,ftp,tpgm,spd")
     parser.add_argument("--trials", type=int, default=8, help="search trials per method (the same for each)")
     parser.add_argument("--seeds", type=int, default=10, help="training seeds per tuned method (1..N)")
     parser.add_argument("--out", help="also write the Markdown table to this file")
@@ -118,6 +122,10 @@ def main(argv=None) -> int:
         iv = mean_interval([100 * v for v in values])
         return f"{iv.mean:.2f} +- {iv.half_width:.2f}"
 
+    def paired(a: str, b: str, key: str) -> str:  # method a minus method b, seed by seed, in points
+        diff, verdict = compare([100 * r[key] for r in runs[a]], [100 * r[key] for r in runs[b]])
+        return f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}] ({verdict})"
+
     lines = [
         f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_ftp_accuracy.py --config {args.config} "
         f"--trials {args.trials} --seeds {args.seeds}" + "".join(f" --set {s}" for s in args.set) + "`. "
@@ -134,13 +142,12 @@ def main(argv=None) -> int:
     for m in methods:
         point = ", ".join(f"{k} {v:.3g}" for k, v in tuned[m].items() if k != "method")
         row = [m, point, cell([r["id"] for r in runs[m]]), cell([r["ood"] for r in runs[m]])]
-        for key in ("id", "ood"):
-            if m == "ftp" or "ftp" not in runs:
-                row.append("-")
-                continue
-            diff, verdict = compare([100 * r[key] for r in runs["ftp"]], [100 * r[key] for r in runs[m]])
-            row.append(f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}] ({verdict})")
+        row += ["-", "-"] if m == "ftp" or "ftp" not in runs else [paired("ftp", m, "id"), paired("ftp", m, "ood")]
         lines.append("| " + " | ".join(row) + " |")
+    if "spd" in runs:
+        lines += ["", "SPD against each method, paired by seed (points; the interval decides):", "",
+                  "| method | SPD - method, ID | SPD - method, OOD |", "|---|---|---|"]
+        lines += [f"| {m} | {paired('spd', m, 'id')} | {paired('spd', m, 'ood')} |" for m in methods if m != "spd"]
     views = list(runs[methods[0]][0]["views"])
     lines += ["", "OOD accuracy by view (mean over the seeds, %):", "",
               "| method | " + " | ".join(views) + " |", "|---|" + "---|" * len(views)]

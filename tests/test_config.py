@@ -80,8 +80,12 @@ def test_pipeline_configs_load_and_validate():
 
     for path, cls in (("configs/pretrain.yaml", PretrainConfig), ("configs/demo.yaml", DemoConfig),
                       ("configs/nfn_zoo.yaml", ZooConfig), ("configs/nfn_train.yaml", NFNTrainConfig),
-                      ("configs/nfn_train_members.yaml", NFNTrainConfig)):
+                      ("configs/nfn_train_members.yaml", NFNTrainConfig), ("configs/nfn_zoo_large.yaml", ZooConfig)):
         assert isinstance(load_config(cls, path), cls)
+    # the FTP search's example config compares SPD too; a search that is not told compares the paper's four
+    from pipelines.ftp import FTPConfig
+    assert load_config(FTPConfig, "configs/ftp.yaml").space.methods == ("finetune", "l2sp", "ftp", "tpgm", "spd")
+    assert FTPConfig().space.methods == ("finetune", "l2sp", "ftp", "tpgm")
     # the demo's defaults live in its dataclasses alone: configs/demo.yaml only overrides (here: nothing)
     assert load_config(DemoConfig, "configs/demo.yaml") == DemoConfig()
     # the any-angle recipe the demo trains is the one its config file gives `equiray canon sweep`

@@ -55,8 +55,8 @@ def verdict(rows: Sequence[TrialRow], pretrained: Mapping[str, float]) -> list[s
     if counts and min(counts) < 8:
         out.append(f"- Illustrative: {min(counts)}-{max(counts)} trial(s) per method and one training seed each; "
                    "these differences move by several points from run to run. Each method tuned by 8 trials, then "
-                   "10 seeds: FTP's OOD mean level with plain fine-tuning and L2-SP, above TPGM, ID level "
-                   "(BENCHMARKS.md, `benchmarks/bench_ftp_accuracy.py`).")
+                   "10 seeds: FTP's OOD mean above TPGM (two runs) and L2-SP (one of two), level with plain "
+                   "fine-tuning and SPD, ID level (BENCHMARKS.md, `benchmarks/bench_ftp_accuracy.py`).")
     return out
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_nfn.py [--zoo data/zoo-bench --nets 256 --epochs 100 --seeds 3]
     .venv/bin/python benchmarks/bench_nfn.py --zoo data/zoo-large --zoo-config configs/nfn_zoo_large.yaml \
-        --epochs 30 --seeds 5   # the 2,048-net zoo (issue 22)
+        --epochs 15 --seeds 5   # the 2,048-net zoo (issue 22; BENCHMARKS.md)
 
 One zoo of Small-CNN-Zoo nets (``equiray nfn zoo``: 4,970-parameter ReLU CNNs, optimizer / learning rate / L2 /
 dropout / init scale / training fraction drawn per net; built first with ``--nets`` nets when ``--zoo`` does not

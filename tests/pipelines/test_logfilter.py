@@ -104,6 +104,8 @@ def test_rays_token_auth_notice_is_quiet_and_its_auth_off_warning_still_prints()
     from pipelines._ray import quiet_logging
 
     logger = logging.getLogger(auth.__name__)
+    installed = list(logger.filters)  # a pipeline test that started Ray earlier in the session added the filter
+    logger.filters.clear()
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     logger.addHandler(handler)
@@ -119,4 +121,4 @@ def test_rays_token_auth_notice_is_quiet_and_its_auth_off_warning_still_prints()
         assert len(lines) == 1 and "arbitrary code" in lines[0], lines
     finally:
         logger.removeHandler(handler)
-        logger.filters.clear()
+        logger.filters[:] = installed

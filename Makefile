@@ -1,6 +1,6 @@
 # equiray: the two commands of the README.
 #   make demo   set everything up, then run the main job (`equiray demo`)
-#   make test       set everything up, then run the test suite without the long cluster tests (~15 min here)
+#   make test       set everything up, then run the test suite without the long cluster tests (~12 min here)
 #   make test-all   the same with the long ones too (own clusters, lost nodes, the autoscaler): what CI runs
 # Each step is skipped when already done; `make clean` removes the virtualenv and the demo's outputs.
 

@@ -151,8 +151,8 @@ CATALOG = (
         "search FTP / TPGM / SPD / L2-SP / fine-tuning constraints with ASHA + Optuna",
         example_config="configs/ftp.yaml",
         description="Fine-tune the registered backbone on a small shifted target set with FTP, TPGM, L2-SP or "
-        "plain fine-tuning (SPD too when space.methods names it: configs/ftp.yaml does); Ray Tune searches the method and its constraints (Optuna TPE, or random search "
-        "without optuna; ASHA early stopping), selecting on ID validation accuracy only and reporting OOD "
+        "plain fine-tuning (SPD too when space.methods names it: configs/ftp.yaml does); Ray Tune searches the "
+        "method and its constraints (Optuna TPE, or random search without optuna; ASHA early stopping), selecting on ID validation accuracy only and reporting OOD "
         "accuracy on shifted views. Every trial is an MLflow run; the best model is registered as "
         "equiray-ftp@champion.",
         options=(Option("--resume", "continue the interrupted search of this config (finished trials are not "

@@ -41,6 +41,6 @@ from equiray.optim.kernels import row_l1_norms
 from equiray.optim.kernels import _adam_scalar, _clip_radius, _project_rows  # noqa: F401  (the tests' reference FTP)
 from equiray.optim.finetuning import RobustFineTuner, fits_on_holdout
 
-__all__ = ["FTP", "TPGM", "SPD", "L2SP", "FineTune", "RobustOptimizer", "make_optimizer", "method_knobs", "OPTIMIZERS",
-           "METHODS", "register_optimizer", "FTP_STATE_KEYS", "TPGM_STATE_KEYS", "L2SP_STATE_KEYS", "SPD_STATE_KEYS",
-           "DEFAULT_HEAD_PATTERNS", "row_l1_norms", "RobustFineTuner", "fits_on_holdout"]
+__all__ = ["FTP", "TPGM", "SPD", "L2SP", "FineTune", "RobustOptimizer", "make_optimizer", "method_knobs",
+           "OPTIMIZERS", "METHODS", "register_optimizer", "FTP_STATE_KEYS", "TPGM_STATE_KEYS", "L2SP_STATE_KEYS",
+           "SPD_STATE_KEYS", "DEFAULT_HEAD_PATTERNS", "row_l1_norms", "RobustFineTuner", "fits_on_holdout"]

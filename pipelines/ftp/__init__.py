@@ -10,8 +10,8 @@ target domain; out-of-distribution (OOD) are the domains the backbone was good a
 ``equiray ftp tune --config FILE`` runs one Ray Tune experiment: the method and its knobs (lr, weight decay;
 FTP's k, radius learning rate and initial radius; L2-SP's alpha/beta; TPGM's radius learning rate; SPD's
 strength) come from a searcher (Optuna's TPE when installed, random search otherwise; every method's defaults are
-tried first), an ASHA scheduler stops weak trials early, and trials are *selected on ID validation accuracy only*: ID test and
-OOD accuracies are measured every epoch and reported, never selected on. Every trial is an MLflow run (nested
+tried first), an ASHA scheduler stops weak trials early, and trials are *selected on ID validation accuracy
+only*: ID test and OOD accuracies are measured every epoch and reported, never selected on. Every trial is an MLflow run (nested
 under the search's run) with its config and curves; every epoch is a Tune checkpoint, so ``--resume`` continues
 an interrupted search without re-running finished trials. The best trial's model is registered as
 ``equiray-ftp@champion``.

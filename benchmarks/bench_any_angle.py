@@ -59,9 +59,9 @@ def main(argv=None) -> int:
     from equiray.models.orbit import parse_orbit
     from equiray.stats import compare, mean_interval
     from equiray.train import accuracy, predict
-    from pipelines import tracking
-    from pipelines.canon import CanonConfig
-    from pipelines.canon.stage import load_data
+    from equiray_pipelines import tracking
+    from equiray_pipelines.canon import CanonConfig
+    from equiray_pipelines.canon.stage import load_data
 
     torch.set_num_threads(args.threads)
     mlflow.set_tracking_uri(tracking.tracking_uri())

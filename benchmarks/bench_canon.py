@@ -38,7 +38,7 @@ from _report import emit, machine  # noqa: E402
 
 def pretrained_backbone(x, y):
     """The registered backbone, or a resnet8 trained here for 2 epochs on the upright images given."""
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     try:
         model, spec = tracking.load_model("models:/equiray-backbone@pretrained")
@@ -181,7 +181,7 @@ def main() -> int:
     from equiray.data import SourceOptions, prepare, read_split
     from equiray.canon import Variant, build_variant, train_variant
     from equiray.stats import compare, mean_interval
-    from pipelines.canon import CanonConfig
+    from equiray_pipelines.canon import CanonConfig
 
     prepare("fashion-mnist", args.data_dir, options=SourceOptions())
     x, y = read_split(args.data_dir, "train", limit=args.train)

@@ -101,7 +101,7 @@ def ray_overhead(data_dir: Path, members: int, images: int, epochs: int, size: i
     from equiray.ensembles import MemberSpec, build_members, train_members_epoch
     from equiray.groups import cyclic
     from equiray.data import resize
-    from pipelines.ensemble import EnsembleConfig, run_train
+    from equiray_pipelines.ensemble import EnsembleConfig, run_train
 
     x, y = read_split(data_dir, "train", limit=images)
     x = resize(x, size)
@@ -343,13 +343,13 @@ def run_variants(specs: list[str], x: torch.Tensor, y: torch.Tensor, json_out: s
 def ray_config_vs_bare(config: str, overrides: list[str], workdir: Path) -> dict:
     from mlflow import MlflowClient
 
-    import pipelines.ensemble.stage as stage
+    import equiray_pipelines.ensemble.stage as stage
     from equiray.config import load_config
     from equiray.data import read_split, resize
     from equiray.ensembles import MemberGroup, MemberSpec, member_seed
     from equiray.groups import get_group
-    from pipelines._ray import init_ray
-    from pipelines.ensemble import EnsembleConfig, run_train
+    from equiray_pipelines._ray import init_ray
+    from equiray_pipelines.ensemble import EnsembleConfig, run_train
 
     cfg = load_config(EnsembleConfig, config, overrides=overrides)
     meta = cfg.data.prepare()

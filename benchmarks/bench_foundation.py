@@ -83,7 +83,7 @@ def bench_epoch(data_dir: Path, workdir: Path, max_train: int) -> list[tuple]:
     from equiray.data import read_split
     from equiray.models import create_model
     from equiray.train import train_epoch
-    from pipelines.pretrain import PretrainConfig, run
+    from equiray_pipelines.pretrain import PretrainConfig, run
 
     x, y = read_split(data_dir, "train", limit=max_train)
     torch.manual_seed(0)

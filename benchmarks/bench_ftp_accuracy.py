@@ -39,10 +39,10 @@ from _report import emit, machine  # noqa: E402
 
 
 def train_seed(cfg, task, spec: dict, state: dict, point: dict, seed: int) -> dict:
-    """One run of a tuned point: the trial's fine-tuner (:func:`pipelines.ftp.trial.fine_tuner`) with ``seed``
+    """One run of a tuned point: the trial's fine-tuner (:func:`equiray_pipelines.ftp.trial.fine_tuner`) with ``seed``
     for the head and the batch order, all epochs, then ID test and every OOD view."""
-    from pipelines.ftp.task import build_model, evaluate
-    from pipelines.ftp.trial import fine_tuner
+    from equiray_pipelines.ftp.task import build_model, evaluate
+    from equiray_pipelines.ftp.trial import fine_tuner
 
     torch.set_num_threads(1)
     model = build_model(spec, state, new_head=cfg.task.new_head, seed=seed)
@@ -59,9 +59,9 @@ def train_seed(cfg, task, spec: dict, state: dict, point: dict, seed: int) -> di
 
 def tune_method(cfg, method: str, trials: int):
     """The pipeline's search over ``method`` alone: its champion's point and the search's result."""
-    from pipelines.ftp import run_tune
-    from pipelines._common import TrackingConfig
-    from pipelines.tracking import config_hash
+    from equiray_pipelines.ftp import run_tune
+    from equiray_pipelines._common import TrackingConfig
+    from equiray_pipelines.tracking import config_hash
 
     one = dataclasses.replace(
         cfg, space=dataclasses.replace(cfg.space, methods=(method,)),
@@ -90,10 +90,10 @@ def main(argv=None) -> int:
 
     from equiray.config import load_config
     from equiray.stats import compare, mean_interval
-    from pipelines import tracking
-    from pipelines.ftp import FTPConfig
-    from pipelines.ftp.config import METHOD_ORDER
-    from pipelines.ftp.task import load_task
+    from equiray_pipelines import tracking
+    from equiray_pipelines.ftp import FTPConfig
+    from equiray_pipelines.ftp.config import METHOD_ORDER
+    from equiray_pipelines.ftp.task import load_task
 
     cfg = load_config(FTPConfig, args.config, overrides=args.set)
     methods = [m for m in METHOD_ORDER if m in args.methods.split(",")]

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     from equiray.canon import paired_latencies
     from equiray.data import read_split
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     torch.set_num_threads(args.threads)
     mlflow.set_tracking_uri(tracking.tracking_uri())

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pipelines.nfn import ZooConfig, read_zoo, run_zoo, scaled_zoo, split_nets, zoo_features
+    from equiray_pipelines.nfn import ZooConfig, read_zoo, run_zoo, scaled_zoo, split_nets, zoo_features
 
     if not Path(args.zoo).exists():
         from equiray.config import load_config

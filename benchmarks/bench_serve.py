@@ -226,8 +226,8 @@ def vs_peer(args) -> str:
 
     from equiray.config import load_config
     from equiray.stats import mean_interval
-    from pipelines import tracking
-    from pipelines.serve import ServeConfig, deploy
+    from equiray_pipelines import tracking
+    from equiray_pipelines.serve import ServeConfig, deploy
 
     bodies = test_pngs(args.data_dir)
     model, spec = tracking.load_model(args.model)
@@ -346,7 +346,7 @@ def main() -> int:
     if args.fresh:
         models = {label: demo_shaped(label) for label, _ in uris}
     else:
-        from pipelines import tracking
+        from equiray_pipelines import tracking
 
         models = {label: tracking.load_model(uri) for label, uri in uris}
     t0 = time.perf_counter()
@@ -363,7 +363,7 @@ def main() -> int:
     from ray import serve
 
     from equiray.config import load_config
-    from pipelines.serve import ServeConfig, deploy
+    from equiray_pipelines.serve import ServeConfig, deploy
 
     results = {}
     try:

@@ -1,7 +1,7 @@
 """equiray: make pretrained image models robust to rotations, reflections and distribution shift.
 
 The library is plain PyTorch (groups, data, models, training steps, metrics); Ray and MLflow orchestration
-lives in the sibling package ``pipelines``.
+lives in the sibling package ``equiray_pipelines`` (the repository's ``pipelines/`` folder).
 """
 import logging
 

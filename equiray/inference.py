@@ -1,7 +1,7 @@
 """Inference on untrusted inputs: decode image bytes and pixel arrays safely, and predict with what each kind of
 model can say about its answer (an ensemble's member disagreement, a canonicalizer's chosen group element).
 
-Plain PyTorch + Pillow, no Ray: the Serve endpoint (``pipelines.serve``) is built on these, and they are what a
+Plain PyTorch + Pillow, no Ray: the Serve endpoint (``equiray_pipelines.serve``) is built on these, and they are what a
 test compares the endpoint with. Every problem with an input is a :class:`BadInput` whose message names the
 image and what was wrong, so a server can answer 400 with it.
 """

@@ -36,7 +36,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         spec = self.spec
         if spec.get("builder") == "metanetwork":
             raise ValueError("an NFN metanetwork reads network weights, not images: load it with "
-                             "pipelines.tracking.load_model")
+                             "equiray_pipelines.tracking.load_model")
         self.model = create_model(spec["name"], in_chans=spec["in_chans"], num_classes=spec["num_classes"],
                                   **spec.get("kwargs", {}))
         self.model.load_state_dict(load_file(context.artifacts["weights"]))

@@ -1,5 +1,5 @@
 """One registry class for every pluggable family: models, groups, canonicalizers, optimizers, metanetworks
-(and, in ``pipelines``, the pipelines themselves).
+(and, in ``equiray_pipelines``, the pipelines themselves).
 
 A registry maps a name to a factory (or any object), so that configs, Tune search spaces and Serve deployments
 name components by string (the timm pattern). Registering a name twice is refused unless ``overwrite=True``

@@ -8,7 +8,7 @@ import torch
 
 from equiray.data import resize
 from equiray.errors import ConfigError
-from pipelines._ray import verbose
+from equiray_pipelines._ray import verbose
 
 
 @dataclass(frozen=True)

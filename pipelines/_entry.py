@@ -21,7 +21,7 @@ def main() -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        from pipelines.cli import main as cli_main
+        from equiray_pipelines.cli import main as cli_main
     except KeyboardInterrupt:
         interrupted = True
     finally:

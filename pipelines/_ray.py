@@ -9,7 +9,7 @@ import os
 import sys
 
 from equiray.errors import EquirayError
-from pipelines.progress import progress_env, write_line
+from equiray_pipelines.progress import progress_env, write_line
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ QUIET_LOGGERS = ("", "ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "m
 
 def verbose() -> bool:
     """Whether the user asked for the libraries' own lines (``equiray -v``: debug logging)."""
-    return logging.getLogger("pipelines").isEnabledFor(logging.DEBUG)
+    return logging.getLogger("equiray_pipelines").isEnabledFor(logging.DEBUG)
 
 
 def quiet_logging(*, root: bool = False) -> None:
@@ -130,7 +130,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     else:
         log.info("connecting to the Ray cluster at %s", address)  # inside a Ray job: the job's own cluster
     try:
-        # the workers show progress the way this driver's output can (pipelines.progress: bars or lines)
+        # the workers show progress the way this driver's output can (equiray_pipelines.progress: bars or lines)
         runtime_env = {"env_vars": progress_env(), **({"worker_process_setup_hook": quiet_worker} if quiet else {})}
         ray.init(address=address, logging_level=logging.WARNING, configure_logging=True, runtime_env=runtime_env,
                  **kwargs)
@@ -174,7 +174,7 @@ def say(message: str) -> None:
     (every pipeline reports progress through it; ``logging`` is for diagnostics, results go to the CLI). In a
     worker, Ray Train V2 re-routes ``print`` through its logger, which shows every line twice on the driver;
     writing to the stream directly shows it once. On a terminal the line goes above the progress bars
-    (:mod:`pipelines.progress`)."""
+    (:mod:`equiray_pipelines.progress`)."""
     write_line(message)
 
 

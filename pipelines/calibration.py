@@ -3,7 +3,7 @@
 One softmax temperature per registered version (:mod:`equiray.calibration`): fitted on the validation split under
 the view of the inputs the model was trained for (upright for the backbone, a random pose for a model trained on
 turned images, the target corruption for a robust fine-tune), then reported on the test split upright and at a
-random angle (SO(2)), before and after. The version carries it as the tag :data:`pipelines.tracking.TEMPERATURE_TAG`
+random angle (SO(2)), before and after. The version carries it as the tag :data:`equiray_pipelines.tracking.TEMPERATURE_TAG`
 (the endpoint, ``equiray export`` and the demo's report read it) and the rest as ``calibration.*`` tags; the
 stage's run gets the same as ``calibration_*`` metrics.
 """
@@ -16,7 +16,7 @@ import torch
 from equiray.data import resize
 from equiray.data.views import apply_view
 from equiray.train import predict
-from pipelines.tracking import TEMPERATURE_TAG
+from equiray_pipelines.tracking import TEMPERATURE_TAG
 
 __all__ = ["CALIBRATION_IMAGES", "CALIBRATION_TEST_VIEWS", "calibrate_model", "calibration_from_tags",
            "calibration_tags", "describe_calibration"]
@@ -36,7 +36,7 @@ def calibrate_model(uri: str, val: tuple[torch.Tensor, torch.Tensor], test: tupl
     angle (SO(2)). Keys ``temperature``, ``{view}_{ece,nll}_{before,after}``. ``test_logits``: the model's logits on
     those test views already (the robust stage's judge returns them), else computed."""
     from equiray.calibration import calibrate
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     model, spec = tracking.load_model(uri)
     size = spec.get("input_shape", val[0].shape[1:])[-1]

@@ -1,10 +1,10 @@
 """Every pipeline the ``equiray`` command runs, as data: its command words, config class, run function, help and
-command-specific options. The CLI builds its subcommands from this table and ``pipelines.jobs`` reads it to find
+command-specific options. The CLI builds its subcommands from this table and ``equiray_pipelines.jobs`` reads it to find
 the configs a job spec runs; nothing here parses arguments.
 
-A command's words name its module and its function: ``equiray ftp tune`` is ``pipelines.ftp.run_tune`` with
-``pipelines.ftp.FTPConfig``, and ``python -m pipelines.ftp tune ...`` is the same as ``equiray ftp tune ...``
-(a one-word command such as ``pretrain`` is ``pipelines.pretrain.run``). Add a pipeline by adding a
+A command's words name its module and its function: ``equiray ftp tune`` is ``equiray_pipelines.ftp.run_tune`` with
+``equiray_pipelines.ftp.FTPConfig``, and ``python -m equiray_pipelines.ftp tune ...`` is the same as ``equiray ftp tune ...``
+(a one-word command such as ``pretrain`` is ``equiray_pipelines.pretrain.run``). Add a pipeline by adding a
 :class:`Pipeline` to ``CATALOG``.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from equiray.config import load_config
 from equiray.registry import Registry
-from pipelines import canon, demo, distill, ensemble, ftp, nfn, pretrain, robust, serve
+from equiray_pipelines import canon, demo, distill, ensemble, ftp, nfn, pretrain, robust, serve
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The ``equiray`` command line: one front for the library's data tools and every Ray pipeline.
 
-The pipeline commands are built from :mod:`pipelines.catalog` (config class, run function, help, options); the
+The pipeline commands are built from :mod:`equiray_pipelines.catalog` (config class, run function, help, options); the
 data, models, submit and jobs commands and ``serve stop`` are written here. The CLI is a leaf: it imports the
 pipelines, nothing but the packages' ``__main__`` entry points imports it.
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from equiray.config import to_dict
 from equiray.errors import EquirayError
-from pipelines import jobs, serve
-from pipelines._ray import leave_ray
-from pipelines.catalog import ALIASES, CATALOG, GROUPS, PIPELINES, Option, Pipeline
+from equiray_pipelines import jobs, serve
+from equiray_pipelines._ray import leave_ray
+from equiray_pipelines.catalog import ALIASES, CATALOG, GROUPS, PIPELINES, Option, Pipeline
 
 EPILOG = """\
 examples:
@@ -247,7 +247,7 @@ def _version() -> str:
 
 
 def _setup_logging(verbose: bool) -> None:
-    from pipelines.progress import LineHandler
+    from equiray_pipelines.progress import LineHandler
 
     handler = LineHandler(sys.stderr)  # a log line above the progress bars on a terminal, not through them
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -325,7 +325,7 @@ def _cmd_models(args) -> int:
     if not args.models_command:
         raise EquirayError("choose an action: equiray models list | export")
     if args.models_command == "export":
-        from pipelines.export import export
+        from equiray_pipelines.export import export
 
         export(args.model, args.out, format=args.format, images=args.images, tolerance=args.tolerance)
         return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from equiray.errors import EquirayError
-from pipelines._ray import say
+from equiray_pipelines._ray import say
 
 __all__ = ["TOLERANCE", "export"]
 
@@ -36,7 +36,7 @@ def export(uri: str, out: str | os.PathLike, *, format: str, images: int = 256, 
     """Export the registered model ``uri`` to ``out`` as ``format`` and check it; a file that differs from PyTorch
     by more than ``tolerance`` (probabilities) is removed and the difference reported as an error."""
     from equiray.export import FORMATS, export_model, load_exported, max_difference
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     if format not in FORMATS:
         raise EquirayError(f"--format {format!r}: one of {', '.join(FORMATS)}")

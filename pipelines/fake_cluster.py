@@ -96,7 +96,7 @@ class FakeCluster:
         self.stop()
 
     def start(self, timeout: float = 180) -> None:
-        from pipelines import jobs
+        from equiray_pipelines import jobs
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg_path = self.workdir / "fake_cluster.yaml"

@@ -4,7 +4,7 @@ A job spec is a small YAML file (``load_job_spec`` rejects unknown keys, naming 
 
     name: pretrain
     description: pretrain the backbone and register it as equiray-backbone@pretrained
-    entrypoint: python -m pipelines.pretrain --config jobs/configs/pretrain.yaml
+    entrypoint: python -m equiray_pipelines.pretrain --config jobs/configs/pretrain.yaml
     entrypoint_num_cpus: 1
     runtime_env:
       working_dir: .                    # uploaded with the job: the code the job runs
@@ -13,8 +13,8 @@ A job spec is a small YAML file (``load_job_spec`` rejects unknown keys, naming 
       env_vars:
         RAY_USAGE_STATS_ENABLED: "0"
 
-The configs a spec runs are read off its entrypoint (``python -m pipelines.X [ACTION] --config F``, which is
-``equiray X [ACTION] --config F``; ``serve deploy F``, ``--serve-config F``), found in :mod:`pipelines.catalog`,
+The configs a spec runs are read off its entrypoint (``python -m equiray_pipelines.X [ACTION] --config F``, which is
+``equiray X [ACTION] --config F``; ``serve deploy F``, ``--serve-config F``), found in :mod:`equiray_pipelines.catalog`,
 checked to exist before anything is submitted, and loaded by the tests with the pipeline's own config class, so a
 cluster-scale config cannot rot unnoticed.
 
@@ -29,10 +29,13 @@ the cluster's dashboard (``--address``, else ``RAY_ADDRESS``, else ``http://127.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import shlex
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,7 @@ from equiray.errors import ConfigError, EquirayError
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SERVE = "serve"  # a Ray Serve config file: `serve deploy|run FILE` (Ray's CLI), `--serve-config FILE`
+PACKAGE = "equiray_pipelines"  # the import name of the repository's pipelines/ folder (pyproject's package-dir)
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class PipelineCommand:
-    """One pipeline call found in an entrypoint: ``pipeline`` is a command of ``pipelines.catalog.PIPELINES``
+    """One pipeline call found in an entrypoint: ``pipeline`` is a command of ``equiray_pipelines.catalog.PIPELINES``
     (an old spelling given as its command), or ``SERVE`` for a Serve config file; ``config`` the config file it
     runs, ``overrides`` its ``--set`` values."""
 
@@ -102,7 +106,7 @@ def load_job_spec(path: str | os.PathLike) -> JobSpec:
 
 def pipeline_commands(entrypoint: str) -> list[PipelineCommand]:
     """Every equiray pipeline (and Serve config) the entrypoint runs, in order."""
-    from pipelines.catalog import ALIASES, PIPELINES
+    from equiray_pipelines.catalog import ALIASES, PIPELINES
 
     lexer = shlex.shlex(entrypoint, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
@@ -121,7 +125,10 @@ def pipeline_commands(entrypoint: str) -> list[PipelineCommand]:
     out = []
     for argv in commands:
         if argv[:2] in (["python", "-m"], ["python3", "-m"]) and len(argv) > 2 and argv[2].startswith("pipelines."):
-            module = argv[2].split(".", 1)[1]  # `python -m pipelines.X ...` is `equiray X ...`
+            raise ConfigError(f"entrypoint: `python -m {argv[2]}`: the package is `equiray_pipelines` now; write "
+                              f"`python -m equiray_{argv[2]}` (or `equiray {argv[2].split('.', 1)[1]}`)")
+        if argv[:2] in (["python", "-m"], ["python3", "-m"]) and len(argv) > 2 and argv[2].startswith(PACKAGE + "."):
+            module = argv[2].split(".", 1)[1]  # `python -m equiray_pipelines.X ...` is `equiray X ...`
             words, rest = ([] if module == "cli" else [module]), argv[3:]
         elif argv[:1] == ["equiray"]:
             words, rest = [], argv[1:]
@@ -279,8 +286,28 @@ def submit(spec: JobSpec, *, address: str | None = None, root: str | os.PathLike
            env: dict[str, str] | None = None, ready_timeout_s: float = 60.0) -> str:
     """Submit ``spec`` to the cluster; returns the job id. A freshly started head answers HTTP a few seconds
     before its job agent is ready: that one error is retried for up to ``ready_timeout_s``."""
-    renv = runtime_env(spec, root=root, env=env)
     c = client(address)
+    with _pipelines_as_package(runtime_env(spec, root=root, env=env)) as renv:
+        return _submit(c, spec, renv, address, ready_timeout_s)
+
+
+@contextlib.contextmanager
+def _pipelines_as_package(renv: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``renv`` with the working dir's ``pipelines/`` folder sent as the package ``equiray_pipelines``, the name
+    the job imports it by (a copy under that name in ``py_modules``, the folder left out of the working dir): the
+    job runs the submitted code, not a copy installed on the nodes. A working dir without the folder: as is."""
+    folder = Path(renv["working_dir"]) / "pipelines"
+    if not (folder / "__init__.py").is_file():
+        yield renv
+        return
+    with tempfile.TemporaryDirectory(prefix="equiray-job-") as tmp:
+        staged = Path(tmp) / PACKAGE
+        shutil.copytree(folder, staged, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        yield {**renv, "py_modules": [*renv.get("py_modules", []), str(staged)],
+               "excludes": [*renv.get("excludes", []), "/pipelines/"]}  # uploaded once, under its package name
+
+
+def _submit(c, spec: JobSpec, renv: dict[str, Any], address: str | None, ready_timeout_s: float) -> str:
     metadata = {"equiray.spec": spec.name, **spec.metadata}
     kwargs = dict(entrypoint=spec.entrypoint, runtime_env=renv, metadata=metadata,
                   submission_id=_submission_id(spec.name),

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Mapping, TypeVar
 
-from pipelines import tracking
-from pipelines._common import DataConfig, TrackingConfig
-from pipelines.calibration import calibration_from_tags
+from equiray_pipelines import tracking
+from equiray_pipelines._common import DataConfig, TrackingConfig
+from equiray_pipelines.calibration import calibration_from_tags
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class StageResult:
     table: str = ""  # the stage's results as a Markdown table (printed by the CLI, quoted by the report)
     verdict: tuple[str, ...] = ()  # one line per reading of the table
     plots: tuple[str, ...] = ()
-    # the registered version's softmax temperature and its ECE / NLL before and after (pipelines.calibration);
+    # the registered version's softmax temperature and its ECE / NLL before and after (equiray_pipelines.calibration);
     # empty for a model that is not an image classifier
     calibration: Mapping[str, Any] = field(default_factory=dict)
 
@@ -129,7 +129,7 @@ class Stage(Generic[ConfigT, ResultT]):
     def calibration_images(self) -> int:
         """How many validation (and test) images the temperature is fitted (and measured) on: the data section's
         ``max_eval``, at most ``CALIBRATION_IMAGES``. A stage whose model costs much per image may take fewer."""
-        from pipelines.calibration import CALIBRATION_IMAGES
+        from equiray_pipelines.calibration import CALIBRATION_IMAGES
 
         data: DataConfig = self.cfg.data  # type: ignore[attr-defined]
         return min(data.max_eval or CALIBRATION_IMAGES, CALIBRATION_IMAGES)
@@ -165,7 +165,7 @@ class Stage(Generic[ConfigT, ResultT]):
     def run(self) -> ResultT:
         import mlflow
 
-        from pipelines._ray import init_ray, log_cluster_once
+        from equiray_pipelines._ray import init_ray, log_cluster_once
 
         uri = tracking.tracking_uri()
         experiment_id = tracking.setup(self.tracking.experiment, uri)
@@ -212,8 +212,8 @@ class Stage(Generic[ConfigT, ResultT]):
         import mlflow
 
         from equiray.data import read_split
-        from pipelines._ray import say
-        from pipelines.calibration import calibrate_model, calibration_tags, describe_calibration
+        from equiray_pipelines._ray import say
+        from equiray_pipelines.calibration import calibrate_model, calibration_tags, describe_calibration
 
         view = self.calibration_view(outcome)
         if outcome.model_uri is None or view is None or tracking.TEMPERATURE_TAG in outcome.tags:

@@ -17,7 +17,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 def _start_shared_ray():
     import ray
 
-    from pipelines._ray import local_ray_env
+    from equiray_pipelines._ray import local_ray_env
 
     if not ray.is_initialized():
         local_ray_env()  # as every local Ray equiray starts: Serve with direct ingress

@@ -98,7 +98,7 @@ def test_the_sweeps_canonicalizer_is_equivariant_on_fashion_mnist_sized_inputs(g
     """The configured canonicalizer (area resampling 28 -> 9 px, batch norm, the factored lifting conv at
     inference) on 28x28 images: its scores permute exactly for the grid's symmetries. Sensitivity: a shift by two
     pixels, not a symmetry, changes them beyond any permutation."""
-    from pipelines.canon import CanonConfig
+    from equiray_pipelines.canon import CanonConfig
 
     g = get_group(gname)
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def test_the_sweeps_canonicalizer_options_are_typed():
     the options a config sets (and only those) reach the canonicalizer."""
     from equiray.config import load_config
     from equiray.errors import ConfigError
-    from pipelines.canon import CanonConfig
+    from equiray_pipelines.canon import CanonConfig
 
     with pytest.raises(ConfigError, match=r"unknown config key 'canonicalizers.equivariant.widht'"):
         load_config(CanonConfig, {"canonicalizers": {"equivariant": {"widht": 3}}})

@@ -73,26 +73,26 @@ def test_flatten_and_round_trip():
 
 
 def test_pipeline_configs_load_and_validate():
-    from pipelines.demo import DemoConfig
-    from pipelines.pretrain import PretrainConfig
+    from equiray_pipelines.demo import DemoConfig
+    from equiray_pipelines.pretrain import PretrainConfig
 
-    from pipelines.nfn import NFNTrainConfig, ZooConfig
+    from equiray_pipelines.nfn import NFNTrainConfig, ZooConfig
 
     for path, cls in (("configs/pretrain.yaml", PretrainConfig), ("configs/demo.yaml", DemoConfig),
                       ("configs/nfn_zoo.yaml", ZooConfig), ("configs/nfn_train.yaml", NFNTrainConfig),
                       ("configs/nfn_train_members.yaml", NFNTrainConfig), ("configs/nfn_zoo_large.yaml", ZooConfig)):
         assert isinstance(load_config(cls, path), cls)
     # the FTP search's example config compares SPD too; a search that is not told compares the paper's four
-    from pipelines.ftp import FTPConfig
+    from equiray_pipelines.ftp import FTPConfig
     assert load_config(FTPConfig, "configs/ftp.yaml").space.methods == ("finetune", "l2sp", "ftp", "tpgm", "spd")
     assert FTPConfig().space.methods == ("finetune", "l2sp", "ftp", "tpgm")
     # the demo's defaults live in its dataclasses alone: configs/demo.yaml only overrides (here: nothing)
     assert load_config(DemoConfig, "configs/demo.yaml") == DemoConfig()
     # the any-angle recipe the demo trains is the one its config file gives `equiray canon sweep`
-    from pipelines.canon import ANY_ANGLE, CanonConfig
+    from equiray_pipelines.canon import ANY_ANGLE, CanonConfig
     assert load_config(CanonConfig, "configs/canon_any_angle_fast.yaml") == ANY_ANGLE
     # configs/robust.yaml says it holds the built-in defaults
-    from pipelines.robust import RobustConfig
+    from equiray_pipelines.robust import RobustConfig
     assert load_config(RobustConfig, "configs/robust.yaml") == RobustConfig()
     with pytest.raises(ConfigError, match="model.name: unknown model 'resnet-9000'"):
         load_config(PretrainConfig, {"model": {"name": "resnet-9000"}})
@@ -103,8 +103,8 @@ def test_pipeline_configs_load_and_validate():
 def test_partial_sections_keep_the_parents_defaults():
     """A section given in part fills its gaps from the parent config's default for that section (the distill
     stage's registry name must not fall back to the backbone's), at any depth; plain dicts are replaced."""
-    from pipelines.demo import DemoConfig
-    from pipelines.distill import DistillConfig
+    from equiray_pipelines.demo import DemoConfig
+    from equiray_pipelines.distill import DistillConfig
 
     cfg = load_config(DistillConfig, {"tracking": {"experiment": "mine"}, "student": {"kwargs": {"width": 8}}})
     assert cfg.tracking.experiment == "mine" and cfg.tracking.registered_model == "equiray-student"

@@ -76,8 +76,8 @@ def test_a_registered_model_whose_export_differs_is_refused_and_nothing_is_writt
     import mlflow
 
     from equiray.errors import EquirayError
-    from pipelines import tracking
-    from pipelines.export import export
+    from equiray_pipelines import tracking
+    from equiray_pipelines.export import export
 
     spec = {**{k: v for k, v in DISCRETE.items() if k not in ("name", "in_chans", "num_classes")}}
     full = {"name": "canonicalized", "in_chans": 1, "num_classes": 10, "input_shape": [1, 14, 14], "kwargs": spec}

@@ -8,17 +8,17 @@ nested under the sweep's run. The driver then times every model on the same batc
 from concurrent trials would measure their contention), writes the table and a plot, and registers the best
 variant as ``equiray-canon@champion``.
 
-* :mod:`~pipelines.canon.config`: :class:`CanonConfig` and its sections;
-* :mod:`~pipelines.canon.trial`: one variant as a Tune trial (what runs on Ray; :mod:`equiray.canon` trains it);
-* :mod:`~pipelines.canon.stage`: :func:`run_sweep`, the :class:`CanonSweep` stage and its :class:`CanonResult`;
-* :mod:`~pipelines.canon.report`: the table, the verdict and the plot.
+* :mod:`~equiray_pipelines.canon.config`: :class:`CanonConfig` and its sections;
+* :mod:`~equiray_pipelines.canon.trial`: one variant as a Tune trial (what runs on Ray; :mod:`equiray.canon` trains it);
+* :mod:`~equiray_pipelines.canon.stage`: :func:`run_sweep`, the :class:`CanonSweep` stage and its :class:`CanonResult`;
+* :mod:`~equiray_pipelines.canon.report`: the table, the verdict and the plot.
 
-    python -m pipelines.canon sweep --config configs/canon.yaml
+    python -m equiray_pipelines.canon sweep --config configs/canon.yaml
 """
-from pipelines.canon.config import (ANY_ANGLE, BASELINES, CanonConfig, CanonicalizerOptions, CanonTrain,
+from equiray_pipelines.canon.config import (ANY_ANGLE, BASELINES, CanonConfig, CanonicalizerOptions, CanonTrain,
                                     EquivariantOptions, GridConfig, OptimizedOptions)
-from pipelines.canon.report import plot_variants, results_table, verdict
-from pipelines.canon.stage import CanonResult, CanonSweep, run_sweep
+from equiray_pipelines.canon.report import plot_variants, results_table, verdict
+from equiray_pipelines.canon.stage import CanonResult, CanonSweep, run_sweep
 
 __all__ = ["ANY_ANGLE", "BASELINES", "CanonConfig", "CanonicalizerOptions", "CanonTrain", "EquivariantOptions",
            "GridConfig", "OptimizedOptions", "CanonResult", "CanonSweep", "run_sweep", "results_table", "verdict",

@@ -12,7 +12,7 @@ from equiray.canon import BACKBONE_MODES, LR_SCHEDULES, POSES, TRAIN_ROTATIONS, 
 from equiray.errors import ConfigError
 from equiray.groups import get_group
 from equiray.models.orbit import parse_orbit
-from pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
+from equiray_pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
 
 # plain fine-tuning; with random group augmentation; with a uniform random angle per image (and a random mirror)
 BASELINE_CHOICES = ("vanilla", "augment", "so2", "o2")

@@ -18,11 +18,11 @@ from equiray.canon import Variant, paired_latencies
 from equiray.config import to_dict
 from equiray.errors import ConfigError
 from equiray.data import resize
-from pipelines.canon.config import CanonConfig
-from pipelines.canon.report import plot_angle_curves, plot_variants, results_table, verdict
-from pipelines.canon.trial import SweepRun, run_trial
-from pipelines.progress import trial_progress
-from pipelines.stage import Outcome, Stage, StageResult, StageRun
+from equiray_pipelines.canon.config import CanonConfig
+from equiray_pipelines.canon.report import plot_angle_curves, plot_variants, results_table, verdict
+from equiray_pipelines.canon.trial import SweepRun, run_trial
+from equiray_pipelines.progress import trial_progress
+from equiray_pipelines.stage import Outcome, Stage, StageResult, StageRun
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class CanonSweep(Stage[CanonConfig, CanonResult]):
     @functools.cached_property
     def backbone(self) -> tuple[nn.Module, dict]:
         """The pretrained backbone and its spec, from the registry."""
-        from pipelines import tracking
+        from equiray_pipelines import tracking
 
         return tracking.load_model(self.cfg.backbone)
 
@@ -62,7 +62,7 @@ class CanonSweep(Stage[CanonConfig, CanonResult]):
 
     def fingerprint(self) -> dict:
         """The config (its canonicalizer options as set, as when they were a dict) and the backbone's version."""
-        from pipelines import tracking
+        from equiray_pipelines import tracking
 
         config = {**to_dict(self.cfg), "canonicalizers": self.cfg.canonicalizers.given()}
         return {"config": config, "backbone": tracking.registry_version(self.cfg.backbone)}
@@ -115,7 +115,7 @@ class CanonSweep(Stage[CanonConfig, CanonResult]):
         """The sweep behind the registered champion (its ``sweep_run_id`` tag): its rows and plot, read back."""
         import mlflow
 
-        from pipelines import tracking
+        from equiray_pipelines import tracking
 
         parent = mv.tags["sweep_run_id"]
         rows, plot = tracking.fetch_results(parent, "variants.json", "plots/canon_variants.png", self.report_dir)
@@ -155,8 +155,8 @@ def run_trials(cfg: CanonConfig, variants: list[Variant], data: tuple[torch.Tens
         run_config=tune.RunConfig(name=name, storage_path=str(Path(cfg.storage_path).resolve()),
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=1),
                                   callbacks=[trial_progress(len(variants), prefix="canon")]))
-    from pipelines import tracking
-    from pipelines._ray import fit_noting_interrupts
+    from equiray_pipelines import tracking
+    from equiray_pipelines._ray import fit_noting_interrupts
 
     grid = fit_noting_interrupts(tuner)
     if grid is None:  # Ctrl+C: Tune stopped the trials; the CLI says "interrupted" and exits 130
@@ -181,8 +181,8 @@ def mixture_row(cfg: CanonConfig, rows: list[dict], x: torch.Tensor, y: torch.Te
     from equiray.canon import evaluate_variant
     from equiray.models import Mixture, OrbitAveraged
     from equiray.models.orbit import parse_orbit
-    from pipelines import tracking
-    from pipelines._ray import say
+    from equiray_pipelines import tracking
+    from equiray_pipelines._ray import say
 
     def best(canonicalized: bool) -> dict:
         return max((r for r in rows if (r["kind"] != "none") == canonicalized),
@@ -241,7 +241,7 @@ def time_variants(rows: list[dict], bare: nn.Module, batch: torch.Tensor) -> lis
     variant's MLflow run."""
     import mlflow
 
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     models = [tracking.load_model(r["model_uri"])[0] for r in rows]
     lat = paired_latencies(bare, models, batch)

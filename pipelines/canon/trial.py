@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import torch
 
 from equiray.canon import Variant, build_variant, evaluate_variant, train_variant
-from pipelines.canon.config import CanonConfig
+from equiray_pipelines.canon.config import CanonConfig
 
 __all__ = ["SweepRun", "run_trial"]
 
@@ -37,7 +37,7 @@ def run_trial(config: Mapping, *, cfg: CanonConfig, data: tuple[torch.Tensor, ..
     import ray
     import ray.tune
 
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     variant = Variant(**config["variant"])
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
@@ -74,7 +74,7 @@ def _epoch_logger(client, run_id: str, variant: Variant, epochs: int) -> Callabl
     """Each epoch's row: to the variant's MLflow run, one progress line, and Tune."""
     import ray.tune
 
-    from pipelines._ray import say
+    from equiray_pipelines._ray import say
 
     def on_epoch(row: dict) -> None:
         for k, v in row.items():

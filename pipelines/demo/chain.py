@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 from equiray.config import to_dict
-from pipelines import canon, distill, ensemble, ftp, nfn, pretrain, robust, tracking
-from pipelines._ray import say
-from pipelines.progress import Progress, duration
-from pipelines.demo.config import STAGES, DemoConfig
-from pipelines.demo.report import backbone_table, write_report
-from pipelines.demo.results import DemoResult, NFNStageResult
-from pipelines.demo.serving import serve_stage
+from equiray_pipelines import canon, distill, ensemble, ftp, nfn, pretrain, robust, tracking
+from equiray_pipelines._ray import say
+from equiray_pipelines.progress import Progress, duration
+from equiray_pipelines.demo.config import STAGES, DemoConfig
+from equiray_pipelines.demo.report import backbone_table, write_report
+from equiray_pipelines.demo.results import DemoResult, NFNStageResult
+from equiray_pipelines.demo.serving import serve_stage
 
 log = logging.getLogger(__name__)
 

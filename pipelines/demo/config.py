@@ -9,16 +9,16 @@ import dataclasses
 from dataclasses import dataclass
 
 from equiray.errors import ConfigError
-from pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
-from pipelines.canon import ANY_ANGLE, CanonConfig, GridConfig
-from pipelines.distill import DistillConfig
-from pipelines.ensemble import EnsembleConfig
-from pipelines.ftp import FTPConfig, FTPTrain, SearchConfig as FTPSearch
-from pipelines.nfn import Metanetworks, MonomialNFNOptions, NFNTrainConfig, ZooConfig
-from pipelines.pretrain import PretrainConfig, TrainConfig
-from pipelines.robust import RobustConfig
-from pipelines.robust.config import CANON_SWEEP, TTA
-from pipelines.serve import ServeConfig
+from equiray_pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
+from equiray_pipelines.canon import ANY_ANGLE, CanonConfig, GridConfig
+from equiray_pipelines.distill import DistillConfig
+from equiray_pipelines.ensemble import EnsembleConfig
+from equiray_pipelines.ftp import FTPConfig, FTPTrain, SearchConfig as FTPSearch
+from equiray_pipelines.nfn import Metanetworks, MonomialNFNOptions, NFNTrainConfig, ZooConfig
+from equiray_pipelines.pretrain import PretrainConfig, TrainConfig
+from equiray_pipelines.robust import RobustConfig
+from equiray_pipelines.robust.config import CANON_SWEEP, TTA
+from equiray_pipelines.serve import ServeConfig
 
 STAGES = ("pretrain", "ensemble", "distill", "canon", "any_angle", "ftp", "nfn", "robust", "serve")
 

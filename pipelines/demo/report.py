@@ -5,9 +5,9 @@ import os
 import time
 from pathlib import Path
 
-from pipelines.demo.config import DemoConfig
-from pipelines.demo.results import DemoResult
-from pipelines.pretrain import PretrainResult
+from equiray_pipelines.demo.config import DemoConfig
+from equiray_pipelines.demo.results import DemoResult
+from equiray_pipelines.pretrain import PretrainResult
 
 
 def backbone_table(pre: PretrainResult, group: str) -> str:
@@ -278,7 +278,7 @@ def _environment_section() -> str:
     import os
     import platform
 
-    from pipelines.tracking import source_tags
+    from equiray_pipelines.tracking import source_tags
 
     tags = source_tags()
     commit = tags.get("mlflow.source.git.commit")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipelines import canon, distill, ensemble, ftp, nfn, pretrain, robust
-from pipelines.demo.serving import ServeStageResult
+from equiray_pipelines import canon, distill, ensemble, ftp, nfn, pretrain, robust
+from equiray_pipelines.demo.serving import ServeStageResult
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
-from pipelines.serve import ServeConfig
+from equiray_pipelines.serve import ServeConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +41,7 @@ def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> ServeStageResult:
     from ray import serve
 
     from equiray.data import read_meta, read_split
-    from pipelines import tracking, serve as serving
+    from equiray_pipelines import tracking, serve as serving
 
     x, y = read_split(data_dir, "test", limit=n)  # (n, C, H, W) in [0, 1]
     names = read_meta(data_dir)["classes"]

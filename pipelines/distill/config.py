@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from equiray.errors import ConfigError
-from pipelines._common import DataConfig, ScalingConfig, TrackingConfig
+from equiray_pipelines._common import DataConfig, ScalingConfig, TrackingConfig
 
 __all__ = ["DistillConfig", "DistillTrain", "StudentConfig"]
 

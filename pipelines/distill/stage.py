@@ -15,13 +15,13 @@ from equiray.config import to_dict
 from equiray.data import read_split, split_files
 from equiray.distill import measure, ms_per_image
 from equiray.groups import get_group
-from pipelines import tracking
+from equiray_pipelines import tracking
 from equiray.data import resize
-from pipelines._common import fit
-from pipelines.distill.config import DistillConfig
-from pipelines.distill.report import STUDENT, TEACHER, distill_table, rows_from_metrics, rows_metrics, speedup
-from pipelines.distill.worker import WorkerArgs, build_student, train_loop_per_worker
-from pipelines.stage import Outcome, Stage, StageResult, StageRun
+from equiray_pipelines._common import fit
+from equiray_pipelines.distill.config import DistillConfig
+from equiray_pipelines.distill.report import STUDENT, TEACHER, distill_table, rows_from_metrics, rows_metrics, speedup
+from equiray_pipelines.distill.worker import WorkerArgs, build_student, train_loop_per_worker
+from equiray_pipelines.stage import Outcome, Stage, StageResult, StageRun
 
 
 @dataclass(frozen=True, kw_only=True)

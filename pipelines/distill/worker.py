@@ -13,9 +13,9 @@ from equiray.distill import Distillation
 from equiray.groups import get_group
 from equiray.models import create_model
 from equiray.train import shuffled_batches, train_epoch
-from pipelines._common import load_shard, resume_from_checkpoint, unwrap, worker_threads
-from pipelines._ray import say
-from pipelines.distill.config import DistillConfig, StudentConfig
+from equiray_pipelines._common import load_shard, resume_from_checkpoint, unwrap, worker_threads
+from equiray_pipelines._ray import say
+from equiray_pipelines.distill.config import DistillConfig, StudentConfig
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def train(cfg: DistillConfig, args: WorkerArgs) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     worker_threads(cfg.scaling.torch_threads)
     rank = ray.train.get_context().get_world_rank()

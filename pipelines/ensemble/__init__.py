@@ -14,21 +14,21 @@ training continues where it stopped; the driver checks at the end that every mem
 ``equiray ensemble eval``: OSP and symmetric KL (and accuracy) of the ensemble mean as functions of
 ensemble size (bootstrap), in distribution and off the data manifold, one line per setting; plot + table.
 
-    python -m pipelines.ensemble train --config configs/ensemble.yaml
+    python -m equiray_pipelines.ensemble train --config configs/ensemble.yaml
 
-- :mod:`~pipelines.ensemble.config`: the config dataclasses and the cut into member groups;
-- :mod:`~pipelines.ensemble.worker`: what runs on a Ray Train worker;
-- :mod:`~pipelines.ensemble.stage`: ``run_train``, the registering stage;
-- :mod:`~pipelines.ensemble.members`: a train run's members read back from MLflow;
-- :mod:`~pipelines.ensemble.evaluate`, :mod:`~pipelines.ensemble.select`: ``run_eval``, ``run_select``;
-- :mod:`~pipelines.ensemble.report`: tables, verdicts, the plot.
+- :mod:`~equiray_pipelines.ensemble.config`: the config dataclasses and the cut into member groups;
+- :mod:`~equiray_pipelines.ensemble.worker`: what runs on a Ray Train worker;
+- :mod:`~equiray_pipelines.ensemble.stage`: ``run_train``, the registering stage;
+- :mod:`~equiray_pipelines.ensemble.members`: a train run's members read back from MLflow;
+- :mod:`~equiray_pipelines.ensemble.evaluate`, :mod:`~equiray_pipelines.ensemble.select`: ``run_eval``, ``run_select``;
+- :mod:`~equiray_pipelines.ensemble.report`: tables, verdicts, the plot.
 """
-from pipelines.ensemble.config import (DEFAULT_SETTINGS, EnsembleConfig, EnsembleEvalSection, EnsembleTracking,
+from equiray_pipelines.ensemble.config import (DEFAULT_SETTINGS, EnsembleConfig, EnsembleEvalSection, EnsembleTracking,
                                        EnsembleTrainSection, GroupPlan, MemberConfig, SettingConfig)
-from pipelines.ensemble.evaluate import EnsembleEvalResult, evaluate, off_manifold_images, run_eval
-from pipelines.ensemble.members import find_train_run, load_members
-from pipelines.ensemble.select import EnsembleSelectResult, member_state_dicts, run_select, select_by_nfn
-from pipelines.ensemble.stage import EnsembleTrain, EnsembleTrainResult, run_train
+from equiray_pipelines.ensemble.evaluate import EnsembleEvalResult, evaluate, off_manifold_images, run_eval
+from equiray_pipelines.ensemble.members import find_train_run, load_members
+from equiray_pipelines.ensemble.select import EnsembleSelectResult, member_state_dicts, run_select, select_by_nfn
+from equiray_pipelines.ensemble.stage import EnsembleTrain, EnsembleTrainResult, run_train
 
 __all__ = ["DEFAULT_SETTINGS", "EnsembleConfig", "EnsembleEvalResult", "EnsembleEvalSection", "EnsembleSelectResult",
            "EnsembleTracking", "EnsembleTrain", "EnsembleTrainResult", "EnsembleTrainSection", "GroupPlan",

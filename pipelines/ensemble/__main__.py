@@ -1,6 +1,6 @@
-"""``python -m pipelines.ensemble [ACTION] --config F [--set k=v]``: the same as ``equiray ensemble ...``."""
+"""``python -m equiray_pipelines.ensemble [ACTION] --config F [--set k=v]``: the same as ``equiray ensemble ...``."""
 import sys
 
-from pipelines.cli import main
+from equiray_pipelines.cli import main
 
 raise SystemExit(main(["ensemble", *sys.argv[1:]]))

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from equiray.errors import ConfigError
 from equiray.groups import get_group
-from pipelines._common import DataConfig, ScalingConfig, TrackingConfig
+from equiray_pipelines._common import DataConfig, ScalingConfig, TrackingConfig
 
 
 @dataclass(frozen=True)

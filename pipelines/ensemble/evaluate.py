@@ -17,11 +17,11 @@ import torch
 
 from equiray.groups import get_group
 from equiray.data import resize
-from pipelines.ensemble.config import EnsembleConfig
-from pipelines.ensemble.members import find_train_run, load_members, read_test
-from pipelines.ensemble.report import plot_curves, results_table, slug, verdict
-from pipelines.ensemble.select import run_select
-from pipelines.stage import StageResult
+from equiray_pipelines.ensemble.config import EnsembleConfig
+from equiray_pipelines.ensemble.members import find_train_run, load_members, read_test
+from equiray_pipelines.ensemble.report import plot_curves, results_table, slug, verdict
+from equiray_pipelines.ensemble.select import run_select
+from equiray_pipelines.stage import StageResult
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,10 +72,10 @@ def evaluate(ensembles: dict, x: torch.Tensor, y: torch.Tensor, x_off: torch.Ten
 def run_eval(cfg: EnsembleConfig, *, run_id: str | None = None, report_dir: str | os.PathLike | None = None,
              ensembles: dict | None = None) -> EnsembleEvalResult:
     """Measure the members of an ``ensemble train`` run (default: the latest in the experiment). ``ensembles``
-    (an :class:`~pipelines.ensemble.stage.EnsembleTrainResult`'s, when it has them) saves reading them again."""
+    (an :class:`~equiray_pipelines.ensemble.stage.EnsembleTrainResult`'s, when it has them) saves reading them again."""
     import mlflow
 
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     uri = tracking.require_store(tracking.tracking_uri())  # reads a run: no new empty store
     tracking.setup(cfg.tracking.experiment, uri)

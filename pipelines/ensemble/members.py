@@ -10,7 +10,7 @@ import torch
 from equiray.ensembles import StackedEnsemble, load_group
 from equiray.errors import EquirayError
 from equiray.data import resize
-from pipelines.ensemble.config import EnsembleConfig
+from equiray_pipelines.ensemble.config import EnsembleConfig
 
 
 def find_train_run(experiment: str, run_id: str | None = None) -> str:

@@ -16,10 +16,10 @@ import torch
 from equiray.ensembles import StackedEnsemble
 from equiray.errors import EquirayError
 from equiray.groups import get_group
-from pipelines.ensemble.config import EnsembleConfig
-from pipelines.ensemble.members import find_train_run, load_members, read_test
-from pipelines.ensemble.report import selection_table, selection_verdict, slug
-from pipelines.stage import StageResult
+from equiray_pipelines.ensemble.config import EnsembleConfig
+from equiray_pipelines.ensemble.members import find_train_run, load_members, read_test
+from equiray_pipelines.ensemble.report import selection_table, selection_verdict, slug
+from equiray_pipelines.stage import StageResult
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,11 +82,11 @@ def run_select(cfg: EnsembleConfig, *, run_id: str | None = None, ensembles: dic
                metanet: tuple | None = None) -> EnsembleSelectResult:
     """``--select-by nfn`` on its own: leave out the members ``cfg.eval.nfn_model`` predicts weakest, compare the
     mean of the rest with all members and with random subsets; table to ``report_dir`` and to the run.
-    ``ensembles`` (an :class:`~pipelines.ensemble.stage.EnsembleTrainResult`'s), ``data`` (test images and labels)
+    ``ensembles`` (an :class:`~equiray_pipelines.ensemble.stage.EnsembleTrainResult`'s), ``data`` (test images and labels)
     and ``metanet`` (``(model, spec)``) save reading them again."""
     import mlflow
 
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     uri = tracking.require_store(tracking.tracking_uri())  # reads a run: no new empty store
     tracking.setup(cfg.tracking.experiment, uri)

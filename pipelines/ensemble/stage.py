@@ -18,12 +18,12 @@ from equiray.config import to_dict
 from equiray.ensembles import MemberGroup, StackedEnsemble, member_seed, save_group
 from equiray.errors import ConfigError
 from equiray.data import resize
-from pipelines._common import fit
-from pipelines._ray import say
-from pipelines.ensemble.config import EnsembleConfig, GroupPlan, SettingConfig
-from pipelines.ensemble.report import slug
-from pipelines.ensemble.worker import WorkerRun, group_file, train_loop_per_worker
-from pipelines.stage import Outcome, Stage, StageResult, StageRun
+from equiray_pipelines._common import fit
+from equiray_pipelines._ray import say
+from equiray_pipelines.ensemble.config import EnsembleConfig, GroupPlan, SettingConfig
+from equiray_pipelines.ensemble.report import slug
+from equiray_pipelines.ensemble.worker import WorkerRun, group_file, train_loop_per_worker
+from equiray_pipelines.stage import Outcome, Stage, StageResult, StageRun
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,7 +98,7 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
 
         from equiray.data import read_split
         from equiray.train import accuracy, predict
-        from pipelines import tracking
+        from equiray_pipelines import tracking
 
         cfg, groups = self.cfg, self.cfg.member_groups()
         phases: dict[str, float] = {}

@@ -21,10 +21,10 @@ import torch
 from equiray.ensembles import MemberGroup, MemberSpec, member_seed
 from equiray.groups import Group, get_group
 from equiray.train import EpochStats
-from pipelines._common import load_shard, worker_threads
-from pipelines._ray import say
-from pipelines.progress import Progress
-from pipelines.ensemble.config import EnsembleConfig, GroupPlan
+from equiray_pipelines._common import load_shard, worker_threads
+from equiray_pipelines._ray import say
+from equiray_pipelines.progress import Progress
+from equiray_pipelines.ensemble.config import EnsembleConfig, GroupPlan
 
 
 @dataclass(frozen=True)

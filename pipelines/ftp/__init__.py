@@ -16,19 +16,19 @@ under the search's run) with its config and curves; every epoch is a Tune checkp
 an interrupted search without re-running finished trials. The best trial's model is registered as
 ``equiray-ftp@champion``.
 
-Modules: :mod:`~pipelines.ftp.config` (the config), :mod:`~pipelines.ftp.task` (data, model, accuracy),
-:mod:`~pipelines.ftp.trial` (one Tune trial; the training itself is :class:`equiray.optim.RobustFineTuner`),
-:mod:`~pipelines.ftp.stage` (the search as a registering stage: :func:`run_tune`), :mod:`~pipelines.ftp.result`
-and :mod:`~pipelines.ftp.report` (what it returns and shows).
+Modules: :mod:`~equiray_pipelines.ftp.config` (the config), :mod:`~equiray_pipelines.ftp.task` (data, model, accuracy),
+:mod:`~equiray_pipelines.ftp.trial` (one Tune trial; the training itself is :class:`equiray.optim.RobustFineTuner`),
+:mod:`~equiray_pipelines.ftp.stage` (the search as a registering stage: :func:`run_tune`), :mod:`~equiray_pipelines.ftp.result`
+and :mod:`~equiray_pipelines.ftp.report` (what it returns and shows).
 
-    python -m pipelines.ftp --config configs/ftp.yaml [--resume]
+    python -m equiray_pipelines.ftp --config configs/ftp.yaml [--resume]
 """
-from pipelines.ftp.config import (METHOD_ORDER, FTPConfig, FTPTrain, SearchConfig, SpaceConfig, TaskConfig,
+from equiray_pipelines.ftp.config import (METHOD_ORDER, FTPConfig, FTPTrain, SearchConfig, SpaceConfig, TaskConfig,
                                   method_params)
-from pipelines.ftp.report import plot_trials, results_table, verdict
-from pipelines.ftp.result import FTPResult, TrialRow
-from pipelines.ftp.stage import FTPTune, run_tune
-from pipelines.ftp.task import Task, build_model, evaluate, load_task
+from equiray_pipelines.ftp.report import plot_trials, results_table, verdict
+from equiray_pipelines.ftp.result import FTPResult, TrialRow
+from equiray_pipelines.ftp.stage import FTPTune, run_tune
+from equiray_pipelines.ftp.task import Task, build_model, evaluate, load_task
 
 __all__ = ["FTPConfig", "FTPTrain", "SearchConfig", "SpaceConfig", "TaskConfig", "METHOD_ORDER", "method_params",
            "FTPResult", "TrialRow", "FTPTune", "run_tune", "Task", "load_task", "build_model", "evaluate",

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from equiray.data.views import parse_view
 from equiray.errors import ConfigError, EquirayError
 from equiray.optim import OPTIMIZERS, method_knobs
-from pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
+from equiray_pipelines._common import DataConfig, ResourcesConfig, TrackingConfig
 
 METHOD_ORDER = ("finetune", "l2sp", "ftp", "tpgm", "spd")  # the order of the table, the plot and the first points tried
 # what a search compares unless told: FTP and the methods its paper compares with; SPD (the same group's 2024

@@ -5,8 +5,8 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from pipelines.ftp.config import METHOD_ORDER, FTPConfig
-from pipelines.ftp.result import TrialRow
+from equiray_pipelines.ftp.config import METHOD_ORDER, FTPConfig
+from equiray_pipelines.ftp.result import TrialRow
 
 
 def results_table(rows: Sequence[TrialRow], pretrained: Mapping[str, float], cfg: FTPConfig) -> str:

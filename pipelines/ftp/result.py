@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from equiray.optim import method_knobs
-from pipelines.stage import StageResult
+from equiray_pipelines.stage import StageResult
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,15 @@ import torch
 
 from equiray.config import to_dict
 from equiray.errors import EquirayError
-from pipelines import tracking
-from pipelines.ftp.config import METHOD_ORDER, FTPConfig, method_params
-from pipelines.ftp.report import plot_trials, results_table, verdict
-from pipelines.ftp.result import FTPResult, TrialRow
-from pipelines.ftp.task import Task, build_model, evaluate, load_task
-from pipelines.ftp.trial import TrialContext, _trial, metric_key
-from pipelines._ray import fit_noting_interrupts
-from pipelines.progress import trial_progress
-from pipelines.stage import Outcome, Stage, StageRun
+from equiray_pipelines import tracking
+from equiray_pipelines.ftp.config import METHOD_ORDER, FTPConfig, method_params
+from equiray_pipelines.ftp.report import plot_trials, results_table, verdict
+from equiray_pipelines.ftp.result import FTPResult, TrialRow
+from equiray_pipelines.ftp.task import Task, build_model, evaluate, load_task
+from equiray_pipelines.ftp.trial import TrialContext, _trial, metric_key
+from equiray_pipelines._ray import fit_noting_interrupts
+from equiray_pipelines.progress import trial_progress
+from equiray_pipelines.stage import Outcome, Stage, StageRun
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def _searcher(cfg: FTPConfig):
         else:
             import optuna.samplers
 
-            from pipelines._ray import verbose
+            from equiray_pipelines._ray import verbose
 
             if not verbose():  # "A new study created in memory ...": a library's line, shown with -v
                 optuna.logging.set_verbosity(optuna.logging.WARNING)

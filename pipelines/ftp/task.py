@@ -8,7 +8,7 @@ import torch
 
 from equiray.data.views import apply_view
 from equiray.errors import ConfigError
-from pipelines.ftp.config import FTPConfig
+from equiray_pipelines.ftp.config import FTPConfig
 
 Split = tuple[torch.Tensor, torch.Tensor]
 

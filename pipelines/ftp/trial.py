@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from equiray.optim import RobustFineTuner, fits_on_holdout, method_knobs
-from pipelines.ftp.config import FTPConfig, method_params
-from pipelines.ftp.task import Task, build_model, evaluate
+from equiray_pipelines.ftp.config import FTPConfig, method_params
+from equiray_pipelines.ftp.task import Task, build_model, evaluate
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _evaluate(model: torch.nn.Module, task: Task, cfg: FTPConfig, *, epoch: int,
 
 
 def _log(client, run_id: str, method: str, metrics: dict[str, float], *, epochs: int) -> None:
-    from pipelines._ray import say
+    from equiray_pipelines._ray import say
 
     epoch = metrics["epoch"]
     for k, v in metrics.items():

@@ -14,8 +14,8 @@ randomly rescaled (a function-preserving change that permutation-only metanetwor
 task per (metanetwork, zoo). Kendall tau on held-out nets, per-epoch curves and a predicted-vs-true plot go to
 MLflow; the champion is registered as ``equiray-nfn@champion``.
 
-    python -m pipelines.nfn zoo --config configs/nfn_zoo.yaml
-    python -m pipelines.nfn train --config configs/nfn_train.yaml
+    python -m equiray_pipelines.nfn zoo --config configs/nfn_zoo.yaml
+    python -m equiray_pipelines.nfn train --config configs/nfn_train.yaml
 
 Modules: ``config`` (both configs), ``zoo`` (the zoo's Ray tasks, Parquet in and out, a zoo as features),
 ``metanet`` (one metanetwork fitted on one zoo, a Ray task), ``stage`` (the ``nfn train`` stage and its result),
@@ -23,11 +23,11 @@ Modules: ``config`` (both configs), ``zoo`` (the zoo's Ray tasks, Parquet in and
 """
 from __future__ import annotations
 
-from pipelines.nfn.config import (ACTIVATIONS, OPTIMIZERS, ZOOS, Metanetworks, MonomialNFNOptions, NFNTrainConfig,
+from equiray_pipelines.nfn.config import (ACTIVATIONS, OPTIMIZERS, ZOOS, Metanetworks, MonomialNFNOptions, NFNTrainConfig,
                                   StatNNOptions, ZooConfig, ZooSpace)
-from pipelines.nfn.metanet import MetanetworkFit
-from pipelines.nfn.stage import NFNTrain, NFNTrainResult, run_train
-from pipelines.nfn.zoo import (ZooResult, member_rows, read_zoo, run_zoo, scaled_zoo, split_nets, write_zoo,
+from equiray_pipelines.nfn.metanet import MetanetworkFit
+from equiray_pipelines.nfn.stage import NFNTrain, NFNTrainResult, run_train
+from equiray_pipelines.nfn.zoo import (ZooResult, member_rows, read_zoo, run_zoo, scaled_zoo, split_nets, write_zoo,
                                zoo_features)
 
 __all__ = ["ZooConfig", "ZooSpace", "NFNTrainConfig", "Metanetworks", "MonomialNFNOptions", "StatNNOptions",

@@ -11,7 +11,7 @@ import numpy as np
 from equiray.config import from_dict, to_dict
 from equiray.errors import ConfigError
 from equiray.nfn import ZOO_ACTIVATIONS, ZOO_OPTIMIZERS, ZooHyperparameters, list_metanetworks
-from pipelines._common import DataConfig, TrackingConfig
+from equiray_pipelines._common import DataConfig, TrackingConfig
 
 OPTIMIZERS = ZOO_OPTIMIZERS
 ACTIVATIONS = ZOO_ACTIVATIONS

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pipelines.nfn.config import NFNTrainConfig
+from equiray_pipelines.nfn.config import NFNTrainConfig
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipelines.nfn.config import ZOOS
-from pipelines.nfn.metanet import MetanetworkFit
+from equiray_pipelines.nfn.config import ZOOS
+from equiray_pipelines.nfn.metanet import MetanetworkFit
 
 
 def tau_table(fits: list[MetanetworkFit]) -> str:

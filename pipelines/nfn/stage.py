@@ -17,12 +17,12 @@ import torch
 from equiray.config import to_dict
 from equiray.errors import EquirayError
 from equiray.nfn import NetworkSpec, WeightSpaceFeatures
-from pipelines import tracking
-from pipelines.nfn.config import NFNTrainConfig
-from pipelines.nfn.metanet import MetanetworkFit, champion, fit_task, rebuild
-from pipelines.nfn.report import scatter, tau_table, taus, verdict
-from pipelines.nfn.zoo import read_zoo, scaled_zoo, split_nets, zoo_features
-from pipelines.stage import Outcome, Stage, StageResult, StageRun
+from equiray_pipelines import tracking
+from equiray_pipelines.nfn.config import NFNTrainConfig
+from equiray_pipelines.nfn.metanet import MetanetworkFit, champion, fit_task, rebuild
+from equiray_pipelines.nfn.report import scatter, tau_table, taus, verdict
+from equiray_pipelines.nfn.zoo import read_zoo, scaled_zoo, split_nets, zoo_features
+from equiray_pipelines.stage import Outcome, Stage, StageResult, StageRun
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +107,7 @@ class NFNTrain(Stage[NFNTrainConfig, NFNTrainResult]):
         import mlflow
         import ray
 
-        from pipelines._ray import say
+        from equiray_pipelines._ray import say
 
         cfg, zoo = self.cfg, self.inputs
         data = {"plain": zoo.feats}

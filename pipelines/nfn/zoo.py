@@ -21,7 +21,7 @@ from equiray.config import to_dict
 from equiray.errors import ConfigError, EquirayError
 from equiray.nfn import ZooHyperparameters, train_zoo_nets
 from equiray.data import resize
-from pipelines.nfn.config import ZooConfig
+from equiray_pipelines.nfn.config import ZooConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> Z
     import ray
 
     from equiray.data import read_split
-    from pipelines._ray import init_ray, log_cluster_once
-    from pipelines.progress import Progress
+    from equiray_pipelines._ray import init_ray, log_cluster_once
+    from equiray_pipelines.progress import Progress
 
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
@@ -147,8 +147,8 @@ def member_rows(run: str, experiment: str) -> tuple[list[dict], str]:
 
     from equiray.config import load_config
     from equiray.data import read_split
-    from pipelines import tracking
-    from pipelines.ensemble import EnsembleConfig, find_train_run, load_members, member_state_dicts
+    from equiray_pipelines import tracking
+    from equiray_pipelines.ensemble import EnsembleConfig, find_train_run, load_members, member_state_dicts
 
     tracking.setup(experiment)
     run_id = find_train_run(experiment, None if run == "latest" else run)

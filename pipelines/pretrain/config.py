@@ -8,7 +8,7 @@ from equiray.data.views import corruption_views, group_views
 from equiray.errors import ConfigError
 from equiray.groups import get_group
 from equiray.models import is_model
-from pipelines._common import DataConfig, ScalingConfig, TrackingConfig
+from equiray_pipelines._common import DataConfig, ScalingConfig, TrackingConfig
 
 __all__ = ["DataConfig", "EvalConfig", "ModelConfig", "PretrainConfig", "ScalingConfig", "TrackingConfig",
            "TrainConfig"]

@@ -5,7 +5,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from pipelines.pretrain.config import EvalConfig
+from equiray_pipelines.pretrain.config import EvalConfig
 
 
 def summary_metrics(acc: Mapping[str, float], ev: EvalConfig, train_seconds: float) -> dict[str, float]:

@@ -13,12 +13,12 @@ import torch
 
 from equiray.data import read_split, split_files
 from equiray.train import evaluate_views
-from pipelines import tracking
-from pipelines._common import fit
-from pipelines.pretrain.config import PretrainConfig
-from pipelines.pretrain.report import plots, summary_metrics, view_accuracy
-from pipelines.pretrain.worker import WorkerArgs, build_model, train_loop_per_worker
-from pipelines.stage import Outcome, Stage, StageResult, StageRun
+from equiray_pipelines import tracking
+from equiray_pipelines._common import fit
+from equiray_pipelines.pretrain.config import PretrainConfig
+from equiray_pipelines.pretrain.report import plots, summary_metrics, view_accuracy
+from equiray_pipelines.pretrain.worker import WorkerArgs, build_model, train_loop_per_worker
+from equiray_pipelines.stage import Outcome, Stage, StageResult, StageRun
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_accuracy", "epoch_seconds")
 

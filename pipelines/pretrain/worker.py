@@ -12,11 +12,11 @@ import torch
 from equiray.groups import get_group
 from equiray.models import create_model
 from equiray.train import shuffled_batches, train_epoch
-from pipelines._common import (batches_from_shard, load_shard, resume_from_checkpoint, unwrap,
+from equiray_pipelines._common import (batches_from_shard, load_shard, resume_from_checkpoint, unwrap,
                                worker_threads)
-from pipelines._ray import say
-from pipelines.progress import Progress
-from pipelines.pretrain.config import ModelConfig, PretrainConfig
+from equiray_pipelines._ray import say
+from equiray_pipelines.progress import Progress
+from equiray_pipelines.pretrain.config import ModelConfig, PretrainConfig
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ backbone's upright accuracy (within a point; SO(2) within half a point of the be
 of those wins) is registered as ``equiray-robust@champion``, the model
 ``equiray serve run`` serves by default.
 
-    python -m pipelines.robust --config configs/robust.yaml
+    python -m equiray_pipelines.robust --config configs/robust.yaml
 
 ``config`` (the config dataclass), ``evaluate`` (the Ray task that judges one candidate), ``report`` (the rule,
 the table, the verdict), ``stage`` (the stage and :func:`run`).
 """
-from pipelines.robust.config import RobustConfig
-from pipelines.robust.stage import RobustResult, RobustSelect, run
+from equiray_pipelines.robust.config import RobustConfig
+from equiray_pipelines.robust.stage import RobustResult, RobustSelect, run
 
 __all__ = ["RobustConfig", "RobustResult", "RobustSelect", "run"]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from equiray.errors import ConfigError
 from equiray.groups import get_group
-from pipelines._common import DataConfig, TrackingConfig
+from equiray_pipelines._common import DataConfig, TrackingConfig
 
 CANON_SWEEP = "canon"  # a candidate entry: every variant of the sweep behind `canon_model`; canon:URI: of the
 #                        sweep behind that registered model (e.g. canon:models:/equiray-canon-any-angle@champion)

@@ -9,7 +9,7 @@ from equiray.data import resize
 from equiray.data.views import apply_view
 from equiray.groups import get_group
 from equiray.train import accuracy, predict
-from pipelines.calibration import CALIBRATION_TEST_VIEWS
+from equiray_pipelines.calibration import CALIBRATION_TEST_VIEWS
 
 __all__ = ["CALIBRATION_VIEW", "FULL", "TEST_LOGITS", "curve_views", "grid_angles", "judge"]
 
@@ -42,7 +42,7 @@ def judge(uri: str, x: torch.Tensor, y: torch.Tensor, *, cn_group: str, angles: 
     endpoint does."""
     import mlflow
 
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     torch.set_num_threads(threads)
     mlflow.set_tracking_uri(tracking_uri)

@@ -14,11 +14,11 @@ import torch.nn as nn
 from equiray.config import to_dict
 from equiray.data import resize
 from equiray.errors import ConfigError
-from pipelines.robust.config import CANON_SWEEP, TTA, RobustConfig
-from pipelines.calibration import calibrate_model, calibration_tags, describe_calibration
-from pipelines.robust.evaluate import CALIBRATION_VIEW, TEST_LOGITS
-from pipelines.robust.report import champion, results_table, verdict
-from pipelines.stage import Outcome, Stage, StageResult, StageRun
+from equiray_pipelines.robust.config import CANON_SWEEP, TTA, RobustConfig
+from equiray_pipelines.calibration import calibrate_model, calibration_tags, describe_calibration
+from equiray_pipelines.robust.evaluate import CALIBRATION_VIEW, TEST_LOGITS
+from equiray_pipelines.robust.report import champion, results_table, verdict
+from equiray_pipelines.stage import Outcome, Stage, StageResult, StageRun
 
 __all__ = ["Candidate", "RobustResult", "RobustSelect", "run"]
 
@@ -72,8 +72,8 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
     def candidates(self) -> tuple[Candidate, ...]:
         """The config's candidates that are registered (``canon``: every variant of the canon sweep); a missing
         one is left out with a line that says how to make it; none at all is an error."""
-        from pipelines import tracking
-        from pipelines._ray import say
+        from equiray_pipelines import tracking
+        from equiray_pipelines._ray import say
 
         out, missing = [], []
         for entry in self.cfg.candidates:
@@ -113,7 +113,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
         return [Candidate(f"{prefix}{r['name']}", r["model_uri"], r["model_uri"]) for r in rows]
 
     def check(self) -> None:
-        from pipelines import tracking
+        from equiray_pipelines import tracking
 
         tracking.load_model(self.cfg.backbone)  # a clear error now if it is not registered
         self.cfg.data.prepare()
@@ -121,7 +121,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
 
     def fingerprint(self) -> dict:
         """The config and what each candidate and the backbone are now (a new upstream model is new work)."""
-        from pipelines import tracking
+        from equiray_pipelines import tracking
 
         return {"config": to_dict(self.cfg), "backbone": tracking.registry_version(self.cfg.backbone),
                 "candidates": [c.source for c in self.candidates]}
@@ -133,7 +133,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
         import mlflow
 
         from equiray.data import read_split
-        from pipelines.canon.report import plot_angle_curves
+        from equiray_pipelines.canon.report import plot_angle_curves
 
         cfg = self.cfg
         x, y = read_split(cfg.data.dir, "test", limit=cfg.data.max_eval)
@@ -185,7 +185,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
     def _logged(self, c: Candidate) -> Candidate:
         """A test-time-averaged backbone as a model of its own, logged to the stage's run (so it can be served)."""
         from equiray.models import OrbitAveraged
-        from pipelines import tracking
+        from equiray_pipelines import tracking
 
         backbone, spec = tracking.load_model(self.cfg.backbone)
         tta_spec = {**spec, "name": "orbit_averaged", "kwargs": {
@@ -197,7 +197,7 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
         """The selection behind the registered champion (its ``robust_run_id`` tag), read back."""
         import mlflow
 
-        from pipelines import tracking
+        from equiray_pipelines import tracking
 
         parent = mv.tags["robust_run_id"]
         data, plot = tracking.fetch_results(parent, "candidates.json", "plots/robust_angles.png", self.report_dir)
@@ -219,7 +219,7 @@ def _version(uri: str):
     """The registry version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; LookupError if absent."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     try:
         return tracking.model_version(uri)
@@ -249,9 +249,9 @@ def _judge_all(candidates, x: torch.Tensor, y: torch.Tensor, cfg: RobustConfig, 
     order."""
     import ray
 
-    from pipelines._ray import say
-    from pipelines.progress import Progress
-    from pipelines.robust.evaluate import judge
+    from equiray_pipelines._ray import say
+    from equiray_pipelines.progress import Progress
+    from equiray_pipelines.robust.evaluate import judge
 
     task = ray.remote(num_cpus=1)(judge)
     xr, yr = ray.put(x), ray.put(y)
@@ -277,7 +277,7 @@ def _timed(rows: list[dict], batch: torch.Tensor) -> list[dict]:
     """``rows`` (the backbone first) with each model's ms per image and overhead over the backbone, timed here one
     after the other on the same batch at the data's resolution."""
     from equiray.canon import paired_latencies
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     models = []
     for r in rows:

@@ -28,27 +28,27 @@ configurable, or off); one forward pass per batch runs on the replica's own infe
 keeps parsing requests meanwhile; an ensemble's members run as one vectorized call. Every input problem is a
 4xx with a JSON ``{"error": {"code", "message"}}``; nothing a client sends can take a replica down.
 
-The package, one concept a module: :mod:`~pipelines.serve.config` (the settings and the Serve config file's
-deployment options), :mod:`~pipelines.serve.api` (the HTTP schemas, errors and request decoding),
-:mod:`~pipelines.serve.replica` (the ``EquirayModel`` deployment) and :mod:`~pipelines.serve.endpoint` (resolving,
+The package, one concept a module: :mod:`~equiray_pipelines.serve.config` (the settings and the Serve config file's
+deployment options), :mod:`~equiray_pipelines.serve.api` (the HTTP schemas, errors and request decoding),
+:mod:`~equiray_pipelines.serve.replica` (the ``EquirayModel`` deployment) and :mod:`~equiray_pipelines.serve.endpoint` (resolving,
 building, deploying, ``serve run`` / ``serve stop``). A Serve config names the application builder as
-``import_path: pipelines.serve:build_app``.
+``import_path: equiray_pipelines.serve:build_app``.
 """
-from pipelines.serve.api import (ACCEPTED_TYPES, IMAGE_TYPES, PREDICT_BODY, ErrorBody, ErrorResponse, HTTPProblem,
+from equiray_pipelines.serve.api import (ACCEPTED_TYPES, IMAGE_TYPES, PREDICT_BODY, ErrorBody, ErrorResponse, HTTPProblem,
                                  ModelInfo, Prediction, PredictResponse, api)
-from pipelines.serve.config import DEPLOYMENT, BatchConfig, LimitsConfig, ServeConfig, deployment_options
+from equiray_pipelines.serve.config import DEPLOYMENT, BatchConfig, LimitsConfig, ServeConfig, deployment_options
 
 # Ray Serve (ray.serve, a second or more to import) is loaded when a name that needs it is first used, so the CLI's
 # `--help`, config checks and the stages that only read ServeConfig do not pay for it.
 _LAZY = {**dict.fromkeys(("ModelRef", "build_app", "build_application", "curl_examples", "deploy", "resolve_model",
-                          "serve_running", "shutdown", "stop", "user_config"), "pipelines.serve.endpoint"),
-         **dict.fromkeys(("EquirayModel", "Loaded", "load"), "pipelines.serve.replica")}
+                          "serve_running", "shutdown", "stop", "user_config"), "equiray_pipelines.serve.endpoint"),
+         **dict.fromkeys(("EquirayModel", "Loaded", "load"), "equiray_pipelines.serve.replica")}
 
 
 def run(*args, **kwargs):
-    """``equiray serve run`` (:func:`pipelines.serve.endpoint.run`), defined here so that the CLI's catalog names
+    """``equiray serve run`` (:func:`equiray_pipelines.serve.endpoint.run`), defined here so that the CLI's catalog names
     it without importing Ray Serve."""
-    from pipelines.serve.endpoint import run as run_endpoint
+    from equiray_pipelines.serve.endpoint import run as run_endpoint
 
     return run_endpoint(*args, **kwargs)
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from equiray.inference import BadInput, InputLimits, decode_image, from_array
-from pipelines.serve.config import LimitsConfig
+from equiray_pipelines.serve.config import LimitsConfig
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 ACCEPTED_TYPES = (*IMAGE_TYPES, "multipart/form-data", "application/json")

@@ -16,9 +16,9 @@ from ray import serve
 
 from equiray.config import load_config, to_dict
 from equiray.errors import ConfigError, EquirayError
-from pipelines._ray import say, verbose
-from pipelines.serve.config import DEPLOYMENT, ServeConfig, deployment_options
-from pipelines.serve.replica import EquirayModel
+from equiray_pipelines._ray import say, verbose
+from equiray_pipelines.serve.config import DEPLOYMENT, ServeConfig, deployment_options
+from equiray_pipelines.serve.replica import EquirayModel
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None) -> ModelRef:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     tracking_uri = tracking.require_store(tracking_uri or tracking.tracking_uri())
     if uri.startswith("runs:/"):
@@ -89,7 +89,7 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None) -> ModelRef:
 
 # ------------------------------------------------------------------------------------------------ building
 def user_config(cfg: ServeConfig, ref: ModelRef) -> dict:
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     return {"model": dataclasses.asdict(ref), "tracking_uri": tracking.tracking_uri(),
             "batch": to_dict(cfg.batch), "limits": to_dict(cfg.limits), "min_confidence": cfg.min_confidence}
@@ -130,7 +130,7 @@ def build_application(cfg: ServeConfig, ref: ModelRef, options: dict | None = No
 
 def build_app(args: dict):
     """The application builder ``serve deploy`` / ``serve run`` call with a Serve config's ``args``
-    (``import_path: pipelines.serve:build_app``): the keys of :class:`ServeConfig`."""
+    (``import_path: equiray_pipelines.serve:build_app``): the keys of :class:`ServeConfig`."""
     cfg = load_config(ServeConfig, dict(args or {}))
     return build_application(cfg, resolve_model(cfg.model))
 
@@ -221,7 +221,7 @@ def deploy(cfg: ServeConfig) -> dict:
     """Resolve the model, start Serve's proxy if needed and deploy (or redeploy) the app; returns once it answers.
     Deploying again after promoting another version to the alias swaps the model without dropping requests.
     ``url`` is where to send requests: the replica itself with direct ingress, else the proxy (``proxy_url``)."""
-    from pipelines._ray import init_ray
+    from equiray_pipelines._ray import init_ray
 
     import ray
 
@@ -364,7 +364,7 @@ def stop_serving(within_s: float) -> None:
 
 def stop(app_name: str | None) -> None:
     """``equiray serve stop``: delete the app on the cluster at RAY_ADDRESS (all of Serve without ``app_name``)."""
-    from pipelines._ray import init_ray
+    from equiray_pipelines._ray import init_ray
 
     if not os.environ.get("RAY_ADDRESS"):
         raise EquirayError("set RAY_ADDRESS to the cluster the endpoint runs on (a local endpoint stops with its "

@@ -16,10 +16,10 @@ from ray import serve
 
 from equiray.errors import EquirayError
 from equiray.inference import BadInput, describe_element, predict_detailed, to_model_input
-from pipelines.serve.api import (ERRORS, PREDICT_BODY, HTTPProblem, ModelInfo, PredictResponse, api, content_type,
+from equiray_pipelines.serve.api import (ERRORS, PREDICT_BODY, HTTPProblem, ModelInfo, PredictResponse, api, content_type,
                                  decode_images, read_body)
-from pipelines.serve.config import DEPLOYMENT, LimitsConfig
-from pipelines.tracking import TEMPERATURE_TAG
+from equiray_pipelines.serve.config import DEPLOYMENT, LimitsConfig
+from equiray_pipelines.tracking import TEMPERATURE_TAG
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def load(user_config: dict, device: torch.device) -> Loaded:
     from equiray.canon import canonicalized_in
     from equiray.ensembles import StackedEnsemble
     from equiray.models import Mixture
-    from pipelines import tracking
+    from equiray_pipelines import tracking
 
     mlflow.set_tracking_uri(user_config["tracking_uri"])
     ref = user_config["model"]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
-from pipelines.fake_cluster import FAKE_HEAD_TYPE, fake_cluster_config
+from equiray_pipelines.fake_cluster import FAKE_HEAD_TYPE, fake_cluster_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import mlflow
 import yaml
 
-from pipelines.fake_cluster import FakeCluster
+from equiray_pipelines.fake_cluster import FakeCluster
 
 root, repo = Path(sys.argv[1]), Path(sys.argv[2])
 # jobs/ensemble.yaml's pipeline at a tiny scale: its entrypoint and runtime_env, a config scaled down from
@@ -48,7 +48,7 @@ config = {
 # `cd` first: the fake nodes share this machine's one Ray session directory, and the unpacked working dir the
 # job's driver stands in was removed under it mid-run by another node's runtime-env agent (seen: os.getcwd()
 # failing in the driver); on a real cluster every node has its own. The workers still run the uploaded copy.
-spec["entrypoint"] = f"cd {repo} && python -m pipelines.ensemble train --config {root / 'ensemble.yaml'}"
+spec["entrypoint"] = f"cd {repo} && python -m equiray_pipelines.ensemble train --config {root / 'ensemble.yaml'}"
 spec["entrypoint_num_cpus"] = 0  # the job's driver on the head (no CPUs there): every CPU node is the autoscaler's
 spec["runtime_env"]["working_dir"] = str(repo)
 spec["runtime_env"].pop("pip")  # the nodes run this Python already (a pip env would clone the virtualenv: minutes)

@@ -11,9 +11,9 @@ from equiray.errors import ConfigError
 from equiray.groups import get_group
 from equiray.models import create_model
 from equiray.train import train_epoch
-from pipelines import tracking
-from pipelines.canon import CanonConfig, run_sweep
-from pipelines.cli import main
+from equiray_pipelines import tracking
+from equiray_pipelines.canon import CanonConfig, run_sweep
+from equiray_pipelines.cli import main
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -151,9 +151,9 @@ def test_robust_champion_judges_every_variant_the_same_way_and_is_what_serve_loa
     """`equiray robust` on the sweep: every variant and the backbone judged on the same views (a candidate that is
     not registered is left out with a line), the champion chosen by the rule, registered as
     equiray-robust@champion (serve's default model), and the same config reused."""
-    from pipelines.robust import RobustConfig, run as run_robust
-    from pipelines.robust.report import champion
-    from pipelines.serve import ServeConfig
+    from equiray_pipelines.robust import RobustConfig, run as run_robust
+    from equiray_pipelines.robust.report import champion
+    from equiray_pipelines.serve import ServeConfig
 
     cfg, result, uri, root = swept
     mlflow.set_tracking_uri(uri)
@@ -188,7 +188,7 @@ def test_robust_champion_judges_every_variant_the_same_way_and_is_what_serve_loa
     assert float(mv.tags["calibration.so2_nll_after"]) <= float(mv.tags["calibration.so2_nll_before"])
     assert any(line.startswith("calibration: temperature") for line in robust.verdict)
     # the test logits its judge computed are the ones calibration would compute: the same numbers anew
-    from pipelines.calibration import calibrate_model
+    from equiray_pipelines.calibration import calibrate_model
 
     anew = calibrate_model(best["uri"], read_split(root / "digits", "val", limit=200), (x, y), fit_view="o2",
                            seed=rcfg.seed, batch_size=rcfg.batch_size)
@@ -228,7 +228,7 @@ def test_gpu_fractions_and_bad_configs(tmp_path):
         small_config(tmp_path, baselines=["o2"], mix=True, mix_tta=["", "X2"])
     with pytest.raises(ConfigError, match="set mix: true"):
         small_config(tmp_path, baselines=["o2"], mix_tta=["", "D1"])
-    from pipelines.robust import RobustConfig
+    from equiray_pipelines.robust import RobustConfig
 
     with pytest.raises(ConfigError, match="canon:models:/NAME@ALIAS"):
         load_config(RobustConfig, {"candidates": ["canon:equiray-canon"]})
@@ -287,7 +287,7 @@ def test_a_mixture_of_the_best_canonicalized_variant_and_the_best_baseline(ray_s
     assert float(mv.tags["equiray.temperature"]) == pytest.approx(result.calibration["temperature"])
     assert result.calibration["temperature"] > 0
     # `equiray robust` with canon:URI judges every row of the sweep behind URI, the mixture among them, the same way
-    from pipelines.robust import RobustConfig, run as run_robust
+    from equiray_pipelines.robust import RobustConfig, run as run_robust
 
     rcfg = load_config(RobustConfig, {
         "backbone": "models:/test-backbone@pretrained", "candidates": ["canon:models:/test-canon-mix@champion"],
@@ -323,7 +323,7 @@ def test_ctrl_c_stops_the_sweep_with_one_line_and_ends_its_run(ray_session, tmp_
     raw = to_plain(small_config(tmp_path, train={"epochs": 50, "batch_size": 16}, grid={
         "kind": ["equivariant"], "group": ["C4"], "prior_weight": [0], "backbone": ["finetune"]}))
     (tmp_path / "canon.yaml").write_text(yaml.safe_dump(raw))
-    proc = start(["pipelines.canon", "sweep", "--config", str(tmp_path / "canon.yaml")], cwd=tmp_path,
+    proc = start(["equiray_pipelines.canon", "sweep", "--config", str(tmp_path / "canon.yaml")], cwd=tmp_path,
                  env=driver_env(ray_session, uri))
     err = interrupt_once_training(proc, uri, "test-canon")
     client = mlflow.MlflowClient(uri)
@@ -351,7 +351,7 @@ def test_ctrl_c_in_the_robust_selection_ends_its_run_and_registers_nothing(ray_s
         "backbone": "models:/test-backbone@pretrained", "candidates": ["tta:C8", "tta:D8", "tta:D16"],
         "data": {"source": "digits", "dir": str(tmp_path / "digits")}, "cn_group": "C4", "curve_step": 1.0,
         "curve_images": 360, "tracking": {"experiment": "test-robust-int", "registered_model": "test-robust-int"}}))
-    proc = start(["pipelines.robust", "--config", "robust.yaml", "--report-dir", "report"], cwd=tmp_path,
+    proc = start(["equiray_pipelines.robust", "--config", "robust.yaml", "--report-dir", "report"], cwd=tmp_path,
                  env=driver_env(ray_session, uri))
     err = interrupt_once_running(proc, uri, "test-robust-int")
     client = mlflow.MlflowClient(uri)
@@ -393,8 +393,8 @@ def test_a_run_prints_equirays_lines_not_the_libraries(ray_session, tmp_path):
         "storage_path": str(tmp_path / "runs")}))
     env = driver_env(ray_session, uri)
     printed = ""
-    for args in (["pipelines.pretrain", "--config", "pretrain.yaml"],
-                 ["pipelines.canon", "sweep", "--config", "canon.yaml"]):
+    for args in (["equiray_pipelines.pretrain", "--config", "pretrain.yaml"],
+                 ["equiray_pipelines.canon", "sweep", "--config", "canon.yaml"]):
         res = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]

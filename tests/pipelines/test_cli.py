@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-EQUIRAY = [sys.executable, "-m", "pipelines.cli"]
+EQUIRAY = [sys.executable, "-m", "equiray_pipelines.cli"]
 
 
 def run(*args, cwd=None):
@@ -125,29 +125,29 @@ def test_models_list():
 
 
 def test_pipeline_modules_are_job_entrypoints():
-    res = subprocess.run([sys.executable, "-m", "pipelines.serve", "run", "--help"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "equiray_pipelines.serve", "run", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "--serve-config" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "pipelines.ensemble", "eval", "--help"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "equiray_pipelines.ensemble", "eval", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "--run-id" in res.stdout
 
 
 def test_every_catalog_pipeline_is_a_command_named_after_its_module_function_and_config(capsys):
-    """`equiray ftp tune` is pipelines.ftp.run_tune with FTPConfig: the first word names the module, the action
+    """`equiray ftp tune` is equiray_pipelines.ftp.run_tune with FTPConfig: the first word names the module, the action
     the function (`run_ACTION`, or `run`), and the config class lives beside it."""
     import pytest
 
-    from pipelines.catalog import ALIASES, CATALOG, PIPELINES
-    from pipelines.cli import main
+    from equiray_pipelines.catalog import ALIASES, CATALOG, PIPELINES
+    from equiray_pipelines.cli import main
 
     assert [p.command for p in CATALOG] == ["demo", "pretrain", "ensemble train", "ensemble eval", "distill",
                                             "canon sweep", "ftp tune", "nfn zoo", "nfn train", "robust", "serve run"]
     for p in CATALOG:
         first, *action = p.words
-        assert p.run.__module__.split(".")[:2] == ["pipelines", first], p.command
+        assert p.run.__module__.split(".")[:2] == ["equiray_pipelines", first], p.command
         assert p.run.__name__ in ("run", *(f"run_{a}" for a in action)), p.command
-        assert p.config.__module__.split(".")[:2] == ["pipelines", first], p.command
+        assert p.config.__module__.split(".")[:2] == ["equiray_pipelines", first], p.command
         assert PIPELINES.get(p.command) is p
         with pytest.raises(SystemExit) as exit_:
             main([*p.words, "--help"])
@@ -156,7 +156,7 @@ def test_every_catalog_pipeline_is_a_command_named_after_its_module_function_and
 
 
 def test_shipped_configs_load_with_their_pipelines_config_class():
-    from pipelines.catalog import CATALOG
+    from equiray_pipelines.catalog import CATALOG
 
     root = Path(__file__).resolve().parents[2]
     for p in CATALOG:
@@ -165,7 +165,7 @@ def test_shipped_configs_load_with_their_pipelines_config_class():
 
 
 def test_the_cli_is_a_leaf():
-    """Nothing imports pipelines.cli but the entry points (`python -m`, the console script); the CLI resolves no module names
+    """Nothing imports equiray_pipelines.cli but the entry points (`python -m`, the console script); the CLI resolves no module names
     from strings."""
     import ast
 
@@ -175,7 +175,7 @@ def test_the_cli_is_a_leaf():
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            if any(n == "pipelines.cli" or n.startswith("pipelines.cli.") for n in names):
+            if any(n == "equiray_pipelines.cli" or n.startswith("equiray_pipelines.cli.") for n in names):
                 importers.append(path.relative_to(root))
     assert all(p.name in ("__main__.py", "_entry.py") for p in importers), importers
     assert "importlib" not in (root / "pipelines" / "cli.py").read_text()
@@ -212,9 +212,9 @@ def test_a_pipeline_result_is_printed_as_its_table_verdict_plots_and_summary(cap
     import dataclasses
     import json
 
-    from pipelines.catalog import Option, Pipeline
-    from pipelines.cli import _cmd_pipeline, build_parser
-    from pipelines.stage import StageResult
+    from equiray_pipelines.catalog import Option, Pipeline
+    from equiray_pipelines.cli import _cmd_pipeline, build_parser
+    from equiray_pipelines.stage import StageResult
 
     @dataclasses.dataclass(frozen=True)
     class Cfg:
@@ -250,8 +250,8 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(capsys):
     import yaml
 
     from equiray.config import load_config
-    from pipelines.canon import CanonConfig
-    from pipelines.cli import main
+    from equiray_pipelines.canon import CanonConfig
+    from equiray_pipelines.cli import main
 
     assert main(["canon", "sweep", "--print-config", "--set", "curve_step=5", "--set", "grid.pose=[angle]"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

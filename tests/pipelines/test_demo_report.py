@@ -1,7 +1,7 @@
 """The demo's tables, without Ray: what a person reads at the end of `make demo`."""
 import torch
 
-from pipelines.demo.serving import _answers_table
+from equiray_pipelines.demo.serving import _answers_table
 
 
 def _answer(label, p, **extras):

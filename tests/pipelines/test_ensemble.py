@@ -13,8 +13,8 @@ import torch
 
 from equiray.config import load_config
 from equiray.ensembles import load_group
-from pipelines import tracking
-from pipelines.ensemble import EnsembleConfig, run_eval, run_train
+from equiray_pipelines import tracking
+from equiray_pipelines.ensemble import EnsembleConfig, run_eval, run_train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -137,8 +137,8 @@ def test_eval_curves_plot_and_table(trained, tmp_path):
 
 
 def test_the_same_training_config_reuses_the_registered_ensemble(trained):
-    from pipelines.tracking import config_hash
-    from pipelines.ensemble import EnsembleTrain
+    from equiray_pipelines.tracking import config_hash
+    from equiray_pipelines.ensemble import EnsembleTrain
 
     cfg, result, uri, root = trained
     other_eval = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, repeats=5))  # eval is not training
@@ -222,7 +222,7 @@ def test_two_thousand_members_each_once_with_artifacts_per_group(ray_session, tm
 
 
 def test_distilled_student_is_registered_and_measured(trained, tmp_path):
-    from pipelines.distill import DistillConfig, run as run_distill
+    from equiray_pipelines.distill import DistillConfig, run as run_distill
 
     cfg, result, uri, root = trained
     dcfg = load_config(DistillConfig, {

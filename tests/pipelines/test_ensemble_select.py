@@ -7,8 +7,8 @@ import torch
 
 from equiray.config import load_config
 from equiray.errors import EquirayError
-from pipelines.ensemble import EnsembleConfig, load_members, member_state_dicts, run_eval, run_train, select_by_nfn
-from pipelines.nfn import NFNTrainConfig, ZooConfig, read_zoo, run_train as run_nfn_train, run_zoo
+from equiray_pipelines.ensemble import EnsembleConfig, load_members, member_state_dicts, run_eval, run_train, select_by_nfn
+from equiray_pipelines.nfn import NFNTrainConfig, ZooConfig, read_zoo, run_train as run_nfn_train, run_zoo
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -52,7 +52,7 @@ def test_select_by_nfn_keeps_the_members_predicted_strongest(members):
     from equiray.groups import get_group
     from equiray.metrics import invariance, orbit_logits
     from equiray.nfn import features_from_normalized_cnns, predict
-    from pipelines.tracking import load_model
+    from equiray_pipelines.tracking import load_model
 
     cfg, trained, zoo, nfn, root = members
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, select_by="nfn", nfn_model=nfn.registered))
@@ -73,7 +73,7 @@ def test_select_by_nfn_keeps_the_members_predicted_strongest(members):
 
 
 def test_select_by_a_metanetwork_of_other_nets_is_a_clear_error(members):
-    from pipelines.tracking import load_model
+    from equiray_pipelines.tracking import load_model
 
     cfg, trained, zoo, nfn, root = members
     metanet, spec = load_model(nfn.registered)

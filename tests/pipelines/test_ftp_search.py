@@ -13,8 +13,8 @@ import torch
 
 from equiray.config import load_config
 from equiray.errors import ConfigError, EquirayError
-from pipelines import tracking
-from pipelines.ftp import FTPConfig, load_task, run_tune
+from equiray_pipelines import tracking
+from equiray_pipelines.ftp import FTPConfig, load_task, run_tune
 
 from drivers import driver_env
 from test_canon_sweep import register_backbone
@@ -129,7 +129,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
                        resources={"cpus_per_trial": 0.5, "max_concurrent": 1}, train={"epochs": 6, "batch_size": 16})
     raw["name"] = "interrupted"
     cfg_file.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.ftp", "tune", "--config", str(cfg_file)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "equiray_pipelines.ftp", "tune", "--config", str(cfg_file)], cwd=tmp_path,
                             env=driver_env(ray_session, uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     client = mlflow.MlflowClient(uri)
@@ -190,8 +190,8 @@ def test_config_errors_are_clear(tmp_path, monkeypatch):
 
 def test_the_verdict_calls_a_search_of_few_trials_per_method_illustrative():
     """Fewer than 8 trials of some method: one line says the differences are illustrative; 8 of each: none."""
-    from pipelines.ftp.report import verdict
-    from pipelines.ftp.result import TrialRow
+    from equiray_pipelines.ftp.report import verdict
+    from equiray_pipelines.ftp.result import TrialRow
 
     def row(method, i):
         knobs = {"finetune": {}, "ftp": {"k": 0.5, "mu": 0.1, "gamma_init": 1e-6}}[method]
@@ -212,13 +212,13 @@ def test_optunas_own_lines_are_off_unless_verbose():
 
     import optuna
 
-    from pipelines.ftp.stage import _searcher
+    from equiray_pipelines.ftp.stage import _searcher
 
     optuna.logging.set_verbosity(optuna.logging.INFO)
     _searcher(FTPConfig())
     assert optuna.logging.get_verbosity() == optuna.logging.WARNING
     optuna.logging.set_verbosity(optuna.logging.INFO)
-    pipelines_log = logging.getLogger("pipelines")
+    pipelines_log = logging.getLogger("equiray_pipelines")
     level = pipelines_log.level
     pipelines_log.setLevel(logging.DEBUG)  # what `equiray -v` sets
     try:

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from equiray.errors import ConfigError, EquirayError
-from pipelines import jobs
-from pipelines.catalog import PIPELINES
-from pipelines.cli import main
+from equiray_pipelines import jobs
+from equiray_pipelines.catalog import PIPELINES
+from equiray_pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 SPECS = sorted((REPO / "jobs").glob("*.yaml"))
@@ -51,7 +51,7 @@ def test_spec_and_the_cluster_scale_configs_it_runs_are_valid(path, monkeypatch)
 
 def test_ensemble_job_is_ten_thousand_members():
     from equiray.config import load_config
-    from pipelines.ensemble import EnsembleConfig
+    from equiray_pipelines.ensemble import EnsembleConfig
 
     cfg = load_config(EnsembleConfig, REPO / "jobs/configs/ensemble.yaml")
     assert cfg.members * len(cfg.settings) == 10_000
@@ -69,24 +69,46 @@ def test_pip_requirements_are_the_projects(tmp_path):
 
 
 def test_entrypoints_are_parsed_into_pipelines_and_configs():
-    cmds = jobs.pipeline_commands("python -m pipelines.ensemble train --config a.yaml --set train.epochs=2 && "
-                                  "python -m pipelines.ftp tune --config=b.yaml --resume; "
+    cmds = jobs.pipeline_commands("python -m equiray_pipelines.ensemble train --config a.yaml --set train.epochs=2 && "
+                                  "python -m equiray_pipelines.ftp tune --config=b.yaml --resume; "
                                   "equiray canon sweep -c c.yaml; "
-                                  "echo done; serve deploy d.yaml; python -m pipelines.serve run --serve-config e.yaml")
+                                  "echo done; serve deploy d.yaml; python -m equiray_pipelines.serve run --serve-config e.yaml")
     assert [(c.pipeline, c.config, c.overrides) for c in cmds] == [
         ("ensemble train", "a.yaml", ("train.epochs=2",)), ("ftp tune", "b.yaml", ()), ("canon sweep", "c.yaml", ()),
         (jobs.SERVE, "d.yaml", ()), ("serve run", None, ()), (jobs.SERVE, "e.yaml", ())]
-    # the old spelling `equiray tune ftp` is the same command; `python -m pipelines.cli` is `equiray`
-    cmds = jobs.pipeline_commands("equiray tune ftp -c f.yaml; python -m pipelines.cli nfn zoo --config g.yaml")
+    # the old spelling `equiray tune ftp` is the same command; `python -m equiray_pipelines.cli` is `equiray`
+    cmds = jobs.pipeline_commands("equiray tune ftp -c f.yaml; python -m equiray_pipelines.cli nfn zoo --config g.yaml")
     assert [(c.pipeline, c.config) for c in cmds] == [("ftp tune", "f.yaml"), ("nfn zoo", "g.yaml")]
     with pytest.raises(ConfigError, match="'ensemble trian' is not an equiray pipeline"):
-        jobs.pipeline_commands("python -m pipelines.ensemble trian --config a.yaml")
-    with pytest.raises(ConfigError, match="'ftp' is not an equiray pipeline"):  # `python -m pipelines.X` is `equiray X`
-        jobs.pipeline_commands("python -m pipelines.ftp --config b.yaml")
+        jobs.pipeline_commands("python -m equiray_pipelines.ensemble trian --config a.yaml")
+    with pytest.raises(ConfigError, match="'ftp' is not an equiray pipeline"):  # `python -m equiray_pipelines.X` is `equiray X`
+        jobs.pipeline_commands("python -m equiray_pipelines.ftp --config b.yaml")
+    # the package's old name, which would import whatever `pipelines` a node has installed, is caught before submitting
+    with pytest.raises(ConfigError, match=r"`python -m pipelines.ftp`: the package is `equiray_pipelines` now; write "
+                                          r"`python -m equiray_pipelines.ftp` \(or `equiray ftp`\)"):
+        jobs.pipeline_commands("python -m pipelines.ftp tune --config b.yaml")
+
+
+def test_a_checkout_sends_its_pipelines_folder_under_the_package_name(tmp_path):
+    """`equiray submit` from a checkout: the job imports `equiray_pipelines` from the code submitted (a copy of
+    pipelines/ under that name in py_modules; the folder itself not uploaded twice); the copy is gone afterwards."""
+    renv = {"working_dir": str(REPO), "excludes": ["data/"], "py_modules": ["/somewhere/extra"]}
+    with jobs._pipelines_as_package(renv) as sent:
+        staged = Path(sent["py_modules"][-1])
+        assert sent["py_modules"][0] == "/somewhere/extra" and staged.name == "equiray_pipelines"
+        assert sent["excludes"] == ["data/", "/pipelines/"] and sent["working_dir"] == str(REPO)
+        copied = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*.py"))
+        assert copied == sorted(p.relative_to(REPO / "pipelines").as_posix() for p in (REPO / "pipelines").rglob("*.py"))
+        assert not list(staged.rglob("__pycache__"))
+        assert (staged / "jobs.py").read_text() == (REPO / "pipelines" / "jobs.py").read_text()
+    assert not staged.exists()
+    other = {"working_dir": str(tmp_path)}  # a working dir that is not a checkout is sent as it is
+    with jobs._pipelines_as_package(other) as sent:
+        assert sent == other
 
 
 def test_python_dash_m_of_a_pipeline_package_is_equiray_with_its_name():
-    """What pipeline_commands assumes: ``python -m pipelines.X ARGS`` runs ``equiray X ARGS``, so a package's
+    """What pipeline_commands assumes: ``python -m equiray_pipelines.X ARGS`` runs ``equiray X ARGS``, so a package's
     ``__main__`` passes its own name and the arguments on, as written."""
     checked = []
     for first in sorted({p.words[0] for _, p in PIPELINES.items()}):
@@ -111,7 +133,7 @@ def test_spec_mistakes_are_clear_errors(tmp_path, monkeypatch):
         jobs.load_job_spec(_write(tmp_path, {"entrypoint": "python x.py", "entrypoint_num_gpu": 1}))
     with pytest.raises(ConfigError, match=r"unknown config key 'runtime_env.conda'"):
         jobs.load_job_spec(_write(tmp_path, {"entrypoint": "python x.py", "runtime_env": {"conda": "env"}}))
-    spec = jobs.load_job_spec(_write(tmp_path, {"entrypoint": "python -m pipelines.pretrain --config jobs/configs/nope.yaml"}))
+    spec = jobs.load_job_spec(_write(tmp_path, {"entrypoint": "python -m equiray_pipelines.pretrain --config jobs/configs/nope.yaml"}))
     with pytest.raises(ConfigError, match="config 'jobs/configs/nope.yaml' does not exist"):
         jobs.runtime_env(spec)
     spec = jobs.load_job_spec(_write(tmp_path, {"entrypoint": "python x.py", "runtime_env": {"working_dir": "no/dir"}}))
@@ -177,7 +199,7 @@ def test_a_dashboard_url_in_ray_address_is_not_joined_by_a_pipeline():
     import subprocess
     import sys
 
-    code = ("from pipelines._ray import init_ray\nfrom equiray.errors import EquirayError\ntry:\n    init_ray()\n"
+    code = ("from equiray_pipelines._ray import init_ray\nfrom equiray.errors import EquirayError\ntry:\n    init_ray()\n"
             "except EquirayError as exc:\n    print('refused:', exc)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
                          env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"})
@@ -189,7 +211,7 @@ def test_without_an_address_a_pipeline_starts_its_own_ray(monkeypatch):
     """`ray.init(address=None)` would join any `ray start` cluster on the machine; init_ray asks for "local"."""
     import ray
 
-    from pipelines import _ray
+    from equiray_pipelines import _ray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -206,7 +228,7 @@ def test_without_an_address_a_pipeline_starts_its_own_ray(monkeypatch):
 def test_the_address_says_where_it_came_from(monkeypatch):
     """`equiray jobs list` names the cluster it asked and why that one: without --address or RAY_ADDRESS the
     default port may be a local Ray, not the cluster."""
-    from pipelines import jobs
+    from equiray_pipelines import jobs
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert jobs.resolve_address() == jobs.DEFAULT_ADDRESS

@@ -38,7 +38,7 @@ def test_a_transient_autoscaler_warning_prints_one_line_without_its_traceback():
     import io
     import logging
 
-    from pipelines._ray import _without_traceback
+    from equiray_pipelines._ray import _without_traceback
 
     logger = logging.getLogger("equiray.test.autoscaler")
     stream = io.StringIO()
@@ -69,7 +69,7 @@ def test_a_worker_told_to_exit_prints_no_ignored_exception_and_other_ones_still_
     import sys
     import types
 
-    from pipelines._ray import _quiet_exit_hook
+    from equiray_pipelines._ray import _quiet_exit_hook
 
     seen = []
     hook = _quiet_exit_hook(seen.append)
@@ -84,7 +84,7 @@ def test_a_worker_told_to_exit_prints_no_ignored_exception_and_other_ones_still_
 def test_mlflows_signature_inference_warning_is_dropped_and_nothing_else():
     import logging
 
-    from pipelines.tracking import _not_signature_inference
+    from equiray_pipelines.tracking import _not_signature_inference
 
     def record(msg):
         return logging.LogRecord("mlflow.pyfunc", logging.WARNING, __file__, 1, msg, None, None)
@@ -101,7 +101,7 @@ def test_rays_token_auth_notice_is_quiet_and_its_auth_off_warning_still_prints()
 
     from ray._private.authentication import authentication_token_setup as auth
 
-    from pipelines._ray import quiet_logging
+    from equiray_pipelines._ray import quiet_logging
 
     logger = logging.getLogger(auth.__name__)
     installed = list(logger.filters)  # a pipeline test that started Ray earlier in the session added the filter

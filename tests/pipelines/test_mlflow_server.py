@@ -66,8 +66,8 @@ def mlflow_server(tmp_path_factory):
 def test_a_pipeline_run_lands_in_the_server(ray_session, mlflow_server, tmp_path, monkeypatch):
     import mlflow
 
-    from pipelines import tracking
-    from pipelines.pretrain import PretrainConfig, run
+    from equiray_pipelines import tracking
+    from equiray_pipelines.pretrain import PretrainConfig, run
 
     url, root = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)

@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 
 from equiray.config import load_config
-from pipelines.ensemble import EnsembleConfig, run_train
+from equiray_pipelines.ensemble import EnsembleConfig, run_train
 from simcluster import simulated_cluster  # tests/pipelines/simcluster.py
 
 root = Path(sys.argv[1])
@@ -93,7 +93,7 @@ from pathlib import Path
 import ray
 
 from equiray.config import load_config
-from pipelines.ensemble import EnsembleConfig, run_train
+from equiray_pipelines.ensemble import EnsembleConfig, run_train
 from simcluster import alive_nodes, checkpointed_rounds, simulated_cluster  # tests/pipelines/simcluster.py
 
 root = Path(sys.argv[1])
@@ -181,7 +181,7 @@ import mlflow
 import ray
 
 from equiray.config import load_config
-from pipelines.ftp import FTPConfig, run_tune
+from equiray_pipelines.ftp import FTPConfig, run_tune
 from simcluster import alive_nodes, simulated_cluster  # tests/pipelines/simcluster.py
 
 root = Path(sys.argv[1])

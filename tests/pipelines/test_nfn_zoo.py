@@ -12,7 +12,7 @@ from equiray.errors import ConfigError, EquirayError
 from equiray.nfn import (ZooHyperparameters, features_from_state_dicts, init_zoo_net, list_metanetworks,
                          train_zoo_nets, zoo_batches, zoo_cnn)
 from equiray.data import resize
-from pipelines.nfn import (Metanetworks, MonomialNFNOptions, NFNTrainConfig, ZooConfig, read_zoo, run_train, run_zoo,
+from equiray_pipelines.nfn import (Metanetworks, MonomialNFNOptions, NFNTrainConfig, ZooConfig, read_zoo, run_train, run_zoo,
                            scaled_zoo, zoo_features)
 
 
@@ -142,7 +142,7 @@ def train_cfg(zoo_dir, **over) -> NFNTrainConfig:
 def test_nfn_train_scores_logs_and_registers_an_invariant_champion(relu_zoo, mlflow_store, tmp_path):
     import mlflow
 
-    from pipelines.tracking import load_model
+    from equiray_pipelines.tracking import load_model
 
     cfg = train_cfg(relu_zoo.out)
     result = run_train(cfg, report_dir=tmp_path)
@@ -214,7 +214,7 @@ def test_ctrl_c_while_the_zoo_trains_leaves_no_zoo_and_no_temporary_folder(ray_s
 
     cfg = small(tmp_path, nets=400, nets_per_task=2, epochs=3)
     (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(to_plain(cfg)))
-    proc = start(["pipelines.nfn", "zoo", "--config", "zoo.yaml"], cwd=tmp_path,
+    proc = start(["equiray_pipelines.nfn", "zoo", "--config", "zoo.yaml"], cwd=tmp_path,
                  env=driver_env(ray_session, f"sqlite:///{tmp_path / 'mlflow.db'}"), merged=True)
     err = interrupt_after_line(proc, "nets trained")
     assert proc.returncode == 130, err
@@ -236,7 +236,7 @@ def test_ctrl_c_while_metanetworks_train_ends_every_run_and_registers_nothing(re
     cfg = train_cfg(relu_zoo.out, epochs=5000, tracking={"experiment": "test-nfn-int",
                                                          "registered_model": "test-nfn-int"})
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(to_plain(cfg)))
-    proc = start(["pipelines.nfn", "train", "--config", "train.yaml", "--report-dir", "report"], cwd=tmp_path,
+    proc = start(["equiray_pipelines.nfn", "train", "--config", "train.yaml", "--report-dir", "report"], cwd=tmp_path,
                  env=driver_env(ray_session, uri))
     err = interrupt_once_running(proc, uri, "test-nfn-int")  # the fits out on Ray tasks by then
     assert proc.returncode == 130, err
@@ -256,8 +256,8 @@ def test_the_scatter_keeps_its_axes_on_the_true_accuracies_when_a_metanetwork_ex
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipelines.nfn.metanet import MetanetworkFit
-    from pipelines.nfn.report import panel_range, scatter
+    from equiray_pipelines.nfn.metanet import MetanetworkFit
+    from equiray_pipelines.nfn.report import panel_range, scatter
 
     true = [0.2, 0.35, 0.5, 0.62]
     fit = MetanetworkFit(name="statnn", zoo="scaled", options={}, params=1, history=[], best_epoch=0, val_tau=0.1,

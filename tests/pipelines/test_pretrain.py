@@ -9,8 +9,8 @@ import torch
 from equiray.config import load_config
 from equiray.data import read_split
 from equiray.train import accuracy, predict
-from pipelines import tracking
-from pipelines.pretrain import PretrainConfig, ScalingConfig, run
+from equiray_pipelines import tracking
+from equiray_pipelines.pretrain import PretrainConfig, ScalingConfig, run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -128,8 +128,8 @@ def test_same_config_reuses_the_registered_model(pretrained, tmp_path):
 
 def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):
     """The demo over the same (already registered) pretraining config: it reuses the model and reports."""
-    from pipelines.demo import DemoConfig
-    from pipelines.demo import run as run_demo
+    from equiray_pipelines.demo import DemoConfig
+    from equiray_pipelines.demo import run as run_demo
 
     result, cfg, uri = pretrained
     with pytest.MonkeyPatch.context() as mp:
@@ -161,7 +161,7 @@ def test_demo_writes_its_report_and_table(pretrained, tmp_path, capsys):
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
-        mp.setattr("pipelines.pretrain.run", interrupted)
+        mp.setattr("equiray_pipelines.pretrain.run", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run_demo(DemoConfig(pretrain=cfg, reuse=True, stages=("pretrain",)), report_dir=tmp_path / "again")
     runs = client.search_runs([demo.info.experiment_id], order_by=["attributes.start_time DESC"])
@@ -181,7 +181,7 @@ def test_ctrl_c_mid_training_is_one_line_130_and_a_killed_run(ray_session, tmp_p
         "model": {"name": "small_cnn", "kwargs": {"width": 8}}, "train": {"epochs": 500, "batch_size": 64},
         "scaling": {"cpus_per_worker": 0.5}, "tracking": {"experiment": "test-interrupt"},
         "storage_path": str(tmp_path / "runs")}))
-    proc = start(["pipelines.pretrain", "--config", "pretrain.yaml"], cwd=tmp_path, env=driver_env(ray_session, uri))
+    proc = start(["equiray_pipelines.pretrain", "--config", "pretrain.yaml"], cwd=tmp_path, env=driver_env(ray_session, uri))
     err = interrupt_once_training(proc, uri, "test-interrupt")
     client = mlflow.MlflowClient(uri)
     assert proc.returncode == 130, err

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from pipelines import progress as progress_mod
-from pipelines.progress import MODE_ENV, Progress, duration, progress_mode
+from equiray_pipelines import progress as progress_mod
+from equiray_pipelines.progress import MODE_ENV, Progress, duration, progress_mode
 
 
 class Clock:

@@ -4,9 +4,9 @@ import pytest
 
 from equiray.config import load_config
 from equiray.errors import ConfigError
-from pipelines.robust import RobustConfig
-from pipelines.robust.evaluate import curve_views, grid_angles
-from pipelines.robust.report import champion, results_table
+from equiray_pipelines.robust import RobustConfig
+from equiray_pipelines.robust.evaluate import curve_views, grid_angles
+from equiray_pipelines.robust.report import champion, results_table
 
 
 def row(name, upright, so2, **more):

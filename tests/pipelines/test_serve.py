@@ -19,8 +19,8 @@ from PIL import Image
 
 from equiray import create_model
 from equiray.config import load_config
-from pipelines import tracking
-from pipelines.serve import ServeConfig, deploy, deployment_options
+from equiray_pipelines import tracking
+from equiray_pipelines.serve import ServeConfig, deploy, deployment_options
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # Ray + Serve start: 20-50 s here
 
@@ -407,7 +407,7 @@ def test_continuous_pose_is_served_as_an_angle_that_turns_with_the_input(served)
 def test_serve_config_file_is_validated_with_serves_own_schema(tmp_path):
     from equiray.errors import ConfigError
 
-    from pipelines.serve import ModelRef, build_application
+    from equiray_pipelines.serve import ModelRef, build_application
 
     opts = deployment_options("configs/serve_app.yaml", "equiray")
     assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_gpus" in opts["ray_actor_options"]
@@ -418,7 +418,7 @@ def test_serve_config_file_is_validated_with_serves_own_schema(tmp_path):
     assert deployment._deployment_config.autoscaling_config.max_replicas == 4
     assert deployment._deployment_config.user_config["model"]["load_uri"] == "models:/x/1"
     bad = tmp_path / "bad.yaml"
-    bad.write_text("applications:\n  - name: equiray\n    import_path: pipelines.serve:build_app\n"
+    bad.write_text("applications:\n  - name: equiray\n    import_path: equiray_pipelines.serve:build_app\n"
                    "    deployments:\n      - name: EquirayModel\n        num_replicaz: 2\n")
     with pytest.raises(ConfigError, match="num_replicaz"):
         deployment_options(bad, "equiray")
@@ -512,7 +512,7 @@ def test_demo_serve_stage_sends_upright_and_rotated_images(served, tmp_path):
     from ray import serve
 
     from equiray.data import prepare
-    from pipelines.demo import serve_stage
+    from equiray_pipelines.demo import serve_stage
 
     prepare("digits", tmp_path / "digits")
     cfg = load_config(ServeConfig, {"model": "models:/t-ensemble@champion", "app_name": "demo",

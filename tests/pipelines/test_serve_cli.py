@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from equiray import create_model
-from pipelines import tracking
+from equiray_pipelines import tracking
 
-EQUIRAY = [sys.executable, "-m", "pipelines.cli"]
+EQUIRAY = [sys.executable, "-m", "equiray_pipelines.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def serve_cli(*args, registry):
 
 
 def serve_main(*args, registry, monkeypatch, capsys):
-    """The same command through ``pipelines.cli.main`` in this process."""
-    from pipelines.cli import main
+    """The same command through ``equiray_pipelines.cli.main`` in this process."""
+    from equiray_pipelines.cli import main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry[1])
@@ -76,7 +76,7 @@ def test_unknown_model_is_one_error_line_and_exit_2(registry):
 def test_no_store_here_is_one_error_line_and_leaves_no_mlflow_db(tmp_path, monkeypatch, capsys):
     """`serve run` from a directory without the demo's store: one line saying where the store should be, and no
     new empty mlflow.db left behind."""
-    from pipelines.cli import main
+    from equiray_pipelines.cli import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -105,7 +105,7 @@ def test_user_mistakes(registry, monkeypatch, capsys, args, words):
 
 def test_bad_serve_config_key(registry, tmp_path, monkeypatch, capsys):
     bad = tmp_path / "serve_app.yaml"
-    bad.write_text("applications:\n  - name: equiray\n    import_path: pipelines.serve:build_app\n"
+    bad.write_text("applications:\n  - name: equiray\n    import_path: equiray_pipelines.serve:build_app\n"
                    "    deployments:\n      - name: EquirayModel\n        num_replicaz: 2\n")
     res = serve_main("run", "--model", "models:/t-student@champion", "--serve-config", str(bad), registry=registry,
                      monkeypatch=monkeypatch, capsys=capsys)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from equiray import create_model
-from pipelines import tracking
+from equiray_pipelines import tracking
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

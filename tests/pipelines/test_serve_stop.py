@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from equiray import create_model
-from pipelines import tracking
+from equiray_pipelines import tracking
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.long]
 
@@ -53,7 +53,7 @@ def test_sigterm_right_after_load_then_again_stops_within_10_s_and_leaves_no_ray
     before = ray_processes()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
     env["MLFLOW_TRACKING_URI"] = uri
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "run", "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "equiray_pipelines.cli", "serve", "run", "--model",
                              "models:/t-stop@champion", "--port", "0"], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []

@@ -13,8 +13,8 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from pipelines import jobs
-from pipelines.cli import main
+from equiray_pipelines import jobs
+from equiray_pipelines.cli import main
 from ports import free_port as _free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -116,7 +116,7 @@ def test_a_pipeline_job_runs_to_success_and_its_log_is_followed(head, tmp_path, 
         "eval": {"corruptions": []}, "storage_path": str(tmp_path / "runs")}))
     spec = _spec(tmp_path / "tiny-pretrain.yaml",
                  f"python -c 'import equiray, os; print(\"code:\", equiray.__file__, \"ray:\", os.environ[\"RAY_ADDRESS\"])' "
-                 f"&& python -m pipelines.pretrain --config {cfg} --report-dir {tmp_path / 'report'}")
+                 f"&& python -m equiray_pipelines.pretrain --config {cfg} --report-dir {tmp_path / 'report'}")
     # no `pip:` here, unlike jobs/*.yaml: from inside a virtualenv (this test's Python) Ray clones the whole
     # virtualenv for a pip runtime env (6.6 GB, ~3 minutes on this machine); it works, but not at test speed
     code = main(["submit", str(spec), "--address", head.url, "--follow"])
@@ -145,7 +145,7 @@ def test_a_pipeline_job_runs_to_success_and_its_log_is_followed(head, tmp_path, 
 
 
 def test_a_failing_job_is_reported_with_its_log(head, tmp_path, capsys):
-    spec = _spec(tmp_path / "bad.yaml", "python -m pipelines.pretrain --set train.epochz=1")
+    spec = _spec(tmp_path / "bad.yaml", "python -m equiray_pipelines.pretrain --set train.epochz=1")
     code = main(["submit", str(spec), "--address", head.url, "--wait"])
     out = capsys.readouterr()
     assert code == 1

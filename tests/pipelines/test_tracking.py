@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from equiray.models import create_model
-from pipelines import tracking
+from equiray_pipelines import tracking
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,17 +4,20 @@ Both start from the registered backbone and see the full training split turned b
 random mirror (the recipe's ``upright_share`` of them left upright): the recipe (``configs/canon_any_angle_fast.yaml``,
 what ``make demo`` trains: a D8 canonicalizer's continuous pose, then the backbone on the inputs turned back) and
 the plainest peer, the backbone fine-tuned on the turned images (AdamW, one-cycle to ``--baseline-lr``, as many
-epochs as the recipe trains in all), and the two mixed in probability (what the demo serves: ``mix: true``). Every seed trains both (seed s seeds the batch order and the rotation draws of
-both, paired in the comparison); the test views are fixed (seed 0), so the intervals say what a retraining
+epochs as the recipe trains in all, or ``--baseline-epochs``), and the two mixed in probability (what the demo
+serves: ``mix: true``). Every seed trains both (seed s seeds the batch order and the rotation draws of both, paired
+in the comparison); the test views are fixed (seed 0), so the intervals say what a retraining
 changes. Judged on the full test set upright, at a uniformly random angle (SO(2)) and after a random mirror too
 (O(2)); the verdicts come from the intervals (:mod:`equiray.stats`).
 
     .venv/bin/python benchmarks/bench_any_angle.py [--seeds 3] [--config configs/canon_any_angle_fast.yaml]
-        [--baseline-lr 2e-3] [--mix-weight 0.5] [--tta D16/D8,D1 [--tta ,D1 ...]] [--out table.md]
+        [--baseline-lr 2e-3] [--baseline-epochs 6[,8..]] [--mix-weight 0.5] [--tta D16/D8,D1 [--tta ,D1 ...]]
+        [--out table.md]
 
 ``--tta RECIPE,BASELINE`` (repeatable) also judges the mixture with its members averaged at test time (``GROUP`` or
 ``GROUP/SUBGROUP``: one copy per coset, :class:`equiray.models.OrbitAveraged`; empty: that member as it is),
-paired with the plain mixture on the same trained members.
+paired with the plain mixture on the same trained members. ``--baseline-epochs 6,8`` trains one baseline per count
+on every seed (the recipe once) and pairs each mixture with the first count's.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/canon_any_angle_fast.yaml", help="the recipe (a canon config)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (>= 2 for an interval)")
     parser.add_argument("--baseline-lr", type=float, default=2e-3, help="the augmentation baseline's peak rate")
+    parser.add_argument("--baseline-epochs", help="the baseline's epochs, or several comma-separated (default: as many "
+                        "as the recipe trains in all)")
     parser.add_argument("--mix-weight", type=float, default=0.5,
                         help="the recipe's share of the mixture's probabilities (the other: the baseline's)")
     parser.add_argument("--tta", action="append", default=[], help="RECIPE,BASELINE test-time averaging of the mixture's members, each GROUP or "
@@ -88,11 +93,23 @@ def main(argv=None) -> int:
               f"grid)", file=sys.stderr)
         return 2
     recipe = variants[0]
-    baseline = Variant(name="fine-tune + O(2) augmentation", kind="none", group=recipe.group, prior_weight=0.0,
-                       backbone="finetune", rotations="o2")
     total = cfg.train.total_epochs(recipe)
-    base_train = dataclasses.replace(cfg.train, baseline_epochs=total, baseline_lr=args.baseline_lr, pose_epochs=0,
-                                     freeze_pose=False)
+    try:
+        counts = [int(e) for e in args.baseline_epochs.split(",")] if args.baseline_epochs else [total]
+        if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+            raise ValueError
+    except ValueError:
+        print(f"error: --baseline-epochs {args.baseline_epochs!r}: distinct whole numbers >= 1, comma-separated "
+              f"(e.g. 6,8)", file=sys.stderr)
+        return 2
+    several = len(counts) > 1
+
+    def named(text: str, epochs: int) -> str:  # a row per baseline count when there are several
+        return f"{text} ({epochs}-epoch baseline)" if several else text
+
+    baselines = {e: Variant(name=f"fine-tune + O(2) augmentation ({e} epochs, one-cycle to {args.baseline_lr:g})",
+                            kind="none", group=recipe.group, prior_weight=0.0, backbone="finetune", rotations="o2")
+                 for e in counts}
     ttas = []  # (recipe's, baseline's) test-time averaging, one pair per --tta
     for text in args.tta:
         pair = [t.strip() or None for t in text.split(",")]
@@ -107,46 +124,53 @@ def main(argv=None) -> int:
         ttas.append(tuple(pair))
 
     results: dict[str, list[dict]] = {"backbone": [judge(backbone)]}
-    started, runs = time.perf_counter(), 2 * args.seeds
-    mixture = f"mixture: the two, their probabilities averaged ({args.mix_weight:g} on the recipe)"
+    started, runs, done = time.perf_counter(), (1 + len(counts)) * args.seeds, 0
+    plain = f"mixture: the two, their probabilities averaged ({args.mix_weight:g} on the recipe)"
     tta_names = {t: f"mixture, members averaged at test time (recipe: {t[0] or 'as is'}, baseline: {t[1] or 'as is'})"
                  for t in ttas}
+    mixtures = {e: [(named(plain, e), (None, None)), *((named(n, e), t) for t, n in tta_names.items())]
+                for e in counts}
+
+    def train(variant, train_cfg, seed):
+        nonlocal done
+        t = dataclasses.replace(train_cfg, seed=seed)
+        model, _ = build_variant(variant, spec, state, beta=t.beta, pose_snap=t.pose_snap,
+                                 upright_backbone=t.upright_backbone and variant.canonicalized, seed=seed,
+                                 canonicalizer_kwargs=cfg.canonicalizers.kwargs(variant.kind)
+                                 if variant.canonicalized else None)
+        train_variant(model, variant, x, y, **t.options(variant))
+        row = judge(model)
+        results.setdefault(variant.name, []).append(row)
+        done += 1
+        eta = (time.perf_counter() - started) / done * (runs - done)
+        print(f"[{done}/{runs}] seed {seed} {variant.name}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS)
+              + f" (ETA {eta / 60:.1f} min)", file=sys.stderr, flush=True)
+        return model
+
     for seed in range(args.seeds):
-        trained: dict[str, torch.nn.Module] = {}
-        for variant, train in ((recipe, cfg.train), (baseline, base_train)):
-            t = dataclasses.replace(train, seed=seed)
-            model, _ = build_variant(variant, spec, state, beta=t.beta, pose_snap=t.pose_snap,
-                                     upright_backbone=t.upright_backbone and variant.canonicalized, seed=seed,
-                                     canonicalizer_kwargs=cfg.canonicalizers.kwargs(variant.kind)
-                                     if variant.canonicalized else None)
-            train_variant(model, variant, x, y, **t.options(variant))
-            row = judge(model)
-            results.setdefault(variant.name, []).append(row)
-            trained[variant.name] = model
-            done = len([r for k, rs in results.items() if k not in ("backbone", mixture, *tta_names.values()) for r in rs])
-            eta = (time.perf_counter() - started) / done * (runs - done)
-            print(f"[{done}/{runs}] seed {seed} {variant.name}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS)
-                  + f" (ETA {eta / 60:.1f} min)", file=sys.stderr, flush=True)
-        # the mixture the demo serves (`mix: true`): this seed's recipe and baseline, no training of its own
-        row = judge(Mixture([trained[recipe.name], trained[baseline.name]], [args.mix_weight, 1 - args.mix_weight]))
-        results.setdefault(mixture, []).append(row)
-        print(f"seed {seed} {mixture}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS), file=sys.stderr, flush=True)
-        for tta, tta_name in tta_names.items():
-            mixed = Mixture([averaged(trained[recipe.name], tta[0]), averaged(trained[baseline.name], tta[1])],
-                            [args.mix_weight, 1 - args.mix_weight])
-            row = judge(mixed)
-            results.setdefault(tta_name, []).append(row)
-            print(f"seed {seed} {tta_name}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS), file=sys.stderr,
-                  flush=True)
+        recipe_model = train(recipe, cfg.train, seed)
+        for epochs, baseline in baselines.items():
+            base_train = dataclasses.replace(cfg.train, baseline_epochs=epochs, baseline_lr=args.baseline_lr,
+                                             pose_epochs=0, freeze_pose=False)
+            baseline_model = train(baseline, base_train, seed)
+            # the mixtures the demo serves (`mix: true`, `mix_tta`): no training of their own
+            for name, (on_recipe, on_baseline) in mixtures[epochs]:
+                row = judge(Mixture([averaged(recipe_model, on_recipe), averaged(baseline_model, on_baseline)],
+                                    [args.mix_weight, 1 - args.mix_weight]))
+                results.setdefault(name, []).append(row)
+                print(f"seed {seed} {name}: " + ", ".join(f"{v} {row[v]:.2f}" for v in VIEWS), file=sys.stderr,
+                      flush=True)
 
     def cells(name):
         ivs = [mean_interval([r[v] for r in results[name]]) for v in VIEWS]
         return [iv.format() if iv.n < 2 else f"{iv.mean:.2f} +- {iv.half_width:.2f}" for iv in ivs]
 
     bb = results["backbone"][0]
+    mixture_rows = [name for e in counts for name, _ in mixtures[e]]
     lines = [
         f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_any_angle.py --seeds {args.seeds} "
-        f"--config {args.config} --baseline-lr {args.baseline_lr:g} --mix-weight {args.mix_weight:g}"
+        f"--config {args.config} --baseline-lr {args.baseline_lr:g}"
+        f"{f' --baseline-epochs {args.baseline_epochs}' if args.baseline_epochs else ''} --mix-weight {args.mix_weight:g}"
         f"{''.join(f' --tta {t}' for t in args.tta)}"
         f"{f' --max-train {args.max_train}' if args.max_train else ''}"
         f"{f' --max-eval {args.max_eval}' if args.max_eval else ''}`. Backbone: {cfg.backbone}; {len(x):,} training "
@@ -156,20 +180,25 @@ def main(argv=None) -> int:
         "| model | upright | SO(2) | O(2) |", "|---|---|---|---|",
         f"| backbone, upright-trained (no seeds) | {bb['upright']:.2f} | {bb['so2']:.2f} | {bb['o2']:.2f} |",
         f"| {recipe.name} (the recipe, {total} epochs in all) | " + " | ".join(cells(recipe.name)) + " |",
-        f"| {baseline.name} ({total} epochs, one-cycle to {args.baseline_lr:g}) | "
-        + " | ".join(cells(baseline.name)) + " |",
-        f"| {mixture} | " + " | ".join(cells(mixture)) + " |",
-        *(f"| {n} | " + " | ".join(cells(n)) + " |" for n in tta_names.values()), "",
+        *(f"| {b.name} | " + " | ".join(cells(b.name)) + " |" for b in baselines.values()),
+        *(f"| {n} | " + " | ".join(cells(n)) + " |" for n in mixture_rows), "",
         "| comparison | upright | SO(2) | O(2) |", "|---|---|---|---|"]
-    for label, a, b in (("recipe - augmentation", recipe.name, baseline.name), ("mixture - recipe", mixture, recipe.name),
-                        ("mixture - augmentation", mixture, baseline.name),
-                        *((f"{n} - mixture", n, mixture) for n in tta_names.values())):
+    pairs = []
+    for e, b in baselines.items():
+        mix = named(plain, e)
+        pairs += [(named("recipe - augmentation", e), recipe.name, b.name), (f"{mix} - recipe", mix, recipe.name),
+                  (f"{mix} - augmentation", mix, b.name),
+                  *((f"{name} - {mix}", name, mix) for name, _ in mixtures[e][1:])]
+    for e in counts[1:]:  # each count's mixtures against the first count's
+        pairs += [(f"{name} - {first}", name, first)
+                  for (name, _), (first, _) in zip(mixtures[e], mixtures[counts[0]])]
+    for label, a, b in pairs:
         diffs = [compare([r[v] for r in results[a]], [r[v] for r in results[b]]) for v in VIEWS]
         lines.append(f"| {label} (paired by seed) | "
                      + " | ".join(f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]: {verdict}" for d, verdict in diffs)
                      + " |")
-    for label, name in (("recipe", recipe.name), ("mixture", mixture),
-                        *((n, n) for n in tta_names.values())):
+    for name in (recipe.name, *mixture_rows):
+        label = "recipe" if name == recipe.name else name
         goal = []
         for v in VIEWS:
             iv = mean_interval([r[v] for r in results[name]])

@@ -12,7 +12,8 @@ changes. Judged on the full test set upright, at a uniformly random angle (SO(2)
 
     .venv/bin/python benchmarks/bench_any_angle.py [--seeds 3] [--config configs/canon_any_angle_fast.yaml]
         [--baseline-lr 2e-3] [--baseline-epochs 6[,8..]] [--mix-weight 0.5] [--tta D16/D8,D1 [--tta ,D1 ...]]
-        [--out table.md]
+        [--out table.md] [--first-seed 3] [--save seeds.json]
+    .venv/bin/python benchmarks/bench_any_angle.py --load a.json --load b.json [the same options]   # pooled seeds
 
 ``--tta RECIPE,BASELINE`` (repeatable) also judges the mixture with its members averaged at test time (``GROUP`` or
 ``GROUP/SUBGROUP``: one copy per coset, :class:`equiray.models.OrbitAveraged`; empty: that member as it is),
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/canon_any_angle_fast.yaml", help="the recipe (a canon config)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (>= 2 for an interval)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the seeds are FIRST .. FIRST + SEEDS - 1")
+    parser.add_argument("--save", help="also write every seed's accuracies to this JSON file")
+    parser.add_argument("--load", action="append", default=[],
+                        help="train nothing: pool the seeds saved by earlier runs (--save) with the same options, "
+                             "and print their table (repeatable)")
     parser.add_argument("--baseline-lr", type=float, default=2e-3, help="the augmentation baseline's peak rate")
     parser.add_argument("--baseline-epochs", help="the baseline's epochs, or several comma-separated (default: as many "
                         "as the recipe trains in all)")
@@ -105,9 +112,9 @@ def main(argv=None) -> int:
     several = len(counts) > 1
 
     def named(text: str, epochs: int) -> str:  # a row per baseline count when there are several
-        return f"{text} ({epochs}-epoch baseline)" if several else text
+        return f"{text}, {epochs}-epoch baseline" if several else text
 
-    baselines = {e: Variant(name=f"fine-tune + O(2) augmentation ({e} epochs, one-cycle to {args.baseline_lr:g})",
+    baselines = {e: Variant(name=f"fine-tune + O(2) aug ({e} epochs, one-cycle to {args.baseline_lr:g})",
                             kind="none", group=recipe.group, prior_weight=0.0, backbone="finetune", rotations="o2")
                  for e in counts}
     ttas = []  # (recipe's, baseline's) test-time averaging, one pair per --tta
@@ -123,11 +130,26 @@ def main(argv=None) -> int:
             return 2
         ttas.append(tuple(pair))
 
-    results: dict[str, list[dict]] = {"backbone": [judge(backbone)]}
-    started, runs, done = time.perf_counter(), (1 + len(counts)) * args.seeds, 0
-    plain = f"mixture: the two, their probabilities averaged ({args.mix_weight:g} on the recipe)"
-    tta_names = {t: f"mixture, members averaged at test time (recipe: {t[0] or 'as is'}, baseline: {t[1] or 'as is'})"
-                 for t in ttas}
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    results: dict[str, list[dict]] = {"backbone": [judge(backbone)]} if not args.load else {}
+    for path in args.load:  # earlier runs' seeds, pooled (the backbone row is the same in each: keep one)
+        saved = json.loads(Path(path).read_text())
+        clash = set(saved["seeds"]) & set(results.get("_seeds", []))
+        if clash:
+            print(f"error: --load {path}: seeds {sorted(clash)} were loaded already", file=sys.stderr)
+            return 2
+        results["_seeds"] = results.get("_seeds", []) + saved["seeds"]
+        for name, rows in saved["results"].items():
+            if name == "backbone":
+                results.setdefault(name, rows)
+            else:
+                results.setdefault(name, []).extend(rows)
+    if args.load:
+        seeds = results.pop("_seeds")
+    started, runs, done = time.perf_counter(), (1 + len(counts)) * len(seeds), 0
+    plain = f"mixture ({args.mix_weight:g} on the recipe)"  # the two models' probabilities averaged
+    tta_names = {t: f"mixture, members averaged (recipe {t[0] or 'as is'}, baseline {t[1] or 'as is'})"
+                 for t in ttas}  # each member's probabilities averaged over copies of the input, then mixed
     mixtures = {e: [(named(plain, e), (None, None)), *((named(n, e), t) for t, n in tta_names.items())]
                 for e in counts}
 
@@ -147,7 +169,7 @@ def main(argv=None) -> int:
               + f" (ETA {eta / 60:.1f} min)", file=sys.stderr, flush=True)
         return model
 
-    for seed in range(args.seeds):
+    for seed in seeds if not args.load else ():
         recipe_model = train(recipe, cfg.train, seed)
         for epochs, baseline in baselines.items():
             base_train = dataclasses.replace(cfg.train, baseline_epochs=epochs, baseline_lr=args.baseline_lr,
@@ -165,10 +187,18 @@ def main(argv=None) -> int:
         ivs = [mean_interval([r[v] for r in results[name]]) for v in VIEWS]
         return [iv.format() if iv.n < 2 else f"{iv.mean:.2f} +- {iv.half_width:.2f}" for iv in ivs]
 
+    if args.save:
+        Path(args.save).write_text(json.dumps({"seeds": seeds, "results": results}, indent=1))
+    missing = [n for n in (recipe.name, *(b.name for b in baselines.values())) if n not in results]
+    if missing:
+        print(f"error: no rows for {missing} (the loaded runs had other options)", file=sys.stderr)
+        return 2
     bb = results["backbone"][0]
     mixture_rows = [name for e in counts for name, _ in mixtures[e]]
     lines = [
-        f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_any_angle.py --seeds {args.seeds} "
+        f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_any_angle.py "
+        f"{' '.join(f'--load {p}' for p in args.load) or f'--seeds {args.seeds}'}"
+        f"{f' --first-seed {args.first_seed}' if args.first_seed and not args.load else ''} "
         f"--config {args.config} --baseline-lr {args.baseline_lr:g}"
         f"{f' --baseline-epochs {args.baseline_epochs}' if args.baseline_epochs else ''} --mix-weight {args.mix_weight:g}"
         f"{''.join(f' --tta {t}' for t in args.tta)}"
@@ -176,7 +206,8 @@ def main(argv=None) -> int:
         f"{f' --max-eval {args.max_eval}' if args.max_eval else ''}`. Backbone: {cfg.backbone}; {len(x):,} training "
         f"images turned by a random angle after a random mirror ({cfg.train.upright_share:.0%} left upright); "
         f"{len(xt):,} test images, views fixed (seed 0); "
-        f"accuracy in % as the mean over {args.seeds} training seeds +- the 95% interval (Student t).", "",
+        f"accuracy in % as the mean over {len(seeds)} training seeds ({', '.join(map(str, seeds))}) +- the 95% "
+        f"interval (Student t).", "",
         "| model | upright | SO(2) | O(2) |", "|---|---|---|---|",
         f"| backbone, upright-trained (no seeds) | {bb['upright']:.2f} | {bb['so2']:.2f} | {bb['o2']:.2f} |",
         f"| {recipe.name} (the recipe, {total} epochs in all) | " + " | ".join(cells(recipe.name)) + " |",

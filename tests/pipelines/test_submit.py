@@ -115,7 +115,8 @@ def test_a_pipeline_job_runs_to_success_and_its_log_is_followed(head, tmp_path, 
         "scaling": {"cpus_per_worker": 0.5}, "tracking": {"experiment": "test-submit"},
         "eval": {"corruptions": []}, "storage_path": str(tmp_path / "runs")}))
     spec = _spec(tmp_path / "tiny-pretrain.yaml",
-                 f"python -c 'import equiray, os; print(\"code:\", equiray.__file__, \"ray:\", os.environ[\"RAY_ADDRESS\"])' "
+                 f"python -c 'import equiray, equiray_pipelines as p, os; print(\"code:\", equiray.__file__, p.__file__, "
+                 f"\"ray:\", os.environ[\"RAY_ADDRESS\"])' "
                  f"&& python -m equiray_pipelines.pretrain --config {cfg} --report-dir {tmp_path / 'report'}")
     # no `pip:` here, unlike jobs/*.yaml: from inside a virtualenv (this test's Python) Ray clones the whole
     # virtualenv for a pip runtime env (6.6 GB, ~3 minutes on this machine); it works, but not at test speed
@@ -125,9 +126,12 @@ def test_a_pipeline_job_runs_to_success_and_its_log_is_followed(head, tmp_path, 
     job_id = _job_id(out.out)
     assert job_id.startswith("equiray-tiny-pretrain-")
     assert f"job {job_id}: SUCCEEDED" in out.err
-    # the job ran the uploaded working dir (not an installed copy) and joined the cluster it was submitted to
+    # the job ran the uploaded code, the library and the pipelines (sent as the package equiray_pipelines), not the
+    # copies installed here, and joined the cluster it was submitted to
     code_line = next(line for line in out.out.splitlines() if line.startswith("code:"))
-    assert "runtime_resources" in code_line and "/work/main/" not in code_line
+    library, pipelines = code_line.split()[1:3]
+    assert "runtime_resources" in library and not library.startswith(str(REPO)), code_line
+    assert "runtime_resources" in pipelines and pipelines.endswith("equiray_pipelines/__init__.py"), code_line
     assert code_line.split("ray: ")[1].endswith(f":{head.gcs_port}")
     assert "equiray-backbone" in out.out  # the pipeline's own result, streamed from the job's log
     import mlflow

@@ -1,1 +1,2 @@
-"""Ray + MLflow pipelines that compose the ``equiray`` library. Each is also ``python -m equiray_pipelines.X --config F``."""
+"""Ray + MLflow pipelines that compose the ``equiray`` library, installed as ``equiray_pipelines``. Each is also
+``python -m equiray_pipelines.X --config F``."""

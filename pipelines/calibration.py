@@ -3,8 +3,8 @@
 One softmax temperature per registered version (:mod:`equiray.calibration`): fitted on the validation split under
 the view of the inputs the model was trained for (upright for the backbone, a random pose for a model trained on
 turned images, the target corruption for a robust fine-tune), then reported on the test split upright and at a
-random angle (SO(2)), before and after. The version carries it as the tag :data:`equiray_pipelines.tracking.TEMPERATURE_TAG`
-(the endpoint, ``equiray export`` and the demo's report read it) and the rest as ``calibration.*`` tags; the
+random angle (SO(2)), before and after. The version carries it as the tag
+:data:`equiray_pipelines.tracking.TEMPERATURE_TAG` (the endpoint, ``equiray export`` and the demo's report read it) and the rest as ``calibration.*`` tags; the
 stage's run gets the same as ``calibration_*`` metrics.
 """
 from __future__ import annotations

@@ -3,7 +3,8 @@ command-specific options. The CLI builds its subcommands from this table and ``e
 the configs a job spec runs; nothing here parses arguments.
 
 A command's words name its module and its function: ``equiray ftp tune`` is ``equiray_pipelines.ftp.run_tune`` with
-``equiray_pipelines.ftp.FTPConfig``, and ``python -m equiray_pipelines.ftp tune ...`` is the same as ``equiray ftp tune ...``
+``equiray_pipelines.ftp.FTPConfig``, and ``python -m equiray_pipelines.ftp tune ...`` is the same as
+``equiray ftp tune ...``
 (a one-word command such as ``pretrain`` is ``equiray_pipelines.pretrain.run``). Add a pipeline by adding a
 :class:`Pipeline` to ``CATALOG``.
 """

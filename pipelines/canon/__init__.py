@@ -16,7 +16,7 @@ variant as ``equiray-canon@champion``.
     python -m equiray_pipelines.canon sweep --config configs/canon.yaml
 """
 from equiray_pipelines.canon.config import (ANY_ANGLE, BASELINES, CanonConfig, CanonicalizerOptions, CanonTrain,
-                                    EquivariantOptions, GridConfig, OptimizedOptions)
+                                            EquivariantOptions, GridConfig, OptimizedOptions)
 from equiray_pipelines.canon.report import plot_variants, results_table, verdict
 from equiray_pipelines.canon.stage import CanonResult, CanonSweep, run_sweep
 

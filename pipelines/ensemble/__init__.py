@@ -24,7 +24,7 @@ ensemble size (bootstrap), in distribution and off the data manifold, one line p
 - :mod:`~equiray_pipelines.ensemble.report`: tables, verdicts, the plot.
 """
 from equiray_pipelines.ensemble.config import (DEFAULT_SETTINGS, EnsembleConfig, EnsembleEvalSection, EnsembleTracking,
-                                       EnsembleTrainSection, GroupPlan, MemberConfig, SettingConfig)
+                                               EnsembleTrainSection, GroupPlan, MemberConfig, SettingConfig)
 from equiray_pipelines.ensemble.evaluate import EnsembleEvalResult, evaluate, off_manifold_images, run_eval
 from equiray_pipelines.ensemble.members import find_train_run, load_members
 from equiray_pipelines.ensemble.select import EnsembleSelectResult, member_state_dicts, run_select, select_by_nfn

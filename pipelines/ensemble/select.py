@@ -82,8 +82,8 @@ def run_select(cfg: EnsembleConfig, *, run_id: str | None = None, ensembles: dic
                metanet: tuple | None = None) -> EnsembleSelectResult:
     """``--select-by nfn`` on its own: leave out the members ``cfg.eval.nfn_model`` predicts weakest, compare the
     mean of the rest with all members and with random subsets; table to ``report_dir`` and to the run.
-    ``ensembles`` (an :class:`~equiray_pipelines.ensemble.stage.EnsembleTrainResult`'s), ``data`` (test images and labels)
-    and ``metanet`` (``(model, spec)``) save reading them again."""
+    ``ensembles`` (an :class:`~equiray_pipelines.ensemble.stage.EnsembleTrainResult`'s), ``data`` (test images and
+    labels) and ``metanet`` (``(model, spec)``) save reading them again."""
     import mlflow
 
     from equiray_pipelines import tracking

@@ -18,13 +18,13 @@ an interrupted search without re-running finished trials. The best trial's model
 
 Modules: :mod:`~equiray_pipelines.ftp.config` (the config), :mod:`~equiray_pipelines.ftp.task` (data, model, accuracy),
 :mod:`~equiray_pipelines.ftp.trial` (one Tune trial; the training itself is :class:`equiray.optim.RobustFineTuner`),
-:mod:`~equiray_pipelines.ftp.stage` (the search as a registering stage: :func:`run_tune`), :mod:`~equiray_pipelines.ftp.result`
-and :mod:`~equiray_pipelines.ftp.report` (what it returns and shows).
+:mod:`~equiray_pipelines.ftp.stage` (the search as a registering stage: :func:`run_tune`),
+:mod:`~equiray_pipelines.ftp.result` and :mod:`~equiray_pipelines.ftp.report` (what it returns and shows).
 
     python -m equiray_pipelines.ftp --config configs/ftp.yaml [--resume]
 """
 from equiray_pipelines.ftp.config import (METHOD_ORDER, FTPConfig, FTPTrain, SearchConfig, SpaceConfig, TaskConfig,
-                                  method_params)
+                                          method_params)
 from equiray_pipelines.ftp.report import plot_trials, results_table, verdict
 from equiray_pipelines.ftp.result import FTPResult, TrialRow
 from equiray_pipelines.ftp.stage import FTPTune, run_tune

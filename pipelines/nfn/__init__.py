@@ -23,12 +23,12 @@ Modules: ``config`` (both configs), ``zoo`` (the zoo's Ray tasks, Parquet in and
 """
 from __future__ import annotations
 
-from equiray_pipelines.nfn.config import (ACTIVATIONS, OPTIMIZERS, ZOOS, Metanetworks, MonomialNFNOptions, NFNTrainConfig,
-                                  StatNNOptions, ZooConfig, ZooSpace)
+from equiray_pipelines.nfn.config import (ACTIVATIONS, OPTIMIZERS, ZOOS, Metanetworks, MonomialNFNOptions,
+                                          NFNTrainConfig, StatNNOptions, ZooConfig, ZooSpace)
 from equiray_pipelines.nfn.metanet import MetanetworkFit
 from equiray_pipelines.nfn.stage import NFNTrain, NFNTrainResult, run_train
 from equiray_pipelines.nfn.zoo import (ZooResult, member_rows, read_zoo, run_zoo, scaled_zoo, split_nets, write_zoo,
-                               zoo_features)
+                                       zoo_features)
 
 __all__ = ["ZooConfig", "ZooSpace", "NFNTrainConfig", "Metanetworks", "MonomialNFNOptions", "StatNNOptions",
            "ZOOS", "OPTIMIZERS", "ACTIVATIONS", "ZooResult", "run_zoo", "read_zoo", "write_zoo", "member_rows",

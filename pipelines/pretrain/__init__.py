@@ -12,7 +12,7 @@ model and registers it.
 ``report`` (summary metrics and plots).
 """
 from equiray_pipelines.pretrain.config import (DataConfig, EvalConfig, ModelConfig, PretrainConfig, ScalingConfig,
-                                       TrackingConfig, TrainConfig)
+                                               TrackingConfig, TrainConfig)
 from equiray_pipelines.pretrain.stage import Pretrain, PretrainResult, run
 from equiray_pipelines.pretrain.worker import build_model
 

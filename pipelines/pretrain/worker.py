@@ -12,8 +12,7 @@ import torch
 from equiray.groups import get_group
 from equiray.models import create_model
 from equiray.train import shuffled_batches, train_epoch
-from equiray_pipelines._common import (batches_from_shard, load_shard, resume_from_checkpoint, unwrap,
-                               worker_threads)
+from equiray_pipelines._common import (batches_from_shard, load_shard, resume_from_checkpoint, unwrap, worker_threads)
 from equiray_pipelines._ray import say
 from equiray_pipelines.progress import Progress
 from equiray_pipelines.pretrain.config import ModelConfig, PretrainConfig

@@ -30,12 +30,12 @@ keeps parsing requests meanwhile; an ensemble's members run as one vectorized ca
 
 The package, one concept a module: :mod:`~equiray_pipelines.serve.config` (the settings and the Serve config file's
 deployment options), :mod:`~equiray_pipelines.serve.api` (the HTTP schemas, errors and request decoding),
-:mod:`~equiray_pipelines.serve.replica` (the ``EquirayModel`` deployment) and :mod:`~equiray_pipelines.serve.endpoint` (resolving,
-building, deploying, ``serve run`` / ``serve stop``). A Serve config names the application builder as
+:mod:`~equiray_pipelines.serve.replica` (the ``EquirayModel`` deployment) and
+:mod:`~equiray_pipelines.serve.endpoint` (resolving, building, deploying, ``serve run`` / ``serve stop``). A Serve config names the application builder as
 ``import_path: equiray_pipelines.serve:build_app``.
 """
-from equiray_pipelines.serve.api import (ACCEPTED_TYPES, IMAGE_TYPES, PREDICT_BODY, ErrorBody, ErrorResponse, HTTPProblem,
-                                 ModelInfo, Prediction, PredictResponse, api)
+from equiray_pipelines.serve.api import (ACCEPTED_TYPES, IMAGE_TYPES, PREDICT_BODY, ErrorBody, ErrorResponse,
+                                         HTTPProblem, ModelInfo, Prediction, PredictResponse, api)
 from equiray_pipelines.serve.config import DEPLOYMENT, BatchConfig, LimitsConfig, ServeConfig, deployment_options
 
 # Ray Serve (ray.serve, a second or more to import) is loaded when a name that needs it is first used, so the CLI's
@@ -46,8 +46,8 @@ _LAZY = {**dict.fromkeys(("ModelRef", "build_app", "build_application", "curl_ex
 
 
 def run(*args, **kwargs):
-    """``equiray serve run`` (:func:`equiray_pipelines.serve.endpoint.run`), defined here so that the CLI's catalog names
-    it without importing Ray Serve."""
+    """``equiray serve run`` (:func:`equiray_pipelines.serve.endpoint.run`), defined here so that the CLI's catalog
+    names it without importing Ray Serve."""
     from equiray_pipelines.serve.endpoint import run as run_endpoint
 
     return run_endpoint(*args, **kwargs)

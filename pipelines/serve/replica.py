@@ -16,8 +16,8 @@ from ray import serve
 
 from equiray.errors import EquirayError
 from equiray.inference import BadInput, describe_element, predict_detailed, to_model_input
-from equiray_pipelines.serve.api import (ERRORS, PREDICT_BODY, HTTPProblem, ModelInfo, PredictResponse, api, content_type,
-                                 decode_images, read_body)
+from equiray_pipelines.serve.api import (ERRORS, PREDICT_BODY, HTTPProblem, ModelInfo, PredictResponse, api,
+                                         content_type, decode_images, read_body)
 from equiray_pipelines.serve.config import DEPLOYMENT, LimitsConfig
 from equiray_pipelines.tracking import TEMPERATURE_TAG
 

@@ -21,7 +21,8 @@ def driver_env(ray_session, tracking_uri: str) -> dict[str, str]:
 
 
 def start(args: list[str], *, cwd, env: dict[str, str], merged: bool = False) -> subprocess.Popen:
-    """``python -m ARGS`` (e.g. ``equiray_pipelines.pretrain --config f.yaml``), its output captured as text (``merged``:
+    """``python -m ARGS`` (e.g. ``equiray_pipelines.pretrain --config f.yaml``), its output captured as text
+    (``merged``:
     standard error into standard output, in the order written)."""
     return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True)

@@ -7,7 +7,8 @@ import torch
 
 from equiray.config import load_config
 from equiray.errors import EquirayError
-from equiray_pipelines.ensemble import EnsembleConfig, load_members, member_state_dicts, run_eval, run_train, select_by_nfn
+from equiray_pipelines.ensemble import (EnsembleConfig, load_members, member_state_dicts, run_eval, run_train,
+                                        select_by_nfn)
 from equiray_pipelines.nfn import NFNTrainConfig, ZooConfig, read_zoo, run_train as run_nfn_train, run_zoo
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

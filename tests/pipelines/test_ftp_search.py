@@ -129,9 +129,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
                        resources={"cpus_per_trial": 0.5, "max_concurrent": 1}, train={"epochs": 6, "batch_size": 16})
     raw["name"] = "interrupted"
     cfg_file.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, "-m", "equiray_pipelines.ftp", "tune", "--config", str(cfg_file)], cwd=tmp_path,
-                            env=driver_env(ray_session, uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "equiray_pipelines.ftp", "tune", "--config", str(cfg_file)],
+                            cwd=tmp_path, env=driver_env(ray_session, uri), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     client = mlflow.MlflowClient(uri)
     deadline = time.time() + 240
     finished = []

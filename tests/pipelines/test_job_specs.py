@@ -72,7 +72,8 @@ def test_entrypoints_are_parsed_into_pipelines_and_configs():
     cmds = jobs.pipeline_commands("python -m equiray_pipelines.ensemble train --config a.yaml --set train.epochs=2 && "
                                   "python -m equiray_pipelines.ftp tune --config=b.yaml --resume; "
                                   "equiray canon sweep -c c.yaml; "
-                                  "echo done; serve deploy d.yaml; python -m equiray_pipelines.serve run --serve-config e.yaml")
+                                  "echo done; serve deploy d.yaml; "
+                                  "python -m equiray_pipelines.serve run --serve-config e.yaml")
     assert [(c.pipeline, c.config, c.overrides) for c in cmds] == [
         ("ensemble train", "a.yaml", ("train.epochs=2",)), ("ftp tune", "b.yaml", ()), ("canon sweep", "c.yaml", ()),
         (jobs.SERVE, "d.yaml", ()), ("serve run", None, ()), (jobs.SERVE, "e.yaml", ())]
@@ -81,7 +82,8 @@ def test_entrypoints_are_parsed_into_pipelines_and_configs():
     assert [(c.pipeline, c.config) for c in cmds] == [("ftp tune", "f.yaml"), ("nfn zoo", "g.yaml")]
     with pytest.raises(ConfigError, match="'ensemble trian' is not an equiray pipeline"):
         jobs.pipeline_commands("python -m equiray_pipelines.ensemble trian --config a.yaml")
-    with pytest.raises(ConfigError, match="'ftp' is not an equiray pipeline"):  # `python -m equiray_pipelines.X` is `equiray X`
+    # `python -m equiray_pipelines.X` is `equiray X`
+    with pytest.raises(ConfigError, match="'ftp' is not an equiray pipeline"):
         jobs.pipeline_commands("python -m equiray_pipelines.ftp --config b.yaml")
     # the package's old name, which would import whatever `pipelines` a node has installed, is caught before submitting
     with pytest.raises(ConfigError, match=r"`python -m pipelines.ftp`: the package is `equiray_pipelines` now; write "
@@ -199,8 +201,8 @@ def test_a_dashboard_url_in_ray_address_is_not_joined_by_a_pipeline():
     import subprocess
     import sys
 
-    code = ("from equiray_pipelines._ray import init_ray\nfrom equiray.errors import EquirayError\ntry:\n    init_ray()\n"
-            "except EquirayError as exc:\n    print('refused:', exc)\n")
+    code = ("from equiray_pipelines._ray import init_ray\nfrom equiray.errors import EquirayError\n"
+            "try:\n    init_ray()\nexcept EquirayError as exc:\n    print('refused:', exc)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
                          env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"})
     assert res.returncode == 0 and "refused:" in res.stdout, res.stderr[-2000:]

@@ -12,8 +12,8 @@ from equiray.errors import ConfigError, EquirayError
 from equiray.nfn import (ZooHyperparameters, features_from_state_dicts, init_zoo_net, list_metanetworks,
                          train_zoo_nets, zoo_batches, zoo_cnn)
 from equiray.data import resize
-from equiray_pipelines.nfn import (Metanetworks, MonomialNFNOptions, NFNTrainConfig, ZooConfig, read_zoo, run_train, run_zoo,
-                           scaled_zoo, zoo_features)
+from equiray_pipelines.nfn import (Metanetworks, MonomialNFNOptions, NFNTrainConfig, ZooConfig, read_zoo, run_train,
+                                   run_zoo, scaled_zoo, zoo_features)
 
 
 def small(root, **over) -> ZooConfig:

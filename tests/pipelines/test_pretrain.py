@@ -181,7 +181,8 @@ def test_ctrl_c_mid_training_is_one_line_130_and_a_killed_run(ray_session, tmp_p
         "model": {"name": "small_cnn", "kwargs": {"width": 8}}, "train": {"epochs": 500, "batch_size": 64},
         "scaling": {"cpus_per_worker": 0.5}, "tracking": {"experiment": "test-interrupt"},
         "storage_path": str(tmp_path / "runs")}))
-    proc = start(["equiray_pipelines.pretrain", "--config", "pretrain.yaml"], cwd=tmp_path, env=driver_env(ray_session, uri))
+    proc = start(["equiray_pipelines.pretrain", "--config", "pretrain.yaml"], cwd=tmp_path,
+                 env=driver_env(ray_session, uri))
     err = interrupt_once_training(proc, uri, "test-interrupt")
     client = mlflow.MlflowClient(uri)
     assert proc.returncode == 130, err

@@ -115,8 +115,8 @@ def test_a_pipeline_job_runs_to_success_and_its_log_is_followed(head, tmp_path, 
         "scaling": {"cpus_per_worker": 0.5}, "tracking": {"experiment": "test-submit"},
         "eval": {"corruptions": []}, "storage_path": str(tmp_path / "runs")}))
     spec = _spec(tmp_path / "tiny-pretrain.yaml",
-                 f"python -c 'import equiray, equiray_pipelines as p, os; print(\"code:\", equiray.__file__, p.__file__, "
-                 f"\"ray:\", os.environ[\"RAY_ADDRESS\"])' "
+                 f"python -c 'import equiray, equiray_pipelines as p, os; "
+                 f"print(\"code:\", equiray.__file__, p.__file__, \"ray:\", os.environ[\"RAY_ADDRESS\"])' "
                  f"&& python -m equiray_pipelines.pretrain --config {cfg} --report-dir {tmp_path / 'report'}")
     # no `pip:` here, unlike jobs/*.yaml: from inside a virtualenv (this test's Python) Ray clones the whole
     # virtualenv for a pip runtime env (6.6 GB, ~3 minutes on this machine); it works, but not at test speed

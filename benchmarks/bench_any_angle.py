@@ -132,20 +132,20 @@ def main(argv=None) -> int:
 
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     results: dict[str, list[dict]] = {"backbone": [judge(backbone)]} if not args.load else {}
+    if args.load:
+        seeds = []
     for path in args.load:  # earlier runs' seeds, pooled (the backbone row is the same in each: keep one)
         saved = json.loads(Path(path).read_text())
-        clash = set(saved["seeds"]) & set(results.get("_seeds", []))
+        clash = set(saved["seeds"]) & set(seeds)
         if clash:
             print(f"error: --load {path}: seeds {sorted(clash)} were loaded already", file=sys.stderr)
             return 2
-        results["_seeds"] = results.get("_seeds", []) + saved["seeds"]
+        seeds += saved["seeds"]
         for name, rows in saved["results"].items():
             if name == "backbone":
                 results.setdefault(name, rows)
             else:
                 results.setdefault(name, []).extend(rows)
-    if args.load:
-        seeds = results.pop("_seeds")
     started, runs, done = time.perf_counter(), (1 + len(counts)) * len(seeds), 0
     plain = f"mixture ({args.mix_weight:g} on the recipe)"  # the two models' probabilities averaged
     tta_names = {t: f"mixture, members averaged (recipe {t[0] or 'as is'}, baseline {t[1] or 'as is'})"

@@ -24,6 +24,15 @@ class DataConfig:
     # a local shuffle buffer (data larger than memory)
     in_memory: bool = True
     resize: int | None = None  # resample images to resize x resize (area) after reading: cheaper demo runs
+    # what is checked before a stage starts: "footers" (every shard's footer, the rows per split), "full" (every
+    # page read and its checksum compared too), "auto" (full up to 1 GiB on disk, footers above)
+    verify: str = "auto"
+
+    def __post_init__(self):
+        from equiray.data import VERIFY_MODES
+
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"data.verify: choose one of {', '.join(VERIFY_MODES)}, not {self.verify!r}")
 
     def prepare(self) -> dict:
         """Prepare the Parquet dataset if missing (a no-op when already prepared); returns its metadata."""
@@ -31,6 +40,15 @@ class DataConfig:
 
         return prepare(self.source, self.dir, options=SourceOptions(cache_dir=Path(self.cache_dir),
                                                                      download=self.download))
+
+    def check(self) -> dict:
+        """:meth:`prepare`, then check the dataset as ``verify`` says (a damaged shard is named here, before a stage
+        starts its run); returns its metadata."""
+        from equiray.data import check_dataset
+
+        meta = self.prepare()
+        check_dataset(self.dir, verify=self.verify)
+        return meta
 
 
 @dataclass(frozen=True)
@@ -134,9 +152,11 @@ def ingest_options():
 
 
 def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, storage_path: str, datasets: dict,
-        max_failures: int = 2, split_data: bool = True, num_to_keep: int = 2):
+        data_dir: str | None = None, max_failures: int = 2, split_data: bool = True, num_to_keep: int = 2):
     """Run ``train_loop`` on a ``TorchTrainer`` (Train V2) and return its result, which must hold a checkpoint.
-    ``split_data=False`` gives every worker the whole of each dataset instead of a shard."""
+    ``split_data=False`` gives every worker the whole of each dataset instead of a shard. ``datasets`` are splits
+    of the prepared dataset ``data_dir``: when training fails, their shards are read through, and a damaged one is
+    the error (named, where Ray Data's read task only says a page could not be read)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -156,7 +176,14 @@ def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, st
         dataset_config=ray.train.DataConfig(datasets_to_split="all" if split_data and scaling.num_workers > 1 else [],
                                             execution_options=ingest_options()),
     )
-    result = _fit_interruptibly(trainer)
+    try:
+        result = _fit_interruptibly(trainer)
+    except ray.train.TrainingFailedError:
+        if data_dir is not None:
+            from equiray.data import find_damaged_shard
+
+            find_damaged_shard(data_dir, splits=list(datasets))  # raises the DataError naming the shard
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"{run_name} ended without a checkpoint: {result.error}")
     return result

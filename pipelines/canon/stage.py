@@ -58,6 +58,7 @@ class CanonSweep(Stage[CanonConfig, CanonResult]):
         return tracking.load_model(self.cfg.backbone)
 
     def check(self) -> None:
+        self.cfg.data.check()
         self.backbone  # noqa: B018 - a clear error now if it is not registered
 
     def fingerprint(self) -> dict:

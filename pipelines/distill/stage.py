@@ -45,7 +45,7 @@ class Distill(Stage[DistillConfig, DistillResult]):
         return self.cfg.group or self.teacher[1].get("group") or "C4"
 
     def check(self) -> None:
-        self.cfg.data.prepare()
+        self.cfg.data.check()
         get_group(self.group)  # loads the teacher (to read its group): both fail here, before anything starts
 
     def fingerprint(self) -> Any:
@@ -68,7 +68,7 @@ class Distill(Stage[DistillConfig, DistillResult]):
             train_ds = train_ds.limit(cfg.data.max_train)
         args = WorkerArgs(group=self.group, run_id=run.run_id, tracking_uri=run.tracking_uri)
         result = fit(train_loop_per_worker, {"cfg": cfg, "args": args}, scaling=cfg.scaling, run_name=run.run_name,
-                     storage_path=cfg.storage_path, datasets={"train": train_ds})
+                     storage_path=cfg.storage_path, datasets={"train": train_ds}, data_dir=data_dir)
         student = build_student(cfg.student, spec)
         with result.checkpoint.as_directory() as d:
             student.load_state_dict(torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)["model"])

@@ -62,7 +62,7 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
 
             if not is_model(self.cfg.member.name):
                 raise ConfigError(f"member.name: unknown model {self.cfg.member.name!r}")
-        self.meta = self.cfg.data.prepare()
+        self.meta = self.cfg.data.check()
         self.data_dir = str(Path(self.cfg.data.dir).resolve())
         self.size = self.cfg.data.resize or self.meta["shape"][0]
 
@@ -155,7 +155,7 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
         with _timed(phases, "fit"):
             result = fit(train_loop_per_worker, {"cfg": cfg, "run": worker_run}, scaling=cfg.scaling,
                          run_name=run.run_name, storage_path=cfg.storage_path, datasets={"train": train_ds},
-                         max_failures=cfg.max_failures, split_data=False)  # every worker sees all the data
+                         data_dir=self.data_dir, max_failures=cfg.max_failures, split_data=False)  # every worker sees all the data
         phases.update({k.removesuffix("_seconds"): float(v) for k, v in (result.metrics or {}).items()
                        if k.startswith("worker_") and k.endswith("_seconds")})
         with _timed(phases, "collect"), result.checkpoint.as_directory() as d:

@@ -43,6 +43,7 @@ class FTPTune(Stage[FTPConfig, FTPResult]):
         super().__init__(cfg, report_dir=report_dir, reuse=reuse and not cfg.resume)  # a resume is never reused
 
     def check(self) -> None:
+        self.cfg.data.check()
         self.backbone, self.spec = tracking.load_model(self.cfg.backbone)
 
     @cached_property

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from equiray.config import to_dict
-from equiray.errors import ConfigError, EquirayError
+from equiray.errors import ConfigError, DataError, EquirayError
 from equiray.nfn import ZooHyperparameters, train_zoo_nets
 from equiray.data import resize
 from equiray_pipelines.nfn.config import ZooConfig
@@ -129,7 +129,7 @@ def write_zoo(rows: list[dict], out: Path, meta: dict) -> None:
     try:
         table = pa.Table.from_pylist(rows)
         for i in range(0, len(rows), 256):
-            pq.write_table(table.slice(i, 256), tmp / f"part-{i // 256:05d}.parquet")
+            pq.write_table(table.slice(i, 256), tmp / f"part-{i // 256:05d}.parquet", write_page_checksum=True)
         (tmp / "zoo.json").write_text(json.dumps(meta, indent=2, default=str))
         if out.exists():
             shutil.rmtree(out)
@@ -182,7 +182,14 @@ def read_zoo(path: str | os.PathLike) -> tuple[list[dict], list[dict[str, torch.
     files = sorted(path.glob("part-*.parquet"))
     if not files:
         raise EquirayError(f"no zoo at {path} (expected part-*.parquet from `equiray nfn zoo`)")
-    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    rows = []
+    for f in files:
+        try:
+            rows += pq.read_table(f, page_checksum_verification=True).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{f} is not a readable Parquet shard ({reason}); build the zoo again with "
+                            f"`equiray nfn zoo --set out={path} --set overwrite=true`") from None
     states = []
     for r in rows:
         flat = torch.from_numpy(np.frombuffer(r.pop("weights"), dtype=np.float32).copy())

@@ -44,7 +44,7 @@ class Pretrain(Stage[PretrainConfig, PretrainResult]):
         return str(Path(self.cfg.data.dir).resolve())
 
     def check(self) -> None:
-        self.meta = self.cfg.data.prepare()
+        self.meta = self.cfg.data.check()
 
     def default_run_name(self) -> str:
         return f"pretrain-{self.cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -66,7 +66,8 @@ class Pretrain(Stage[PretrainConfig, PretrainResult]):
                           train_rows=min(meta["rows"]["train"], cfg.data.max_train or meta["rows"]["train"]),
                           tracking_uri=run.tracking_uri)
         result = fit(train_loop_per_worker, {"cfg": cfg, "args": args}, scaling=cfg.scaling,
-                     run_name=run.run_name, storage_path=cfg.storage_path, datasets={"train": train_ds, "val": val_ds})
+                     run_name=run.run_name, storage_path=cfg.storage_path, datasets={"train": train_ds, "val": val_ds},
+                     data_dir=self.data_dir)
         model = build_model(cfg.model, in_chans=c, num_classes=meta["num_classes"])
         with result.checkpoint.as_directory() as d:
             model.load_state_dict(torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)["model"])

@@ -115,8 +115,8 @@ class RobustSelect(Stage[RobustConfig, RobustResult]):
     def check(self) -> None:
         from equiray_pipelines import tracking
 
+        self.cfg.data.check()
         tracking.load_model(self.cfg.backbone)  # a clear error now if it is not registered
-        self.cfg.data.prepare()
         self.candidates  # noqa: B018
 
     def fingerprint(self) -> dict:

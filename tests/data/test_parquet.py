@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from equiray.data import SourceOptions, load_source, prepare, read_meta, read_split, split_files, write_parquet
+from equiray.data import (SourceOptions, check_dataset, find_damaged_shard, load_source, prepare, read_meta,
+                          read_split, split_files, write_parquet)
 from equiray.data.parquet import LEGACY_META_FILE, META_FILE, decode_images, iter_batches
 from equiray.errors import DataError
 
@@ -100,6 +101,74 @@ def test_a_truncated_shard_is_named(digits_dir):
         with pytest.raises(DataError, match=f"{shard}.*--overwrite"):
             read()
     assert read_split(digits_dir, "test")[0].shape[0] == 270  # the other splits are fine
+
+
+def damage(shard, *, where: str = "page", column: int = 0) -> None:
+    """Flip 16 bytes of a column of ``shard`` (the first: a dataset's images), its footer left intact: ``page`` in
+    the middle of the column's pages (only a checksum notices), ``header`` in its first page's header (any reader
+    fails)."""
+    chunk = pq.ParquetFile(shard).metadata.row_group(0).column(column)
+    first = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    start = first + (chunk.total_compressed_size // 2 if where == "page" else 4)
+    assert start + 16 < shard.stat().st_size - pq.ParquetFile(shard).metadata.serialized_size
+    blob = bytearray(shard.read_bytes())
+    blob[start:start + 16] = bytes(b ^ 0x5A for b in blob[start:start + 16])
+    shard.write_bytes(bytes(blob))
+
+
+def test_every_page_carries_a_checksum_that_catches_flipped_bytes(digits_dir):
+    """A flipped page behind an intact footer: the footer and row checks pass it, every page read (the pipelines'
+    check before they start, read_split, iter_batches) names the shard."""
+    check_dataset(digits_dir, verify="full")  # an intact dataset passes
+    find_damaged_shard(digits_dir)
+    shard = sorted((digits_dir / "train").iterdir())[1]
+    damage(shard)
+    check_dataset(digits_dir, verify="footers")  # the footers are intact: only the pages tell
+    assert split_files(digits_dir, "train")
+    for read in (lambda: check_dataset(digits_dir, verify="full"), lambda: check_dataset(digits_dir),
+                 lambda: find_damaged_shard(digits_dir, splits=["train"]), lambda: read_split(digits_dir, "train"),
+                 lambda: list(iter_batches(digits_dir, "train", 64))):
+        with pytest.raises(DataError, match=f"{shard} is not a readable Parquet shard.*--overwrite"):
+            read()
+    find_damaged_shard(digits_dir, splits=["val", "test"])  # the other splits are fine
+
+
+def test_only_the_checksum_notices_flipped_pixels_that_still_decode(tmp_path):
+    """Noise images do not compress: Snappy stores them as they are, so flipped bytes decode without an error, as
+    other pixels. A reader that skips the checksums trains on them; equiray's reads refuse the shard."""
+    from equiray.data import ImageDataset
+
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 256, (200, 28, 28, 1), dtype=np.uint8) for s in ("train", "val", "test")}
+    ds = ImageDataset("noise", ["a", "b"], images, {s: rng.integers(0, 2, 200) for s in images},
+                      {s: np.arange(200) for s in images})
+    write_parquet(ds, tmp_path / "noise")
+    shard = tmp_path / "noise" / "train" / "part-00000.parquet"
+    damage(shard)
+    unchecked = pq.read_table(shard).column("image").to_pylist()  # no error...
+    assert unchecked != [row.tobytes() for row in images["train"].reshape(200, -1)]  # ...and other pixels
+    for read in (lambda: check_dataset(tmp_path / "noise"), lambda: read_split(tmp_path / "noise", "train")):
+        with pytest.raises(DataError, match=f"{shard} is not a readable Parquet shard.*CRC"):
+            read()
+
+
+def test_a_damaged_page_header_is_named_too(digits_dir):
+    shard = sorted((digits_dir / "test").iterdir())[0]
+    damage(shard, where="header")
+    with pytest.raises(DataError, match=f"{shard} is not a readable Parquet shard"):
+        check_dataset(digits_dir)
+
+
+def test_auto_reads_every_page_only_of_a_dataset_up_to_the_limit(digits_dir, monkeypatch):
+    from equiray.data import parquet
+
+    damage(sorted((digits_dir / "train").iterdir())[0])
+    monkeypatch.setattr(parquet, "FULL_CHECK_BYTES", 1000)  # the digits' shards hold more: footers only
+    check_dataset(digits_dir)
+    with pytest.raises(DataError, match="not a readable Parquet shard"):
+        check_dataset(digits_dir, verify="full")
+    with pytest.raises(DataError, match="data.verify: choose one of auto, full, footers, not 'pages'"):
+        check_dataset(digits_dir, verify="pages")
 
 
 def test_a_missing_shard_is_noticed(digits_dir):

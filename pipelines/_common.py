@@ -158,10 +158,9 @@ def fit(train_loop, loop_cfg: dict, *, scaling: ScalingConfig, run_name: str, st
     of the prepared dataset ``data_dir``: when training fails, their shards are read through, and a damaged one is
     the error (named, where Ray Data's read task only says a page could not be read)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     _pin_data_stats_here()
-    trainer = TorchTrainer(
+    trainer = _interruptible_trainer()(
         train_loop, train_loop_config=loop_cfg, scaling_config=scaling.ray_scaling(),
         torch_config=scaling.torch_config(),
         run_config=ray.train.RunConfig(
@@ -201,29 +200,44 @@ def _pin_data_stats_here() -> None:
     get_or_create_stats_actor()
 
 
+def _interruptible_trainer():
+    """``TorchTrainer`` whose ``fit`` Ctrl+C interrupts as it interrupts anything else in equiray. On the main thread
+    Ray Train V2 installs a SIGINT handler of its own: it aborts the run, after which the process exits with status
+    1 and prints nothing (and the handler stays installed after fit). Here the controller's handle is kept instead
+    (the hook Train calls with it to install that handler), so Ctrl+C raises KeyboardInterrupt in ``fit`` and
+    :func:`_fit_interruptibly` aborts the controller before passing it on: the stage ends its MLflow run KILLED,
+    the CLI says `interrupted` and exits 130. (``fit`` on a helper thread, as before, kept Train's handler away
+    too, but left that thread inside ``ray.get`` when the CLI shut Ray down on its way out, a race that now and
+    then ended the process with a segmentation fault after its `interrupted` line.)"""
+    from ray.train.torch import TorchTrainer
+
+    class InterruptibleTorchTrainer(TorchTrainer):
+        controller = None
+
+        def _register_sigint_handler(self, controller):
+            self.controller = controller
+
+    return InterruptibleTorchTrainer
+
+
 def _fit_interruptibly(trainer):
-    """``trainer.fit()`` on a helper thread, waited for here. On the main thread Ray Train V2 installs a SIGINT
-    handler of its own (it aborts the run, then the process exits with status 1 and prints nothing, and the handler
-    stays installed after fit); on another thread it does not, so Ctrl+C raises KeyboardInterrupt here as anywhere
-    else in equiray: the stage ends its MLflow run KILLED, the CLI says `interrupted` and exits 130, and the run's
-    Train controller and workers, actors of this process's Ray job, end with it."""
-    import threading
+    """``trainer.fit()``; on Ctrl+C its Train controller aborts the run (its workers stop) before the
+    KeyboardInterrupt goes on, so nothing of the run is left waiting on Ray when the CLI leaves it."""
+    import ray
 
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it was
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=target, name="ray-train-fit", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.2)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        controller = getattr(trainer, "controller", None)
+        if controller is not None:
+            try:
+                ray.get(controller.abort.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - the controller exits as it aborts; a hung one is killed
+                try:
+                    ray.kill(controller)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+        raise
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -102,6 +102,16 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
+_STARTED_HERE: list[bool] = []  # True once this process has started a local Ray of its own
+
+
+def started_local_ray() -> bool:
+    """Whether the Ray this process is on is a local instance it started (it stops when the process exits)."""
+    import ray
+
+    return bool(_STARTED_HERE) and ray.is_initialized()
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS`` or start a local Ray; a no-op when Ray is already up. Unless
     verbose, the libraries' INFO lines are silenced here and in the job's workers (:func:`quiet_logging`)."""
@@ -137,6 +147,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     except ConnectionError as exc:
         raise EquirayError(f"no Ray cluster answers at {address!r} ({exc}); start one (`ray start --head`) or "
                            "unset RAY_ADDRESS to run locally") from None
+    if address == "local":
+        _STARTED_HERE.append(True)
     quiet_data_progress()
 
 

@@ -25,15 +25,10 @@ from typing import Any, ClassVar, Generic, Mapping, TypeVar
 from equiray_pipelines import tracking
 from equiray_pipelines._common import DataConfig, TrackingConfig
 from equiray_pipelines.calibration import calibration_from_tags
+from equiray_pipelines.tracking import END_REASON, end_reason
 
 log = logging.getLogger(__name__)
 
-END_REASON = "equiray.end_reason"  # the tag that says why a stage's run ended KILLED or FAILED
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 ConfigT = TypeVar("ConfigT")
 ResultT = TypeVar("ResultT", bound="StageResult")
@@ -200,11 +195,11 @@ class Stage(Generic[ConfigT, ResultT]):
                 outcome = self.execute(ctx)
                 tags = {**outcome.tags, **self._calibrated(outcome)}
             except KeyboardInterrupt as exc:  # Ctrl+C: the run ends KILLED (not FAILED), nothing is registered
-                mlflow.set_tag(END_REASON, f"interrupted: {exc}" if str(exc) else "interrupted (Ctrl+C)")
+                mlflow.set_tag(END_REASON, end_reason(exc))
                 mlflow.end_run("KILLED")
                 raise
             except Exception as exc:  # the run ends FAILED with the one line the user is shown
-                mlflow.set_tag(END_REASON, _one_line(exc))
+                mlflow.set_tag(END_REASON, end_reason(exc))
                 mlflow.end_run("FAILED")
                 raise
             self.log_inputs()

@@ -35,6 +35,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts); equiray trains models
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+END_REASON = "equiray.end_reason"  # the tag that says why a run ended KILLED or FAILED: the line the user was shown
+
+
+def end_reason(exc: BaseException) -> str:
+    """The :data:`END_REASON` of a run that ``exc`` ended: ``interrupted (Ctrl+C)`` (or the interruption's own
+    advice), else the exception's class and first line."""
+    text = str(exc).strip()
+    if isinstance(exc, KeyboardInterrupt):
+        return f"interrupted: {text}" if text else "interrupted (Ctrl+C)"
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def tracking_uri() -> str:
@@ -268,6 +278,7 @@ def end_unfinished_children(tracking_uri_: str, experiment_id: str, parent_run_i
     running = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
                                  "attributes.status = 'RUNNING'")
     for r in running:
+        client.set_tag(r.info.run_id, END_REASON, "interrupted (Ctrl+C) before the trial ended")
         client.set_terminated(r.info.run_id, "KILLED")
     return len(running)
 

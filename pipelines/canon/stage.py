@@ -23,6 +23,7 @@ from equiray_pipelines.canon.report import plot_angle_curves, plot_variants, res
 from equiray_pipelines.canon.trial import SweepRun, run_trial
 from equiray_pipelines.progress import trial_progress
 from equiray_pipelines.stage import Outcome, Stage, StageResult, StageRun
+from equiray_pipelines.tracking import END_REASON, end_reason
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,8 @@ def mixture_row(cfg: CanonConfig, rows: list[dict], x: torch.Tensor, y: torch.Te
             client.log_metric(run.info.run_id, k, float(v))
         with mlflow.start_run(run_id=run.info.run_id, nested=True):
             model_uri = tracking.log_model(model, spec, name="model")
-    except BaseException:
+    except BaseException as exc:
+        client.set_tag(run.info.run_id, END_REASON, end_reason(exc))
         client.set_terminated(run.info.run_id, "KILLED")
         raise
     client.set_terminated(run.info.run_id, "FINISHED")

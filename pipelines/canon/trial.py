@@ -16,6 +16,7 @@ import torch
 
 from equiray.canon import Variant, build_variant, evaluate_variant, train_variant
 from equiray_pipelines.canon.config import CanonConfig
+from equiray_pipelines.tracking import END_REASON, end_reason
 
 __all__ = ["SweepRun", "run_trial"]
 
@@ -63,7 +64,8 @@ def run_trial(config: Mapping, *, cfg: CanonConfig, data: tuple[torch.Tensor, ..
             client.log_metric(run_id, k, float(v))
         with mlflow.start_run(run_id=run_id):
             model_uri = tracking.log_model(model, model_spec)
-    except Exception:
+    except Exception as exc:
+        client.set_tag(run_id, END_REASON, end_reason(exc))
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")

@@ -35,6 +35,7 @@ from equiray_pipelines.demo.config import STAGES, DemoConfig
 from equiray_pipelines.demo.report import backbone_table, write_report
 from equiray_pipelines.demo.results import DemoResult, NFNStageResult
 from equiray_pipelines.demo.serving import serve_stage
+from equiray_pipelines.tracking import END_REASON, end_reason
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ class _DemoRun:
             self.client.set_tag(self.run_id, "equiray.robust_champion", out.robust.champion)
         self.client.log_artifacts(self.run_id, str(report_dir), "report")
 
-    def end(self, status: str) -> None:
+    def end(self, status: str, reason: str | None = None) -> None:
+        if reason:
+            self.client.set_tag(self.run_id, END_REASON, reason)
         self.client.set_terminated(self.run_id, status)
 
 
@@ -133,11 +136,11 @@ def run(cfg: DemoConfig, *, report_dir: str | os.PathLike = "reports") -> DemoRe
     try:
         demo_run.log_config(cfg)
         out = _run(cfg, demo_run, report_dir=report_dir)
-    except KeyboardInterrupt:
-        demo_run.end("KILLED")
+    except KeyboardInterrupt as exc:
+        demo_run.end("KILLED", end_reason(exc))
         raise
-    except BaseException:
-        demo_run.end("FAILED")
+    except BaseException as exc:
+        demo_run.end("FAILED", end_reason(exc))
         raise
     demo_run.finish(out, Path(report_dir))
     say(f"run:      experiment {EXPERIMENT}, run {demo_run.run_id} (the report, plots and a tag per stage's run)")

@@ -42,6 +42,7 @@ def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> ServeStageResult:
 
     from equiray.data import read_meta, read_split
     from equiray_pipelines import tracking, serve as serving
+    from equiray_pipelines._ray import started_local_ray
 
     x, y = read_split(data_dir, "test", limit=n)  # (n, C, H, W) in [0, 1]
     names = read_meta(data_dir)["classes"]
@@ -64,7 +65,10 @@ def serve_stage(cfg: ServeConfig, data_dir: str, n: int) -> ServeStageResult:
         single.raise_for_status()
         info = requests.get(ep["url"] + "/v1/model", timeout=60).json()
     finally:
-        serve.delete(cfg.app_name) if shared else serve.shutdown()
+        # other apps on this Serve, or a local Ray this process started (it stops at exit, and Serve with it): only
+        # this app goes. serve.shutdown() kills Serve's controller while its own graceful-shutdown task is still
+        # queued, and the raylet reports that task as failed, a line on the driver at every clean demo
+        serve.delete(cfg.app_name) if shared or started_local_ray() else serve.shutdown()
     return ServeStageResult(url=ep["url"], model=ep["model"], version=ep["version"], table=_answers_table(answers, y, names),
                             requests=6, seconds=time.perf_counter() - t0, info=info,
                             tracking_uri=tracking.tracking_uri(),

@@ -242,6 +242,8 @@ def deploy(cfg: ServeConfig) -> dict:
         say(f"[serve] joining the Ray cluster at {address}" if address else
             "[serve] starting a local Ray instance (~20 s here; RAY_ADDRESS joins a running cluster instead)")
     init_ray()
+    if not verbose():  # importing ray.serve set its driver-side logger to INFO ("Started Serve in namespace ...")
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     host, port = _start_http(cfg, proxy_port)
     app = build_application(cfg, ref, options)
     say(f"[serve] loading {ref.uri} (version {ref.version}) into its replicas; "

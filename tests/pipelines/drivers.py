@@ -29,18 +29,32 @@ def start(args: list[str], *, cwd, env: dict[str, str], merged: bool = False) ->
 
 
 def interrupt_once_training(proc: subprocess.Popen, tracking_uri: str, experiment: str, *,
-                            timeout: float = 240) -> str:
-    """Wait until a run of ``experiment`` has logged ``train_loss``, send SIGINT, wait for the end; returns stderr."""
+                            metric: str = "train_loss", timeout: float = 480) -> str:
+    """Wait until a run of ``experiment`` has logged a metric named ``metric`` or starting ``metric/`` (the workers
+    are in their second epoch by then), send SIGINT, wait for the end; returns stderr (or all the output, started
+    ``merged``). The signal follows what the workers wrote to MLflow, not the lines Ray forwards to the driver
+    (which a busy log monitor can hold back for minutes). When the moment never comes, the driver is killed (a
+    later test does not share the cores with it) and the test fails with its output."""
     client = mlflow.MlflowClient(tracking_uri)
     deadline, training = time.time() + timeout, False
     while time.time() < deadline and proc.poll() is None and not training:
         exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id]) if exp else []
-        training = any(client.get_metric_history(r.info.run_id, "train_loss") for r in runs)
+        training = any(k == metric or k.startswith(metric + "/") for r in runs for k in r.data.metrics)
         time.sleep(0.5)
-    assert training, proc.communicate()[1] if proc.poll() is not None else "no epoch before the deadline"
+    if not training:
+        _fail(proc, f"no {metric!r} metric before the end or the deadline")
     proc.send_signal(signal.SIGINT)
-    return proc.communicate(timeout=120)[1]
+    out, err = proc.communicate(timeout=120)
+    return err if err is not None else out
+
+
+def _fail(proc: subprocess.Popen, why: str) -> None:
+    """Kill ``proc`` if it still runs and fail the test with ``why`` and the end of its output."""
+    if proc.poll() is None:
+        proc.kill()
+    out, err = proc.communicate(timeout=60)
+    raise AssertionError(f"{why}:\n{(err or '')[-3000:]}{(out or '')[-3000:]}")
 
 
 def interrupt_after_line(proc: subprocess.Popen, marker: str, *, timeout: float = 240) -> str:
@@ -64,6 +78,8 @@ def interrupt_after_line(proc: subprocess.Popen, marker: str, *, timeout: float 
         seen.wait(0.2)
     if seen.is_set():
         proc.send_signal(signal.SIGINT)
+    elif proc.poll() is None:
+        proc.kill()  # the marker never came: a driver left running would share the cores with the next tests
     proc.wait(timeout=120)
     reader.join(timeout=10)
     assert seen.is_set(), f"no line with {marker!r} before the end or the deadline:\n{''.join(lines)}"
@@ -80,7 +96,8 @@ def interrupt_once_running(proc: subprocess.Popen, tracking_uri: str, experiment
         exp = client.get_experiment_by_name(experiment)
         started = bool(exp and client.search_runs([exp.experiment_id]))
         time.sleep(0.5)
-    assert started, proc.communicate()[1] if proc.poll() is not None else "no run before the deadline"
+    if not started:
+        _fail(proc, "no run before the end or the deadline")
     time.sleep(settle)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

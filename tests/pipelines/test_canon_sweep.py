@@ -335,6 +335,7 @@ def test_ctrl_c_stops_the_sweep_with_one_line_and_ends_its_run(ray_session, tmp_
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and len(runs) > 1, statuses  # the sweep's run and the trials that had started
     assert set(statuses.values()) == {"KILLED"}, statuses
+    assert all(r.data.tags[tracking.END_REASON].startswith("interrupted") for r in runs)  # each says why
 
 
 def test_ctrl_c_in_the_robust_selection_ends_its_run_and_registers_nothing(ray_session, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from equiray.data import prepare
-from equiray_pipelines.stage import END_REASON
+from equiray_pipelines.tracking import END_REASON
 
 from drivers import ROOT, driver_env
 

@@ -1,6 +1,7 @@
 """Ensemble pipeline end to end on the shared local Ray: member groups on Train workers, MLflow, registry,
 evaluation, and recovery from a killed worker."""
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ from equiray.config import load_config
 from equiray.ensembles import load_group
 from equiray_pipelines import tracking
 from equiray_pipelines.ensemble import EnsembleConfig, run_eval, run_train
+from equiray_pipelines.tracking import END_REASON
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -257,3 +259,58 @@ def test_distilled_student_is_registered_and_measured(trained, tmp_path):
         assert mv.tags["calibration.view"] == "upright" and float(mv.tags["equiray.temperature"]) > 0, name
         assert float(mv.tags["calibration.upright_nll_before"]) > 0, name
     assert out.calibration["temperature"] == pytest.approx(float(mv.tags["equiray.temperature"]))
+
+
+def _interrupted_cleanly(proc, out: str, uri: str, experiment: str) -> list:
+    """One `interrupted` line last, exit 130, no traceback; returns the experiment's runs, newest first (the stage's
+    run tagged with why it ended)."""
+    assert proc.returncode == 130, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in out, out[-3000:]
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    assert runs and runs[0].data.tags[END_REASON].startswith("interrupted")
+    return runs
+
+
+def test_ctrl_c_in_ensemble_training_is_one_line_130_and_a_killed_run(ray_session, tmp_path):
+    """SIGINT while Ray Train's workers train member groups: `interrupted`, exit 130, no traceback, the run KILLED,
+    no ensemble registered."""
+    import yaml
+
+    from drivers import driver_env, interrupt_once_training, start
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = dataclasses.asdict(small_config(tmp_path, train={"epochs": 500}, settings=[{"name": "sym+aug"}],
+                                          tracking={"experiment": "test-ensemble-ctrl-c"}))
+    (tmp_path / "ensemble.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg))))  # tuples as lists
+    proc = start(["equiray_pipelines.ensemble", "train", "--config", "ensemble.yaml"], cwd=tmp_path,
+                 env=driver_env(ray_session, uri))
+    out = interrupt_once_training(proc, uri, "test-ensemble-ctrl-c")  # a group's first epoch logged
+    runs = _interrupted_cleanly(proc, out, uri, "test-ensemble-ctrl-c")
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert not mlflow.MlflowClient(uri).search_registered_models()
+
+
+def test_ctrl_c_in_distillation_is_one_line_130_and_a_killed_run(ray_session, trained, tmp_path):
+    """SIGINT while the student trains on Ray Train: `interrupted`, exit 130, no traceback, the run KILLED, no new
+    student version (the teacher, registered before, stays as it was)."""
+    import yaml
+
+    from drivers import driver_env, interrupt_once_training, start
+
+    _, _, uri, root = trained
+    (tmp_path / "distill.yaml").write_text(yaml.safe_dump({
+        "data": {"source": "digits", "dir": str(root / "digits"), "max_train": None},
+        "student": {"kwargs": {"width": 6}}, "train": {"epochs": 500}, "scaling": {"cpus_per_worker": 0.5},
+        "max_eval": 100, "storage_path": str(tmp_path / "runs"),
+        "tracking": {"experiment": "test-distill-ctrl-c", "registered_model": "test-student-ctrl-c"}}))
+    client = mlflow.MlflowClient(uri)
+    teacher = client.get_model_version_by_alias("equiray-ensemble", "champion").version
+    proc = start(["equiray_pipelines.distill", "--config", "distill.yaml"], cwd=tmp_path,
+                 env=driver_env(ray_session, uri))
+    out = interrupt_once_training(proc, uri, "test-distill-ctrl-c", metric="distill_loss")
+    runs = _interrupted_cleanly(proc, out, uri, "test-distill-ctrl-c")
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert not client.search_model_versions("name='test-student-ctrl-c'")
+    assert client.get_model_version_by_alias("equiray-ensemble", "champion").version == teacher

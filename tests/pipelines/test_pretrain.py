@@ -188,5 +188,7 @@ def test_ctrl_c_mid_training_is_one_line_130_and_a_killed_run(ray_session, tmp_p
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err, err
     exp = client.get_experiment_by_name("test-interrupt")
-    assert {r.info.status for r in client.search_runs([exp.experiment_id])} == {"KILLED"}
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"}
+    assert {r.data.tags[tracking.END_REASON] for r in runs} == {"interrupted (Ctrl+C)"}
     assert not client.search_registered_models()

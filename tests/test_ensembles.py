@@ -210,3 +210,100 @@ def test_the_papers_network_stacks_and_its_asymmetric_support_starts_on_the_cros
         member.load_state_dict({n: t[i] for n, t in params.items()})
         alone.append(member(x))
     torch.testing.assert_close(ens.member_logits(x), torch.stack(alone))
+
+
+# ------------------------------------------------------------------ strong members: a pretrained backbone, N ways
+TINY_RESNET = {"channels": [4, 4, 4, 4], "stem_width": 4}
+
+
+def pretrained_resnet(gen) -> torch.nn.Module:
+    """A small resnet8 whose BatchNorm has running statistics of its own (a few batches in train mode)."""
+    torch.manual_seed(0)
+    model = create_model("resnet8", **TINY_RESNET)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(32, 1, 16, 16, generator=gen) * 3 + 1)
+    return model.eval()
+
+
+def test_folded_batchnorm_computes_what_batchnorm_computed_in_eval_mode(gen):
+    import copy
+
+    from equiray.models import AffineNorm2d, freeze_batchnorm
+
+    model = pretrained_resnet(gen)
+    x = torch.rand(5, 1, 16, 16, generator=gen)
+    folded = freeze_batchnorm(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, AffineNorm2d) for m in folded.modules()) == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 13  # stem, 2 per block, 4 shortcuts
+    torch.testing.assert_close(folded.train()(x), model(x), rtol=1e-5, atol=1e-5)  # the batch no longer matters
+    # sensitivity: the statistics are what is folded in (a fresh net's BatchNorm computes something else)
+    assert not torch.allclose(freeze_batchnorm(create_model("resnet8", **TINY_RESNET)).eval()(x), model(x),
+                              atol=1e-3)
+
+
+def test_strong_members_start_as_the_pretrained_model_and_stack(gen):
+    from equiray.errors import EquirayError
+
+    model = pretrained_resnet(gen)
+    spec = MemberSpec("resnet8", TINY_RESNET, frozen_bn=True)
+    ens = build_members(spec, [1, 2, 3], init="pretrained", pretrained=model)
+    x = torch.rand(4, 1, 16, 16, generator=gen)
+    torch.testing.assert_close(ens.member_logits(x), model(x).expand(3, 4, 10), rtol=1e-5, atol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself is left as it was
+    with pytest.raises(EquirayError, match="needs the pretrained model"):
+        build_members(spec, [1], init="pretrained")
+    with pytest.raises(EquirayError, match="not a resnet8 of this spec"):
+        build_members(MemberSpec("resnet8", {"channels": [8, 8, 8, 8], "stem_width": 8}, frozen_bn=True), [1],
+                      init="pretrained", pretrained=model)
+
+
+@pytest.mark.parametrize("rotations", ["so2", "o2"])
+def test_strong_members_get_their_own_rotations_and_exactly_their_own_gradients(rotations, gen, float64):
+    """Copies of one pretrained resnet8 fine-tuned under random continuous rotations (vmap path): each member's
+    result is what training it alone with its own generator gives, and the members, identical at the start,
+    end apart (their angles differ)."""
+    model = pretrained_resnet(gen).double()
+    spec = MemberSpec("resnet8", TINY_RESNET, frozen_bn=True)
+    x, y = torch.rand(48, 1, 16, 16, generator=gen), torch.randint(10, (48,), generator=gen)
+    ens = build_members(spec, [1, 2, 3], init="pretrained", pretrained=model)
+    singles = [ens.subset([i]) for i in range(3)]
+    opt = torch.optim.Adam(ens.parameters(), lr=0.01)
+    train_members_epoch(ens, x, y, opt, batch_size=16, group=None, rotations=rotations,
+                        generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    for i, single in enumerate(singles):
+        opt1 = torch.optim.Adam(single.parameters(), lr=0.01)
+        train_members_epoch(single, x, y, opt1, batch_size=16, group=None, rotations=rotations,
+                            generators=[torch.Generator().manual_seed(i + 1)])
+        torch.testing.assert_close(ens.subset([i]).state_dict(), single.state_dict())
+    assert not torch.allclose(ens.subset([0]).member_logits(x), ens.subset([1]).member_logits(x))
+
+
+def test_members_see_different_angles_and_the_same_seed_sees_the_same(gen):
+    """The rotations a member trains on come from its own generator: two members with the same data order get
+    different images; the same seed twice, the same images (a resumed or re-run member is the same member)."""
+    from equiray.ensembles import training
+
+    seen = []
+    ens = build_members(MemberSpec("small_cnn", {"width": 3}), [1, 2])
+    original = ens.member_logits
+    ens.member_logits = lambda xb, **kw: (seen.append(xb.detach().clone()), original(xb, **kw))[1]  # records batches
+    x, y = torch.rand(16, 1, 12, 12, generator=gen), torch.randint(10, (16,), generator=gen)
+    opt = torch.optim.SGD(ens.parameters(), lr=0.0)
+    gens = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    orders = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    training.train_members_epoch(ens, x, y, opt, batch_size=16, group=None, generators=gens, rotations="so2")
+    first = seen.pop()
+    # each member's images are its own batch, turned: not the upright images, and not the other member's turns
+    idx = torch.stack([torch.randperm(16, generator=g) for g in orders])
+    assert not torch.allclose(first[0], x[idx[0]]) and not torch.allclose(first[1], x[idx[1]])
+    training.train_members_epoch(ens, x, y, opt, batch_size=16, group=None, rotations="so2",
+                                 generators=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)])
+    same = seen.pop()
+    torch.testing.assert_close(same[0], same[1])  # one seed, one stream of angles
+    torch.testing.assert_close(same[0], first[0])
+    with pytest.raises(Exception, match="not both"):
+        training.train_members_epoch(ens, x, y, opt, batch_size=16, group=cyclic(4), generators=gens,
+                                     rotations="so2")

@@ -17,8 +17,9 @@ every training time, on and off the data manifold. Members are not; finite ensem
 from equiray.ensembles.build import Init, build_members, member_seed, symmetric_core
 from equiray.ensembles.stacked import CHUNK_ELEMENTS, MemberSpec, StackedEnsemble  # registers `ensemble`
 from equiray.ensembles.storage import load_group, save_group
-from equiray.ensembles.training import MEMBER_OPTIMIZERS, MemberGroup, member_batches, train_members_epoch
+from equiray.ensembles.training import (MEMBER_OPTIMIZERS, ROTATIONS, MemberGroup, member_batches,
+                                       train_members_epoch)
 
-__all__ = ["CHUNK_ELEMENTS", "Init", "MEMBER_OPTIMIZERS", "MemberGroup", "MemberSpec", "StackedEnsemble",
+__all__ = ["CHUNK_ELEMENTS", "Init", "MEMBER_OPTIMIZERS", "ROTATIONS", "MemberGroup", "MemberSpec", "StackedEnsemble",
            "build_members", "load_group", "member_batches", "member_seed", "save_group",
            "symmetric_core", "train_members_epoch"]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
 from equiray.errors import EquirayError
-from equiray.models import create_model, register_model
+from equiray.models import create_model, freeze_batchnorm, register_model
 from equiray.models.small import fast_tanh
 
 __all__ = ["MemberSpec", "StackedEnsemble"]
@@ -26,15 +26,19 @@ __all__ = ["MemberSpec", "StackedEnsemble"]
 
 @dataclasses.dataclass(frozen=True)
 class MemberSpec:
-    """What every member of an ensemble is: an equiray/timm model name and its keyword arguments."""
+    """What every member of an ensemble is: an equiray/timm model name and its keyword arguments; ``frozen_bn``:
+    its BatchNorm layers folded into trainable affine maps (:func:`~equiray.models.freeze_batchnorm`), so a network
+    with BatchNorm (e.g. a pretrained resnet8) can be a member."""
 
     name: str = "small_cnn"
     kwargs: dict = dataclasses.field(default_factory=dict)
     in_chans: int = 1
     num_classes: int = 10
+    frozen_bn: bool = False
 
     def build(self) -> nn.Module:
-        return create_model(self.name, in_chans=self.in_chans, num_classes=self.num_classes, **self.kwargs)
+        model = create_model(self.name, in_chans=self.in_chans, num_classes=self.num_classes, **self.kwargs)
+        return freeze_batchnorm(model) if self.frozen_bn else model
 
 
 def _key(name: str) -> str:
@@ -59,8 +63,9 @@ class StackedEnsemble(nn.Module):
             raise EquirayError(f"got {len(members)} member modules for num_members={num_members}")
         for m in members:
             if any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in m.modules()):
-                raise EquirayError(f"{spec.name} uses BatchNorm, whose running statistics cannot be stacked; "
-                                   "use a member with GroupNorm/LayerNorm (e.g. small_cnn)")
+                raise EquirayError(f"{spec.name} uses BatchNorm, whose running statistics cannot be stacked; fold "
+                                   "it into affine maps (MemberSpec(frozen_bn=True), member.frozen_bn in a config) "
+                                   "or use a member with GroupNorm/LayerNorm (e.g. small_cnn)")
         params, buffers = stack_module_state(members)
         self._param_names = list(params)
         self._buffer_names = list(buffers)
@@ -167,8 +172,9 @@ def _small_cnn_grouped(params: dict, buffers: dict, x: torch.Tensor, n: int, *,
 
 @register_model
 def ensemble(*, in_chans: int = 1, num_classes: int = 10, pretrained: bool = False, member: str = "small_cnn",
-             member_kwargs: dict | None = None, num_members: int = 1) -> nn.Module:
+             member_kwargs: dict | None = None, num_members: int = 1, member_frozen_bn: bool = False) -> nn.Module:
     """An augmentation ensemble as one model (its weights come from ``equiray ensemble train``)."""
     if pretrained:
         raise EquirayError("an ensemble has no hub weights; load it from the registry (models:/equiray-ensemble@champion)")
-    return StackedEnsemble(MemberSpec(member, dict(member_kwargs or {}), in_chans, num_classes), num_members)
+    return StackedEnsemble(MemberSpec(member, dict(member_kwargs or {}), in_chans, num_classes, member_frozen_bn),
+                           num_members)

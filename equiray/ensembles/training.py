@@ -24,7 +24,10 @@ from equiray.train import EpochStats
 from equiray.ensembles.build import Init, build_members
 from equiray.ensembles.stacked import MemberSpec, StackedEnsemble
 
-__all__ = ["MEMBER_OPTIMIZERS", "MemberGroup", "member_batches", "train_members_epoch"]
+__all__ = ["MEMBER_OPTIMIZERS", "ROTATIONS", "MemberGroup", "member_batches", "train_members_epoch"]
+
+Rotations = Literal["none", "so2", "o2"]
+ROTATIONS: tuple[Rotations, ...] = ("none", "so2", "o2")
 
 # Only elementwise optimizers keep stacked members independent (one optimizer over the stacked tensors is then
 # N optimizers); Adam also commutes with the group's permutation of filter entries, so the theorem's symmetry
@@ -45,11 +48,23 @@ def member_batches(x: torch.Tensor, y: torch.Tensor, num_members: int, batch_siz
 
 def train_members_epoch(ens: StackedEnsemble, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, *,
                         batch_size: int, group: Group | None, generators: Sequence[torch.Generator],
-                        device: torch.device | str = "cpu", vectorize: Literal["auto", "vmap"] = "auto") -> dict:
+                        device: torch.device | str = "cpu", vectorize: Literal["auto", "vmap"] = "auto",
+                        rotations: Rotations = "none") -> dict:
     """One epoch for every member at once: each member its own data order and, with ``group``, its own
-    uniformly random group element per sample (condition (d)); the loss is the sum of the members' mean
-    cross-entropies, so each member gets exactly its own gradient. Returns mean ``loss``, ``accuracy`` and
-    ``member_samples`` (samples seen, summed over members)."""
+    uniformly random group element per sample (condition (d)), or with ``rotations`` its own uniformly random
+    angle per sample (``so2``; ``o2``: after a random mirror too; pad with zeros, rotate bilinearly, crop), drawn
+    from its own generator after its batch order; the loss is the sum of the members' mean cross-entropies, so
+    each member gets exactly its own gradient. Returns mean ``loss``, ``accuracy`` and ``member_samples``
+    (samples seen, summed over members)."""
+    if rotations not in ROTATIONS:
+        raise EquirayError(f"rotations: choose one of {', '.join(ROTATIONS)}, not {rotations!r}")
+    if group is not None and rotations != "none":
+        raise EquirayError("choose group augmentation or random rotations, not both")
+    turns = None
+    if rotations != "none":
+        from equiray.canon.train import RandomRotations
+
+        turns = [RandomRotations(g, mirror=rotations == "o2") for g in generators]
     ens.train()
     n_members = ens.num_members
     total, correct, count = 0.0, 0, 0
@@ -60,6 +75,8 @@ def train_members_epoch(ens: StackedEnsemble, x: torch.Tensor, y: torch.Tensor, 
             flat = xb.flatten(0, 1)  # (N*B, C, H, W)
             el = torch.cat([group.sample(batch_size, generator=g) for g in generators]).to(device)
             xb = group.act(flat, el).view_as(xb)
+        elif turns is not None:
+            xb = torch.stack([turn(xb[m])[0] for m, turn in enumerate(turns)])
         logits = ens.member_logits(xb, vectorize=vectorize)  # (N, B, K)
         loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum") / batch_size
         opt.zero_grad(set_to_none=True)
@@ -89,13 +106,14 @@ class MemberGroup:
 
     @classmethod
     def new(cls, spec: MemberSpec, seeds: Sequence[int], *, init: Init = "default", group: Group | str | None = None,
-            optimizer: str = "sgd", lr: float = 0.01, device: torch.device | str = "cpu") -> "MemberGroup":
+            optimizer: str = "sgd", lr: float = 0.01, device: torch.device | str = "cpu",
+            pretrained: torch.nn.Module | None = None) -> "MemberGroup":
         """Members initialised from ``seeds`` (:func:`~equiray.ensembles.build_members`; ``group`` is what
-        ``init="invariant"`` makes the initial distribution invariant to), member ``i``'s generator seeded
-        ``seeds[i] + 1``, and the optimizer ``optimizer`` (``"sgd"`` or ``"adam"``) over the members on
-        ``device``."""
+        ``init="invariant"`` makes the initial distribution invariant to, ``pretrained`` the model every member
+        copies with ``init="pretrained"``), member ``i``'s generator seeded ``seeds[i] + 1``, and the optimizer
+        ``optimizer`` (``"sgd"`` or ``"adam"``) over the members on ``device``."""
         seeds = tuple(int(s) for s in seeds)
-        ens = build_members(spec, seeds, init=init, group=group)
+        ens = build_members(spec, seeds, init=init, group=group, pretrained=pretrained)
         gens = [torch.Generator().manual_seed(s + 1) for s in seeds]
         ens = ens.to(device)
         opt = MEMBER_OPTIMIZERS.create(optimizer, ens.parameters(), lr=lr)
@@ -106,13 +124,14 @@ class MemberGroup:
         return next(self.ensemble.parameters()).device
 
     def train_epoch(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, group: Group | None,
-                    device: torch.device | str | None = None, node: str | None = None) -> EpochStats:
-        """One epoch of every member (:func:`train_members_epoch`; ``group=None``: no augmentation), on
-        ``device`` (default: the members'). ``node`` names where it ran, kept in :attr:`nodes`. ``samples`` of
-        the result counts every member's samples."""
+                    device: torch.device | str | None = None, node: str | None = None,
+                    rotations: Rotations = "none") -> EpochStats:
+        """One epoch of every member (:func:`train_members_epoch`; ``group=None`` and ``rotations="none"``: no
+        augmentation), on ``device`` (default: the members'). ``node`` names where it ran, kept in
+        :attr:`nodes`. ``samples`` of the result counts every member's samples."""
         start = time.perf_counter()
         stats = train_members_epoch(self.ensemble, x, y, self.optimizer, batch_size=batch_size, group=group,
-                                    generators=self.generators, device=device or self.device)
+                                    generators=self.generators, device=device or self.device, rotations=rotations)
         self.epochs_done += 1
         if node is not None:
             self.nodes.append(node)

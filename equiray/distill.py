@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -36,17 +37,22 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 @dataclass(frozen=True, eq=False)
 class Distillation:
     """The objective of a student: :func:`distill_loss` against ``teacher``'s logits on the same (augmented)
-    batch, computed without gradients. ``teacher`` stays in whatever mode it is in (eval, as loaded)."""
+    batch, computed without gradients. ``teacher`` stays in whatever mode it is in (eval, as loaded). ``turn``:
+    a function of the batch applied first, the same turned images for both (e.g. random continuous rotations, so a
+    student learns what a rotation-robust teacher does at any angle)."""
 
     teacher: nn.Module
     temperature: float = 2.0
     hard_weight: float = 0.0
+    turn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.temperature <= 0:
             raise ValueError(f"Distillation: the temperature must be > 0, got {self.temperature}")
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+        if self.turn is not None:
+            x = self.turn(x)
         with torch.no_grad():
             target = self.teacher(x)
         logits = model(x)

@@ -91,6 +91,17 @@ def test_pipeline_configs_load_and_validate():
     # the any-angle recipe the demo trains is the one its config file gives `equiray canon sweep`
     from equiray_pipelines.canon import ANY_ANGLE, CanonConfig
     assert load_config(CanonConfig, "configs/canon_any_angle_fast.yaml") == ANY_ANGLE
+    # strong members: copies of the registered backbone (BatchNorm folded), trained at random angles; their student
+    from equiray_pipelines.distill import DistillConfig
+    from equiray_pipelines.ensemble import EnsembleConfig
+    strong = load_config(EnsembleConfig, "configs/ensemble_strong.yaml")
+    assert strong.member.init_from == "models:/equiray-backbone@pretrained" and strong.member.frozen_bn
+    assert [s.rotations for s in strong.settings] == ["so2"]
+    assert load_config(DistillConfig, "configs/distill_strong.yaml").teacher == "models:/equiray-ensemble-strong@champion"
+    with pytest.raises(ConfigError, match="set augment: false"):
+        load_config(EnsembleConfig, {"settings": [{"name": "s", "rotations": "so2"}]})
+    with pytest.raises(ConfigError, match="rotations: choose one of none, so2, o2, not 'so3'"):
+        load_config(DistillConfig, {"rotations": "so3"})
     # configs/robust.yaml says it holds the built-in defaults
     from equiray_pipelines.robust import RobustConfig
     assert load_config(RobustConfig, "configs/robust.yaml") == RobustConfig()

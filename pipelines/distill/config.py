@@ -36,8 +36,17 @@ class DistillConfig:
     data: DataConfig = DataConfig(max_train=4000)
     student: StudentConfig = StudentConfig()
     group: str | None = None  # default: the group the teacher was trained with
+    # instead of the group's elements, each training image turned by its own random angle (so2), after a random
+    # mirror too (o2), for teacher and student alike: a student of a rotation-robust (strong) ensemble
+    rotations: str = "none"
     train: DistillTrain = DistillTrain()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig("equiray-distill", None, "equiray-student", "champion")
     max_eval: int = 2000
     storage_path: str = "runs"
+
+    def __post_init__(self):
+        from equiray.ensembles import ROTATIONS
+
+        if self.rotations not in ROTATIONS:
+            raise ConfigError(f"rotations: choose one of {', '.join(ROTATIONS)}, not {self.rotations!r}")

@@ -10,9 +10,19 @@ METRIC_PREFIX = {TEACHER: "teacher", STUDENT: "student"}  # the MLflow metrics o
 def distill_table(rows: Mapping[str, Mapping[str, float]], group: str) -> str:
     lines = [f"| model | accuracy | {group}-orbit accuracy | OSP (max {next(iter(rows.values()))['orbit_size']}) "
              "| sym. KL (g != e) | ms / image |", "|---|---|---|---|---|---|"]
+    turned = [k for k in ("so2_accuracy", "o2_accuracy") if k in next(iter(rows.values()))]
+    if turned:  # a student of a rotation-robust teacher: its accuracy at a random angle (and mirror), and the share
+        lines[0] += "".join(f" {'SO(2)' if k == 'so2_accuracy' else 'O(2)'}-avg accuracy |" for k in turned)
+        lines[0] += " of the teacher's |"
+        lines[1] += "---|" * (len(turned) + 1)
     for who, m in rows.items():
-        lines.append(f"| {who} | {m['accuracy'] * 100:.1f}% | {m['orbit_accuracy'] * 100:.1f}% | {m['osp']:.3f} | "
-                     f"{m['kl']:.4f} | {m['ms_per_image']:.3f} |")
+        line = (f"| {who} | {m['accuracy'] * 100:.1f}% | {m['orbit_accuracy'] * 100:.1f}% | {m['osp']:.3f} | "
+                f"{m['kl']:.4f} | {m['ms_per_image']:.3f} |")
+        if turned:
+            line += "".join(f" {m[k] * 100:.1f}% |" for k in turned)
+            share = m[turned[0]] / rows[TEACHER][turned[0]]
+            line += f" {share * 100:.1f}% |"
+        lines.append(line)
     return "\n".join(lines)
 
 

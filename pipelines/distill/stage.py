@@ -78,6 +78,13 @@ class Distill(Stage[DistillConfig, DistillResult]):
         x = resize(x, spec["input_shape"][-1])
         group = get_group(self.group)
         rows = {TEACHER: measure(teacher, x, y, group), STUDENT: measure(student.eval(), x, y, group)}
+        if cfg.rotations != "none":  # trained at any angle: measured there too (the so2 / o2 view, seed 0)
+            from equiray.data import apply_view
+            from equiray.train import accuracy, predict
+
+            turned = apply_view(x, cfg.rotations)
+            for who, model in ((TEACHER, teacher), (STUDENT, student.eval())):
+                rows[who][f"{cfg.rotations}_accuracy"] = accuracy(predict(model, turned, batch_size=256), y)
         batch = x[:256]
         rows[TEACHER]["ms_per_image"] = ms_per_image(teacher, batch)
         rows[STUDENT]["ms_per_image"] = ms_per_image(student, batch)

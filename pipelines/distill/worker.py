@@ -58,10 +58,16 @@ def train(cfg: DistillConfig, args: WorkerArgs) -> None:
     opt = torch.optim.Adam(student.parameters(), lr=t.lr)
     start = resume_from_checkpoint(student, device, optimizer=opt)
     gen = torch.Generator().manual_seed(t.seed * 31 + rank)
-    objective = Distillation(teacher, temperature=t.temperature, hard_weight=t.hard_label_weight)
+    turn = None
+    if cfg.rotations != "none":  # the turns come from their own generator, seeded like the batches'
+        from equiray.canon.train import RandomRotations
+
+        rotations = RandomRotations(torch.Generator().manual_seed(t.seed * 37 + rank), mirror=cfg.rotations == "o2")
+        turn = lambda batch: rotations(batch)[0]  # noqa: E731
+    objective = Distillation(teacher, temperature=t.temperature, hard_weight=t.hard_label_weight, turn=turn)
     for epoch in range(start, t.epochs):
         stats = train_epoch(student, shuffled_batches(x, y, t.batch_size, generator=gen), opt, objective=objective,
-                            device=device, augment=group, generator=gen)
+                            device=device, augment=group if turn is None else None, generator=gen)
         metrics = {"epoch": epoch, "distill_loss": stats.loss, "epoch_seconds": stats.seconds}
         if rank == 0:
             say(f"[distill] epoch {epoch + 1}/{t.epochs}  loss {stats.loss:.4f}  ({stats.seconds:.0f} s)")

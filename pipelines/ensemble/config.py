@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from equiray.ensembles import ROTATIONS, MemberSpec
 from equiray.errors import ConfigError
 from equiray.groups import get_group
 from equiray_pipelines._common import DataConfig, ScalingConfig, TrackingConfig
@@ -13,8 +14,19 @@ from equiray_pipelines._common import DataConfig, ScalingConfig, TrackingConfig
 class SettingConfig:
     name: str
     support: Literal["full", "symmetric", "asymmetric", "cross_corner"] = "symmetric"  # equiray.models.SUPPORTS
-    augment: bool = True
+    augment: bool = True  # each sample turned by a uniformly random element of the ensemble's group
     init: Literal["default", "invariant"] = "default"
+    # instead of the group's elements: each sample turned by its own uniformly random angle (so2), after a random
+    # mirror too (o2); strong members (member.init_from) are trained this way
+    rotations: Literal["none", "so2", "o2"] = "none"
+
+    def __post_init__(self):
+        if self.rotations not in ROTATIONS:
+            raise ConfigError(f"setting {self.name!r}: rotations is one of {', '.join(ROTATIONS)}, not "
+                              f"{self.rotations!r}")
+        if self.rotations != "none" and self.augment:
+            raise ConfigError(f"setting {self.name!r}: random rotations replace the group augmentation; set "
+                              "augment: false")
 
 
 DEFAULT_SETTINGS = (
@@ -28,9 +40,13 @@ DEFAULT_SETTINGS = (
 @dataclass(frozen=True)
 class MemberConfig:
     # small_cnn (equiray's compact member), nf_cnn (the paper's network: configs/ensemble_paper.yaml) or any
-    # model without BatchNorm
+    # model without BatchNorm (with frozen_bn, any model)
     name: str = "small_cnn"
     kwargs: dict[str, Any] = field(default_factory=lambda: {"width": 16})
+    # strong members: every member a copy of this registered model (e.g. models:/equiray-backbone@pretrained),
+    # fine-tuned its own way; its architecture replaces name, kwargs and the settings' support
+    init_from: str | None = None
+    frozen_bn: bool = False  # fold BatchNorm into trainable affine maps (a member with BatchNorm needs it)
 
 
 @dataclass(frozen=True)
@@ -127,5 +143,17 @@ class EnsembleConfig:
         return groups
 
     def member_kwargs(self, setting: SettingConfig) -> dict[str, Any]:
-        """The member model's keyword arguments for one setting (its filter support overrides the member's)."""
+        """The member model's keyword arguments for one setting (its filter support overrides the member's; a
+        copy of a registered model takes that model's, see :meth:`member_spec`)."""
         return {**self.member.kwargs, "support": setting.support}
+
+    def member_spec(self, setting: SettingConfig, *, in_chans: int, num_classes: int,
+                    pretrained_spec: dict | None = None) -> MemberSpec:
+        """What a member of ``setting`` is: the configured model, or (``member.init_from``) the registered model's
+        architecture, ``pretrained_spec`` being its registry spec."""
+        if self.member.init_from is not None:
+            if pretrained_spec is None:
+                raise ConfigError(f"member.init_from {self.member.init_from}: its registry spec is needed")
+            return MemberSpec(pretrained_spec["name"], dict(pretrained_spec.get("kwargs") or {}), in_chans,
+                              num_classes, self.member.frozen_bn)
+        return MemberSpec(self.member.name, self.member_kwargs(setting), in_chans, num_classes, self.member.frozen_bn)

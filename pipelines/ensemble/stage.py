@@ -57,7 +57,10 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
 
     def check(self) -> None:
         self._started = time.perf_counter()  # train_seconds counts data preparation and Ray's start too
-        if self.cfg.member.name != "small_cnn":
+        self.pretrained = None  # (state dict, registry spec) of the model strong members copy
+        if self.cfg.member.init_from is not None:
+            self.pretrained = self._pretrained(self.cfg.member.init_from)
+        elif self.cfg.member.name != "small_cnn":
             from equiray.models import is_model
 
             if not is_model(self.cfg.member.name):
@@ -67,7 +70,31 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
         self.size = self.cfg.data.resize or self.meta["shape"][0]
 
     def fingerprint(self) -> dict:
-        return train_hash(self.cfg)
+        if self.cfg.member.init_from is None:
+            return train_hash(self.cfg)
+        from equiray_pipelines import tracking
+
+        return {**train_hash(self.cfg), "init_from": tracking.registry_version(self.cfg.member.init_from)}
+
+    def _pretrained(self, uri: str) -> tuple[dict, dict]:
+        """The registered model every member copies: its state dict (BatchNorm folded when ``member.frozen_bn``)
+        and its registry spec; a clear error now if it cannot be a member."""
+        import torch
+
+        from equiray.models import freeze_batchnorm
+        from equiray_pipelines import tracking
+
+        model, spec = tracking.load_model(uri)
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if has_bn and not self.cfg.member.frozen_bn:
+            raise ConfigError(f"member.init_from {uri} ({spec['name']}) uses BatchNorm, which members cannot stack; "
+                              "set member.frozen_bn: true to fold it into trainable affine maps")
+        model = freeze_batchnorm(model) if self.cfg.member.frozen_bn else model
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, spec
+
+    def member_spec(self, setting: SettingConfig):
+        return self.cfg.member_spec(setting, in_chans=self.meta["shape"][2], num_classes=self.meta["num_classes"],
+                                    pretrained_spec=self.pretrained[1] if self.pretrained else None)
 
     def tags(self) -> dict[str, str]:
         return {"equiray.group": self.cfg.group}
@@ -96,7 +123,7 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
     def execute(self, run: StageRun) -> Outcome[EnsembleTrainResult]:
         import mlflow
 
-        from equiray.data import read_split
+        from equiray.data import apply_view, read_split
         from equiray.train import accuracy, predict
         from equiray_pipelines import tracking
 
@@ -112,7 +139,12 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
             x, y = read_split(self.data_dir, "test", limit=cfg.eval.max_eval)
             x = resize(x, self.size)
             acc = {name: accuracy(predict(ens, x, batch_size=256), y) for name, ens in ensembles.items()}
+            # a setting trained on random rotations is also measured on them (the so2 / o2 views, seed 0)
+            turned = {s.name: accuracy(predict(ensembles[s.name], apply_view(x, s.rotations), batch_size=256), y)
+                      for s in cfg.settings if s.rotations != "none"}
         mlflow.log_metrics({f"test_accuracy/{slug(n)}": a for n, a in acc.items()})
+        mlflow.log_metrics({f"test_accuracy_{s.rotations}/{slug(s.name)}": turned[s.name]
+                            for s in cfg.settings if s.name in turned})
         group_nodes = {gid: grp.nodes for gid, grp in trained.items()}
         mlflow.log_dict({str(gid): n for gid, n in group_nodes.items()}, "members/nodes.json")
         n_total = cfg.members * len(cfg.settings)
@@ -125,7 +157,8 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
             model_uri = tracking.log_model(ensembles[champion], self._registry_spec(setting), name="ensemble")
         mlflow.log_metrics({f"seconds/{k}": v for k, v in phases.items()})
         say(f"[ensemble] trained {n_total} members in {train_seconds:.0f} s; ensemble test accuracy: " +
-            ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            ", ".join(f"{k} {v:.3f}" + (f" (at a random angle {turned[k]:.3f})" if k in turned else "")
+                      for k, v in acc.items()))
         result = EnsembleTrainResult(
             run_id=run.run_id, run_name=run.run_name, tracking_uri=run.tracking_uri, members=n_total,
             groups=len(groups), restarts=restarts, accuracy=acc, train_seconds=train_seconds, champion=champion,
@@ -151,7 +184,9 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
             train_ds = train_ds.limit(cfg.data.max_train)
         say(f"[ensemble] {cfg.members * len(cfg.settings)} members ({len(cfg.settings)} settings x {cfg.members}) "
             f"in {len(groups)} groups of <= {cfg.members_per_group}, {world} worker(s), {rounds} rounds")
-        worker_run = WorkerRun(run.run_id, run.tracking_uri, self.meta["num_classes"], tuple(groups), rounds)
+        worker_run = WorkerRun(run.run_id, run.tracking_uri, self.meta["num_classes"], tuple(groups), rounds,
+                               specs=tuple(self.member_spec(s) for s in cfg.settings),
+                               pretrained=self.pretrained[0] if self.pretrained else None)
         with _timed(phases, "fit"):
             result = fit(train_loop_per_worker, {"cfg": cfg, "run": worker_run}, scaling=cfg.scaling,
                          run_name=run.run_name, storage_path=cfg.storage_path, datasets={"train": train_ds},
@@ -180,9 +215,10 @@ class EnsembleTrain(Stage[EnsembleConfig, EnsembleTrainResult]):
     def _registry_spec(self, setting: SettingConfig) -> dict:
         """The registry spec of an ensemble-average model: ``equiray.create_model(**spec)`` rebuilds it."""
         cfg, c = self.cfg, self.meta["shape"][2]
+        member = self.member_spec(setting)
         return {"name": "ensemble", "in_chans": c, "num_classes": self.meta["num_classes"],
-                "kwargs": {"member": cfg.member.name, "member_kwargs": cfg.member_kwargs(setting),
-                           "num_members": cfg.members},
+                "kwargs": {"member": member.name, "member_kwargs": member.kwargs, "num_members": cfg.members,
+                           **({"member_frozen_bn": True} if member.frozen_bn else {})},
                 "input_shape": [c, self.size, self.size], "classes": self.meta["classes"], "group": cfg.group,
                 "setting": setting.name, "data": cfg.data.source}
 

@@ -36,6 +36,8 @@ class WorkerRun:
     num_classes: int
     groups: tuple[GroupPlan, ...]
     rounds: int  # the most groups any worker has, times epochs
+    specs: tuple[MemberSpec, ...] = ()  # what a member of each setting is
+    pretrained: dict | None = None  # the state dict every member starts from (member.init_from), or None
 
 
 def group_file(gid: int) -> str:
@@ -43,19 +45,24 @@ def group_file(gid: int) -> str:
     return f"group-{gid:05d}.pt"
 
 
-def train_group_epoch(cfg: EnsembleConfig, plan: GroupPlan, path: Path, x: torch.Tensor, y: torch.Tensor, *,
-                      num_classes: int, group: Group, device: torch.device, node: str) -> tuple[int, EpochStats]:
+def train_group_epoch(cfg: EnsembleConfig, run: WorkerRun, plan: GroupPlan, path: Path, x: torch.Tensor,
+                      y: torch.Tensor, *, group: Group, device: torch.device, node: str) -> tuple[int, EpochStats]:
     """Load the group saved in ``path`` (or build it from its members' seeds), train it one epoch on ``node``,
     save it back; returns ``(epochs done, the epoch's stats)``."""
     setting = cfg.settings[plan.setting]
     if path.is_file():
         grp = MemberGroup.load(path, device=device)
     else:
-        spec = MemberSpec(cfg.member.name, cfg.member_kwargs(setting), int(x.shape[1]), num_classes)
-        grp = MemberGroup.new(spec, [member_seed(cfg.train.seed, m) for m in plan.members], init=setting.init,
-                              group=cfg.group, optimizer=cfg.train.optimizer, lr=cfg.train.lr, device=device)
+        spec = run.specs[plan.setting]
+        pretrained = None
+        if run.pretrained is not None:  # strong members: copies of the registered model
+            pretrained = spec.build()
+            pretrained.load_state_dict(run.pretrained)
+        grp = MemberGroup.new(spec, [member_seed(cfg.train.seed, m) for m in plan.members],
+                              init="pretrained" if pretrained is not None else setting.init, group=cfg.group,
+                              optimizer=cfg.train.optimizer, lr=cfg.train.lr, device=device, pretrained=pretrained)
     stats = grp.train_epoch(x, y, batch_size=cfg.train.batch_size, group=group if setting.augment else None,
-                            device=device, node=node)
+                            device=device, node=node, rotations=setting.rotations)
     grp.save(path)
     return grp.epochs_done, stats
 
@@ -141,8 +148,8 @@ def train_loop_per_worker(config: dict) -> None:
         if todo:
             g = todo[0]
             t = time.perf_counter()
-            done[g.gid], stats = train_group_epoch(cfg, g, local / group_file(g.gid), x, y, device=device,
-                                                   num_classes=run.num_classes, group=group, node=node)
+            done[g.gid], stats = train_group_epoch(cfg, run, g, local / group_file(g.gid), x, y, device=device,
+                                                   group=group, node=node)
             seconds["train"] += stats.seconds
             seconds["group_io"] += time.perf_counter() - t - stats.seconds
             metrics.update(loss=stats.loss, accuracy=stats.accuracy, member_samples=stats.samples)

@@ -334,10 +334,11 @@ def run(cfg: ServeConfig, *, report_dir=None, detach: bool = False) -> dict:
     return ep
 
 
-# `serve run` gives requests in flight this long to finish before the local Ray is stopped: 5 s, so that stopping
-# Ray and the interpreter's exit after it (2-2.5 s on a busy 2-core machine) still end within the 10 s a process
-# manager waits before SIGKILL (at 8 s a loaded run took 10.2 s)
-STOP_S = 5.0
+# `serve run` gives requests in flight this long to finish before the local Ray is stopped: 4 s, so that stopping
+# Ray and the interpreter's exit after it still end within the 10 s a process manager waits before SIGKILL (on a
+# busy 2-core machine those took 2-2.5 s, once 6 s in a full CI run: 11.0 s in all with 5 s here; at 8 s a loaded
+# run took 10.2 s)
+STOP_S = 4.0
 
 
 def stop_serving(within_s: float) -> None:

@@ -314,3 +314,65 @@ def test_ctrl_c_in_distillation_is_one_line_130_and_a_killed_run(ray_session, tr
     assert [r.info.status for r in runs] == ["KILLED"]
     assert not client.search_model_versions("name='test-student-ctrl-c'")
     assert client.get_model_version_by_alias("equiray-ensemble", "champion").version == teacher
+
+
+def test_strong_members_are_copies_of_the_registered_backbone_each_turned_its_own_way(ray_session, tmp_path,
+                                                                                      monkeypatch):
+    """member.init_from: every member starts as the registered (BatchNorm) backbone, folded, and is fine-tuned under
+    its own random angles on Ray Train; the registered ensemble loads back as those members, and the run logs the
+    ensemble's accuracy at a random angle. Without frozen_bn the backbone is refused before anything starts."""
+    from equiray.data import prepare, read_split
+    from equiray.errors import ConfigError
+    from equiray.models import AffineNorm2d, create_model
+    from equiray.train import train_epoch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    meta = prepare("digits", tmp_path / "digits")
+    x, y = read_split(tmp_path / "digits", "train")
+    torch.manual_seed(0)
+    kwargs = {"channels": [8, 8, 8, 8], "stem_width": 8}
+    backbone = create_model("resnet8", **kwargs)
+    opt = torch.optim.Adam(backbone.parameters(), lr=0.01)
+    for _ in range(2):
+        train_epoch(backbone, ((x[i:i + 64], y[i:i + 64]) for i in range(0, len(y), 64)), opt)
+    backbone.eval()
+    mlflow.set_tracking_uri(uri)
+    tracking.setup("test-strong-backbone", uri)
+    with mlflow.start_run():
+        model_uri = tracking.log_model(backbone, {"name": "resnet8", "in_chans": 1, "num_classes": 10,
+                                                  "kwargs": kwargs, "classes": meta["classes"]})
+    tracking.register(model_uri, "test-strong-backbone", "pretrained")
+
+    strong = {"init_from": "models:/test-strong-backbone@pretrained", "frozen_bn": True}
+    over = dict(settings=[{"name": "so2", "augment": False, "rotations": "so2"}], members=2, members_per_group=2,
+                train={"epochs": 1, "lr": 0.001}, scaling={"num_workers": 1, "cpus_per_worker": 1},
+                tracking={"experiment": "test-strong", "registered_model": "test-strong-ensemble"})
+    with pytest.raises(ConfigError, match="uses BatchNorm.*member.frozen_bn: true"):
+        run_train(small_config(tmp_path, member={"init_from": strong["init_from"]}, **over))
+    result = run_train(small_config(tmp_path, member=strong, **over))
+
+    ens = result.ensembles["so2"]
+    assert ens.spec.name == "resnet8" and ens.spec.kwargs == kwargs and ens.spec.frozen_bn
+    loaded, spec = tracking.load_model("models:/test-strong-ensemble@champion")
+    assert spec["kwargs"]["member_frozen_bn"] and any(isinstance(m, AffineNorm2d) for m in loaded._base.modules())
+    xt = x[:32]
+    torch.testing.assert_close(loaded(xt), ens.eval()(xt))
+    members = ens.member_logits(xt)
+    before = backbone(xt)
+    assert not torch.allclose(members[0], before, atol=1e-4) and not torch.allclose(members[0], members[1], atol=1e-4)
+    metrics = mlflow.MlflowClient(uri).get_run(result.run_id).data.metrics
+    assert 0 <= metrics["test_accuracy_so2/so2"] <= 1 and "test_accuracy/so2" in metrics
+
+    # its student learns it at any angle: the same turned images for teacher and student, measured at SO(2) too
+    from equiray_pipelines.distill import DistillConfig, run as run_distill
+
+    out = run_distill(load_config(DistillConfig, {
+        "teacher": "models:/test-strong-ensemble@champion", "rotations": "so2",
+        "data": {"source": "digits", "dir": str(tmp_path / "digits")}, "student": {"kwargs": {"width": 4}},
+        "train": {"epochs": 1}, "scaling": {"cpus_per_worker": 1}, "max_eval": 100,
+        "storage_path": str(tmp_path / "runs"),
+        "tracking": {"experiment": "test-strong-distill", "registered_model": "test-strong-student"}}))
+    assert "SO(2)-avg accuracy" in out.table and 0 <= out.rows["student"]["so2_accuracy"] <= 1
+    assert out.rows["ensemble (teacher)"]["so2_accuracy"] == pytest.approx(metrics["test_accuracy_so2/so2"],
+                                                                           abs=0.2)

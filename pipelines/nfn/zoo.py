@@ -90,7 +90,7 @@ def run_zoo(cfg: ZooConfig, *, report_dir: str | os.PathLike | None = None) -> Z
                               "source": source})
         return ZooResult(out=str(out), nets=len(rows), seconds=time.perf_counter() - t0, source=source,
                          val_accuracy=_spread([r["test_accuracy"] for r in rows]))
-    cfg.data.prepare()
+    cfg.data.check()
     x, y = read_split(cfg.data.dir, "train", limit=cfg.data.max_train)
     xt, yt = read_split(cfg.data.dir, "test", limit=cfg.data.max_eval)
     if x.shape[1] != 1:

@@ -27,6 +27,7 @@ STAGES = {
     "canon": ["equiray_pipelines.canon", "sweep"],
     "ftp": ["equiray_pipelines.ftp", "tune"],
     "robust": ["equiray_pipelines.robust"],
+    "nfn zoo": ["equiray_pipelines.nfn", "zoo", "--set", "out=zoo"],
 }
 
 
@@ -64,6 +65,7 @@ def test_a_damaged_shard_is_named_before_the_stage_starts(stage, damaged_digits,
         f"({proc.stderr.split('(', 1)[1].split(')')[0]}); prepare the dataset again with --overwrite"], proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr  # caught before Ray was joined (it says `connecting to ...`)
     assert assert_nothing_left(tmp_path, uri) == []
+    assert not (tmp_path / "zoo").exists()
 
 
 def test_a_damaged_zoo_shard_is_named(ray_session, tmp_path):

@@ -42,10 +42,10 @@ VERIFY_MODES = ("auto", "full", "footers")
 FULL_CHECK_BYTES = 1 << 30  # verify="auto" reads every page of a dataset up to this size before a pipeline starts
 
 
-def _shard_error(path, exc: BaseException) -> DataError:
+def shard_error(path, exc: BaseException, *, fix: str = "prepare the dataset again with --overwrite") -> DataError:
+    """The one line for a Parquet file pyarrow could not read: the file, pyarrow's first line, what to do."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DataError(f"{path} is not a readable Parquet shard ({reason}); prepare the dataset again with "
-                     f"--overwrite")
+    return DataError(f"{path} is not a readable Parquet shard ({reason}); {fix}")
 
 
 def _schema():
@@ -173,7 +173,7 @@ def _checked_files(data_dir, split: str) -> tuple[list[str], int]:
         try:
             rows += pq.read_metadata(f).num_rows
         except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a broken file
-            raise _shard_error(f, exc) from None
+            raise shard_error(f, exc) from None
     expected = meta.get("rows", {}).get(split)
     if expected is not None and rows != expected:
         raise DataError(f"{data_dir}/{split} holds {rows} rows in {len(files)} shards, its metadata says "
@@ -208,7 +208,7 @@ def _read_pages(path: str) -> None:
         for _ in pq.ParquetFile(path, page_checksum_verification=True).iter_batches(batch_size=4096):
             pass
     except Exception as exc:  # noqa: BLE001 - a corrupt page behind a readable footer
-        raise _shard_error(path, exc) from None
+        raise shard_error(path, exc) from None
 
 
 def split_summary(data_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
@@ -259,7 +259,7 @@ def read_split(data_dir: str | os.PathLike, split: str, *, limit: int | None = N
         try:
             table = pq.read_table(f, page_checksum_verification=True)
         except Exception as exc:  # noqa: BLE001 - a corrupt page behind a readable footer
-            raise _shard_error(f, exc) from None
+            raise shard_error(f, exc) from None
         batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
         x, y = decode_batch(batch)
         xs.append(x)
@@ -283,5 +283,5 @@ def iter_batches(data_dir: str | os.PathLike, split: str, batch_size: int) -> It
             except StopIteration:
                 break
             except Exception as exc:  # noqa: BLE001 - a corrupt page behind a readable footer
-                raise _shard_error(f, exc) from None
+                raise shard_error(f, exc) from None
             yield decode_batch({name: rb.column(name).to_numpy(zero_copy_only=False) for name in rb.schema.names})

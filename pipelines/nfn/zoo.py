@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from equiray.config import to_dict
-from equiray.errors import ConfigError, DataError, EquirayError
+from equiray.errors import ConfigError, EquirayError
 from equiray.nfn import ZooHyperparameters, train_zoo_nets
 from equiray.data import resize
+from equiray.data.parquet import shard_error
 from equiray_pipelines.nfn.config import ZooConfig
 
 log = logging.getLogger(__name__)
@@ -187,9 +188,8 @@ def read_zoo(path: str | os.PathLike) -> tuple[list[dict], list[dict[str, torch.
         try:
             rows += pq.read_table(f, page_checksum_verification=True).to_pylist()
         except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{f} is not a readable Parquet shard ({reason}); build the zoo again with "
-                            f"`equiray nfn zoo --set out={path} --set overwrite=true`") from None
+            raise shard_error(f, exc, fix=f"build the zoo again with `equiray nfn zoo --set out={path} "
+                                          "--set overwrite=true`") from None
     states = []
     for r in rows:
         flat = torch.from_numpy(np.frombuffer(r.pop("weights"), dtype=np.float32).copy())
